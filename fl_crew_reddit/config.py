@@ -1,0 +1,160 @@
+"""FLCrewRedditConfig: the one place the environment and `.env` are read.
+
+Every setting has a default that runs offline on a 2-core CPU with the embedded model. An invalid value stops
+the run at start with one message naming the variable and what is allowed (see `load_config`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+AggregationMethod = Literal[
+    "weighted_average", "fedavg", "fedprox", "krum", "multi_krum", "median", "trimmed_mean", "bulyan",
+    "fedavgm", "fedadam", "fedyogi", "fedadagrad", "svd_exact",
+]
+
+
+class ConfigError(ValueError):
+    """A setting from the environment or `.env` is invalid; the message names it and what is allowed."""
+
+
+class FLCrewRedditConfig(BaseSettings):
+    """All settings of a federated run. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False, validate_default=True)
+
+    # --- base model and adapters
+    base_llm_model: str = Field(EMBEDDED_MODEL, description="Hub id, local folder, or the embedded SmolLM2-135M.")
+    use_lora: bool = Field(True, description="Fine-tune LoRA adapters (the only mode: full weights never travel).")
+    lora_r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Comma-separated module names, or all-linear for every linear layer but the output head.")
+    use_quantization: bool = Field(False, description="QLoRA: load the base model in 4/8 bit (CUDA).")
+    quantization_bits: Literal[4, 8] = 4
+
+    # --- federation
+    federation_rounds: int = Field(10, ge=1, le=10_000)
+    num_trainers: int = Field(3, ge=1, le=64)
+    local_epochs: int = Field(3, ge=1, le=100)
+    max_local_steps: int = Field(0, ge=0, description="Cap on optimizer steps per client per round (0: none).")
+    batch_size: int = Field(4, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    aggregation_method: AggregationMethod = "weighted_average"
+    fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight, sent to trainers each round.")
+
+    # --- data
+    reddit_backend: Literal["snapshot", "dump", "live"] = "snapshot"
+    reddit_dump_dir: Path | None = None
+    subreddits: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                       description="Comma-separated; empty: all the backend has.")
+    posts_per_subreddit: int = Field(200, ge=1, le=100_000)
+    partition: Literal["subreddit", "iid"] = "subreddit"
+    max_examples_per_client: int = Field(48, ge=1)
+    max_seq_length: int = Field(256, ge=32, le=32_768)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    eval_samples: int = Field(8, ge=0, le=10_000, description="Replies generated for BLEU / ROUGE each round.")
+    seed: int = 42
+
+    # --- multimodal
+    support_multimodal: bool = True
+    image_processor: str = "clip-vit-base-patch32"
+    max_image_size: int = Field(224, ge=16, le=4096)
+
+    # --- agents
+    agent_llm_model: str = "gpt-4"
+    openai_api_key: SecretStr | None = None
+    reddit_client_id: SecretStr | None = None
+    reddit_client_secret: SecretStr | None = None
+
+    # --- where things go
+    fl_crew_reddit_dir: Path = Field(default_factory=Path.cwd,
+                                     description="Base folder of data/, models/, results/, logs/.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="bf16 autocast where the hardware has it (CUDA, CPUs with native bf16).")
+
+    @field_validator("subreddits", "lora_target_modules", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("subreddits")
+    @classmethod
+    def _strip_r_prefix(cls, value: list[str]) -> list[str]:
+        return [name.removeprefix("r/") for name in value]
+
+    @model_validator(mode="after")
+    def _check_combinations(self):
+        if not self.use_lora:
+            raise ValueError("USE_LORA=false is not supported: only adapter weights may leave a client")
+        if self.reddit_backend == "dump" and self.reddit_dump_dir is None:
+            raise ValueError("REDDIT_BACKEND=dump needs REDDIT_DUMP_DIR (a folder of <subreddit>/submissions.jsonl)")
+        if self.reddit_backend == "dump" and not Path(self.reddit_dump_dir).is_dir():
+            raise ValueError(f"REDDIT_DUMP_DIR={self.reddit_dump_dir} is not a folder")
+        return self
+
+    # --- derived folders
+    @property
+    def data_dir(self) -> Path:
+        return self.fl_crew_reddit_dir / "data"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.fl_crew_reddit_dir / "models"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.fl_crew_reddit_dir / "results"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.fl_crew_reddit_dir / "logs"
+
+    def public_settings(self) -> dict:
+        """Settings safe to log and store: secrets are reported only as set / not set."""
+        public = {}
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(getattr(self, name), SecretStr) or name in SECRET_FIELDS:
+                public[name] = "set" if getattr(self, name) is not None else "not set"
+            else:
+                public[name] = value
+        return public
+
+
+SECRET_FIELDS = {"openai_api_key", "reddit_client_id", "reddit_client_secret"}
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One message naming each bad variable and what it allows, without echoing secret values."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        variable = field.upper()
+        message = item["msg"].removeprefix("Value error, ")
+        if field in SECRET_FIELDS:
+            lines.append(f"{variable}: {message}")
+        elif item["loc"]:
+            lines.append(f"{variable}={item.get('input')!r} is invalid: {message}")
+        else:
+            lines.append(message)
+    return "Invalid configuration: " + "; ".join(lines)
+
+
+def load_config(**overrides) -> FLCrewRedditConfig:
+    """Read the environment and `.env`; raise ConfigError with a readable message if anything is invalid."""
+    try:
+        return FLCrewRedditConfig(**overrides)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None

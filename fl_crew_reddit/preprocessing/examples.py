@@ -1,0 +1,94 @@
+"""Reddit threads → prompt/reply chat examples in the base model's own chat template.
+
+A top-level comment answers the post (title + body); a nested comment answers its parent comment, with the post
+title as context. The reply is what the model learns to write; the prompt is only context (its tokens carry no loss).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from fl_crew_reddit.preprocessing.cleaning import clean_text, drop_reason, normalise_for_dedupe
+from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
+
+PLAIN_TEMPLATE_PROMPT = "### Reddit post\n{prompt}\n\n### Reply\n"
+PLAIN_TEMPLATE_END = "\n"
+
+
+@dataclass
+class ThreadExamples:
+    examples: list[dict] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+
+def post_prompt(post: RedditPost) -> str:
+    title = clean_text(post.title)
+    body = clean_text(post.selftext) if post.selftext else ""
+    return f"r/{post.subreddit}: {title}" + (f"\n\n{body}" if body else "")
+
+
+def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replies: set[str]) -> ThreadExamples:
+    """Prompt/reply pairs of one thread; `seen_replies` (normalised bodies) is shared to drop duplicates."""
+    out = ThreadExamples()
+    by_id = {comment.id: comment for comment in comments}
+    context = post_prompt(post)
+    for comment in comments:
+        reason = drop_reason(comment.author, comment.body)
+        if reason:
+            out.dropped[reason] += 1
+            continue
+        reply = clean_text(comment.body)
+        if comment.parent_id.startswith("t1_"):
+            parent = by_id.get(comment.parent_id[3:])
+            if parent is None or drop_reason(parent.author, parent.body):
+                out.dropped["parent_missing_or_removed"] += 1
+                continue
+            prompt = f"r/{post.subreddit}: {clean_text(post.title)}\n\n{clean_text(parent.body)}"
+        else:
+            prompt = context
+        key = normalise_for_dedupe(reply)
+        if key in seen_replies:
+            out.dropped["duplicate_reply"] += 1
+            continue
+        seen_replies.add(key)
+        out.examples.append({
+            "id": comment.id,
+            "post_id": post.id,
+            "subreddit": post.subreddit,
+            "author": comment.author,
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+            "image_paths": list(post.image_paths) if comment.parent_id.startswith("t3_") else [],
+        })
+    return out
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt text ending where the reply starts, reply text including its end-of-turn marker)."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+    # Base models without a chat template (e.g. Mistral-7B-v0.1): a plain, stable layout.
+    prompt = PLAIN_TEMPLATE_PROMPT.format(prompt=messages[0]["content"])
+    eos = tokenizer.eos_token or ""
+    return prompt, messages[-1]["content"] + eos + PLAIN_TEMPLATE_END
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """input_ids plus a reply mask; prompts are cut from the left and replies from the right to fit."""
+    prompt_text, reply_text = render_chat(tokenizer, messages)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(reply_text, add_special_tokens=False)["input_ids"]
+    truncated = False
+    min_reply = min(len(reply_ids), max(8, max_length // 4))
+    if len(prompt_ids) + len(reply_ids) > max_length:
+        truncated = True
+        keep_prompt = max(max_length - len(reply_ids), max_length - min_reply, 0)
+        keep_prompt = min(keep_prompt, len(prompt_ids))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+        reply_ids = reply_ids[: max_length - len(prompt_ids)]
+    if not reply_ids:
+        return None
+    return {"input_ids": prompt_ids + reply_ids, "reply_mask": [0] * len(prompt_ids) + [1] * len(reply_ids),
+            "truncated": truncated}

@@ -1,0 +1,140 @@
+"""MCP server of the Data Collector: read-only Reddit tools over a snapshot or a dump folder.
+
+Run it with ``python -m fl_crew_reddit.reddit.server [--backend snapshot|dump] [--dump-dir PATH]``; defaults come
+from the environment / ``.env`` (``REDDIT_BACKEND``, ``REDDIT_DUMP_DIR``). It speaks MCP over stdio: stdout is
+the protocol, every log line goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Literal
+
+from mcp.server.fastmcp import FastMCP
+from mcp.types import ToolAnnotations
+from pydantic import Field
+from typing_extensions import Annotated
+
+from fl_crew_reddit.reddit.backends import RedditBackend, make_backend
+from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "fl-crew-reddit"
+MAX_LIMIT = 1000
+TOOL_NAMES = ("collect_subreddit_posts", "search_reddit_posts", "collect_post_comments", "collect_user_data",
+              "collect_subreddit_info", "list_subreddits")
+
+SubredditName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^(/?r/)?[A-Za-z0-9_-]+$",
+                                     description="Subreddit name, case-insensitive, with or without r/ "
+                                                 "(e.g. 'books' or 'r/Sports').")]
+PostLimit = Annotated[int, Field(ge=1, le=MAX_LIMIT, description=f"How many posts to return (1-{MAX_LIMIT}).")]
+CommentLimit = Annotated[int, Field(ge=1, le=MAX_LIMIT,
+                                    description=f"How many comments to return (1-{MAX_LIMIT}).")]
+Sort = Annotated[Literal["new", "top", "hot"],
+                 Field(description="new: newest first; top: highest score first; hot: Reddit's hot ranking.")]
+Query = Annotated[str, Field(min_length=1, max_length=512,
+                             description="Words that must all appear in a post's title or text (case-insensitive).")]
+PostId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^(t3_)?[A-Za-z0-9_]+$",
+                              description="Post id, with or without the t3_ prefix.")]
+Username = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^(/?u/)?[A-Za-z0-9_-]+$",
+                                description="Reddit username, with or without u/.")]
+
+_READ_ONLY = dict(readOnlyHint=True, destructiveHint=False, idempotentHint=True)
+
+
+def build_server(backend: RedditBackend, *, name: str = SERVER_NAME, open_world: bool = False) -> FastMCP:
+    """A FastMCP server exposing `backend` as read-only tools that return the models of `schemas.py`.
+
+    `open_world` marks the tools as reaching outside the server (true for a live API backend, false for files).
+    A backend `LookupError` / `ValueError` becomes an MCP tool error (`isError`) with its message.
+    """
+    with warnings.catch_warnings():  # the SDK's own settings model warns about its `lifespan` field
+        warnings.filterwarnings("ignore", message=".*has an incomplete definition.*")
+        mcp = FastMCP(name, instructions=(
+            "Read-only access to Reddit posts and comments for the federated fine-tuning data collector. "
+            f"Backend: {backend!r}. Call list_subreddits first to see what exists."), log_level="WARNING")
+    annotations = ToolAnnotations(openWorldHint=open_world, **_READ_ONLY)
+
+    @mcp.tool(title="List subreddits", annotations=annotations)
+    def list_subreddits() -> list[str]:
+        """Names of the subreddits this server can serve."""
+        return backend.list_subreddits()
+
+    @mcp.tool(title="Collect subreddit posts", annotations=annotations)
+    def collect_subreddit_posts(subreddit: SubredditName, limit: PostLimit = 25, sort: Sort = "new") -> SubredditPosts:
+        """Posts of one subreddit (title, text, score, time, local image paths), sorted by `sort`."""
+        return backend.subreddit_posts(subreddit, limit=limit, sort=sort)
+
+    @mcp.tool(title="Search Reddit posts", annotations=annotations)
+    def search_reddit_posts(query: Query, subreddit: SubredditName | None = None,
+                            limit: PostLimit = 25) -> SearchResults:
+        """Posts whose title or text contains every word of `query`, best matches first; all subreddits when
+        `subreddit` is omitted."""
+        return backend.search_posts(query, subreddit=subreddit, limit=limit)
+
+    @mcp.tool(title="Collect post comments", annotations=annotations)
+    def collect_post_comments(post_id: PostId, limit: CommentLimit = 100) -> PostComments:
+        """A post and its comments in thread order (each parent before its replies); `parent_id` links a reply
+        to the comment (t1_) or post (t3_) it answers."""
+        return backend.post_comments(post_id, limit=limit)
+
+    @mcp.tool(title="Collect user data", annotations=annotations)
+    def collect_user_data(username: Username, limit: PostLimit = 25) -> UserData:
+        """The newest posts and comments by one user (empty lists when the source has none, e.g. anonymised
+        dumps)."""
+        return backend.user_data(username, limit=limit)
+
+    @mcp.tool(title="Collect subreddit info", annotations=annotations)
+    def collect_subreddit_info(subreddit: SubredditName) -> SubredditInfo:
+        """How many posts and comments a subreddit has, their time span and its description."""
+        return backend.subreddit_info(subreddit)
+
+    return mcp
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fl_crew_reddit.reddit.server",
+                                     description="MCP server with read-only Reddit tools (snapshot or dump).")
+    parser.add_argument("--backend", choices=["snapshot", "dump", "live"], default=None,
+                        help="where records come from (default: REDDIT_BACKEND, else snapshot)")
+    parser.add_argument("--dump-dir", default=None,
+                        help="folder of <subreddit>/submissions.jsonl + comments.jsonl (default: REDDIT_DUMP_DIR)")
+    parser.add_argument("--transport", choices=["stdio"], default="stdio",
+                        help="MCP transport (stdio; streamable HTTP comes later)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO",
+                        help="level of the log written to stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build the backend from config + arguments, serve until stdin closes."""
+    from fl_crew_reddit.config import ConfigError, load_config
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":  # the SDK logs every request at INFO
+        logging.getLogger("mcp").setLevel(logging.WARNING)
+    overrides: dict = {}
+    if args.backend:
+        overrides["reddit_backend"] = args.backend
+    if args.dump_dir:
+        overrides["reddit_dump_dir"] = args.dump_dir
+    try:
+        config = load_config(**overrides)
+        backend = make_backend(config)
+    except (ConfigError, NotImplementedError, FileNotFoundError, ValueError) as error:
+        print(f"fl_crew_reddit.reddit.server: {error}", file=sys.stderr)
+        return 2
+    server = build_server(backend, open_world=config.reddit_backend == "live")
+    logger.info("serving %d subreddits from %r over %s", len(backend.list_subreddits()), backend, args.transport)
+    server.run(transport=args.transport)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
