@@ -51,6 +51,10 @@ class FLCrewRedditConfig(BaseSettings):
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     aggregation_method: AggregationMethod = "weighted_average"
     fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight, sent to trainers each round.")
+    min_fit_clients: int = Field(2, ge=1, description="Fewest accepted updates a round needs (capped at NUM_TRAINERS).")
+    max_update_norm: float = Field(100.0, gt=0, description="Largest accepted L2 norm of (update - global adapter).")
+    num_byzantine: int = Field(0, ge=0, description="Clients assumed faulty, for krum / multi_krum / bulyan.")
+    trimmed_mean_beta: float = Field(0.2, ge=0, lt=0.5, description="Fraction cut from each end by trimmed_mean.")
 
     # --- data
     reddit_backend: Literal["snapshot", "dump", "live"] = "snapshot"
@@ -59,7 +63,7 @@ class FLCrewRedditConfig(BaseSettings):
                                                        description="Comma-separated; empty: all the backend has.")
     posts_per_subreddit: int = Field(200, ge=1, le=100_000)
     partition: Literal["subreddit", "iid"] = "subreddit"
-    max_examples_per_client: int = Field(48, ge=1)
+    max_examples_per_client: int = Field(32, ge=1, description="Training examples per client (the rest is counted as over the cap).")
     max_seq_length: int = Field(256, ge=32, le=32_768)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     eval_samples: int = Field(8, ge=0, le=10_000, description="Replies generated for BLEU / ROUGE each round.")

@@ -1,0 +1,58 @@
+"""The crew's five roles as CrewAI Agents, built from configs/agents.yaml and handed their tools."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
+from crewai import Agent
+
+from fl_crew_reddit.tools.aggregator_tools import AggregateAdaptersTool
+from fl_crew_reddit.tools.collector_tools import CollectRedditDataTool
+from fl_crew_reddit.tools.evaluator_tools import EvaluateModelTool
+from fl_crew_reddit.tools.preprocessor_tools import PreprocessRedditDataTool
+from fl_crew_reddit.tools.trainer_tools import TrainLocalAdapterTool
+from fl_crew_reddit.workspace import FederatedWorkspace
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+TOOL_CLASSES = {tool.model_fields["name"].default: tool for tool in (
+    CollectRedditDataTool, PreprocessRedditDataTool, TrainLocalAdapterTool, AggregateAdaptersTool, EvaluateModelTool)}
+
+
+def load_yaml(name: str, config_dir: Path = CONFIG_DIR) -> dict:
+    with (config_dir / name).open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+class FLCrew:
+    """Agents (by role key) and their tools, one set per run."""
+
+    def __init__(self, workspace: FederatedWorkspace, config_dir: Path = CONFIG_DIR, llm=None):
+        self.workspace = workspace
+        self.agents_config = load_yaml("agents.yaml", config_dir)
+        self.tasks_config = load_yaml("tasks.yaml", config_dir)
+        cfg = workspace.config
+        self.llm = llm or cfg.agent_llm_model
+        self.inputs = {"subreddits": ", ".join(cfg.subreddits) or "the backend's subreddits",
+                       "aggregation_method": cfg.aggregation_method}
+        self.data_collector = self._agent("data_collector")
+        self.data_preprocessor = self._agent("data_preprocessor")
+        self.model_trainers = [self._agent("model_trainer", trainer_id=i + 1) for i in range(cfg.num_trainers)]
+        self.aggregator = self._agent("aggregator")
+        self.evaluator = self._agent("evaluator")
+
+    def _agent(self, key: str, **extra) -> Agent:
+        spec = self.agents_config[key]
+        values = {**self.inputs, **extra}
+        tools = [TOOL_CLASSES[name](self.workspace) for name in spec.get("tools", [])]
+        return Agent(role=spec["role"].format(**values).strip(), goal=spec["goal"].format(**values).strip(),
+                     backstory=spec["backstory"].strip(), tools=tools, llm=self.llm, verbose=False,
+                     allow_delegation=False)
+
+    @staticmethod
+    def tool(agent: Agent, name: str):
+        return next(tool for tool in agent.tools if tool.name == name)
+
+    def trainer_for(self, client_index: int) -> Agent:
+        return self.model_trainers[client_index % len(self.model_trainers)]

@@ -1,0 +1,98 @@
+"""The federated round loop as a CrewAI Flow with typed state.
+
+collect → preprocess → evaluate the base model → [train each client → aggregate → evaluate] × rounds → finish.
+In direct mode (no agent LLM) each step calls its agent's tool itself and logs which agent did what.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
+from crewai.flow.flow import Flow, listen, or_, router, start
+from pydantic import BaseModel, Field
+
+from fl_crew_reddit.agents import FLCrew
+
+log = logging.getLogger(__name__)
+progress = logging.getLogger("fl_crew_reddit.progress")
+
+
+class FLState(BaseModel):
+    total_rounds: int = 1
+    round: int = 0
+    round_started: float = 0.0
+    actions: list[str] = Field(default_factory=list, description="agent → tool calls, in order")
+
+
+class FederatedFlow(Flow[FLState]):
+    def __init__(self, crew: FLCrew, num_rounds: int, on_round: Callable[[dict], None] | None = None):
+        super().__init__()
+        self.crew = crew
+        self.workspace = crew.workspace
+        self.on_round = on_round
+        self.state.total_rounds = num_rounds
+
+    def _call(self, agent, tool_name: str, **arguments):
+        self.state.actions.append(f"{agent.role} → {tool_name}({arguments})")
+        log.info("%s calls %s(%s)", agent.role, tool_name, arguments)
+        return self.crew.tool(agent, tool_name).invoke(**arguments)
+
+    @start()
+    def collect_data(self):
+        report = self._call(self.crew.data_collector, "collect_reddit_data")
+        progress.info("Collected %s", ", ".join(f"r/{s.subreddit}: {s.num_posts} posts, {s.num_comments} comments"
+                                                for s in report.subreddits))
+
+    @listen(collect_data)
+    def preprocess_data(self):
+        report = self._call(self.crew.data_preprocessor, "preprocess_reddit_data")
+        progress.info("Preprocessed %d examples for %d clients (%s); dropped %s", report.num_examples,
+                      len(report.clients), ", ".join(f"{c.name}: {c.num_train} train/{c.num_test} test"
+                                                     for c in report.clients), report.dropped or "nothing")
+        base = self._call(self.crew.evaluator, "evaluate_model", round=0)
+        progress.info("Base model: perplexity %.2f, BLEU %.2f, ROUGE-L %.3f", base.perplexity, base.bleu, base.rouge_l)
+        self.workspace.save_history()
+
+    @listen(or_(preprocess_data, "next_round"))
+    def train_clients(self):
+        self.state.round += 1
+        self.state.round_started = time.perf_counter()
+        round_number = self.state.round
+        self.workspace.start_round(round_number)
+        for index, client in enumerate(self.workspace.client_names):
+            agent = self.crew.trainer_for(index)
+            try:
+                self._call(agent, "train_local_adapter", client=client, round=round_number)
+            except Exception as error:  # a failing client is left out of the round, not the run
+                reason = f"training failed: {type(error).__name__}: {error}"
+                log.exception("Round %d: %s %s", round_number, client, reason)
+                self.workspace.record_client_failure(client, reason)
+
+    @listen(train_clients)
+    def aggregate_updates(self):
+        self._call(self.crew.aggregator, "aggregate_adapters", round=self.state.round)
+
+    @listen(aggregate_updates)
+    def evaluate_round(self):
+        round_number = self.state.round
+        metrics = self._call(self.crew.evaluator, "evaluate_model", round=round_number)
+        record = self.workspace.rounds[-1]
+        record.seconds = time.perf_counter() - self.state.round_started
+        self.workspace.save_history()
+        losses = ", ".join(f"{c.name} {c.train_loss:.3f}" for c in record.clients)
+        skipped = f", skipped {', '.join(record.skipped)}" if record.skipped else ""
+        progress.info("Round %d/%d: perplexity %.2f (base %.2f), BLEU %.2f, ROUGE-L %.3f | train loss %s%s | %.0fs",
+                      round_number, self.state.total_rounds, metrics.perplexity, self.workspace.base_metrics.perplexity,
+                      metrics.bleu, metrics.rouge_l, losses, skipped, record.seconds)
+        if self.on_round:
+            self.on_round(record.model_dump(by_alias=True))
+
+    @router(evaluate_round)
+    def decide_next(self):
+        return "next_round" if self.state.round < self.state.total_rounds else "all_rounds_done"
+
+    @listen("all_rounds_done")
+    def finish(self):
+        return self.workspace.history()

@@ -1,0 +1,90 @@
+"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N]`, `serve-mcp`, `prepare-model`.
+
+Settings come from the environment and `.env` (see .env.example); an invalid value stops here with one message.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _console_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: verbose or record.name == "fl_crew_reddit.progress"
+                      or record.levelno >= logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("fl_crew_reddit").setLevel(logging.INFO)
+    for noisy in ("httpx", "transformers", "peft", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fl_crew_reddit.main",
+                                     description="Federated LoRA fine-tuning on Reddit data, run by a CrewAI crew.")
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("run", help="run federated rounds (the default command)")
+    run.add_argument("--rounds", type=int, help="number of rounds (overrides FEDERATION_ROUNDS)")
+    run.add_argument("--verbose", action="store_true", help="also show the full log on the console")
+    serve = commands.add_parser("serve-mcp", help="serve the read-only Reddit MCP server on stdio")
+    serve.add_argument("server_args", nargs=argparse.REMAINDER, help="passed on (see --backend, --dump-dir)")
+    commands.add_parser("prepare-model", help="prepare the embedded base model once (set-up does this)")
+    return parser
+
+
+def run_command(rounds: int | None, verbose: bool) -> int:
+    from fl_crew_reddit.config import ConfigError, load_config
+
+    _console_logging(verbose)
+    try:
+        config = load_config()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if rounds is not None and rounds < 1:
+        print(f"--rounds={rounds} is invalid: use a whole number of at least 1", file=sys.stderr)
+        return 2
+
+    from fl_crew_reddit.crew_manager import FLCrewRedditManager
+    from fl_crew_reddit.training.model_loading import BaseModelUnavailable
+
+    try:
+        result = FLCrewRedditManager(config).run_federated_learning(num_rounds=rounds)
+    except BaseModelUnavailable as error:
+        print(error, file=sys.stderr)
+        return 2
+    base = result.history["base"]["perplexity"]
+    final = result.perplexities()[-1] if result.perplexities() else float("nan")
+    print(f"\nRun {result.run_id} finished in {result.seconds:.0f}s: held-out perplexity {base:.2f} → {final:.2f}")
+    print(f"  history:      {result.history_path}")
+    print(f"  final adapter {result.final_adapter}")
+    print(f"  log:          {result.log_path}")
+    return 0
+
+
+COMMANDS = ("run", "serve-mcp", "prepare-model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # `run` is the default command: `main --rounds 3` means `main run --rounds 3`
+    args = build_parser().parse_args(argv)
+    if args.command == "serve-mcp":
+        from fl_crew_reddit.reddit.server import main as serve
+
+        return serve(args.server_args) or 0
+    if args.command == "prepare-model":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from fl_crew_reddit.training.model_loading import prepare_embedded_model
+
+        print(prepare_embedded_model())
+        return 0
+    return run_command(getattr(args, "rounds", None), getattr(args, "verbose", False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

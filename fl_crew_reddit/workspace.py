@@ -1,0 +1,237 @@
+"""FederatedWorkspace: the objects one run shares across its stages, and one method per stage the agents' tools call.
+
+It holds the base model (loaded once), each client's private data, the current global adapter and the history.
+Each method only calls down into a stage package (reddit, preprocessing, training, aggregation, evaluation)
+and records what happened. Client updates travel between trainer and aggregator as safetensors files.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from fl_crew_reddit.aggregation import aggregate, make_server_optimizer, screen_updates, SERVER_OPTIMIZERS
+from fl_crew_reddit.config import FLCrewRedditConfig
+from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate
+from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, preprocess, read_jsonl
+from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
+from fl_crew_reddit.runs import RunPaths, load_adapter_state, point_latest, save_adapter, write_json_atomic
+from fl_crew_reddit.training.batching import tokenize_all
+from fl_crew_reddit.training.model_loading import load_base_model, pick_device
+from fl_crew_reddit.training.peft_setup import build_peft_model
+from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
+
+log = logging.getLogger(__name__)
+
+
+class ClientRoundResult(BaseModel):
+    name: str
+    num_examples: int
+    train_loss: float
+    metrics: dict
+    adapter_path: str
+
+
+class RoundAggregate(BaseModel):
+    method: str
+    accepted: list[str]
+    rejected: dict[str, list[str]]
+    adapter_path: str
+
+
+class RoundRecord(BaseModel):
+    round: int
+    clients: list[ClientRoundResult] = Field(default_factory=list)
+    skipped: dict[str, list[str]] = Field(default_factory=dict, description="client -> reasons it was left out")
+    aggregation: RoundAggregate | None = None
+    global_: EvalMetrics | None = Field(None, alias="global")
+    seconds: float = 0.0
+
+    model_config = {"populate_by_name": True}
+
+
+class FederatedWorkspace:
+    def __init__(self, config: FLCrewRedditConfig, paths: RunPaths):
+        self.config = config
+        self.paths = paths
+        self.device = pick_device(config.device)
+        self.collection: CollectionReport | None = None
+        self.data: PreprocessReport | None = None
+        self.base_metrics: EvalMetrics | None = None
+        self.rounds: list[RoundRecord] = []
+        self.global_adapter: dict[str, torch.Tensor] | None = None
+        self.server_optimizer = (make_server_optimizer(config.aggregation_method)
+                                 if config.aggregation_method in SERVER_OPTIMIZERS else None)
+        self._model = None
+        self._tokenizer = None
+        self._train_rows: dict[str, list[dict]] = {}
+        self._test_rows: list[dict] = []
+        self._sample: list[dict] = []
+        self._pending: dict[str, ClientRoundResult] = {}
+
+    # --- shared model -------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._load_model()
+        return self._tokenizer
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._load_model()
+        return self._model
+
+    def _load_model(self) -> None:
+        started = time.perf_counter()
+        base, tokenizer = load_base_model(self.config, self.device)
+        torch.manual_seed(self.config.seed)  # LoRA A init: the same starting adapter for the same SEED
+        self._model = build_peft_model(base, self.config)
+        self._tokenizer = tokenizer
+        self.global_adapter = snapshot_adapter(self._model)
+        log.info("Loaded base model %s on %s in %.1fs", self.config.base_llm_model, self.device,
+                 time.perf_counter() - started)
+
+    @property
+    def client_names(self) -> list[str]:
+        return [shard.name for shard in self.data.clients] if self.data else []
+
+    # --- Data Collector ----------------------------------------------------------------------------------------
+    def collect(self, subreddits: list[str] | None = None, posts_per_subreddit: int | None = None) -> CollectionReport:
+        from fl_crew_reddit.reddit.client import RedditMCPClient
+
+        with RedditMCPClient.for_config(self.config) as client:
+            self.collection = collect(client, subreddits if subreddits is not None else self.config.subreddits,
+                                      posts_per_subreddit or self.config.posts_per_subreddit, self.paths.collected)
+        return self.collection
+
+    # --- Data Preprocessor -------------------------------------------------------------------------------------
+    def preprocess(self) -> PreprocessReport:
+        if self.collection is None:
+            raise RuntimeError("preprocess needs collected data: run the collector first")
+        cfg = self.config
+        self.data = preprocess(
+            load_collected(self.collection), self.tokenizer, run_id=self.paths.run_id, data_dir=self.paths.data,
+            num_clients=cfg.num_trainers, partition=cfg.partition, max_examples_per_client=cfg.max_examples_per_client,
+            max_seq_length=cfg.max_seq_length, test_fraction=cfg.test_fraction, seed=cfg.seed,
+            support_multimodal=cfg.support_multimodal, max_image_size=cfg.max_image_size)
+        self._load_client_data()
+        return self.data
+
+    def _load_client_data(self) -> None:
+        """Tokenize each client's shard once; the union of held-out splits is the evaluation set."""
+        test_examples = []
+        for shard in self.data.clients:
+            self._train_rows[shard.name] = tokenize_all(self.tokenizer, read_jsonl(Path(shard.train_path)),
+                                                        self.config.max_seq_length)
+            test_examples.extend(read_jsonl(Path(shard.test_path)))
+        self._test_rows = tokenize_all(self.tokenizer, test_examples, self.config.max_seq_length)
+        rng = random.Random(self.config.seed)
+        self._sample = rng.sample(test_examples, min(self.config.eval_samples, len(test_examples)))
+
+    # --- Model Trainer -----------------------------------------------------------------------------------------
+    def fit_config(self, round_number: int) -> dict:
+        """What the server sends each trainer with the global adapter (Flower's `config` of a fit instruction)."""
+        cfg = self.config
+        return {"round": round_number, "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+                "learning_rate": cfg.learning_rate, "max_steps": cfg.max_local_steps, "seed": cfg.seed,
+                "proximal_mu": cfg.fedprox_mu if cfg.aggregation_method == "fedprox" else 0.0}
+
+    def train_client(self, client: str, round_number: int) -> ClientRoundResult:
+        if client not in self._train_rows:
+            raise KeyError(f"unknown client {client!r}; clients are {', '.join(self._train_rows)}")
+        trainer = LocalTrainer(client, self.model, self.tokenizer, self._train_rows[client], self.device,
+                               mixed_precision=self.config.mixed_precision)
+        result = trainer.fit(self.global_adapter, self.fit_config(round_number))
+        folder = save_adapter(self.model, result.state, self.paths.local_adapter(client, round_number))
+        record = ClientRoundResult(name=client, num_examples=result.num_examples,
+                                   train_loss=result.metrics["train_loss"], metrics=result.metrics,
+                                   adapter_path=str(folder))
+        self._pending[client] = record
+        return record
+
+    def record_client_failure(self, client: str, reason: str) -> None:
+        self._current_round().skipped[client] = [reason]
+
+    # --- Aggregator --------------------------------------------------------------------------------------------
+    def aggregate(self, round_number: int, method: str | None = None) -> RoundAggregate:
+        """Read the round's client adapters (safetensors), screen them, combine them into the new global adapter."""
+        method = method or self.config.aggregation_method
+        record = self._current_round(round_number)
+        clients = [self._pending[name] for name in sorted(self._pending)]
+        updates = [load_adapter_state(Path(c.adapter_path)) for c in clients]
+        accepted, rejected = screen_updates(
+            self.global_adapter, updates, [c.name for c in clients], max_norm=self.config.max_update_norm,
+            min_clients=min(self.config.min_fit_clients, self.config.num_trainers))
+        for name, reasons in rejected.items():
+            log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
+            record.skipped[name] = reasons
+        options = self._aggregation_options(method)
+        new_global = aggregate(method, [updates[i] for i in accepted], [clients[i].num_examples for i in accepted],
+                               **options)
+        self.global_adapter = {k: v.to(self.global_adapter[k].dtype) for k, v in new_global.items()}
+        folder = save_adapter(self.model, self.global_adapter, self.paths.global_adapter(round_number))
+        record.clients = clients
+        record.aggregation = RoundAggregate(method=method, accepted=[clients[i].name for i in accepted],
+                                            rejected=rejected, adapter_path=str(folder))
+        self._pending = {}
+        return record.aggregation
+
+    def _aggregation_options(self, method: str) -> dict:
+        cfg = self.config
+        if method in ("krum", "multi_krum", "bulyan"):
+            return {"num_byzantine": cfg.num_byzantine}
+        if method == "trimmed_mean":
+            return {"beta": cfg.trimmed_mean_beta}
+        if method in SERVER_OPTIMIZERS:
+            if self.server_optimizer is None or not method == self.config.aggregation_method:
+                self.server_optimizer = make_server_optimizer(method)
+            return {"global_state": self.global_adapter, "server_optimizer": self.server_optimizer}
+        return {}
+
+    # --- Evaluator ---------------------------------------------------------------------------------------------
+    def evaluate_base(self) -> EvalMetrics:
+        self.base_metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
+                                     use_adapter=False, mixed_precision=self.config.mixed_precision)
+        return self.base_metrics
+
+    def evaluate_round(self, round_number: int) -> EvalMetrics:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, self.global_adapter)
+        metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
+                           mixed_precision=self.config.mixed_precision)
+        self._current_round(round_number).global_ = metrics
+        return metrics
+
+    # --- history -----------------------------------------------------------------------------------------------
+    def _current_round(self, round_number: int | None = None) -> RoundRecord:
+        if not self.rounds or (round_number is not None and self.rounds[-1].round != round_number):
+            self.rounds.append(RoundRecord(round=round_number if round_number is not None else len(self.rounds) + 1))
+        return self.rounds[-1]
+
+    def start_round(self, round_number: int) -> RoundRecord:
+        self._pending = {}
+        return self._current_round(round_number)
+
+    def history(self) -> dict:
+        def metrics(m: EvalMetrics | None) -> dict | None:
+            return m.model_dump() if m else None
+
+        return {
+            "run_id": self.paths.run_id,
+            "settings": self.config.public_settings(),
+            "collection": self.collection.model_dump() if self.collection else None,
+            "data": self.data.model_dump() if self.data else None,
+            "base": metrics(self.base_metrics),
+            "rounds": [r.model_dump(by_alias=True) for r in self.rounds],
+        }
+
+    def save_history(self) -> Path:
+        write_json_atomic(self.paths.history, self.history())
+        point_latest(self.paths.results.parent, self.paths.run_id)
+        return self.paths.history

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random Llama model with a real (tiny) BPE tokenizer and ChatML template, saved as a
+local model folder, so unit tests take milliseconds and the end-to-end test runs the real loop without the hub."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+os.environ.setdefault("CREWAI_DISABLE_VERSION_CHECK", "true")
+
+SNAPSHOT = Path(__file__).resolve().parent.parent / "fl_crew_reddit" / "reddit" / "snapshot"
+REDDIT_2015 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "reddit-2015"
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _snapshot_text() -> list[str]:
+    lines = []
+    for path in sorted(SNAPSHOT.glob("*/*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            lines.append(record.get("body") or record.get("title", ""))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local model folder: LlamaConfig(hidden 64, 2 layers, vocab ~1k) with random weights and a BPE tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_snapshot_text(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_config(tiny_model_dir, tmp_path, monkeypatch):
+    """Settings for a fast real run: tiny model, snapshot data, 3 clients, few examples."""
+    from fl_crew_reddit.config import FLCrewRedditConfig
+
+    monkeypatch.chdir(tmp_path)  # no stray .env is read
+    return FLCrewRedditConfig(
+        base_llm_model=str(tiny_model_dir), fl_crew_reddit_dir=tmp_path, max_examples_per_client=16,
+        local_epochs=2, batch_size=4, learning_rate=3e-3, eval_samples=2, max_seq_length=128, lora_r=4,
+        lora_alpha=8, posts_per_subreddit=20, seed=7, mixed_precision="no")
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    """(peft model, tokenizer) for training tests."""
+    from fl_crew_reddit.config import FLCrewRedditConfig
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.peft_setup import build_peft_model
+    import torch
+
+    config = FLCrewRedditConfig(base_llm_model=str(tiny_model_dir), lora_r=4, lora_alpha=8, device="cpu")
+    base, tokenizer = load_base_model(config, torch.device("cpu"))
+    torch.manual_seed(0)
+    return build_peft_model(base, config), tokenizer

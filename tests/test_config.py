@@ -1,0 +1,70 @@
+"""Settings: defaults of the design, environment parsing, one clear message for bad values, secrets kept out."""
+import pytest
+
+from fl_crew_reddit.config import ConfigError, EMBEDDED_MODEL, load_config
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in ("AGGREGATION_METHOD", "SUBREDDITS", "LORA_R", "OPENAI_API_KEY", "REDDIT_BACKEND", "NUM_TRAINERS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_match_the_design():
+    config = load_config()
+    assert config.base_llm_model == EMBEDDED_MODEL
+    assert (config.use_lora, config.lora_r, config.lora_alpha) == (True, 8, 16)
+    assert (config.use_quantization, config.quantization_bits) == (False, 4)
+    assert (config.federation_rounds, config.local_epochs, config.batch_size) == (10, 3, 4)
+    assert config.learning_rate == 2e-4
+    assert config.aggregation_method == "weighted_average"
+    assert (config.support_multimodal, config.image_processor, config.max_image_size) == (True, "clip-vit-base-patch32", 224)
+    assert config.agent_llm_model == "gpt-4"
+    assert (config.reddit_backend, config.num_trainers, config.partition) == ("snapshot", 3, "subreddit")
+
+
+def test_environment_and_dotenv_are_read(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("LORA_R=16\nSUBREDDITS=r/books, history ,programming\n")
+    monkeypatch.setenv("AGGREGATION_METHOD", "fedprox")
+    config = load_config()
+    assert config.lora_r == 16
+    assert config.subreddits == ["books", "history", "programming"]
+    assert config.aggregation_method == "fedprox"
+
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("AGGREGATION_METHOD", "fedsomething", "weighted_average"),
+    ("LORA_R", "zero", "integer"),
+    ("REDDIT_BACKEND", "ftp", "snapshot"),
+    ("NUM_TRAINERS", "0", "greater than or equal to 1"),
+])
+def test_invalid_value_names_the_variable_and_what_is_allowed(monkeypatch, name, value, allowed):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_config()
+    message = str(raised.value)
+    assert name in message and value in message and allowed in message
+
+
+def test_dump_backend_needs_an_existing_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("REDDIT_BACKEND", "dump")
+    with pytest.raises(ConfigError, match="REDDIT_DUMP_DIR"):
+        load_config()
+    monkeypatch.setenv("REDDIT_DUMP_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a folder"):
+        load_config()
+
+
+def test_secrets_never_appear_in_public_settings_or_errors(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-very-secret")
+    monkeypatch.setenv("REDDIT_CLIENT_SECRET", "reddit-secret")
+    config = load_config()
+    public = repr(config.public_settings())
+    assert "sk-very-secret" not in public and "reddit-secret" not in public
+    assert config.public_settings()["openai_api_key"] == "set"
+    assert "sk-very-secret" not in repr(config)
+    monkeypatch.setenv("LORA_R", "-1")
+    with pytest.raises(ConfigError) as raised:
+        load_config()
+    assert "sk-very-secret" not in str(raised.value)

@@ -1,0 +1,89 @@
+"""The local LoRA recipe on a tiny random Llama: it learns, starts from the global adapter, returns only adapter
+weights, honours FedProx, and its fast loss equals the plain masked causal-LM loss."""
+import torch
+from peft import get_peft_model_state_dict
+
+from fl_crew_reddit.training.batching import collate, reply_token_nll, tokenize_all
+from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter, warmup_cosine
+
+CPU = torch.device("cpu")
+
+
+def _rows(tokenizer, n=8):
+    examples = [{"messages": [{"role": "user", "content": f"Question {i} about tomatoes?"},
+                              {"role": "assistant", "content": "Water them deeply once a week and mulch."}]}
+                for i in range(n)]
+    return tokenize_all(tokenizer, examples, 128)
+
+
+def _fit_config(**overrides):
+    config = {"local_epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "seed": 0, "round": 1, "proximal_mu": 0.0}
+    config.update(overrides)
+    return config
+
+
+def test_fast_reply_loss_equals_plain_masked_loss(tiny_model):
+    model, tokenizer = tiny_model
+    rows = _rows(tokenizer, 3)
+    rows[1] = {**rows[1], "input_ids": rows[1]["input_ids"][:-3], "reply_mask": rows[1]["reply_mask"][:-3]}
+    batch = collate(rows, tokenizer.pad_token_id, CPU)
+    nll, count = reply_token_nll(model, batch)
+    labels = batch["input_ids"].masked_fill(~batch["reply_mask"], -100)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    assert count == int(batch["reply_mask"][:, 1:].sum())
+    torch.testing.assert_close(nll / count, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_learns_and_returns_only_adapter_weights(tiny_model):
+    model, tokenizer = tiny_model
+    rows = _rows(tokenizer)
+    global_adapter = snapshot_adapter(model)
+    result = LocalTrainer("c0", model, tokenizer, rows, CPU, mixed_precision="no", show_progress=False).fit(
+        global_adapter, _fit_config())
+    assert set(result.state) == set(global_adapter) and all("lora_" in key for key in result.state)
+    assert result.num_examples == len(rows)
+    assert result.metrics["steps"] == 6
+    assert result.metrics["train_loss"] < result.metrics["first_loss"] - 0.5
+    assert any(not torch.equal(result.state[k], global_adapter[k]) for k in result.state)
+
+
+def test_fit_starts_from_the_given_global_adapter(tiny_model):
+    model, tokenizer = tiny_model
+    rows = _rows(tokenizer, 4)
+    trainer = LocalTrainer("c0", model, tokenizer, rows, CPU, mixed_precision="no", show_progress=False)
+    start = {k: torch.randn_like(v) * 0.01 for k, v in snapshot_adapter(model).items()}
+    result = trainer.fit(start, _fit_config(learning_rate=1e-12, local_epochs=1))
+    for key in start:
+        torch.testing.assert_close(result.state[key], start[key], atol=1e-6, rtol=0)
+
+
+def test_fedprox_keeps_the_update_closer_to_the_global_adapter(tiny_model):
+    model, tokenizer = tiny_model
+    rows = _rows(tokenizer)
+    start = snapshot_adapter(model)
+    trainer = LocalTrainer("c0", model, tokenizer, rows, CPU, mixed_precision="no", show_progress=False)
+
+    def distance(state):
+        return sum(float((state[k] - start[k]).norm() ** 2) for k in start) ** 0.5
+
+    free = trainer.fit(start, _fit_config(proximal_mu=0.0)).state
+    prox = trainer.fit(start, _fit_config(proximal_mu=100.0)).state
+    assert distance(prox) < 0.8 * distance(free)
+
+
+def test_training_is_deterministic_for_a_seed(tiny_model):
+    model, tokenizer = tiny_model
+    rows = _rows(tokenizer)
+    start = snapshot_adapter(model)
+    trainer = LocalTrainer("c0", model, tokenizer, rows, CPU, mixed_precision="no", show_progress=False)
+    first = trainer.fit(start, _fit_config()).state
+    second = trainer.fit(start, _fit_config()).state
+    for key in first:
+        torch.testing.assert_close(first[key], second[key])
+
+
+def test_warmup_cosine_schedule_shape():
+    values = [warmup_cosine(step, total=100, warmup=10) for step in range(100)]
+    assert values[0] == 0.1 and values[9] == 1.0
+    assert values[10] > values[50] > values[99] >= 0.1
+    assert get_peft_model_state_dict  # PEFT's own state-dict API is what the trainer uses
