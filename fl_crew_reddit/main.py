@@ -1,4 +1,4 @@
-"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N]`, `serve-mcp`, `prepare-model`.
+"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N]`, `serve-mcp`, `prepare-model`, `report [RUN]`.
 
 Settings come from the environment and `.env` (see .env.example); an invalid value stops here with one message.
 """
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve-mcp", help="serve the read-only Reddit MCP server on stdio")
     serve.add_argument("server_args", nargs=argparse.REMAINDER, help="passed on (see --backend, --dump-dir)")
     commands.add_parser("prepare-model", help="prepare the embedded base model once (set-up does this)")
+    report = commands.add_parser("report", help="write report.md, report.html and convergence.png for a run")
+    report.add_argument("run", nargs="?", help="a run id under results/ or a run folder (default: results/latest)")
     return parser
 
 
@@ -65,7 +67,33 @@ def run_command(rounds: int | None, verbose: bool) -> int:
     return 0
 
 
-COMMANDS = ("run", "serve-mcp", "prepare-model")
+def report_command(run: str | None) -> int:
+    from pathlib import Path
+
+    from fl_crew_reddit.evaluation.report import ReportError, build_report, resolve_run_dir
+
+    try:
+        if run and Path(run).expanduser().is_dir():
+            run_dir = Path(run).expanduser()
+        else:
+            from fl_crew_reddit.config import ConfigError, load_config
+
+            try:
+                results_dir = load_config().results_dir
+            except ConfigError as error:
+                print(error, file=sys.stderr)
+                return 2
+            run_dir = resolve_run_dir(run, results_dir)
+        paths = build_report(run_dir)
+    except ReportError as error:
+        print(f"Cannot write a report: {error}", file=sys.stderr)
+        return 2
+    for label, path in (("markdown", paths.md), ("html", paths.html), ("plot", paths.png)):
+        print(f"  {label + ':':10}{path}")
+    return 0
+
+
+COMMANDS = ("run", "serve-mcp", "prepare-model", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(prepare_embedded_model())
         return 0
+    if args.command == "report":
+        return report_command(args.run)
     return run_command(getattr(args, "rounds", None), getattr(args, "verbose", False))
 
 

@@ -39,11 +39,11 @@ def test_fit_learns_and_returns_only_adapter_weights(tiny_model):
     rows = _rows(tokenizer)
     global_adapter = snapshot_adapter(model)
     result = LocalTrainer("c0", model, tokenizer, rows, CPU, mixed_precision="no", show_progress=False).fit(
-        global_adapter, _fit_config())
+        global_adapter, _fit_config(local_epochs=10, learning_rate=1e-2))
     assert set(result.state) == set(global_adapter) and all("lora_" in key for key in result.state)
     assert result.num_examples == len(rows)
-    assert result.metrics["steps"] == 6
-    assert result.metrics["train_loss"] < result.metrics["first_loss"] - 0.5
+    assert result.metrics["steps"] == 20
+    assert result.metrics["train_loss"] < result.metrics["first_loss"] - 0.5  # a random tiny head caps how low it can go
     assert any(not torch.equal(result.state[k], global_adapter[k]) for k in result.state)
 
 

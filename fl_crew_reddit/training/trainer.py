@@ -107,7 +107,7 @@ class LocalTrainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(nll) / max(count, 1))
+            losses.append(float(nll.detach()) / max(count, 1))
             tokens += int(batch["attention_mask"].sum())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()

@@ -1,0 +1,163 @@
+"""The run report from a synthetic history: files written, numbers and verdict in the text, clear errors."""
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+
+from fl_crew_reddit.evaluation.report import (
+    ReportError, build_report, markdown_report, render_html, report_blocks, resolve_run_dir, verdict)
+
+
+def _client(name: str, loss: float) -> dict:
+    return {"name": name, "num_examples": 32, "train_loss": loss, "metrics": {"train_loss": loss, "steps": 24},
+            "adapter_path": f"/runs/models/local/{name}"}
+
+
+def _samples(tag: str) -> list[dict]:
+    return [{"id": f"c{i}", "reference": f"real reply {i}", "generated": f"{tag} reply {i}"} for i in range(4)]
+
+
+HISTORY = {
+    "run_id": "run-20260101-000000",
+    "settings": {"base_llm_model": "embedded:SmolLM2-135M-Instruct", "lora_r": 8, "learning_rate": 0.0002,
+                 "aggregation_method": "weighted_average", "subreddits": ["cooking", "gardening"],
+                 "openai_api_key": "not set", "reddit_dump_dir": None},
+    "collection": {"subreddits": [{"subreddit": "cooking", "num_posts": 10, "num_comments": 80}], "server": "x"},
+    "data": {"num_comments": 160, "num_examples": 150, "dropped": {"deleted_or_removed": 7, "bot_or_moderator": 3},
+             "clients": [{"name": f"client-{i}", "subreddits": {sub: 50}, "num_train": 32, "num_test": 8,
+                          "train_tokens": 3000 + i} for i, sub in enumerate(["cooking", "gardening", "python"])]},
+    "base": {"perplexity": 40.0, "bleu": 0.5, "rouge_l": 0.05, "num_tokens": 900, "samples": _samples("base")},
+    "rounds": [
+        {"round": 1, "clients": [_client("client-0", 3.6), _client("client-1", 3.7), _client("client-2", 3.5)],
+         "skipped": {}, "aggregation": {"method": "weighted_average", "accepted": ["client-0", "client-1", "client-2"],
+                                        "rejected": {}, "adapter_path": "/runs/agg/1"},
+         "global": {"perplexity": 32.0, "bleu": 1.25, "rouge_l": 0.081, "num_tokens": 900,
+                    "samples": _samples("round-1")},
+         "seconds": 150.4},
+        {"round": 2, "clients": [_client("client-0", 3.1), _client("client-2", 9.9)],
+         "skipped": {"client-1": ["training failed: out of memory"],
+                     "client-2": ["update norm 512.0 exceeds MAX_UPDATE_NORM=100"]},
+         "aggregation": {"method": "weighted_average", "accepted": ["client-0"],
+                         "rejected": {"client-2": ["update norm 512.0 exceeds MAX_UPDATE_NORM=100"]},
+                         "adapter_path": "/runs/agg/2"},
+         "global": {"perplexity": 30.0, "bleu": 2.5, "rouge_l": 0.093, "num_tokens": 900,
+                    "samples": _samples("round-2")},
+         "seconds": 140.0},
+    ],
+}
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _write(tmp_path, history: dict):
+    run = tmp_path / history["run_id"]
+    run.mkdir()
+    (run / "history.json").write_text(json.dumps(history), encoding="utf-8")
+    return run
+
+
+def test_build_report_writes_markdown_html_and_png(tmp_path):
+    paths = build_report(_write(tmp_path, HISTORY))
+    for path in (paths.md, paths.html, paths.png):
+        assert path.is_file() and path.parent.name == HISTORY["run_id"]
+    width, height = _png_size(paths.png.read_bytes())
+    assert 800 <= width <= 1400 and 450 <= height <= 900
+    page = paths.html.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page and "<table>" in page
+    assert 'src="convergence.png"' not in page  # self-contained
+    assert "![" in paths.md.read_text(encoding="utf-8")
+
+
+def test_markdown_has_the_numbers_and_the_verdict():
+    text = markdown_report(HISTORY)
+    assert "# Federated run report: run-20260101-000000" in text
+    assert "Federated training lowered held-out perplexity from 40.00 to 30.00 (−25.0%) over 2 rounds." in text
+    row1 = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert "32.00" in row1 and "−20.0%" in row1 and "1.25" in row1 and "0.081" in row1 and "3.600" in row1
+    assert "150" in row1
+    assert "| lora_r | 8 |" in text and "| learning_rate | 0.0002 |" in text and "cooking, gardening" in text
+    assert "| client-2 | r/python (50) | 32 | 8 | 3,002 |" in text
+    assert "| deleted or removed | 7 |" in text
+    assert "real reply 0" in text and "round-2 reply 0" in text and "base reply 0" in text
+    assert "round-2 reply 3" not in text  # 3 samples at most
+    assert "## Settings" in text and "## Data" in text and "## Rounds" in text
+
+
+def test_skipped_and_rejected_clients_show_their_reasons():
+    row2 = next(line for line in markdown_report(HISTORY).splitlines() if line.startswith("| 2 |"))
+    assert "client-1: training failed: out of memory" in row2
+    assert "client-2: update norm 512.0 exceeds MAX_UPDATE_NORM=100" in row2
+    assert row2.count("MAX_UPDATE_NORM") == 1  # listed once though both `skipped` and `rejected` hold it
+    accepted = row2.split("|")[7].strip()
+    assert accepted == "client-0"
+
+
+def test_verdict_when_perplexity_did_not_improve_or_nothing_ran():
+    worse = copy.deepcopy(HISTORY)
+    worse["rounds"][-1]["global"]["perplexity"] = 44.0
+    line = verdict(worse)
+    assert line.startswith("Federated training did not lower held-out perplexity") and "+10.0%" in line
+    assert "best round was 1 (32.00)" in line
+    assert 'class="verdict worse"' in render_html(report_blocks(worse))
+    fresh = {k: v for k, v in HISTORY.items() if k != "rounds"}
+    assert "No round has been evaluated yet" in verdict(fresh)
+    assert "not been evaluated" in verdict({"run_id": "x"})
+    markdown_report({"run_id": "x"})  # a history written before any stage still renders
+
+
+def test_optional_per_client_and_baselines_are_shown_when_present(tmp_path):
+    history = copy.deepcopy(HISTORY)
+    history["base"]["per_client"] = {"client-0": 41.0, "client-1": 39.0}
+    for record, shift in zip(history["rounds"], (0, 4)):
+        record["global"]["per_client"] = {"client-0": {"perplexity": 33.0 - shift}, "client-1": 31.0 - shift}
+    history["baselines"] = {"centralized": {"perplexity": 28.5, "bleu": 3.0},
+                            "local-only": {"rounds": [{"round": 1, "perplexity": 35.0},
+                                                      {"round": 2, "perplexity": 34}]}}
+    text = markdown_report(history)
+    assert "| base | 41.00 | 39.00 |" in text and "| 2 | 29.00 | 27.00 |" in text
+    assert "## Baselines" in text and "| centralized | 28.50 | −28.8% |" in text and "| local-only | 34.00 |" in text
+    paths = build_report(_write(tmp_path, history))
+    assert _png_size(paths.png.read_bytes())[0] >= 800
+
+
+def test_missing_history_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="history.json is missing"):
+        build_report(tmp_path)
+    with pytest.raises(ReportError, match="no run folder"):
+        build_report(tmp_path / "nope")
+    (tmp_path / "history.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ReportError, match="cannot be read as JSON"):
+        build_report(tmp_path)
+
+
+def test_resolve_run_dir_by_id_path_and_latest(tmp_path):
+    run = _write(tmp_path, HISTORY)
+    (tmp_path / "latest").write_text(run.name + "\n", encoding="utf-8")  # the no-symlink fallback
+    assert resolve_run_dir(None, tmp_path) == run
+    assert resolve_run_dir(run.name, tmp_path) == run
+    assert resolve_run_dir(str(run), tmp_path / "elsewhere") == run
+    with pytest.raises(ReportError, match="neither a run folder nor a run id"):
+        resolve_run_dir("run-missing", tmp_path)
+
+
+def test_cli_prints_paths_and_exits_2_on_a_missing_run(tmp_path, monkeypatch, capsys):
+    from fl_crew_reddit.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_CREW_REDDIT_DIR", str(tmp_path))
+    results = tmp_path / "results"
+    results.mkdir()
+    run = _write(results, HISTORY)
+    (results / "latest").symlink_to(run.name, target_is_directory=True)
+    assert main(["report"]) == 0
+    out = capsys.readouterr().out
+    assert str(run / "report.md") in out and str(run / "convergence.png") in out
+    assert main(["report", "run-missing"]) == 2
+    captured = capsys.readouterr()
+    assert "run-missing" in captured.err and captured.err.count("\n") == 1
