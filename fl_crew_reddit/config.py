@@ -40,7 +40,7 @@ class FLCrewRedditConfig(BaseSettings):
         default_factory=lambda: ["all-linear"],
         description="Comma-separated module names, or all-linear for every linear layer but the output head.")
     use_quantization: bool = Field(False, description="QLoRA: load the base model in 4/8 bit (CUDA).")
-    quantization_bits: Literal[4, 8] = 4
+    quantization_bits: int = Field(4, description="4 (nf4 with double quantisation) or 8")
 
     # --- federation
     federation_rounds: int = Field(10, ge=1, le=10_000)
@@ -92,6 +92,13 @@ class FLCrewRedditConfig(BaseSettings):
     def _split_commas(cls, value):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("quantization_bits")
+    @classmethod
+    def _four_or_eight(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError("Input should be 4 or 8")
         return value
 
     @field_validator("subreddits")

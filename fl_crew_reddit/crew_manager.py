@@ -35,20 +35,43 @@ class FLCrewRedditManager:
     def run_federated_learning(self, num_rounds: int | None = None, run_id: str | None = None,
                                on_round: Callable[[dict], None] | None = None) -> FLRunResult:
         """Run collect → preprocess → rounds of train/aggregate/evaluate; `on_round` gets each round's record."""
+        num_rounds = num_rounds or self.config.federation_rounds
+        return self._run(run_id or new_run_id(), num_rounds, on_round, resume=False)
+
+    def resume(self, run_id: str | None = None, num_rounds: int | None = None,
+               on_round: Callable[[dict], None] | None = None) -> FLRunResult:
+        """Continue a stopped run (default: the newest with saved state) after its last completed round.
+
+        Same SEED and settings give the same final global adapter as a run that was never stopped.
+        """
+        from fl_crew_reddit.runs import find_run
+
+        run_id = find_run(Path(self.config.fl_crew_reddit_dir).resolve() / "results", run_id)
+        return self._run(run_id, num_rounds, on_round, resume=True)
+
+    def _run(self, run_id: str, num_rounds: int | None, on_round, resume: bool) -> FLRunResult:
         from fl_crew_reddit.agents import FLCrew
         from fl_crew_reddit.flow import FederatedFlow
         from fl_crew_reddit.workspace import FederatedWorkspace
 
-        num_rounds = num_rounds or self.config.federation_rounds
-        paths = RunPaths(Path(self.config.fl_crew_reddit_dir).resolve(), run_id or new_run_id()).create()
+        paths = RunPaths(Path(self.config.fl_crew_reddit_dir).resolve(), run_id).create()
         handler = self._log_to_file(paths.log_file)
         started = time.perf_counter()
         try:
-            log.info("Run %s: settings %s", paths.run_id, self.config.public_settings())
+            log.info("Run %s: %s with settings %s", paths.run_id, "resume" if resume else "start",
+                     self.config.public_settings())
             workspace = FederatedWorkspace(self.config, paths)
-            flow = FederatedFlow(FLCrew(workspace), num_rounds=num_rounds, on_round=on_round)
+            after_round = None
+            if resume:
+                state = workspace.restore()
+                after_round = state["round"]
+                num_rounds = num_rounds or state["total_rounds"]
+                _warn_on_changed_settings(state["settings"], self.config.public_settings())
+            flow = FederatedFlow(FLCrew(workspace), num_rounds=num_rounds, on_round=on_round,
+                                 resume_after_round=after_round)
             _silence_crewai_panels()
-            flow.kickoff()
+            if after_round is None or after_round < num_rounds:
+                flow.kickoff()
             history = workspace.history()
         finally:
             logging.getLogger("fl_crew_reddit").removeHandler(handler)
@@ -69,6 +92,13 @@ class FLCrewRedditManager:
         package_logger.setLevel(logging.INFO)
         package_logger.addHandler(handler)
         return handler
+
+
+def _warn_on_changed_settings(saved: dict, current: dict) -> None:
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != "fl_crew_reddit_dir"}
+    if changed:
+        log.warning("Resuming with settings that differ from the run's start (results may differ from an "
+                    "uninterrupted run): %s", changed)
 
 
 def _silence_crewai_panels() -> None:

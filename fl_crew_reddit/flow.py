@@ -22,17 +22,22 @@ progress = logging.getLogger("fl_crew_reddit.progress")
 class FLState(BaseModel):
     total_rounds: int = 1
     round: int = 0
+    resumed: bool = Field(False, description="continue after the workspace's restored round")
     round_started: float = 0.0
     actions: list[str] = Field(default_factory=list, description="agent → tool calls, in order")
 
 
 class FederatedFlow(Flow[FLState]):
-    def __init__(self, crew: FLCrew, num_rounds: int, on_round: Callable[[dict], None] | None = None):
+    def __init__(self, crew: FLCrew, num_rounds: int, on_round: Callable[[dict], None] | None = None,
+                 resume_after_round: int | None = None):
         super().__init__()
         self.crew = crew
         self.workspace = crew.workspace
         self.on_round = on_round
         self.state.total_rounds = num_rounds
+        if resume_after_round is not None:
+            self.state.resumed = True
+            self.state.round = resume_after_round
 
     def _call(self, agent, tool_name: str, **arguments):
         self.state.actions.append(f"{agent.role} → {tool_name}({arguments})")
@@ -40,6 +45,14 @@ class FederatedFlow(Flow[FLState]):
         return self.crew.tool(agent, tool_name).invoke(**arguments)
 
     @start()
+    def begin(self):
+        log.info("Flow starts %s", f"after round {self.state.round}" if self.state.resumed else "a new run")
+
+    @router(begin)
+    def choose_start(self):
+        return "resume_run" if self.state.resumed else "fresh_run"
+
+    @listen("fresh_run")
     def collect_data(self):
         report = self._call(self.crew.data_collector, "collect_reddit_data")
         progress.info("Collected %s", ", ".join(f"r/{s.subreddit}: {s.num_posts} posts, {s.num_comments} comments"
@@ -55,7 +68,7 @@ class FederatedFlow(Flow[FLState]):
         progress.info("Base model: perplexity %.2f, BLEU %.2f, ROUGE-L %.3f", base.perplexity, base.bleu, base.rouge_l)
         self.workspace.save_history()
 
-    @listen(or_(preprocess_data, "next_round"))
+    @listen(or_(preprocess_data, "next_round", "resume_run"))
     def train_clients(self):
         self.state.round += 1
         self.state.round_started = time.perf_counter()
@@ -80,6 +93,7 @@ class FederatedFlow(Flow[FLState]):
         metrics = self._call(self.crew.evaluator, "evaluate_model", round=round_number)
         record = self.workspace.rounds[-1]
         record.seconds = time.perf_counter() - self.state.round_started
+        self.workspace.save_state(round_number, self.state.total_rounds)
         self.workspace.save_history()
         losses = ", ".join(f"{c.name} {c.train_loss:.3f}" for c in record.clients)
         skipped = f", skipped {', '.join(record.skipped)}" if record.skipped else ""
@@ -91,6 +105,9 @@ class FederatedFlow(Flow[FLState]):
 
     @router(evaluate_round)
     def decide_next(self):
+        if self.state.round < self.state.total_rounds:
+            log.info("State saved after round %d; continue with: python -m fl_crew_reddit.main --resume %s",
+                     self.state.round, self.workspace.paths.run_id)
         return "next_round" if self.state.round < self.state.total_rounds else "all_rounds_done"
 
     @listen("all_rounds_done")

@@ -1,4 +1,5 @@
-"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N]`, `serve-mcp`, `prepare-model`, `report [RUN]`.
+"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N] [--resume [RUN]]`, `resume [RUN]`, `serve-mcp`,
+`prepare-model`, `report [RUN]`.
 
 Settings come from the environment and `.env` (see .env.example); an invalid value stops here with one message.
 """
@@ -20,6 +21,14 @@ def _console_logging(verbose: bool) -> None:
     logging.getLogger("fl_crew_reddit").setLevel(logging.INFO)
     for noisy in ("httpx", "transformers", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bars cover the long work; model loading takes a second
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="run federated rounds (the default command)")
     run.add_argument("--rounds", type=int, help="number of rounds (overrides FEDERATION_ROUNDS)")
+    run.add_argument("--resume", nargs="?", const="", metavar="RUN",
+                     help="continue a stopped run after its last completed round (default: the newest)")
     run.add_argument("--verbose", action="store_true", help="also show the full log on the console")
+    resume = commands.add_parser("resume", help="continue a stopped run (same as run --resume)")
+    resume.add_argument("run", nargs="?", default="", help="run id under results/ (default: the newest)")
+    resume.add_argument("--rounds", type=int, help="total rounds (default: the run's own)")
+    resume.add_argument("--verbose", action="store_true")
     serve = commands.add_parser("serve-mcp", help="serve the read-only Reddit MCP server on stdio")
     serve.add_argument("server_args", nargs=argparse.REMAINDER, help="passed on (see --backend, --dump-dir)")
     commands.add_parser("prepare-model", help="prepare the embedded base model once (set-up does this)")
@@ -37,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(rounds: int | None, verbose: bool) -> int:
+def run_command(rounds: int | None, verbose: bool, resume: str | None = None) -> int:
     from fl_crew_reddit.config import ConfigError, load_config
 
     _console_logging(verbose)
@@ -50,14 +65,34 @@ def run_command(rounds: int | None, verbose: bool) -> int:
         print(f"--rounds={rounds} is invalid: use a whole number of at least 1", file=sys.stderr)
         return 2
 
+    from fl_crew_reddit.aggregation import NotEnoughClientsError
     from fl_crew_reddit.crew_manager import FLCrewRedditManager
+    from fl_crew_reddit.runs import find_run, new_run_id
     from fl_crew_reddit.training.model_loading import BaseModelUnavailable
 
+    manager = FLCrewRedditManager(config)
     try:
-        result = FLCrewRedditManager(config).run_federated_learning(num_rounds=rounds)
+        run_id = find_run(config.results_dir, resume or None) if resume is not None else new_run_id()
+    except FileNotFoundError as error:
+        print(f"Cannot resume: {error}", file=sys.stderr)
+        return 2
+    try:
+        if resume is not None:
+            result = manager.resume(run_id, num_rounds=rounds)
+        else:
+            result = manager.run_federated_learning(num_rounds=rounds, run_id=run_id)
     except BaseModelUnavailable as error:
         print(error, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nStopped. Completed rounds are saved; continue with: python -m fl_crew_reddit.main --resume {run_id}",
+              file=sys.stderr)
+        return 130
+    except NotEnoughClientsError as error:
+        print(f"Run stopped: {error}. Completed rounds are saved; fix the clients and continue with: "
+              f"python -m fl_crew_reddit.main --resume {run_id}", file=sys.stderr)
+        return 1
+    _write_report(result.history_path)
     base = result.history["base"]["perplexity"]
     final = result.perplexities()[-1] if result.perplexities() else float("nan")
     print(f"\nRun {result.run_id} finished in {result.seconds:.0f}s: held-out perplexity {base:.2f} → {final:.2f}")
@@ -65,6 +100,15 @@ def run_command(rounds: int | None, verbose: bool) -> int:
     print(f"  final adapter {result.final_adapter}")
     print(f"  log:          {result.log_path}")
     return 0
+
+
+def _write_report(history_path: str) -> None:
+    from pathlib import Path
+
+    from fl_crew_reddit.evaluation.report import build_report
+
+    paths = build_report(Path(history_path).parent)
+    print(f"  report:       {paths.md} (and {paths.html.name}, {paths.png.name})")
 
 
 def report_command(run: str | None) -> int:
@@ -93,7 +137,7 @@ def report_command(run: str | None) -> int:
     return 0
 
 
-COMMANDS = ("run", "serve-mcp", "prepare-model", "report")
+COMMANDS = ("run", "resume", "serve-mcp", "prepare-model", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return report_command(args.run)
-    return run_command(getattr(args, "rounds", None), getattr(args, "verbose", False))
+    if args.command == "resume":
+        return run_command(args.rounds, args.verbose, resume=args.run)
+    return run_command(args.rounds, args.verbose, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,87 @@ def point_latest(results_dir: Path, run_id: str) -> None:
         latest.symlink_to(run_id, target_is_directory=True)
     except OSError:
         latest.write_text(run_id + "\n", encoding="utf-8")
+
+
+# --- crash-safe round state ---------------------------------------------------------------------------------------
+STATE_FILE = "state.json"
+GLOBAL_WEIGHTS = "global_adapter.safetensors"
+SERVER_OPTIMIZER_WEIGHTS = "server_optimizer.safetensors"
+
+
+def state_dir(paths: RunPaths) -> Path:
+    return paths.results / "state"
+
+
+def save_round_state(paths: RunPaths, round_number: int, state: dict, global_adapter: dict[str, torch.Tensor],
+                     server_optimizer: dict | None) -> Path:
+    """Write everything needed to continue after `round_number`, then flip the LATEST pointer atomically.
+
+    A kill at any moment leaves either the previous complete state or the new complete state, never a mix.
+    """
+    from safetensors.torch import save_file
+
+    root = state_dir(paths)
+    target = root / f"round-{round_number}"
+    staging = root / f".round-{round_number}.tmp"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(staging / GLOBAL_WEIGHTS))
+    payload = dict(state)
+    if server_optimizer is not None:
+        tensors = {f"{buffer}::{key}": t.contiguous() for buffer, keys in server_optimizer["buffers"].items()
+                   for key, t in keys.items()}
+        if tensors:
+            save_file(tensors, str(staging / SERVER_OPTIMIZER_WEIGHTS))
+        payload["server_optimizer"] = {k: v for k, v in server_optimizer.items() if k != "buffers"}
+        payload["server_optimizer"]["buffer_names"] = list(server_optimizer["buffers"])
+    write_json_atomic(staging / STATE_FILE, payload)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    pointer = root / "LATEST"
+    tmp = root / "LATEST.tmp"
+    tmp.write_text(target.name + "\n", encoding="utf-8")
+    os.replace(tmp, pointer)
+    for old in root.glob("round-*"):  # keep the newest two complete states
+        if old.is_dir() and int(old.name.split("-")[1]) < round_number - 1:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_round_state(paths: RunPaths) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """(state, global adapter, server optimizer state_dict or None) of the newest complete round."""
+    pointer = state_dir(paths) / "LATEST"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{paths.results} has no saved round state to resume from (no completed round)")
+    folder = state_dir(paths) / pointer.read_text(encoding="utf-8").strip()
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    global_adapter = load_file(str(folder / GLOBAL_WEIGHTS), device="cpu")
+    optimizer = state.pop("server_optimizer", None)
+    if optimizer is not None:
+        buffers = {name: {} for name in optimizer.pop("buffer_names", [])}
+        if (folder / SERVER_OPTIMIZER_WEIGHTS).is_file():
+            for flat_key, tensor in load_file(str(folder / SERVER_OPTIMIZER_WEIGHTS), device="cpu").items():
+                buffer, key = flat_key.split("::", 1)
+                buffers.setdefault(buffer, {})[key] = tensor
+        optimizer["buffers"] = buffers
+    return state, global_adapter, optimizer
+
+
+def find_run(results_dir: Path, run: str | None) -> str:
+    """A run id: the given one, or the newest run with saved state."""
+    if run:
+        if not (results_dir / run).is_dir():
+            raise FileNotFoundError(f"no run {run!r} under {results_dir}")
+        return run
+    candidates = sorted(p.parent.parent.name for p in results_dir.glob("run-*/state/LATEST"))
+    if not candidates:
+        raise FileNotFoundError(f"no run with saved state under {results_dir}")
+    return candidates[-1]

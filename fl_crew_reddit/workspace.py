@@ -19,7 +19,8 @@ from fl_crew_reddit.config import FLCrewRedditConfig
 from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate
 from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
-from fl_crew_reddit.runs import RunPaths, load_adapter_state, point_latest, save_adapter, write_json_atomic
+from fl_crew_reddit.runs import (RunPaths, load_adapter_state, load_round_state, point_latest, save_adapter,
+                                 save_round_state, write_json_atomic)
 from fl_crew_reddit.training.batching import tokenize_all
 from fl_crew_reddit.training.model_loading import load_base_model, pick_device
 from fl_crew_reddit.training.peft_setup import build_peft_model
@@ -230,6 +231,31 @@ class FederatedWorkspace:
             "base": metrics(self.base_metrics),
             "rounds": [r.model_dump(by_alias=True) for r in self.rounds],
         }
+
+    # --- crash-safe state ----------------------------------------------------------------------------------------
+    def save_state(self, round_number: int, total_rounds: int) -> Path:
+        """After a completed round: everything `restore` needs to continue exactly where this left off."""
+        state = {"round": round_number, "total_rounds": total_rounds, "history": self.history(),
+                 "settings": self.config.public_settings()}
+        optimizer = self.server_optimizer.state_dict() if self.server_optimizer is not None else None
+        return save_round_state(self.paths, round_number, state, self.global_adapter, optimizer)
+
+    def restore(self) -> dict:
+        """Reload the newest saved round: data shards, history, global adapter, server-optimizer state."""
+        state, global_adapter, optimizer = load_round_state(self.paths)
+        history = state["history"]
+        self.collection = CollectionReport.model_validate(history["collection"])
+        self.data = PreprocessReport.model_validate(history["data"])
+        self.base_metrics = EvalMetrics.model_validate(history["base"])
+        self.rounds = [RoundRecord.model_validate(r) for r in history["rounds"]]
+        _ = self.model  # load the base model and build the adapter before overwriting its weights
+        self._load_client_data()
+        self.global_adapter = global_adapter
+        if optimizer is not None:
+            self.server_optimizer = make_server_optimizer(optimizer["name"])
+            self.server_optimizer.load_state_dict(optimizer)
+        log.info("Resumed run %s after round %d of %d", self.paths.run_id, state["round"], state["total_rounds"])
+        return state
 
     def save_history(self) -> Path:
         write_json_atomic(self.paths.history, self.history())

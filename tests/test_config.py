@@ -27,10 +27,12 @@ def test_defaults_match_the_design():
 def test_environment_and_dotenv_are_read(monkeypatch, tmp_path):
     (tmp_path / ".env").write_text("LORA_R=16\nSUBREDDITS=r/books, history ,programming\n")
     monkeypatch.setenv("AGGREGATION_METHOD", "fedprox")
+    monkeypatch.setenv("QUANTIZATION_BITS", "8")
     config = load_config()
     assert config.lora_r == 16
     assert config.subreddits == ["books", "history", "programming"]
     assert config.aggregation_method == "fedprox"
+    assert config.quantization_bits == 8
 
 
 @pytest.mark.parametrize("name, value, allowed", [
@@ -38,6 +40,7 @@ def test_environment_and_dotenv_are_read(monkeypatch, tmp_path):
     ("LORA_R", "zero", "integer"),
     ("REDDIT_BACKEND", "ftp", "snapshot"),
     ("NUM_TRAINERS", "0", "greater than or equal to 1"),
+    ("QUANTIZATION_BITS", "6", "4 or 8"),
 ])
 def test_invalid_value_names_the_variable_and_what_is_allowed(monkeypatch, name, value, allowed):
     monkeypatch.setenv(name, value)

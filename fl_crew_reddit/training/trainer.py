@@ -11,6 +11,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -58,7 +59,8 @@ class LocalTrainer:
     """One federated client: private tokenized data plus a (shared, in-process) PEFT model to train on it."""
 
     def __init__(self, name: str, model, tokenizer, train_rows: list[dict], device: torch.device,
-                 mixed_precision: str = "auto", show_progress: bool = True):
+                 mixed_precision: str = "auto", show_progress: bool = True,
+                 on_step: Callable[[dict], None] | None = None):
         self.name = name
         self.model = model
         self.pad_id = tokenizer.pad_token_id
@@ -66,6 +68,7 @@ class LocalTrainer:
         self.device = device
         self.mixed_precision = mixed_precision
         self.show_progress = show_progress
+        self.on_step = on_step  # optional observer, called after each optimizer step (benchmarks time steps with it)
 
     def fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         """Train from `global_adapter` on local data; config: local_epochs, batch_size, learning_rate,
@@ -110,6 +113,9 @@ class LocalTrainer:
             losses.append(float(nll.detach()) / max(count, 1))
             tokens += int(batch["attention_mask"].sum())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if self.on_step is not None:
+                self.on_step({"step": len(losses), "loss": losses[-1], "tokens": int(batch["attention_mask"].sum()),
+                              "positions": int(batch["attention_mask"].numel()), "time": time.perf_counter()})
         bar.close()
         seconds = time.perf_counter() - started
         if not losses or not all(math.isfinite(x) for x in losses):
