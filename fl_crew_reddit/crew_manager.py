@@ -61,6 +61,7 @@ class FLCrewRedditManager:
             log.info("Run %s: %s with settings %s", paths.run_id, "resume" if resume else "start",
                      self.config.public_settings())
             workspace = FederatedWorkspace(self.config, paths)
+            _ = workspace.model  # a base model that cannot load stops the run here, before any collection
             after_round = None
             if resume:
                 state = workspace.restore()

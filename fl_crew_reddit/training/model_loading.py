@@ -108,6 +108,27 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """A quick DNS + TCP probe, so a machine without network fails in seconds, not after minutes of retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", f"https://{host}").split("//")[-1].split("/")[0]
+    try:
+        with socket.create_connection((endpoint, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_unavailable(name: str, reason: str) -> BaseModelUnavailable:
+    return BaseModelUnavailable(
+        f"BASE_LLM_MODEL={name} could not be loaded ({reason}): it is neither a local model folder nor reachable on "
+        "the Hugging Face Hub; download it on a machine with network and set BASE_LLM_MODEL to that folder, or "
+        "leave BASE_LLM_MODEL unset for the embedded SmolLM2-135M.")
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -141,14 +162,19 @@ def load_base_model(config: FLCrewRedditConfig, device: torch.device | None = No
     if config.use_quantization:
         kwargs["quantization_config"] = _quantization_config(config, device)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    is_hub_id = not Path(source).exists()
+    if is_hub_id:
+        try:  # a hub id already in the local Hugging Face cache needs no network
+            AutoTokenizer.from_pretrained(source, local_files_only=True)
+            kwargs["local_files_only"] = True
+        except OSError:
+            if not _hub_reachable():
+                raise _hub_unavailable(config.base_llm_model, "no network to the Hub") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=kwargs.get("local_files_only", False))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
-        raise BaseModelUnavailable(
-            f"BASE_LLM_MODEL={config.base_llm_model} could not be loaded ({type(error).__name__}): it is neither a "
-            "local model folder nor reachable on the Hugging Face Hub; download it on a machine with network "
-            "and set BASE_LLM_MODEL to that folder, or leave BASE_LLM_MODEL unset for the embedded SmolLM2-135M.") from error
+        raise _hub_unavailable(config.base_llm_model, type(error).__name__) from error
     if not config.use_quantization:
         model.to(device)
     if tokenizer.pad_token is None:
