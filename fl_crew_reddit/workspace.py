@@ -70,7 +70,7 @@ class FederatedWorkspace:
         self._model = None
         self._tokenizer = None
         self._train_rows: dict[str, list[dict]] = {}
-        self._test_rows: list[dict] = []
+        self._test_rows: dict[str, list[dict]] = {}
         self._sample: list[dict] = []
         self._pending: dict[str, ClientRoundResult] = {}
 
@@ -129,8 +129,9 @@ class FederatedWorkspace:
         for shard in self.data.clients:
             self._train_rows[shard.name] = tokenize_all(self.tokenizer, read_jsonl(Path(shard.train_path)),
                                                         self.config.max_seq_length)
-            test_examples.extend(read_jsonl(Path(shard.test_path)))
-        self._test_rows = tokenize_all(self.tokenizer, test_examples, self.config.max_seq_length)
+            client_test = read_jsonl(Path(shard.test_path))
+            self._test_rows[shard.name] = tokenize_all(self.tokenizer, client_test, self.config.max_seq_length)
+            test_examples.extend(client_test)
         rng = random.Random(self.config.seed)
         self._sample = rng.sample(test_examples, min(self.config.eval_samples, len(test_examples)))
 

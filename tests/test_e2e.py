@@ -26,6 +26,7 @@ def test_two_rounds_on_the_snapshot_with_a_tiny_model(tiny_config, tiny_model_di
         assert [c["name"] for c in record["clients"]] == ["client-0", "client-1", "client-2"]
         assert all(c["num_examples"] == 16 and c["train_loss"] > 0 for c in record["clients"])
         assert {"perplexity", "bleu", "rouge_l"} <= set(record["global"]) and record["seconds"] > 0
+        assert set(record["global"]["per_client"]) == {"client-0", "client-1", "client-2"}
         assert record["skipped"] == {}
     # Clients are non-IID by subreddit, and drops are counted.
     assert sorted(s for c in history["data"]["clients"] for s in c["subreddits"]) == ["cooking", "gardening", "learnpython"]

@@ -48,3 +48,19 @@ def test_evaluate_generates_and_scores_samples(tiny_model):
     metrics = evaluate(model, tokenizer, rows, examples, torch.device("cpu"), use_adapter=False, mixed_precision="no")
     assert metrics.perplexity > 1 and metrics.num_tokens > 0
     assert len(metrics.samples) == 1 and metrics.samples[0]["reference"] == "hello"
+
+
+def test_per_client_perplexities_combine_by_token_sums_not_by_averaging(tiny_model):
+    model, tokenizer = tiny_model
+    def rows(texts):
+        return tokenize_all(tokenizer, [{"messages": [{"role": "user", "content": "q"},
+                                                      {"role": "assistant", "content": t}]} for t in texts], 64)
+    sets = {"client-0": rows(["short"]), "client-1": rows(["a much longer reply with many more tokens in it"])}
+    metrics = evaluate(model, tokenizer, sets, [], torch.device("cpu"), use_adapter=False, mixed_precision="no")
+    separate = {name: held_out_perplexity(model, r, tokenizer.pad_token_id, torch.device("cpu"), mixed_precision="no")
+                for name, r in sets.items()}
+    assert metrics.per_client == pytest.approx({name: ppl for name, (ppl, _) in separate.items()}, rel=1e-5)
+    total_tokens = sum(n for _, n in separate.values())
+    pooled = math.exp(sum(math.log(ppl) * n for ppl, n in separate.values()) / total_tokens)
+    assert metrics.perplexity == pytest.approx(pooled, rel=1e-5)
+    assert metrics.num_tokens == total_tokens

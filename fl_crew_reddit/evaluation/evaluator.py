@@ -4,7 +4,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fl_crew_reddit.evaluation.metrics import bleu, perplexity, rouge_l
 from fl_crew_reddit.training.batching import collate, reply_token_nll
@@ -12,16 +12,25 @@ from fl_crew_reddit.training.trainer import autocast_context
 
 
 class EvalMetrics(BaseModel):
-    perplexity: float
+    perplexity: float = Field(description="on the union of all clients' held-out replies")
     bleu: float
     rouge_l: float
     num_tokens: int
+    per_client: dict[str, float] = Field(default_factory=dict, description="perplexity on each client's own split")
     samples: list[dict] = []
 
 
 @torch.no_grad()
 def held_out_perplexity(model, rows: list[dict], pad_id: int, device: torch.device, batch_size: int = 8,
                         mixed_precision: str = "auto") -> tuple[float, int]:
+    total, count = held_out_nll(model, rows, pad_id, device, batch_size, mixed_precision)
+    return perplexity(total, count), count
+
+
+@torch.no_grad()
+def held_out_nll(model, rows: list[dict], pad_id: int, device: torch.device, batch_size: int = 8,
+                 mixed_precision: str = "auto") -> tuple[float, int]:
+    """Summed reply-token NLL and token count (sums combine across clients; perplexities do not)."""
     model.eval()
     total, count = 0.0, 0
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
@@ -31,7 +40,7 @@ def held_out_perplexity(model, rows: list[dict], pad_id: int, device: torch.devi
             nll, n = reply_token_nll(model, batch)
         total += float(nll)
         count += n
-    return perplexity(total, count), count
+    return total, count
 
 
 @torch.no_grad()
@@ -55,17 +64,22 @@ def generate_replies(model, tokenizer, prompts: list[str], device: torch.device,
     return replies
 
 
-def evaluate(model, tokenizer, test_rows: list[dict], sample_examples: list[dict], device: torch.device,
-             use_adapter: bool = True, mixed_precision: str = "auto") -> EvalMetrics:
-    """Perplexity on every held-out reply; BLEU / ROUGE-L on a fixed sample of generated replies."""
+def evaluate(model, tokenizer, test_rows: list[dict] | dict[str, list[dict]], sample_examples: list[dict],
+             device: torch.device, use_adapter: bool = True, mixed_precision: str = "auto") -> EvalMetrics:
+    """Perplexity on every held-out reply (overall and per client when `test_rows` is a dict by client);
+    BLEU / ROUGE-L on a fixed sample of generated replies."""
+    test_sets = test_rows if isinstance(test_rows, dict) else {"all": test_rows}
     context = nullcontext() if use_adapter else model.disable_adapter()
     with context:
-        ppl, count = held_out_perplexity(model, test_rows, tokenizer.pad_token_id, device,
-                                         mixed_precision=mixed_precision)
+        sums = {name: held_out_nll(model, rows, tokenizer.pad_token_id, device, mixed_precision=mixed_precision)
+                for name, rows in test_sets.items()}
+        count = sum(n for _, n in sums.values())
+        ppl = perplexity(sum(t for t, _ in sums.values()), count)
         prompts = [example["prompt"] for example in sample_examples]
         references = [example["messages"][-1]["content"] for example in sample_examples]
         hypotheses = generate_replies(model, tokenizer, prompts, device) if prompts else []
     samples = [{"id": e["id"], "reference": r, "generated": h}
                for e, r, h in zip(sample_examples, references, hypotheses)]
+    per_client = {name: perplexity(t, n) for name, (t, n) in sums.items() if n} if len(sums) > 1 else {}
     return EvalMetrics(perplexity=ppl, bleu=bleu(hypotheses, references), rouge_l=rouge_l(hypotheses, references),
-                       num_tokens=count, samples=samples)
+                       num_tokens=count, per_client=per_client, samples=samples)
