@@ -10,14 +10,15 @@ from crewai import Agent
 
 from fl_crew_reddit.tools.aggregator_tools import AggregateAdaptersTool
 from fl_crew_reddit.tools.collector_tools import CollectRedditDataTool
-from fl_crew_reddit.tools.evaluator_tools import EvaluateModelTool
+from fl_crew_reddit.tools.evaluator_tools import EvaluateModelTool, TrainBaselineTool
 from fl_crew_reddit.tools.preprocessor_tools import PreprocessRedditDataTool
 from fl_crew_reddit.tools.trainer_tools import TrainLocalAdapterTool
 from fl_crew_reddit.workspace import FederatedWorkspace
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOOL_CLASSES = {tool.model_fields["name"].default: tool for tool in (
-    CollectRedditDataTool, PreprocessRedditDataTool, TrainLocalAdapterTool, AggregateAdaptersTool, EvaluateModelTool)}
+    CollectRedditDataTool, PreprocessRedditDataTool, TrainLocalAdapterTool, AggregateAdaptersTool, EvaluateModelTool,
+    TrainBaselineTool)}
 
 
 def load_yaml(name: str, config_dir: Path = CONFIG_DIR) -> dict:

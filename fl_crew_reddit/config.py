@@ -68,6 +68,9 @@ class FLCrewRedditConfig(BaseSettings):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     eval_samples: int = Field(8, ge=0, le=10_000, description="Replies generated for BLEU / ROUGE each round.")
     seed: int = 42
+    baselines: Annotated[list[Literal["local_only", "centralized"]], NoDecode] = Field(
+        default_factory=list, description="Comma-separated baselines trained after the rounds on the same budget: "
+                                          "local_only (each client alone), centralized (all data pooled).")
 
     # --- multimodal
     support_multimodal: bool = True
@@ -87,7 +90,7 @@ class FLCrewRedditConfig(BaseSettings):
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="bf16 autocast where the hardware has it (CUDA, CPUs with native bf16).")
 
-    @field_validator("subreddits", "lora_target_modules", mode="before")
+    @field_validator("subreddits", "lora_target_modules", "baselines", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):

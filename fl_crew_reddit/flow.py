@@ -111,5 +111,14 @@ class FederatedFlow(Flow[FLState]):
         return "next_round" if self.state.round < self.state.total_rounds else "all_rounds_done"
 
     @listen("all_rounds_done")
+    def run_baselines(self):
+        last = self.workspace.rounds[-1].global_ if self.workspace.rounds else None
+        for baseline in self.workspace.config.baselines:
+            result = self._call(self.crew.evaluator, "train_and_evaluate_baseline", baseline=baseline)
+            progress.info("Baseline %s: perplexity %.2f (federated %.2f)", baseline, result.perplexity,
+                          last.perplexity if last else float("nan"))
+            self.workspace.save_history()
+
+    @listen(run_baselines)
     def finish(self):
         return self.workspace.history()

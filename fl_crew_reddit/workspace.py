@@ -64,6 +64,7 @@ class FederatedWorkspace:
         self.data: PreprocessReport | None = None
         self.base_metrics: EvalMetrics | None = None
         self.rounds: list[RoundRecord] = []
+        self.baselines: dict[str, dict] = {}
         self.global_adapter: dict[str, torch.Tensor] | None = None
         self.server_optimizer = (make_server_optimizer(config.aggregation_method)
                                  if config.aggregation_method in SERVER_OPTIMIZERS else None)
@@ -94,6 +95,7 @@ class FederatedWorkspace:
         self._model = build_peft_model(base, self.config)
         self._tokenizer = tokenizer
         self.global_adapter = snapshot_adapter(self._model)
+        self.initial_adapter = {k: v.clone() for k, v in self.global_adapter.items()}
         log.info("Loaded base model %s on %s in %.1fs", self.config.base_llm_model, self.device,
                  time.perf_counter() - started)
 
@@ -210,6 +212,47 @@ class FederatedWorkspace:
         self._current_round(round_number).global_ = metrics
         return metrics
 
+    # --- baselines (same budget as the federated run) ---------------------------------------------------------
+    def train_baseline(self, kind: str) -> dict:
+        """local_only: each client trains alone from the initial adapter for the steps it got in the federated run;
+        centralized: all clients' training data pooled, the same total steps. Both are scored like the rounds."""
+        rounds = max(1, len(self.rounds))
+        fit = {**self.fit_config(rounds), "local_epochs": self.config.local_epochs * rounds, "proximal_mu": 0.0}
+        if self.config.max_local_steps:
+            fit["max_steps"] = self.config.max_local_steps * rounds
+        if kind == "local_only":
+            per_client, unions, descriptions = {}, [], []
+            for client, rows in self._train_rows.items():
+                result = LocalTrainer(f"{client}-alone", self.model, self.tokenizer, rows, self.device,
+                                      mixed_precision=self.config.mixed_precision).fit(self.initial_adapter, fit)
+                metrics = evaluate(self.model, self.tokenizer, self._test_rows, [], self.device,
+                                   mixed_precision=self.config.mixed_precision)
+                per_client[client] = {"own": metrics.per_client[client], "union": metrics.perplexity,
+                                      "steps": result.metrics["steps"]}
+                unions.append(metrics.perplexity)
+            entry = {"perplexity": sum(unions) / len(unions), "per_client": per_client,
+                     "description": f"each client alone, {per_client[next(iter(per_client))]['steps']} steps; "
+                                    "perplexity = mean over clients on all held-out replies"}
+        elif kind == "centralized":
+            pooled = [row for rows in self._train_rows.values() for row in rows]
+            total_steps = sum(c.metrics["steps"] for r in self.rounds for c in r.clients) or None
+            result = LocalTrainer("centralized", self.model, self.tokenizer, pooled, self.device,
+                                  mixed_precision=self.config.mixed_precision).fit(
+                self.initial_adapter, {**fit, "local_epochs": fit["local_epochs"] * len(self._train_rows) + 1,
+                                       "max_steps": total_steps})
+            metrics = evaluate(self.model, self.tokenizer, self._test_rows, [], self.device,
+                               mixed_precision=self.config.mixed_precision)
+            entry = {"perplexity": metrics.perplexity, "per_client": {k: {"own": v} for k, v in metrics.per_client.items()},
+                     "description": f"all clients' data pooled, {result.metrics['steps']} steps"}
+        else:
+            raise ValueError(f"unknown baseline {kind!r}: use local_only or centralized")
+        self.baselines[kind] = entry
+        # Leave the shared model holding the global adapter, as the rounds left it.
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, self.global_adapter)
+        return entry
+
     # --- history -----------------------------------------------------------------------------------------------
     def _current_round(self, round_number: int | None = None) -> RoundRecord:
         if not self.rounds or (round_number is not None and self.rounds[-1].round != round_number):
@@ -231,6 +274,7 @@ class FederatedWorkspace:
             "data": self.data.model_dump() if self.data else None,
             "base": metrics(self.base_metrics),
             "rounds": [r.model_dump(by_alias=True) for r in self.rounds],
+            "baselines": self.baselines,
         }
 
     # --- crash-safe state ----------------------------------------------------------------------------------------

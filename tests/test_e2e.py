@@ -56,3 +56,20 @@ def test_two_rounds_on_the_snapshot_with_a_tiny_model(tiny_config, tiny_model_di
         assert role in log_text
     assert (root / "results" / "latest").resolve() == Path(result.history_path).parent.resolve()
     assert torch.is_tensor(torch.zeros(1))
+
+
+@pytest.mark.e2e
+def test_baselines_train_on_the_same_budget_and_are_reported(tiny_config):
+    from fl_crew_reddit import FLCrewRedditManager
+
+    config = tiny_config.model_copy(update={"baselines": ["local_only", "centralized"], "eval_samples": 0,
+                                            "local_epochs": 1, "max_examples_per_client": 8})
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2)
+    baselines = result.history["baselines"]
+    federated_steps = sum(c["metrics"]["steps"] for r in result.history["rounds"] for c in r["clients"])
+    local = baselines["local_only"]
+    assert set(local["per_client"]) == {"client-0", "client-1", "client-2"}
+    assert all(v["steps"] * 3 == federated_steps for v in local["per_client"].values())
+    assert str(federated_steps) in baselines["centralized"]["description"]
+    for entry in baselines.values():
+        assert entry["perplexity"] < result.history["base"]["perplexity"]

@@ -1,6 +1,8 @@
 """Evaluator's tool: held-out perplexity, BLEU and ROUGE-L of the base model or a round's global adapter."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.evaluation.evaluator import EvalMetrics
@@ -21,3 +23,26 @@ class EvaluateModelTool(WorkspaceTool):
         if arguments.round == 0:
             return self.workspace.evaluate_base()
         return self.workspace.evaluate_round(arguments.round)
+
+
+class BaselineArgs(BaseModel):
+    baseline: Literal["local_only", "centralized"] = Field(
+        ..., description="local_only: each client trains alone; centralized: all data pooled; same step budget")
+
+
+class BaselineResult(BaseModel):
+    baseline: str
+    perplexity: float
+    per_client: dict
+    description: str
+
+
+class TrainBaselineTool(WorkspaceTool):
+    name: str = "train_and_evaluate_baseline"
+    description: str = ("Train a comparison model on the same step budget as the federated run (local-only or "
+                        "centralized) and measure its held-out perplexity, overall and per client.")
+    args_schema: type[BaseModel] = BaselineArgs
+
+    def execute(self, arguments: BaselineArgs) -> BaselineResult:
+        entry = self.workspace.train_baseline(arguments.baseline)
+        return BaselineResult(baseline=arguments.baseline, **entry)
