@@ -44,7 +44,10 @@ class FLCrewRedditConfig(BaseSettings):
 
     # --- federation
     federation_rounds: int = Field(10, ge=1, le=10_000)
-    num_trainers: int = Field(3, ge=1, le=64)
+    num_trainers: int = Field(3, ge=1, le=64, description="Trainer agents; they serve the clients round-robin.")
+    num_clients: int | None = Field(None, ge=1, le=10_000, description="Federated clients (data shards); "
+                                                                        "default: NUM_TRAINERS.")
+    fraction_fit: float = Field(1.0, gt=0, le=1, description="Share of clients sampled to train each round.")
     local_epochs: int = Field(3, ge=1, le=100)
     max_local_steps: int = Field(0, ge=0, description="Cap on optimizer steps per client per round (0: none).")
     batch_size: int = Field(4, ge=1, le=1024)
@@ -118,6 +121,10 @@ class FLCrewRedditConfig(BaseSettings):
         if self.reddit_backend == "dump" and not Path(self.reddit_dump_dir).is_dir():
             raise ValueError(f"REDDIT_DUMP_DIR={self.reddit_dump_dir} is not a folder")
         return self
+
+    @property
+    def clients_count(self) -> int:
+        return self.num_clients or self.num_trainers
 
     # --- derived folders
     @property

@@ -74,7 +74,11 @@ class FederatedFlow(Flow[FLState]):
         self.state.round_started = time.perf_counter()
         round_number = self.state.round
         self.workspace.start_round(round_number)
-        for index, client in enumerate(self.workspace.client_names):
+        selected = self.workspace.select_clients(round_number)
+        if len(selected) < len(self.workspace.client_names):
+            log.info("Round %d: %d of %d clients sampled: %s", round_number, len(selected),
+                     len(self.workspace.client_names), ", ".join(selected))
+        for index, client in enumerate(selected):
             agent = self.crew.trainer_for(index)
             try:
                 self._call(agent, "train_local_adapter", client=client, round=round_number)

@@ -7,6 +7,7 @@ and records what happened. Client updates travel between trainer and aggregator 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -119,7 +120,7 @@ class FederatedWorkspace:
         cfg = self.config
         self.data = preprocess(
             load_collected(self.collection), self.tokenizer, run_id=self.paths.run_id, data_dir=self.paths.data,
-            num_clients=cfg.num_trainers, partition=cfg.partition, max_examples_per_client=cfg.max_examples_per_client,
+            num_clients=cfg.clients_count, partition=cfg.partition, max_examples_per_client=cfg.max_examples_per_client,
             max_seq_length=cfg.max_seq_length, test_fraction=cfg.test_fraction, seed=cfg.seed,
             support_multimodal=cfg.support_multimodal, max_image_size=cfg.max_image_size)
         self._load_client_data()
@@ -144,6 +145,14 @@ class FederatedWorkspace:
         return {"round": round_number, "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
                 "learning_rate": cfg.learning_rate, "max_steps": cfg.max_local_steps, "seed": cfg.seed,
                 "proximal_mu": cfg.fedprox_mu if cfg.aggregation_method == "fedprox" else 0.0}
+
+    def select_clients(self, round_number: int) -> list[str]:
+        """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume."""
+        names = self.client_names
+        wanted = max(math.ceil(self.config.fraction_fit * len(names)), min(self.config.min_fit_clients, len(names)))
+        if wanted >= len(names):
+            return names
+        return sorted(random.Random(f"{self.config.seed}-select-{round_number}").sample(names, wanted))
 
     def train_client(self, client: str, round_number: int) -> ClientRoundResult:
         if client not in self._train_rows:
@@ -170,7 +179,7 @@ class FederatedWorkspace:
         updates = [load_adapter_state(Path(c.adapter_path)) for c in clients]
         accepted, rejected = screen_updates(
             self.global_adapter, updates, [c.name for c in clients], max_norm=self.config.max_update_norm,
-            min_clients=min(self.config.min_fit_clients, self.config.num_trainers))
+            min_clients=min(self.config.min_fit_clients, len(clients) + len(record.skipped)))
         for name, reasons in rejected.items():
             log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
             record.skipped[name] = reasons

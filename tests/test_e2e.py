@@ -73,3 +73,18 @@ def test_baselines_train_on_the_same_budget_and_are_reported(tiny_config):
     assert str(federated_steps) in baselines["centralized"]["description"]
     for entry in baselines.values():
         assert entry["perplexity"] < result.history["base"]["perplexity"]
+
+
+@pytest.mark.e2e
+def test_more_clients_than_trainers_with_client_sampling(tiny_config):
+    from fl_crew_reddit import FLCrewRedditManager
+
+    config = tiny_config.model_copy(update={"num_clients": 6, "num_trainers": 2, "fraction_fit": 0.5,
+                                            "partition": "iid", "eval_samples": 0, "local_epochs": 1,
+                                            "max_examples_per_client": 8})
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2)
+    assert len(result.history["data"]["clients"]) == 6
+    chosen = [[c["name"] for c in r["clients"]] for r in result.history["rounds"]]
+    assert all(len(names) == 3 for names in chosen) and chosen[0] != chosen[1]
+    log_text = Path(result.log_path).read_text()
+    assert "Model Trainer 2 calls" in log_text and "Model Trainer 3" not in log_text

@@ -1,0 +1,86 @@
+"""Does federated training help? Base vs local-only vs centralized vs federated on real Reddit threads.
+
+Six subreddits of ../shared/data/reddit-2015 as six clients (one subreddit each), the embedded SmolLM2-135M,
+LoRA on all linear layers. Local-only and centralized train on the same optimizer-step budget as the federated
+run (see FederatedWorkspace.train_baseline). Perplexity is on held-out threads: overall (all clients' splits) and
+on each client's own split. Prints progress to stderr and one JSON object as the last stdout line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fl_crew_reddit import FLCrewRedditManager  # noqa: E402
+from fl_crew_reddit.config import FLCrewRedditConfig  # noqa: E402
+
+DUMP = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "reddit-2015"
+SUBREDDITS = ["books", "history", "programming", "gadgets", "Sports", "weather"]
+
+
+def one_run(seed: int, args, workdir: Path) -> dict:
+    config = FLCrewRedditConfig(
+        reddit_backend="dump", reddit_dump_dir=args.dump_dir, subreddits=SUBREDDITS, num_trainers=len(SUBREDDITS),
+        posts_per_subreddit=args.posts, max_examples_per_client=args.examples, local_epochs=args.epochs,
+        eval_samples=0, seed=seed, baselines=["local_only", "centralized"], fl_crew_reddit_dir=workdir,
+        learning_rate=args.lr, aggregation_method=args.method)
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=args.rounds)
+    history = result.history
+    last = history["rounds"][-1]["global"]
+    local, central = history["baselines"]["local_only"], history["baselines"]["centralized"]
+    names = {c["name"]: next(iter(c["subreddits"])) for c in history["data"]["clients"]}
+    per_client = {
+        names[client]: {"base": history["base"]["per_client"][client], "fl": last["per_client"][client],
+                        "local": local["per_client"][client]["own"], "central": central["per_client"][client]["own"]}
+        for client in names}
+    return {"seed": seed, "base_ppl": history["base"]["perplexity"], "fl_ppl": last["perplexity"],
+            "fl_ppl_per_round": [r["global"]["perplexity"] for r in history["rounds"]],
+            "local_ppl_mean": local["perplexity"], "central_ppl": central["perplexity"], "per_client": per_client,
+            "seconds": result.seconds}
+
+
+def goals(run: dict) -> dict:
+    worst = max(v["fl"] / v["local"] for v in run["per_client"].values())
+    return {"fl_vs_central": run["fl_ppl"] / run["central_ppl"], "fl_vs_local_mean": run["fl_ppl"] / run["local_ppl_mean"],
+            "worst_client_fl_vs_local": worst,
+            "met": {"fl <= 1.02 x central": run["fl_ppl"] <= 1.02 * run["central_ppl"],
+                    "fl <= 0.97 x local mean": run["fl_ppl"] <= 0.97 * run["local_ppl_mean"],
+                    "each client fl <= 1.02 x its local": worst <= 1.02}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 seed, small shards (under 10 minutes here)")
+    parser.add_argument("--dump-dir", type=Path, default=DUMP)
+    parser.add_argument("--seeds", type=int, nargs="*")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--method", default="fedavg")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    args = parser.parse_args()
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.rounds = args.rounds or 3
+    args.examples, args.epochs, args.posts = (16, 1, 60) if args.quick else (32, 3, 200)
+    runs = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = one_run(seed, args, Path(tmp))
+        run["goals"] = goals(run)
+        runs.append(run)
+        print(json.dumps(run), file=sys.stderr, flush=True)
+    keys = ("base_ppl", "local_ppl_mean", "central_ppl", "fl_ppl")
+    summary = {key: statistics.mean(r[key] for r in runs) for key in keys}
+    summary["per_client"] = {sub: {k: statistics.mean(r["per_client"][sub][k] for r in runs)
+                                   for k in ("base", "local", "central", "fl")} for sub in runs[0]["per_client"]}
+    summary.update(mode="quick" if args.quick else "full", seeds=args.seeds, rounds=args.rounds,
+                   examples_per_client=args.examples, local_epochs=args.epochs, lr=args.lr, method=args.method,
+                   goals=goals(summary), runs=runs)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
