@@ -48,6 +48,8 @@ class FLCrewRedditConfig(BaseSettings):
     num_clients: int | None = Field(None, ge=1, le=10_000, description="Federated clients (data shards); "
                                                                         "default: NUM_TRAINERS.")
     fraction_fit: float = Field(1.0, gt=0, le=1, description="Share of clients sampled to train each round.")
+    client_timeout: float = Field(0, ge=0, description="Seconds a client may train in one round before it is left "
+                                                        "out of that round (0: no limit).")
     local_epochs: int = Field(3, ge=1, le=100)
     max_local_steps: int = Field(0, ge=0, description="Cap on optimizer steps per client per round (0: none).")
     batch_size: int = Field(4, ge=1, le=1024)

@@ -144,7 +144,8 @@ class FederatedWorkspace:
         cfg = self.config
         return {"round": round_number, "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
                 "learning_rate": cfg.learning_rate, "max_steps": cfg.max_local_steps, "seed": cfg.seed,
-                "proximal_mu": cfg.fedprox_mu if cfg.aggregation_method == "fedprox" else 0.0}
+                "proximal_mu": cfg.fedprox_mu if cfg.aggregation_method == "fedprox" else 0.0,
+                "timeout_s": cfg.client_timeout}
 
     def select_clients(self, round_number: int) -> list[str]:
         """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume."""
