@@ -1,13 +1,16 @@
 """The crew's five roles as CrewAI Agents, built from configs/agents.yaml and handed their tools."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import yaml
 
 import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai import Agent
+from crewai.llms.base_llm import BaseLLM
 
+from fl_crew_reddit.llm_mode import build_agent_llm
 from fl_crew_reddit.tools.aggregator_tools import AggregateAdaptersTool
 from fl_crew_reddit.tools.collector_tools import CollectRedditDataTool
 from fl_crew_reddit.tools.evaluator_tools import EvaluateModelTool, TrainBaselineTool
@@ -15,6 +18,7 @@ from fl_crew_reddit.tools.preprocessor_tools import PreprocessRedditDataTool
 from fl_crew_reddit.tools.trainer_tools import TrainLocalAdapterTool
 from fl_crew_reddit.workspace import FederatedWorkspace
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOOL_CLASSES = {tool.model_fields["name"].default: tool for tool in (
     CollectRedditDataTool, PreprocessRedditDataTool, TrainLocalAdapterTool, AggregateAdaptersTool, EvaluateModelTool,
@@ -27,14 +31,21 @@ def load_yaml(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 
 class FLCrew:
-    """Agents (by role key) and their tools, one set per run."""
+    """Agents (by role key) and their tools, one set per run.
 
-    def __init__(self, workspace: FederatedWorkspace, config_dir: Path = CONFIG_DIR, llm=None):
+    `llm` (a CrewAI BaseLLM) replaces AGENT_LLM_MODEL; in LLM-driven mode (`llm_driven`) the agents choose their
+    tools' arguments (fl_crew_reddit/llm_mode.py), otherwise the Flow calls the tools directly.
+    """
+
+    def __init__(self, workspace: FederatedWorkspace, config_dir: Path = CONFIG_DIR, llm: BaseLLM | None = None):
         self.workspace = workspace
         self.agents_config = load_yaml("agents.yaml", config_dir)
         self.tasks_config = load_yaml("tasks.yaml", config_dir)
         cfg = workspace.config
-        self.llm = llm or cfg.agent_llm_model
+        self.agent_llm = build_agent_llm(cfg, llm)
+        self.llm = self.agent_llm or cfg.agent_llm_model
+        log.info("Agents: %s", f"LLM-driven ({self.agent_llm.model})" if self.llm_driven
+                 else "direct (the Flow calls the tools)")
         self.inputs = {"subreddits": ", ".join(cfg.subreddits) or "the backend's subreddits",
                        "aggregation_method": cfg.aggregation_method}
         self.data_collector = self._agent("data_collector")
@@ -49,7 +60,11 @@ class FLCrew:
         tools = [TOOL_CLASSES[name](self.workspace) for name in spec.get("tools", [])]
         return Agent(role=spec["role"].format(**values).strip(), goal=spec["goal"].format(**values).strip(),
                      backstory=spec["backstory"].strip(), tools=tools, llm=self.llm, verbose=False,
-                     allow_delegation=False)
+                     allow_delegation=False, cache=False, max_iter=6, max_retry_limit=1)
+
+    @property
+    def llm_driven(self) -> bool:
+        return self.agent_llm is not None
 
     @staticmethod
     def tool(agent: Agent, name: str):

@@ -84,6 +84,16 @@ class FLCrewRedditConfig(BaseSettings):
 
     # --- agents
     agent_llm_model: str = "gpt-4"
+    agent_mode: Literal["auto", "direct", "llm"] = Field(
+        "auto", description="auto: the agents' LLM chooses the tools' arguments when it is reachable (OPENAI_API_KEY "
+                            "or AGENT_LLM_BASE_URL set), else the Flow calls the tools directly; direct; llm.")
+    agent_llm_base_url: str | None = Field(None, description="An OpenAI-compatible server for AGENT_LLM_MODEL "
+                                                             "(vLLM, llama.cpp, Ollama), e.g. http://localhost:8000/v1")
+    agent_collect_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated subreddits the collector agent may pick from; empty: "
+                                          "SUBREDDITS, or all the backend has.")
+    agent_may_switch_aggregation: bool = Field(False, description="Let the aggregator agent switch a round to a "
+                                                                  "robust rule when the updates look anomalous.")
     openai_api_key: SecretStr | None = None
     reddit_client_id: SecretStr | None = None
     reddit_client_secret: SecretStr | None = None
@@ -95,7 +105,7 @@ class FLCrewRedditConfig(BaseSettings):
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="bf16 autocast where the hardware has it (CUDA, CPUs with native bf16).")
 
-    @field_validator("subreddits", "lora_target_modules", "baselines", mode="before")
+    @field_validator("subreddits", "lora_target_modules", "baselines", "agent_collect_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -109,7 +119,7 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError("Input should be 4 or 8")
         return value
 
-    @field_validator("subreddits")
+    @field_validator("subreddits", "agent_collect_allowlist")
     @classmethod
     def _strip_r_prefix(cls, value: list[str]) -> list[str]:
         return [name.removeprefix("r/") for name in value]
@@ -122,7 +132,16 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError("REDDIT_BACKEND=dump needs REDDIT_DUMP_DIR (a folder of <subreddit>/submissions.jsonl)")
         if self.reddit_backend == "dump" and not Path(self.reddit_dump_dir).is_dir():
             raise ValueError(f"REDDIT_DUMP_DIR={self.reddit_dump_dir} is not a folder")
+        if self.agent_mode == "llm" and not self.agent_llm_reachable:
+            raise ValueError("AGENT_MODE=llm needs a reachable AGENT_LLM_MODEL: set OPENAI_API_KEY (OpenAI models) or "
+                             "AGENT_LLM_BASE_URL (an OpenAI-compatible server: vLLM, llama.cpp, Ollama), or use "
+                             "AGENT_MODE=auto or direct")
         return self
+
+    @property
+    def agent_llm_reachable(self) -> bool:
+        """An API key or a server URL is set for the agents' LLM (no network probe)."""
+        return bool(self.agent_llm_base_url) or self.openai_api_key is not None
 
     @property
     def clients_count(self) -> int:

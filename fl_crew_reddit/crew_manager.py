@@ -29,8 +29,10 @@ class FLRunResult(BaseModel):
 
 
 class FLCrewRedditManager:
-    def __init__(self, config: FLCrewRedditConfig | None = None):
+    def __init__(self, config: FLCrewRedditConfig | None = None, agent_llm=None):
+        """`agent_llm`: a CrewAI BaseLLM to drive the agents instead of AGENT_LLM_MODEL (unless AGENT_MODE=direct)."""
         self.config = config or FLCrewRedditConfig()
+        self.agent_llm = agent_llm
 
     def run_federated_learning(self, num_rounds: int | None = None, run_id: str | None = None,
                                on_round: Callable[[dict], None] | None = None) -> FLRunResult:
@@ -68,7 +70,7 @@ class FLCrewRedditManager:
                 after_round = state["round"]
                 num_rounds = num_rounds or state["total_rounds"]
                 _warn_on_changed_settings(state["settings"], self.config.public_settings())
-            flow = FederatedFlow(FLCrew(workspace), num_rounds=num_rounds, on_round=on_round,
+            flow = FederatedFlow(FLCrew(workspace, llm=self.agent_llm), num_rounds=num_rounds, on_round=on_round,
                                  resume_after_round=after_round)
             _silence_crewai_panels()
             if after_round is None or after_round < num_rounds:

@@ -1,7 +1,8 @@
 """The federated round loop as a CrewAI Flow with typed state.
 
 collect → preprocess → evaluate the base model → [train each client → aggregate → evaluate] × rounds → finish.
-In direct mode (no agent LLM) each step calls its agent's tool itself and logs which agent did what.
+In direct mode (no agent LLM) each step calls its agent's tool itself and logs which agent did what; in LLM-driven
+mode the agent gets the step's task and chooses the tool's arguments, within guards (fl_crew_reddit/llm_mode.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from crewai.flow.flow import Flow, listen, or_, router, start
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.agents import FLCrew
+from fl_crew_reddit.llm_mode import run_step
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("fl_crew_reddit.progress")
@@ -40,9 +42,15 @@ class FederatedFlow(Flow[FLState]):
             self.state.round = resume_after_round
 
     def _call(self, agent, tool_name: str, **arguments):
-        self.state.actions.append(f"{agent.role} → {tool_name}({arguments})")
-        log.info("%s calls %s(%s)", agent.role, tool_name, arguments)
-        return self.crew.tool(agent, tool_name).invoke(**arguments)
+        if not self.crew.llm_driven:
+            self.state.actions.append(f"{agent.role} → {tool_name}({arguments})")
+            log.info("%s calls %s(%s)", agent.role, tool_name, arguments)
+            return self.crew.tool(agent, tool_name).invoke(**arguments)
+        outcome = run_step(self.crew, agent, tool_name, arguments)  # falls back to the direct call itself
+        self.state.actions.append(f"{agent.role} → {tool_name}({outcome.arguments}) [{outcome.via}]")
+        if outcome.answer and tool_name == "evaluate_model" and arguments["round"] >= 1:
+            self.workspace.rounds[-1].analysis = outcome.answer.strip()  # the evaluator's analysis of the round
+        return outcome.result
 
     @start()
     def begin(self):

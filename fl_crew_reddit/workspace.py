@@ -52,6 +52,7 @@ class RoundRecord(BaseModel):
     aggregation: RoundAggregate | None = None
     global_: EvalMetrics | None = Field(None, alias="global")
     seconds: float = 0.0
+    analysis: str | None = Field(None, description="the evaluator agent's analysis (LLM-driven mode)")
 
     model_config = {"populate_by_name": True}
 

@@ -14,6 +14,9 @@ class WorkspaceTool(BaseTool):
     """A CrewAI tool bound to one run's FederatedWorkspace. `invoke` validates and returns a pydantic result."""
 
     _workspace: FederatedWorkspace = PrivateAttr()
+    # Set by llm_mode while an agent works on one Flow step: it admits (or refuses) the agent's call before any
+    # work runs and keeps the structured result for the Flow.
+    _llm_step: Any = PrivateAttr(default=None)
 
     def __init__(self, workspace: FederatedWorkspace, **data: Any):
         super().__init__(**data)
@@ -32,5 +35,7 @@ class WorkspaceTool(BaseTool):
         raise NotImplementedError
 
     def _run(self, **arguments: Any) -> str:
-        result = self.invoke(**arguments)
+        """The agent's path: the same validation, plus the step's guard when an LLM chose the arguments."""
+        validated = self.args_schema.model_validate(arguments)
+        result = self._llm_step.run(self, validated) if self._llm_step is not None else self.execute(validated)
         return result.model_dump_json(exclude={"samples"} if hasattr(result, "samples") else None)[:4000]
