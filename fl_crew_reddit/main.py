@@ -1,5 +1,5 @@
-"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N] [--resume [RUN]]`, `resume [RUN]`, `serve-mcp`,
-`prepare-model`, `report [RUN]`.
+"""Command line: `python -m fl_crew_reddit.main [run] [--rounds N] [--resume [RUN]]`, `resume [RUN]`, `collect`,
+`serve-mcp`, `prepare-model`, `report [RUN]`.
 
 Settings come from the environment and `.env` (see .env.example); an invalid value stops here with one message.
 """
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--verbose", action="store_true")
     serve = commands.add_parser("serve-mcp", help="serve the read-only Reddit MCP server on stdio")
     serve.add_argument("server_args", nargs=argparse.REMAINDER, help="passed on (see --backend, --dump-dir)")
+    collect = commands.add_parser("collect", help="only collect Reddit data through the MCP server into data/collected/")
+    collect.add_argument("--subreddits", help="comma-separated (default: SUBREDDITS, else all the backend has)")
+    collect.add_argument("--posts", type=int, help="posts per subreddit (default: POSTS_PER_SUBREDDIT)")
     commands.add_parser("prepare-model", help="prepare the embedded base model once (set-up does this)")
     report = commands.add_parser("report", help="write report.md, report.html and convergence.png for a run")
     report.add_argument("run", nargs="?", help="a run id under results/ or a run folder (default: results/latest)")
@@ -93,12 +96,62 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
               f"python -m fl_crew_reddit.main --resume {run_id}", file=sys.stderr)
         return 1
     _write_report(result.history_path)
+    _print_summary(result.history)
     base = result.history["base"]["perplexity"]
     final = result.perplexities()[-1] if result.perplexities() else float("nan")
     print(f"\nRun {result.run_id} finished in {result.seconds:.0f}s: held-out perplexity {base:.2f} → {final:.2f}")
     print(f"  history:      {result.history_path}")
     print(f"  final adapter {result.final_adapter}")
     print(f"  log:          {result.log_path}")
+    return 0
+
+
+def _print_summary(history: dict) -> None:
+    """The run at a glance: one row per round, the base model first, baselines last."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Held-out results", title_justify="left")
+    for column in ("round", "perplexity", "BLEU", "ROUGE-L", "clients", "skipped", "seconds"):
+        table.add_column(column, justify="right" if column not in ("clients", "skipped") else "left")
+    base = history.get("base") or {}
+    table.add_row("base", f"{base.get('perplexity', float('nan')):.2f}", f"{base.get('bleu', 0):.2f}",
+                  f"{base.get('rouge_l', 0):.3f}", "", "", "")
+    for record in history.get("rounds", []):
+        metrics = record.get("global") or {}
+        table.add_row(str(record["round"]), f"{metrics.get('perplexity', float('nan')):.2f}",
+                      f"{metrics.get('bleu', 0):.2f}", f"{metrics.get('rouge_l', 0):.3f}",
+                      ", ".join(c["name"] for c in record.get("clients", [])), ", ".join(record.get("skipped", {})),
+                      f"{record.get('seconds', 0):.0f}")
+    for name, entry in (history.get("baselines") or {}).items():
+        table.add_row(name, f"{entry['perplexity']:.2f}", "", "", "", "", "")
+    Console().print(table)
+
+
+def collect_command(subreddits: str | None, posts: int | None) -> int:
+    from fl_crew_reddit.config import ConfigError, load_config
+
+    _console_logging(False)
+    try:
+        config = load_config()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
+    from fl_crew_reddit.reddit.collector import collect
+    from fl_crew_reddit.runs import RunPaths, new_run_id
+
+    paths = RunPaths(config.fl_crew_reddit_dir.resolve(), new_run_id()).create()
+    names = [s.strip().removeprefix("r/") for s in subreddits.split(",") if s.strip()] if subreddits else None
+    try:
+        with RedditMCPClient.for_config(config) as client:
+            report = collect(client, names if names is not None else config.subreddits,
+                             posts or config.posts_per_subreddit, paths.collected)
+    except RedditMCPError as error:
+        print(f"Collection failed: {error}", file=sys.stderr)
+        return 1
+    for item in report.subreddits:
+        print(f"r/{item.subreddit}: {item.num_posts} posts, {item.num_comments} comments -> {item.path}")
     return 0
 
 
@@ -137,7 +190,7 @@ def report_command(run: str | None) -> int:
     return 0
 
 
-COMMANDS = ("run", "resume", "serve-mcp", "prepare-model", "report")
+COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return report_command(args.run)
+    if args.command == "collect":
+        return collect_command(args.subreddits, args.posts)
     if args.command == "resume":
         return run_command(args.rounds, args.verbose, resume=args.run)
     return run_command(args.rounds, args.verbose, resume=args.resume)

@@ -1,0 +1,38 @@
+"""The command line: default command, collect, clear errors with exit code 2, the end-of-run summary table."""
+import json
+
+from fl_crew_reddit.main import _print_summary, main
+
+
+def test_collect_writes_one_file_per_subreddit(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_CREW_REDDIT_DIR", str(tmp_path))
+    assert main(["collect", "--subreddits", "cooking,r/learnpython", "--posts", "3"]) == 0
+    files = sorted((tmp_path / "data" / "collected").glob("run-*/*.json"))
+    assert [f.name for f in files] == ["cooking.json", "learnpython.json"]
+    assert len(json.loads(files[0].read_text())["posts"]) == 3
+    assert "r/cooking: 3 posts" in capsys.readouterr().out
+
+
+def test_invalid_setting_stops_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AGGREGATION_METHOD", "nope")
+    assert main(["--rounds", "1"]) == 2
+    assert "AGGREGATION_METHOD='nope' is invalid" in capsys.readouterr().err
+
+
+def test_resume_without_saved_state_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_CREW_REDDIT_DIR", str(tmp_path))
+    assert main(["--resume"]) == 2
+    assert "no run with saved state" in capsys.readouterr().err
+
+
+def test_summary_table_lists_base_rounds_and_baselines(capsys):
+    history = {"base": {"perplexity": 40.0, "bleu": 1.0, "rouge_l": 0.1},
+               "rounds": [{"round": 1, "global": {"perplexity": 30.0, "bleu": 2.0, "rouge_l": 0.2},
+                           "clients": [{"name": "client-0"}], "skipped": {"client-1": ["NaN"]}, "seconds": 12}],
+               "baselines": {"local_only": {"perplexity": 33.0}}}
+    _print_summary(history)
+    out = capsys.readouterr().out
+    assert "40.00" in out and "30.00" in out and "client-1" in out and "local_only" in out and "33.00" in out
