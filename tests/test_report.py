@@ -161,3 +161,13 @@ def test_cli_prints_paths_and_exits_2_on_a_missing_run(tmp_path, monkeypatch, ca
     assert main(["report", "run-missing"]) == 2
     captured = capsys.readouterr()
     assert "run-missing" in captured.err and captured.err.count("\n") == 1
+
+
+def test_round_analysis_from_the_evaluator_agent_is_shown():
+    from fl_crew_reddit.evaluation.report import markdown_report
+
+    history = {"run_id": "r", "base": {"perplexity": 40.0}, "rounds": [
+        {"round": 1, "global": {"perplexity": 30.0}, "clients": [], "skipped": {},
+         "analysis": "Perplexity fell 25%; client-2 lags."}]}
+    text = markdown_report(history)
+    assert "## Evaluator's analysis" in text and "Round 1: Perplexity fell 25%; client-2 lags." in text

@@ -362,7 +362,17 @@ def report_blocks(history: dict, png_name: str | None = "convergence.png") -> li
                            ("verdict", verdict(history))]
     if png_name:
         blocks.append(("image", png_name, "Held-out perplexity and local train loss per round"))
-    return blocks + rounds_blocks(history) + samples_blocks(history) + data_blocks(history) + settings_blocks(history)
+    return (blocks + rounds_blocks(history) + analysis_blocks(history) + samples_blocks(history) + data_blocks(history)
+            + settings_blocks(history))
+
+
+def analysis_blocks(history: dict) -> list[Block]:
+    """The Evaluator agent's own words per round (LLM-driven mode only)."""
+    notes = [(r.get("round", "?"), r["analysis"]) for r in history.get("rounds") or []
+             if isinstance(r.get("analysis"), str) and r["analysis"].strip()]
+    if not notes:
+        return []
+    return [("h2", "Evaluator's analysis")] + [("p", f"Round {number}: {text.strip()}") for number, text in notes]
 
 
 # --- rendering -----------------------------------------------------------------------------------------------------
