@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -79,6 +80,7 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     except FileNotFoundError as error:
         print(f"Cannot resume: {error}", file=sys.stderr)
         return 2
+    _stop_cleanly_on_ctrl_c(run_id)
     try:
         if resume is not None:
             result = manager.resume(run_id, num_rounds=rounds)
@@ -87,10 +89,6 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     except BaseModelUnavailable as error:
         print(error, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nStopped. Completed rounds are saved; continue with: python -m fl_crew_reddit.main --resume {run_id}",
-              file=sys.stderr)
-        return 130
     except NotEnoughClientsError as error:
         print(f"Run stopped: {error}. Completed rounds are saved; fix the clients and continue with: "
               f"python -m fl_crew_reddit.main --resume {run_id}", file=sys.stderr)
@@ -104,6 +102,25 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     print(f"  final adapter {result.final_adapter}")
     print(f"  log:          {result.log_path}")
     return 0
+
+
+def _stop_cleanly_on_ctrl_c(run_id: str) -> None:
+    """Ctrl+C: say how to resume and exit with 130 at once.
+
+    The Flow runs each step in a worker thread that a KeyboardInterrupt cannot stop, and asyncio would only cancel
+    the waiting task. The state on disk is always complete (written atomically after each round), so leaving now
+    loses only the round in progress.
+    """
+    import signal
+
+    def stop(signum, frame):
+        print(f"\nStopped. Completed rounds are saved; continue with: python -m fl_crew_reddit.main --resume {run_id}",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
 
 
 def _print_summary(history: dict) -> None:
