@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fl_crew_reddit.evaluation.evaluator import evaluate, held_out_perplexity
-from fl_crew_reddit.evaluation.metrics import bleu, perplexity, rouge_l
+from fl_crew_reddit.evaluation.metrics import bleu, chrf, distinct_n, perplexity, rouge, rouge_l
 from fl_crew_reddit.training.batching import tokenize_all
 
 
@@ -64,3 +64,13 @@ def test_per_client_perplexities_combine_by_token_sums_not_by_averaging(tiny_mod
     pooled = math.exp(sum(math.log(ppl) * n for ppl, n in separate.values()) / total_tokens)
     assert metrics.perplexity == pytest.approx(pooled, rel=1e-5)
     assert metrics.num_tokens == total_tokens
+
+
+def test_chrf_rouge_variants_and_distinct_n():
+    refs = ["water your tomatoes deeply once a week"]
+    assert chrf(refs, refs) == pytest.approx(100.0)
+    scores = rouge(["water your tomatoes weekly"], refs)
+    assert scores["rouge_1"] > scores["rouge_2"] > 0 and 0 < scores["rouge_l"] < 1
+    assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
+    assert distinct_n([""], 2) == 0.0

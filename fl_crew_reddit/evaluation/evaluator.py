@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import torch
 from pydantic import BaseModel, Field
 
-from fl_crew_reddit.evaluation.metrics import bleu, perplexity, rouge_l
+from fl_crew_reddit.evaluation.metrics import bleu, chrf, distinct_n, perplexity, rouge
 from fl_crew_reddit.training.batching import collate, reply_token_nll
 from fl_crew_reddit.training.trainer import autocast_context
 
@@ -16,6 +16,11 @@ class EvalMetrics(BaseModel):
     bleu: float
     rouge_l: float
     num_tokens: int
+    chrf: float = 0.0
+    rouge_1: float = 0.0
+    rouge_2: float = 0.0
+    distinct_1: float = 0.0
+    distinct_2: float = 0.0
     per_client: dict[str, float] = Field(default_factory=dict, description="perplexity on each client's own split")
     samples: list[dict] = []
 
@@ -81,5 +86,7 @@ def evaluate(model, tokenizer, test_rows: list[dict] | dict[str, list[dict]], sa
     samples = [{"id": e["id"], "reference": r, "generated": h}
                for e, r, h in zip(sample_examples, references, hypotheses)]
     per_client = {name: perplexity(t, n) for name, (t, n) in sums.items() if n} if len(sums) > 1 else {}
-    return EvalMetrics(perplexity=ppl, bleu=bleu(hypotheses, references), rouge_l=rouge_l(hypotheses, references),
-                       num_tokens=count, per_client=per_client, samples=samples)
+    overlap = rouge(hypotheses, references)
+    return EvalMetrics(perplexity=ppl, bleu=bleu(hypotheses, references), chrf=chrf(hypotheses, references),
+                       num_tokens=count, per_client=per_client, samples=samples,
+                       distinct_1=distinct_n(hypotheses, 1), distinct_2=distinct_n(hypotheses, 2), **overlap)

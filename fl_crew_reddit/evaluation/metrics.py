@@ -9,7 +9,7 @@ import math
 import sacrebleu
 from rouge_score import rouge_scorer
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
 def perplexity(total_nll: float, num_tokens: int) -> float:
@@ -26,9 +26,28 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
 
 
+def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (0–1) over pairs."""
+    if not hypotheses:
+        return {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    scores = [_ROUGE.score(ref, hyp) for hyp, ref in zip(hypotheses, references)]
+    return {name: sum(s[key].fmeasure for s in scores) / len(scores)
+            for name, key in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL"))}
+
+
 def rouge_l(hypotheses: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 (0–1) over pairs."""
+    return rouge(hypotheses, references)["rouge_l"]
+
+
+def chrf(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus chrF (0–100): character n-grams, kinder than BLEU to short, informal replies."""
     if not hypotheses:
         return 0.0
-    scores = [_ROUGE.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
-    return sum(scores) / len(scores)
+    return float(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over the generated replies: low values mean repetitive, generic text."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
