@@ -19,6 +19,7 @@ Progress goes to stderr; the last stdout line is one JSON object with every figu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ from fl_crew_reddit.reddit.backends import DumpBackend  # noqa: E402
 from fl_crew_reddit.training.batching import tokenize_all  # noqa: E402
 from fl_crew_reddit.training.model_loading import load_base_model  # noqa: E402
 from fl_crew_reddit.training.peft_setup import build_peft_model  # noqa: E402
+from fl_crew_reddit.training import batching as batching_module  # noqa: E402
+from fl_crew_reddit.training import trainer as trainer_module  # noqa: E402
 from fl_crew_reddit.training.trainer import LocalTrainer, bf16_autocast_supported, snapshot_adapter  # noqa: E402
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit-2015"
@@ -77,6 +80,13 @@ def fresh_model(config: FLCrewRedditConfig, initial_adapter=None):
     return model, tokenizer
 
 
+def progress(name: str, records: list[dict], steps: int, start_time: float) -> None:
+    step = records[-1]
+    previous = records[-2]["time"] if len(records) > 1 else start_time
+    say(f"{name} step {len(records)}/{steps}: loss {step['loss']:.3f}, {step['tokens']} tokens "
+        f"({step['positions']} positions) in {step['time'] - previous:.2f} s; load {os.getloadavg()[0]:.2f}")
+
+
 def summarise(steps: list[dict], start_time: float) -> dict:
     """Figures over the timed window: end of step WARMUP_STEPS → end of the last step."""
     timed = steps[WARMUP_STEPS:] if len(steps) > WARMUP_STEPS else steps
@@ -96,7 +106,7 @@ def run_ours(model, tokenizer, rows, steps: int, mixed_precision: str, initial_a
 
     def on_step(info: dict) -> None:
         records.append(info)
-        say(f"ours step {info['step']}/{steps} loss {info['loss']:.3f} tokens {info['tokens']}")
+        progress("ours", records, steps, started)
 
     trainer = LocalTrainer("bench", model, tokenizer, rows, CPU, mixed_precision=mixed_precision,
                            show_progress=False, on_step=on_step)
@@ -143,8 +153,7 @@ def run_hf_trainer(model, tokenizer, rows, steps: int, bf16: bool, out_dir: Path
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and records:
                 records[-1]["loss"] = float(logs["loss"])
-                say(f"hf_trainer step {records[-1]['step']}/{steps} loss {logs['loss']:.3f} "
-                    f"tokens {records[-1]['tokens']}")
+                progress("hf_trainer", records, steps, started[0])
 
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=BATCH_SIZE, max_steps=steps,
@@ -153,8 +162,52 @@ def run_hf_trainer(model, tokenizer, rows, steps: int, bf16: bool, out_dir: Path
         bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=Replies(), data_collator=collate,
                       callbacks=[StepTimer()])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines; stdout keeps the JSON only
+        trainer.train()
     return summarise(records, started[0])
+
+
+def full_vocabulary_nll(model, batch):
+    """Ablation: the plain causal-LM loss (logits at every position, padding mask passed), as a sum and count."""
+    labels = batch["input_ids"].masked_fill(~batch["reply_mask"], -100)
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    count = int(batch["reply_mask"][:, 1:].sum())
+    return loss * count, count
+
+
+def random_batches(rows, batch_size, rng):
+    """Ablation: shuffled batches without grouping by length (what a random sampler gives)."""
+    order = rows[:]
+    rng.shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+ABLATIONS = {
+    # name: (module attribute to replace, replacement); each run leaves one technique out of ours
+    "without_geometric_dropout": ("trainer", "GeometricDropout", lambda p: torch.nn.Dropout(p)),
+    "without_bf16_frozen_weights": ("trainer", "cpu_training_fast_path",
+                                    lambda model, device, bf16: ORIGINAL_FAST_PATH(model, device, False)),
+    "without_maskless_causal_attention": ("batching", "is_right_padded", lambda mask: False),
+    "without_reply_only_logits": ("trainer", "reply_token_nll", full_vocabulary_nll),
+    "without_length_grouping": ("trainer", "length_grouped_batches", random_batches),
+}
+ORIGINAL_FAST_PATH = trainer_module.cpu_training_fast_path
+
+
+def run_ablations(model, tokenizer, rows, steps: int, mixed_precision: str, initial_adapter) -> dict:
+    modules = {"trainer": trainer_module, "batching": batching_module}
+    out = {}
+    for name, (module_name, attribute, replacement) in ABLATIONS.items():
+        module = modules[module_name]
+        original = getattr(module, attribute)
+        setattr(module, attribute, replacement)
+        try:
+            say(f"ablation {name}")
+            out[name] = run_ours(model, tokenizer, rows, steps, mixed_precision, initial_adapter)
+        finally:
+            setattr(module, attribute, original)
+        say(f"{name}: {out[name]}")
+    return out
 
 
 def main() -> None:
@@ -167,6 +220,8 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--model", default="embedded", help="BASE_LLM_MODEL (default: embedded SmolLM2-135M)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run ours once without each of its techniques (leave-one-out), same steps")
     args = parser.parse_args()
     steps = args.steps or (12 if args.quick else 60)
     if steps <= WARMUP_STEPS:
@@ -190,6 +245,8 @@ def main() -> None:
 
     ours = run_ours(model, tokenizer, rows, steps, "bf16" if bf16 else "no", initial_adapter)
     say(f"ours: {ours}")
+    ablation = run_ablations(model, tokenizer, rows, steps, "bf16" if bf16 else "no", initial_adapter) \
+        if args.ablation else None
     del model
     model, _ = fresh_model(config, initial_adapter)
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +259,9 @@ def main() -> None:
               "ours": ours, "hf_trainer": hf, "ratio": round(ours["tokens_per_s"] / hf["tokens_per_s"], 2),
               "bf16": bf16, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "wall_seconds": round(time.perf_counter() - began, 1)}
+    if ablation:
+        result["ablation_tokens_per_s"] = {"ours": ours["tokens_per_s"],
+                                           **{name: a["tokens_per_s"] for name, a in ablation.items()}}
     print(json.dumps(result), flush=True)
 
 

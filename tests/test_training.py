@@ -87,3 +87,13 @@ def test_warmup_cosine_schedule_shape():
     assert values[0] == 0.1 and values[9] == 1.0
     assert values[10] > values[50] > values[99] >= 0.1
     assert get_peft_model_state_dict  # PEFT's own state-dict API is what the trainer uses
+
+
+def test_client_past_its_timeout_stops_with_a_clear_error(tiny_model):
+    import pytest
+
+    model, tokenizer = tiny_model
+    trainer = LocalTrainer("slow-client", model, tokenizer, _rows(tokenizer), CPU, mixed_precision="no",
+                           show_progress=False)
+    with pytest.raises(TimeoutError, match="slow-client ran past CLIENT_TIMEOUT=1e-09s after 0 of 6 steps"):
+        trainer.fit(snapshot_adapter(model), _fit_config(timeout_s=1e-9))

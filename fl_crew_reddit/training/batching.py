@@ -44,15 +44,24 @@ def collate(batch: list[dict], pad_id: int, device: torch.device, pad_side: str 
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "reply_mask": reply.to(device)}
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Each row is its real tokens, then only padding (a run of ones, then zeros)."""
+    return bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all() and attention_mask[:, 0].all())
+
+
 def reply_token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over reply tokens, and their count.
 
     The output layer (vocabulary × hidden) is a large share of a small model's compute, so it runs only at the
     positions whose next token is a reply token: same loss, about 1.5× faster steps on the embedded model.
+    A right-padded batch runs as plain causal attention, without a padding mask: a real token only attends to
+    earlier positions, which are all real, so its result is the same, and the model skips building the 4D mask.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal_lm.get_decoder()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"]
+    attention_mask = None if is_right_padded(mask) else mask
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
     targets_mask = batch["reply_mask"][:, 1:]
     selected = hidden[:, :-1][targets_mask]
     targets = batch["input_ids"][:, 1:][targets_mask]
