@@ -8,11 +8,13 @@ and the same number of optimizer steps. They run one after the other, ours first
 
 Throughput = non-pad tokens (attention-mask ones) per second over the timed steps: from the end of warm-up step 2
 to the end of the last step, identically for both. `real_token_fraction` = non-pad tokens / positions computed.
-`final_loss` = mean per-step training loss over the last quarter of the steps (both: mean NLL of reply tokens).
+`final_loss` = mean per-step training loss over the last quarter of the steps (both: mean NLL of reply tokens);
+`held_out_loss` = the same NLL of the trained model on 32 held-out examples, the same ones for both.
 
     .venv/bin/python benchmarks/train_throughput.py            # 60 steps each
     .venv/bin/python benchmarks/train_throughput.py --quick    # 12 steps each
     .venv/bin/python benchmarks/train_throughput.py --steps 30
+    .venv/bin/python benchmarks/train_throughput.py --steps 16 --ablation   # + ours without each technique
 
 Progress goes to stderr; the last stdout line is one JSON object with every figure.
 """
@@ -23,6 +25,8 @@ import contextlib
 import json
 import logging
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fl_crew_reddit.config import EMBEDDED_MODEL, FLCrewRedditConfig  # noqa: E402
 from fl_crew_reddit.preprocessing.pipeline import build_examples  # noqa: E402
 from fl_crew_reddit.reddit.backends import DumpBackend  # noqa: E402
-from fl_crew_reddit.training.batching import tokenize_all  # noqa: E402
+from fl_crew_reddit.training.batching import collate, reply_token_nll, tokenize_all  # noqa: E402
 from fl_crew_reddit.training.model_loading import load_base_model  # noqa: E402
 from fl_crew_reddit.training.peft_setup import build_peft_model  # noqa: E402
 from fl_crew_reddit.training import batching as batching_module  # noqa: E402
@@ -47,6 +51,7 @@ from fl_crew_reddit.training.trainer import LocalTrainer, bf16_autocast_supporte
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit-2015"
 WARMUP_STEPS = 2
+PROBE_ROWS = 32
 BATCH_SIZE = 4
 LEARNING_RATE = 2e-4
 CPU = torch.device("cpu")
@@ -78,6 +83,20 @@ def fresh_model(config: FLCrewRedditConfig, initial_adapter=None):
     if initial_adapter is not None:
         set_peft_model_state_dict(model, initial_adapter)
     return model, tokenizer
+
+
+@torch.no_grad()
+def probe_loss(model, tokenizer, probe_rows: list[dict], bf16: bool) -> float:
+    """Mean reply-token NLL of the trained model on held-out rows (dropout off): the same yardstick for both."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(probe_rows), 8):
+        batch = collate(probe_rows[start:start + 8], tokenizer.pad_token_id, CPU)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            nll, n = reply_token_nll(model, batch)
+        total, count = total + float(nll), count + n
+    model.train()
+    return round(total / count, 4)
 
 
 def progress(name: str, records: list[dict], steps: int, start_time: float) -> None:
@@ -168,9 +187,10 @@ def run_hf_trainer(model, tokenizer, rows, steps: int, bf16: bool, out_dir: Path
 
 
 def full_vocabulary_nll(model, batch):
-    """Ablation: the plain causal-LM loss (logits at every position, padding mask passed), as a sum and count."""
+    """Ablation: the plain causal-LM loss (logits and loss at every position), as a sum and count."""
     labels = batch["input_ids"].masked_fill(~batch["reply_mask"], -100)
-    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    mask = None if batching_module.is_right_padded(batch["attention_mask"]) else batch["attention_mask"]
+    loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=labels).loss
     count = int(batch["reply_mask"][:, 1:].sum())
     return loss * count, count
 
@@ -182,11 +202,17 @@ def random_batches(rows, batch_size, rng):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def fast_path_without(*parts: str):
+    return lambda model, device, bf16: ORIGINAL_FAST_PATH(model, device, bf16, **{part: False for part in parts})
+
+
 ABLATIONS = {
-    # name: (module attribute to replace, replacement); each run leaves one technique out of ours
-    "without_geometric_dropout": ("trainer", "GeometricDropout", lambda p: torch.nn.Dropout(p)),
-    "without_bf16_frozen_weights": ("trainer", "cpu_training_fast_path",
-                                    lambda model, device, bf16: ORIGINAL_FAST_PATH(model, device, False)),
+    # name: (module, attribute to replace, replacement); each run leaves one technique out of ours
+    "without_geometric_dropout": ("trainer", "cpu_training_fast_path", fast_path_without("geometric_dropout")),
+    "without_bf16_frozen_weights": ("trainer", "cpu_training_fast_path", fast_path_without("bf16_frozen_weights")),
+    "without_fp32_attention": ("trainer", "cpu_training_fast_path", fast_path_without("fp32_attention")),
+    "without_cpu_fast_path": ("trainer", "cpu_training_fast_path",  # the three above together
+                              fast_path_without("geometric_dropout", "bf16_frozen_weights", "fp32_attention")),
     "without_maskless_causal_attention": ("batching", "is_right_padded", lambda mask: False),
     "without_reply_only_logits": ("trainer", "reply_token_nll", full_vocabulary_nll),
     "without_length_grouping": ("trainer", "length_grouped_batches", random_batches),
@@ -194,19 +220,26 @@ ABLATIONS = {
 ORIGINAL_FAST_PATH = trainer_module.cpu_training_fast_path
 
 
-def run_ablations(model, tokenizer, rows, steps: int, mixed_precision: str, initial_adapter) -> dict:
+def run_ablations(model, tokenizer, rows, steps: int, mixed_precision: str, initial_adapter,
+                  repeats: int) -> dict:
+    """Ours in full and without each technique, round-robin `repeats` times; tokens/s of every run."""
     modules = {"trainer": trainer_module, "batching": batching_module}
-    out = {}
-    for name, (module_name, attribute, replacement) in ABLATIONS.items():
-        module = modules[module_name]
-        original = getattr(module, attribute)
-        setattr(module, attribute, replacement)
-        try:
-            say(f"ablation {name}")
-            out[name] = run_ours(model, tokenizer, rows, steps, mixed_precision, initial_adapter)
-        finally:
-            setattr(module, attribute, original)
-        say(f"{name}: {out[name]}")
+    variants = {"ours": None, **ABLATIONS}
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, change in variants.items():
+            module, attribute, replacement = (modules[change[0]], change[1], change[2]) if change else (None, "", None)
+            original = getattr(module, attribute) if module else None
+            if module:
+                setattr(module, attribute, replacement)
+            try:
+                say(f"ablation {name} ({repeat + 1}/{repeats})")
+                run = run_ours(model, tokenizer, rows, steps, mixed_precision, initial_adapter)
+                out[name].append(run["tokens_per_s"])
+            finally:
+                if module:
+                    setattr(module, attribute, original)
+            say(f"ablation {name}: {out[name][-1]} tokens/s")
     return out
 
 
@@ -221,7 +254,8 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", help="BASE_LLM_MODEL (default: embedded SmolLM2-135M)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ablation", action="store_true",
-                        help="also run ours once without each of its techniques (leave-one-out), same steps")
+                        help="also run ours without each of its techniques (leave-one-out), same steps, round-robin")
+    parser.add_argument("--repeats", type=int, default=2, help="round-robin repeats of the ablation (default 2)")
     args = parser.parse_args()
     steps = args.steps or (12 if args.quick else 60)
     if steps <= WARMUP_STEPS:
@@ -240,17 +274,22 @@ def main() -> None:
     model, tokenizer = fresh_model(config)
     initial_adapter = snapshot_adapter(model)
     rows = load_rows(args.data, args.subreddits.split(","), args.posts_per_subreddit, tokenizer, args.max_seq_length)
-    say(f"{len(rows)} examples, mean {sum(len(r['input_ids']) for r in rows) / len(rows):.0f} tokens; "
+    random.Random(0).shuffle(rows)
+    probe, rows = rows[:PROBE_ROWS], rows[PROBE_ROWS:]
+    mean_tokens = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    say(f"{len(rows)} training examples (+{len(probe)} held out), mean {mean_tokens:.0f} tokens; "
         f"bf16={bf16}, threads={torch.get_num_threads()}; set-up {time.perf_counter() - began:.1f} s")
 
     ours = run_ours(model, tokenizer, rows, steps, "bf16" if bf16 else "no", initial_adapter)
+    ours["held_out_loss"] = probe_loss(model, tokenizer, probe, bf16)
     say(f"ours: {ours}")
-    ablation = run_ablations(model, tokenizer, rows, steps, "bf16" if bf16 else "no", initial_adapter) \
-        if args.ablation else None
+    ablation = run_ablations(model, tokenizer, rows, steps, "bf16" if bf16 else "no", initial_adapter,
+                             args.repeats) if args.ablation else None
     del model
     model, _ = fresh_model(config, initial_adapter)
     with tempfile.TemporaryDirectory() as tmp:
         hf = run_hf_trainer(model, tokenizer, rows, steps, bf16, Path(tmp))
+    hf["held_out_loss"] = probe_loss(model, tokenizer, probe, bf16)
     say(f"hf_trainer: {hf}")
 
     result = {"model": EMBEDDED_MODEL if args.model in ("", "embedded", EMBEDDED_MODEL) else args.model,
@@ -260,8 +299,10 @@ def main() -> None:
               "bf16": bf16, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "wall_seconds": round(time.perf_counter() - began, 1)}
     if ablation:
-        result["ablation_tokens_per_s"] = {"ours": ours["tokens_per_s"],
-                                           **{name: a["tokens_per_s"] for name, a in ablation.items()}}
+        result["ablation_tokens_per_s"] = ablation
+        result["ablation_median_speedup"] = {
+            name.removeprefix("without_"): round(statistics.median(ablation["ours"]) / statistics.median(runs), 2)
+            for name, runs in ablation.items() if name != "ours"}
     print(json.dumps(result), flush=True)
 
 
