@@ -69,7 +69,7 @@ def load_rows(root: Path, subreddits: list[str], posts_per_subreddit: int, token
         posts = backend.subreddit_posts(name, limit=posts_per_subreddit, sort="new").posts
         comments = [c for post in posts for c in backend.post_comments(post.id, limit=500).comments]
         collected.append({"posts": [p.model_dump() for p in posts], "comments": [c.model_dump() for c in comments]})
-    examples, _, _ = build_examples(collected, tokenizer, max_seq_length)
+    examples = build_examples(collected, tokenizer, max_seq_length).examples
     return tokenize_all(tokenizer, examples, max_seq_length)
 
 

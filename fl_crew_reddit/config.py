@@ -13,6 +13,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+# The languages langdetect 1.0.9 has profiles for (its `profiles/` folder), for LANGUAGES.
+LANGDETECT_LANGUAGES = frozenset(
+    "af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi hr hu id it ja kn ko lt lv mk ml mr ne nl no pa pl pt "
+    "ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
+DEFAULT_REDDIT_USER_AGENT = "python:fl_crew_reddit:0.1 (read-only collector for federated fine-tuning research)"
 
 AggregationMethod = Literal[
     "weighted_average", "fedavg", "fedprox", "krum", "multi_krum", "median", "trimmed_mean", "bulyan",
@@ -64,13 +69,64 @@ class FLCrewRedditConfig(BaseSettings):
     # --- data
     reddit_backend: Literal["snapshot", "dump", "live"] = "snapshot"
     reddit_dump_dir: Path | None = None
+    reddit_dump_subreddits: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated subreddits the dump backend serves (empty: all); with "
+                                          "monthly RS_/RC_ files, they are extracted in the first scan.")
+    reddit_dump_after: int | None = Field(None, description="Dump records created before this are left out: "
+                                                            "YYYY-MM-DD, an ISO time (UTC if no zone) or epoch s.")
+    reddit_dump_before: int | None = Field(None, description="Dump records created at or after this are left out "
+                                                             "(same formats as REDDIT_DUMP_AFTER).")
+    reddit_dump_min_score: int | None = Field(None, description="Dump posts and comments scoring below this are "
+                                                                "left out.")
+    reddit_user_agent: str = Field(
+        DEFAULT_REDDIT_USER_AGENT, min_length=10, max_length=256,
+        description="User-Agent sent to Reddit's API (REDDIT_BACKEND=live); Reddit asks for "
+                    "<platform>:<app id>:<version> (by /u/<your username>).")
+    reddit_max_retries: int = Field(4, ge=0, le=10, description="Retries of one Reddit API call after a 429 or a "
+                                                                "transient error (5xx, connection, timeout).")
+    reddit_timeout_s: float = Field(16.0, gt=0, le=300, description="Seconds one Reddit API request may take.")
+    # --- the collector's MCP connection (default: this package's own server over stdio)
+    reddit_mcp_url: str | None = Field(None, description="Streamable-HTTP URL of a Reddit MCP server to use instead "
+                                                         "of starting ours, e.g. http://127.0.0.1:8765/mcp")
+    reddit_mcp_command: str | None = Field(None, description="Command line of a (third-party) stdio Reddit MCP "
+                                                             "server to start instead of ours, e.g. "
+                                                             "'uvx mcp-server-reddit'")
+    reddit_mcp_tool_map: str | None = Field(None, description="How that server's tools map to ours: a preset "
+                                                              "(mcp-server-reddit) or a .json / .yaml mapping file")
+    reddit_mcp_timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds one MCP tool call may take.")
+    reddit_mcp_connect_timeout_s: float = Field(30.0, gt=0, le=600, description="Seconds to start the MCP server "
+                                                                               "or connect to it, and initialize.")
+    reddit_mcp_max_restarts: int = Field(2, ge=0, le=20, description="Times a crashed stdio MCP server is restarted "
+                                                                     "(or a broken HTTP session reopened) per run.")
     subreddits: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                        description="Comma-separated; empty: all the backend has.")
     posts_per_subreddit: int = Field(200, ge=1, le=100_000)
-    partition: Literal["subreddit", "iid"] = "subreddit"
+    partition: Literal["subreddit", "iid", "dirichlet", "author"] = Field(
+        "subreddit", description="subreddit: one topic per client; iid: threads dealt at random; dirichlet: each "
+                                 "subreddit split over clients by Dir(DIRICHLET_ALPHA) shares; author: each author's "
+                                 "replies at one client.")
+    dirichlet_alpha: float = Field(0.5, gt=0, le=10_000, description="PARTITION=dirichlet concentration: small (0.1) "
+                                                                     "= each client mostly one subreddit, large = IID.")
+    # --- preprocessing quality rules (each drop and each change is counted by reason in history.json)
+    scrub_personal_data: bool = Field(True, description="Replace u/ and @ handles, e-mail addresses and phone numbers "
+                                                        "in prompts and replies with placeholders.")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Drop a reply whose word-3-gram Jaccard "
+                                                                         "similarity to an earlier reply is at least this.")
+    min_reply_tokens: int = Field(3, ge=0, le=32_768, description="Replies with fewer tokens are dropped.")
+    max_reply_tokens: int = Field(512, ge=1, le=32_768, description="Replies with more tokens are dropped.")
+    long_examples: Literal["truncate", "drop"] = Field(
+        "truncate", description="Examples longer than MAX_SEQ_LENGTH: truncate (prompt from the left first) or drop.")
+    max_text_chars: int = Field(40_000, ge=100, le=10_000_000, description="Posts (title + text) and comments longer "
+                                                                           "than this are bad input and dropped.")
+    languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["en"], description="Comma-separated ISO 639-1 codes replies may be in (langdetect); "
+                                                    "empty: no language check.")
     max_examples_per_client: int = Field(32, ge=1, description="Training examples per client (the rest is counted as over the cap).")
     max_seq_length: int = Field(256, ge=32, le=32_768)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of each client's threads held out (apart from test) to choose the best "
+                                     "round of the federated model and of the baselines; at least 8 examples.")
     eval_samples: int = Field(8, ge=0, le=10_000, description="Replies generated for BLEU / ROUGE each round.")
     seed: int = 42
     baselines: Annotated[list[Literal["local_only", "centralized"]], NoDecode] = Field(
@@ -81,6 +137,11 @@ class FLCrewRedditConfig(BaseSettings):
     support_multimodal: bool = True
     image_processor: str = "clip-vit-base-patch32"
     max_image_size: int = Field(224, ge=16, le=4096)
+    max_image_bytes: int = Field(10_000_000, ge=1024, le=200_000_000,
+                                 description="Largest image download (live posts); bigger ones are skipped.")
+    image_fetch_timeout_s: float = Field(15.0, gt=0, le=300, description="Seconds one image download may take.")
+    video_keyframes: int = Field(4, ge=1, le=64, description="Keyframes taken from each video post (PyAV); they pair "
+                                                            "with the post's text like a gallery's images.")
 
     # --- agents
     agent_llm_model: str = "gpt-4"
@@ -104,13 +165,61 @@ class FLCrewRedditConfig(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="bf16 autocast where the hardware has it (CUDA, CPUs with native bf16).")
+    tensorboard: bool = Field(True, description="Write per-round scalars to logs/tensorboard/<run>.")
 
-    @field_validator("subreddits", "lora_target_modules", "baselines", "agent_collect_allowlist", mode="before")
+    @field_validator("subreddits", "lora_target_modules", "baselines", "agent_collect_allowlist", "languages",
+                     "reddit_dump_subreddits", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("reddit_mcp_url", "reddit_mcp_command", "reddit_mcp_tool_map", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("reddit_mcp_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL of a streamable-HTTP MCP endpoint, "
+                             "e.g. http://127.0.0.1:8765/mcp")
+        return value.strip()
+
+    @field_validator("reddit_mcp_command")
+    @classmethod
+    def _command_line(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        import shlex
+
+        try:
+            words = shlex.split(value)
+        except ValueError as error:
+            raise ValueError(f"is not a valid command line ({error})") from None
+        if not words:
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("reddit_mcp_tool_map")
+    @classmethod
+    def _known_tool_map(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from fl_crew_reddit.reddit.tool_map import ToolMapError, load_tool_map
+
+        try:
+            load_tool_map(value)
+        except ToolMapError as error:
+            raise ValueError(str(error)) from None
+        return value.strip()
 
     @field_validator("quantization_bits")
     @classmethod
@@ -119,19 +228,85 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError("Input should be 4 or 8")
         return value
 
-    @field_validator("subreddits", "agent_collect_allowlist")
+    @field_validator("subreddits", "agent_collect_allowlist", "reddit_dump_subreddits")
     @classmethod
     def _strip_r_prefix(cls, value: list[str]) -> list[str]:
         return [name.removeprefix("r/") for name in value]
 
+    @field_validator("reddit_dump_after", "reddit_dump_before", mode="before")
+    @classmethod
+    def _epoch_seconds(cls, value):
+        """A date, an ISO time or epoch seconds -> epoch seconds (UTC when no zone is given)."""
+        if value is None or isinstance(value, int):
+            return value
+        if isinstance(value, str) and not value.strip():
+            return None
+        from datetime import date, datetime, timezone
+
+        if isinstance(value, date) and not isinstance(value, datetime):
+            value = datetime(value.year, value.month, value.day)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.lstrip("-").isdigit():
+                return int(text)
+            try:
+                value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError("must be a date (2015-03-01), an ISO time (2015-03-01T12:00:00Z) or epoch "
+                                 "seconds (1425168000)") from None
+        if isinstance(value, datetime):
+            return int((value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp())
+        return value
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, value: list[str]) -> list[str]:
+        codes = [code.lower() for code in value]
+        unknown = [code for code in codes if code not in LANGDETECT_LANGUAGES]
+        if unknown:
+            raise ValueError(f"unknown language code(s) {', '.join(unknown)}; langdetect knows "
+                             f"{', '.join(sorted(LANGDETECT_LANGUAGES))}")
+        return codes
+
     @model_validator(mode="after")
     def _check_combinations(self):
+        if self.min_reply_tokens > self.max_reply_tokens:
+            raise ValueError(f"MIN_REPLY_TOKENS={self.min_reply_tokens} must not exceed "
+                             f"MAX_REPLY_TOKENS={self.max_reply_tokens}")
         if not self.use_lora:
             raise ValueError("USE_LORA=false is not supported: only adapter weights may leave a client")
+        if self.test_fraction + self.validation_fraction >= 0.9:
+            raise ValueError(f"TEST_FRACTION={self.test_fraction:g} + VALIDATION_FRACTION={self.validation_fraction:g} "
+                             "must stay below 0.9: most threads must be left for training")
+        if self.reddit_mcp_url and self.reddit_mcp_command:
+            raise ValueError("set REDDIT_MCP_URL (a server to connect to) or REDDIT_MCP_COMMAND (a server to start), "
+                             "not both")
+        if self.reddit_mcp_tool_map and not (self.reddit_mcp_url or self.reddit_mcp_command):
+            raise ValueError(f"REDDIT_MCP_TOOL_MAP={self.reddit_mcp_tool_map} maps a third-party server's tools: set "
+                             "REDDIT_MCP_URL or REDDIT_MCP_COMMAND to that server too")
+        if self.reddit_mcp_tool_map and not self.subreddits:
+            from fl_crew_reddit.reddit.tool_map import load_tool_map
+
+            if "list_subreddits" not in load_tool_map(self.reddit_mcp_tool_map).tools:
+                raise ValueError(f"REDDIT_MCP_TOOL_MAP={self.reddit_mcp_tool_map}: that server cannot list its "
+                                 "subreddits; name them in SUBREDDITS")
         if self.reddit_backend == "dump" and self.reddit_dump_dir is None:
             raise ValueError("REDDIT_BACKEND=dump needs REDDIT_DUMP_DIR (a folder of <subreddit>/submissions.jsonl)")
         if self.reddit_backend == "dump" and not Path(self.reddit_dump_dir).is_dir():
             raise ValueError(f"REDDIT_DUMP_DIR={self.reddit_dump_dir} is not a folder")
+        if (self.reddit_dump_after is not None and self.reddit_dump_before is not None
+                and self.reddit_dump_after >= self.reddit_dump_before):
+            raise ValueError(f"REDDIT_DUMP_AFTER ({self.reddit_dump_after}) must be earlier than REDDIT_DUMP_BEFORE "
+                             f"({self.reddit_dump_before}): the time range is empty")
+        if self.reddit_backend == "live":
+            missing = [name for name in ("reddit_client_id", "reddit_client_secret")
+                       if not (getattr(self, name) and getattr(self, name).get_secret_value().strip())]
+            if missing:
+                raise ValueError(f"REDDIT_BACKEND=live needs {' and '.join(n.upper() for n in missing)}: create a "
+                                 "'script' app at https://www.reddit.com/prefs/apps and set its id and secret")
+            if not self.subreddits:
+                raise ValueError("REDDIT_BACKEND=live needs SUBREDDITS (comma-separated names): Reddit's API "
+                                 "cannot list every subreddit")
         if self.agent_mode == "llm" and not self.agent_llm_reachable:
             raise ValueError("AGENT_MODE=llm needs a reachable AGENT_LLM_MODEL: set OPENAI_API_KEY (OpenAI models) or "
                              "AGENT_LLM_BASE_URL (an OpenAI-compatible server: vLLM, llama.cpp, Ollama), or use "

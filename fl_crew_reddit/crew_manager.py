@@ -23,6 +23,8 @@ class FLRunResult(BaseModel):
     log_path: str
     seconds: float
     skipped_clients: dict[int, dict[str, list[str]]]
+    best_round: int | None = None  # lowest validation perplexity (never chosen on test)
+    best_adapter: str | None = None
 
     def perplexities(self) -> list[float]:
         return [r["global"]["perplexity"] for r in self.history["rounds"] if r.get("global")]
@@ -59,6 +61,7 @@ class FLCrewRedditManager:
         paths = RunPaths(Path(self.config.fl_crew_reddit_dir).resolve(), run_id).create()
         handler = self._log_to_file(paths.log_file)
         started = time.perf_counter()
+        workspace = None
         try:
             log.info("Run %s: %s with settings %s", paths.run_id, "resume" if resume else "start",
                      self.config.public_settings())
@@ -77,6 +80,8 @@ class FLCrewRedditManager:
                 flow.kickoff()
             history = workspace.history()
         finally:
+            if workspace is not None:
+                workspace.close()  # TensorBoard event files
             logging.getLogger("fl_crew_reddit").removeHandler(handler)
             handler.close()
         adapters = [r["aggregation"]["adapter_path"] for r in history["rounds"] if r.get("aggregation")]
@@ -84,7 +89,8 @@ class FLCrewRedditManager:
             run_id=paths.run_id, history=history, global_adapters=adapters,
             final_adapter=adapters[-1] if adapters else None, history_path=str(paths.history),
             log_path=str(paths.log_file), seconds=time.perf_counter() - started,
-            skipped_clients={r["round"]: r["skipped"] for r in history["rounds"] if r["skipped"]})
+            skipped_clients={r["round"]: r["skipped"] for r in history["rounds"] if r["skipped"]},
+            best_round=history.get("best_round"), best_adapter=history.get("best_adapter"))
 
     @staticmethod
     def _log_to_file(path: Path) -> logging.Handler:

@@ -15,6 +15,7 @@ from crewai.flow.flow import Flow, listen, or_, router, start
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.agents import FLCrew
+from fl_crew_reddit.evaluation.selection import best_round_record
 from fl_crew_reddit.llm_mode import run_step
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,14 @@ class FederatedFlow(Flow[FLState]):
     def preprocess_data(self):
         report = self._call(self.crew.data_preprocessor, "preprocess_reddit_data")
         progress.info("Preprocessed %d examples for %d clients (%s); dropped %s", report.num_examples,
-                      len(report.clients), ", ".join(f"{c.name}: {c.num_train} train/{c.num_test} test"
-                                                     for c in report.clients), report.dropped or "nothing")
+                      len(report.clients), ", ".join(f"{c.name}: {c.num_train} train/{c.num_validation} validation/"
+                                                     f"{c.num_test} test" for c in report.clients),
+                      report.dropped or "nothing")
         base = self._call(self.crew.evaluator, "evaluate_model", round=0)
-        progress.info("Base model: perplexity %.2f, BLEU %.2f, ROUGE-L %.3f", base.perplexity, base.bleu, base.rouge_l)
+        progress.info("Base model: perplexity %.2f (validation %s), BLEU %.2f, ROUGE-L %.3f", base.perplexity,
+                      _ppl(base.validation_perplexity), base.bleu, base.rouge_l)
         self.workspace.save_history()
+        self.workspace.write_scalars(0)
 
     @listen(or_(preprocess_data, "next_round", "resume_run"))
     def train_clients(self):
@@ -107,11 +111,13 @@ class FederatedFlow(Flow[FLState]):
         record.seconds = time.perf_counter() - self.state.round_started
         self.workspace.save_state(round_number, self.state.total_rounds)
         self.workspace.save_history()
+        self.workspace.write_scalars(round_number)  # only now that the round's state is saved: no duplicate steps
         losses = ", ".join(f"{c.name} {c.train_loss:.3f}" for c in record.clients)
         skipped = f", skipped {', '.join(record.skipped)}" if record.skipped else ""
-        progress.info("Round %d/%d: perplexity %.2f (base %.2f), BLEU %.2f, ROUGE-L %.3f | train loss %s%s | %.0fs",
-                      round_number, self.state.total_rounds, metrics.perplexity, self.workspace.base_metrics.perplexity,
-                      metrics.bleu, metrics.rouge_l, losses, skipped, record.seconds)
+        progress.info("Round %d/%d: perplexity %.2f (base %.2f), validation %s, BLEU %.2f, ROUGE-L %.3f | train loss "
+                      "%s%s | %.0fs", round_number, self.state.total_rounds, metrics.perplexity,
+                      self.workspace.base_metrics.perplexity, _ppl(metrics.validation_perplexity), metrics.bleu,
+                      metrics.rouge_l, losses, skipped, record.seconds)
         if self.on_round:
             self.on_round(record.model_dump(by_alias=True))
 
@@ -124,13 +130,18 @@ class FederatedFlow(Flow[FLState]):
 
     @listen("all_rounds_done")
     def run_baselines(self):
-        last = self.workspace.rounds[-1].global_ if self.workspace.rounds else None
+        best = best_round_record([r.model_dump(by_alias=True) for r in self.workspace.rounds])
+        federated = f"{best['global']['perplexity']:.2f} at round {best['round']}" if best else "—"
         for baseline in self.workspace.config.baselines:
             result = self._call(self.crew.evaluator, "train_and_evaluate_baseline", baseline=baseline)
-            progress.info("Baseline %s: perplexity %.2f (federated %.2f)", baseline, result.perplexity,
-                          last.perplexity if last else float("nan"))
+            progress.info("Baseline %s: test perplexity %.2f at its best checkpoint on validation (federated %s)",
+                          baseline, result.perplexity, federated)
             self.workspace.save_history()
 
     @listen(run_baselines)
     def finish(self):
         return self.workspace.history()
+
+
+def _ppl(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "—"

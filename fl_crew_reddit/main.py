@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run", nargs="?", default="", help="run id under results/ (default: the newest)")
     resume.add_argument("--rounds", type=int, help="total rounds (default: the run's own)")
     resume.add_argument("--verbose", action="store_true")
-    serve = commands.add_parser("serve-mcp", help="serve the read-only Reddit MCP server on stdio")
-    serve.add_argument("server_args", nargs=argparse.REMAINDER, help="passed on (see --backend, --dump-dir)")
+    serve = commands.add_parser("serve-mcp", help="serve the read-only Reddit MCP server on stdio or streamable HTTP",
+                                add_help=False)
+    serve.add_argument("server_args", nargs=argparse.REMAINDER,
+                       help="passed on (--backend, --dump-dir, --transport, --host, --port; see serve-mcp --help)")
     collect = commands.add_parser("collect", help="only collect Reddit data through the MCP server into data/collected/")
     collect.add_argument("--subreddits", help="comma-separated (default: SUBREDDITS, else all the backend has)")
     collect.add_argument("--posts", type=int, help="posts per subreddit (default: POSTS_PER_SUBREDDIT)")
@@ -214,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # `run` is the default command: `main --rounds 3` means `main run --rounds 3`
-    args = build_parser().parse_args(argv)
-    if args.command == "serve-mcp":
+    if argv[0] == "serve-mcp":  # its options belong to the server's own parser (REMAINDER drops leading options)
         from fl_crew_reddit.reddit.server import main as serve
 
-        return serve(args.server_args) or 0
+        return serve(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
     if args.command == "prepare-model":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         from fl_crew_reddit.training.model_loading import prepare_embedded_model

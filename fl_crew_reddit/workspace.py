@@ -16,9 +16,13 @@ import torch
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.aggregation import aggregate, make_server_optimizer, screen_updates, SERVER_OPTIMIZERS
+from fl_crew_reddit.aggregation.checks import update_norm
 from fl_crew_reddit.config import FLCrewRedditConfig
-from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate
-from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, preprocess, read_jsonl
+from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate, image_text_scores, split_perplexities
+from fl_crew_reddit.evaluation.selection import argmin_round, best_round_record
+from fl_crew_reddit.evaluation.tensorboard_scalars import RunScalars, baseline_scalars, metrics_scalars, round_scalars
+from fl_crew_reddit.preprocessing.media import MediaSettings
+from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
 from fl_crew_reddit.runs import (RunPaths, load_adapter_state, load_round_state, point_latest, save_adapter,
                                  save_round_state, write_json_atomic)
@@ -43,6 +47,7 @@ class RoundAggregate(BaseModel):
     accepted: list[str]
     rejected: dict[str, list[str]]
     adapter_path: str
+    update_norms: dict[str, float] = Field(default_factory=dict, description="accepted client -> ||update - global||")
 
 
 class RoundRecord(BaseModel):
@@ -74,7 +79,10 @@ class FederatedWorkspace:
         self._tokenizer = None
         self._train_rows: dict[str, list[dict]] = {}
         self._test_rows: dict[str, list[dict]] = {}
+        self._validation_rows: dict[str, list[dict]] = {}
+        self._scalars: RunScalars | None = None
         self._sample: list[dict] = []
+        self._image_examples: list[dict] = []  # held-out replies to image posts, for the CLIP score
         self._pending: dict[str, ClientRoundResult] = {}
 
     # --- shared model -------------------------------------------------------------------------------------------
@@ -123,21 +131,29 @@ class FederatedWorkspace:
             load_collected(self.collection), self.tokenizer, run_id=self.paths.run_id, data_dir=self.paths.data,
             num_clients=cfg.clients_count, partition=cfg.partition, max_examples_per_client=cfg.max_examples_per_client,
             max_seq_length=cfg.max_seq_length, test_fraction=cfg.test_fraction, seed=cfg.seed,
-            support_multimodal=cfg.support_multimodal, max_image_size=cfg.max_image_size)
+            support_multimodal=cfg.support_multimodal, max_image_size=cfg.max_image_size,
+            validation_fraction=cfg.validation_fraction, quality=QualityRules.from_settings(cfg),
+            dirichlet_alpha=cfg.dirichlet_alpha, media=MediaSettings.from_settings(cfg),
+            image_processor=cfg.image_processor)
         self._load_client_data()
         return self.data
 
     def _load_client_data(self) -> None:
-        """Tokenize each client's shard once; the union of held-out splits is the evaluation set."""
+        """Tokenize each client's shard once (read back from its files, so a resumed run sees the same rows in the
+        same order); the union of test splits is the evaluation set, the union of validation splits chooses rounds."""
         test_examples = []
         for shard in self.data.clients:
             self._train_rows[shard.name] = tokenize_all(self.tokenizer, read_jsonl(Path(shard.train_path)),
                                                         self.config.max_seq_length)
             client_test = read_jsonl(Path(shard.test_path))
             self._test_rows[shard.name] = tokenize_all(self.tokenizer, client_test, self.config.max_seq_length)
+            self._validation_rows[shard.name] = (  # none in runs made before validation splits
+                tokenize_all(self.tokenizer, read_jsonl(Path(shard.validation_path)), self.config.max_seq_length)
+                if shard.validation_path else [])
             test_examples.extend(client_test)
         rng = random.Random(self.config.seed)
         self._sample = rng.sample(test_examples, min(self.config.eval_samples, len(test_examples)))
+        self._image_examples = [e for e in test_examples if e.get("image_paths")][:self.config.eval_samples]
 
     # --- Model Trainer -----------------------------------------------------------------------------------------
     def fit_config(self, round_number: int) -> dict:
@@ -185,6 +201,7 @@ class FederatedWorkspace:
         for name, reasons in rejected.items():
             log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
             record.skipped[name] = reasons
+        norms = {clients[i].name: update_norm(self.global_adapter, updates[i]) for i in accepted}
         options = self._aggregation_options(method)
         new_global = aggregate(method, [updates[i] for i in accepted], [clients[i].num_examples for i in accepted],
                                **options)
@@ -192,7 +209,7 @@ class FederatedWorkspace:
         folder = save_adapter(self.model, self.global_adapter, self.paths.global_adapter(round_number))
         record.clients = clients
         record.aggregation = RoundAggregate(method=method, accepted=[clients[i].name for i in accepted],
-                                            rejected=rejected, adapter_path=str(folder))
+                                            rejected=rejected, adapter_path=str(folder), update_norms=norms)
         self._pending = {}
         return record.aggregation
 
@@ -212,6 +229,9 @@ class FederatedWorkspace:
     def evaluate_base(self) -> EvalMetrics:
         self.base_metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
                                      use_adapter=False, mixed_precision=self.config.mixed_precision)
+        self.base_metrics.validation_perplexity, self.base_metrics.validation_per_client = self._validation(
+            use_adapter=False)
+        self._score_images(self.base_metrics, use_adapter=False)
         return self.base_metrics
 
     def evaluate_round(self, round_number: int) -> EvalMetrics:
@@ -220,49 +240,107 @@ class FederatedWorkspace:
         set_peft_model_state_dict(self.model, self.global_adapter)
         metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
                            mixed_precision=self.config.mixed_precision)
+        metrics.validation_perplexity, metrics.validation_per_client = self._validation()
+        self._score_images(metrics)
         self._current_round(round_number).global_ = metrics
         return metrics
 
+    def _score_images(self, metrics: EvalMetrics, use_adapter: bool = True) -> None:
+        """CLIP score of the replies to held-out image posts, or the reason it is not computed, into `metrics`."""
+        scores = image_text_scores(
+            self.model, self.tokenizer, self._image_examples, self.device,
+            self.config.image_processor if self.config.support_multimodal else None, use_adapter=use_adapter,
+            known_replies={sample["id"]: sample["generated"] for sample in metrics.samples})
+        for name, value in scores.items():
+            setattr(metrics, name, value)
+
+    def _validation(self, rows: dict[str, list[dict]] | None = None,
+                    use_adapter: bool = True) -> tuple[float | None, dict[str, float]]:
+        """Perplexity on the validation splits (default: all clients'), overall and per client."""
+        return split_perplexities(self.model, self._validation_rows if rows is None else rows,
+                                  self.tokenizer.pad_token_id, self.device, use_adapter=use_adapter,
+                                  mixed_precision=self.config.mixed_precision)
+
     # --- baselines (same budget as the federated run) ---------------------------------------------------------
     def train_baseline(self, kind: str) -> dict:
-        """local_only: each client trains alone from the initial adapter for the steps it got in the federated run;
-        centralized: all clients' training data pooled, the same total steps. Both are scored like the rounds."""
-        rounds = max(1, len(self.rounds))
-        fit = {**self.fit_config(rounds), "local_epochs": self.config.local_epochs * rounds, "proximal_mu": 0.0}
-        if self.config.max_local_steps:
-            fit["max_steps"] = self.config.max_local_steps * rounds
+        """Train a comparison on the federated run's step budget, in round-equivalent chunks, and read it at its best
+        chunk on validation (the test split never chooses); report the test perplexity of that checkpoint.
+
+        local_only: each client alone from the initial adapter, each chunk the fit a federated round sends it (same
+        steps), chosen on its own validation split (all a client alone has). centralized: all clients' training
+        data pooled, each chunk as many steps as all clients took in that round, chosen on the union of the
+        validation splits. Each chunk starts a fresh optimizer and schedule, as a federated round does."""
+        trained = [r for r in self.rounds if r.clients]
+        if not trained:
+            raise ValueError(f"baseline {kind!r} needs a completed federated round: its step budget is the run's")
         if kind == "local_only":
-            per_client, unions, descriptions = {}, [], []
+            per_client, unions = {}, []
             for client, rows in self._train_rows.items():
-                result = LocalTrainer(f"{client}-alone", self.model, self.tokenizer, rows, self.device,
-                                      mixed_precision=self.config.mixed_precision).fit(self.initial_adapter, fit)
-                metrics = evaluate(self.model, self.tokenizer, self._test_rows, [], self.device,
-                                   mixed_precision=self.config.mixed_precision)
-                per_client[client] = {"own": metrics.per_client[client], "union": metrics.perplexity,
-                                      "steps": result.metrics["steps"]}
+                fits = [{**self.fit_config(r.round), "proximal_mu": 0.0} for r in trained]
+                run = self._train_in_chunks(f"{client}-alone", rows, fits, {client: self._validation_rows[client]})
+                metrics = self._test_metrics(run["state"])
+                per_client[client] = {"own": metrics.per_client.get(client, metrics.perplexity),
+                                      "union": metrics.perplexity, "steps": run["steps"],
+                                      "best_round": run["best_round"],
+                                      "validation_per_round": run["validation_per_round"]}
                 unions.append(metrics.perplexity)
+            steps = per_client[next(iter(per_client))]["steps"]
             entry = {"perplexity": sum(unions) / len(unions), "per_client": per_client,
-                     "description": f"each client alone, {per_client[next(iter(per_client))]['steps']} steps; "
-                                    "perplexity = mean over clients on all held-out replies"}
+                     "description": f"each client alone, {steps} steps in {len(trained)} round-equivalent chunks, "
+                                    "read at its best chunk on its own validation split; perplexity = mean over "
+                                    "clients on all held-out test replies"}
         elif kind == "centralized":
             pooled = [row for rows in self._train_rows.values() for row in rows]
-            total_steps = sum(c.metrics["steps"] for r in self.rounds for c in r.clients) or None
-            result = LocalTrainer("centralized", self.model, self.tokenizer, pooled, self.device,
-                                  mixed_precision=self.config.mixed_precision).fit(
-                self.initial_adapter, {**fit, "local_epochs": fit["local_epochs"] * len(self._train_rows) + 1,
-                                       "max_steps": total_steps})
-            metrics = evaluate(self.model, self.tokenizer, self._test_rows, [], self.device,
-                               mixed_precision=self.config.mixed_precision)
-            entry = {"perplexity": metrics.perplexity, "per_client": {k: {"own": v} for k, v in metrics.per_client.items()},
-                     "description": f"all clients' data pooled, {result.metrics['steps']} steps"}
+            epochs = self.config.local_epochs * len(self._train_rows) + 1  # enough batches; the step cap binds
+            fits = [{**self.fit_config(r.round), "proximal_mu": 0.0, "local_epochs": epochs,
+                     "max_steps": sum(c.metrics["steps"] for c in r.clients)} for r in trained]
+            run = self._train_in_chunks("centralized", pooled, fits, self._validation_rows)
+            metrics = self._test_metrics(run["state"])
+            entry = {"perplexity": metrics.perplexity,
+                     "per_client": {k: {"own": v} for k, v in metrics.per_client.items()},
+                     "best_round": run["best_round"], "validation_per_round": run["validation_per_round"],
+                     "steps": run["steps"],
+                     "description": f"all clients' data pooled, {run['steps']} steps in {len(trained)} "
+                                    f"round-equivalent chunks, read at chunk {run['best_round']} (best on the union "
+                                    "of validation splits)"}
         else:
             raise ValueError(f"unknown baseline {kind!r}: use local_only or centralized")
         self.baselines[kind] = entry
+        scalars = self._scalar_log()
+        if scalars is not None:
+            scalars.write_points(baseline_scalars(kind, entry, last_round=trained[-1].round))
         # Leave the shared model holding the global adapter, as the rounds left it.
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, self.global_adapter)
         return entry
+
+    def _train_in_chunks(self, name: str, rows: list[dict], fits: list[dict],
+                         validation_rows: dict[str, list[dict]]) -> dict:
+        """Fit chunk after chunk from the initial adapter, scoring validation after each; keep the best chunk's
+        adapter (lowest validation perplexity; the last one where there is no validation split)."""
+        state, steps, scores = self.initial_adapter, 0, []
+        best_state, best_round = None, None
+        for fit in fits:
+            result = LocalTrainer(name, self.model, self.tokenizer, rows, self.device,
+                                  mixed_precision=self.config.mixed_precision).fit(state, fit)
+            state, steps = result.state, steps + result.metrics["steps"]
+            ppl, _ = self._validation(validation_rows)  # the model holds the state the fit just returned
+            scores.append((fit["round"], ppl))
+            best_round = argmin_round(scores) or fit["round"]  # no validation split: the latest chunk
+            if best_round == fit["round"]:
+                best_state = state
+        log.info("%s: validation perplexity per chunk %s; best chunk %d", name,
+                 ", ".join(f"{n}: {p:.3f}" for n, p in scores if p is not None) or "(no validation split)", best_round)
+        return {"state": best_state, "best_round": best_round, "steps": steps,
+                "validation_per_round": [{"round": n, "perplexity": p} for n, p in scores if p is not None]}
+
+    def _test_metrics(self, state: dict[str, torch.Tensor]) -> EvalMetrics:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)
+        return evaluate(self.model, self.tokenizer, self._test_rows, [], self.device,
+                        mixed_precision=self.config.mixed_precision)
 
     # --- history -----------------------------------------------------------------------------------------------
     def _current_round(self, round_number: int | None = None) -> RoundRecord:
@@ -278,13 +356,17 @@ class FederatedWorkspace:
         def metrics(m: EvalMetrics | None) -> dict | None:
             return m.model_dump() if m else None
 
+        rounds = [r.model_dump(by_alias=True) for r in self.rounds]
+        best = best_round_record(rounds)  # chosen on validation perplexity, never on test
         return {
             "run_id": self.paths.run_id,
             "settings": self.config.public_settings(),
             "collection": self.collection.model_dump() if self.collection else None,
             "data": self.data.model_dump() if self.data else None,
             "base": metrics(self.base_metrics),
-            "rounds": [r.model_dump(by_alias=True) for r in self.rounds],
+            "rounds": rounds,
+            "best_round": best["round"] if best else None,
+            "best_adapter": best["aggregation"]["adapter_path"] if best else None,
             "baselines": self.baselines,
         }
 
@@ -311,9 +393,37 @@ class FederatedWorkspace:
             self.server_optimizer = make_server_optimizer(optimizer["name"])
             self.server_optimizer.load_state_dict(optimizer)
         log.info("Resumed run %s after round %d of %d", self.paths.run_id, state["round"], state["total_rounds"])
+        self._scalars = None  # a new writer (purge_step=0) replaces whatever the stopped session wrote
+        self.write_scalars(0)
+        for record in self.rounds:
+            self.write_scalars(record.round)
         return state
 
     def save_history(self) -> Path:
         write_json_atomic(self.paths.history, self.history())
         point_latest(self.paths.results.parent, self.paths.run_id)
         return self.paths.history
+
+    # --- TensorBoard ---------------------------------------------------------------------------------------------
+    def _scalar_log(self) -> RunScalars | None:
+        if self._scalars is None and self.config.tensorboard:
+            self._scalars = RunScalars(self.paths.log_file.parent / "tensorboard" / self.paths.run_id)
+        return self._scalars
+
+    def write_scalars(self, round_number: int) -> None:
+        """TensorBoard scalars of round `round_number` (0: the base model); call it for a round only after that
+        round's state is saved, so a resumed run never shows a round twice."""
+        scalars = self._scalar_log()
+        if scalars is None:
+            return
+        if round_number == 0:
+            if self.base_metrics is not None:
+                scalars.write(metrics_scalars(self.base_metrics.model_dump()), 0)
+            return
+        record = next(r for r in self.rounds if r.round == round_number)
+        scalars.write(round_scalars(record.model_dump(by_alias=True)), round_number)
+
+    def close(self) -> None:
+        if self._scalars is not None:
+            self._scalars.close()
+            self._scalars = None

@@ -35,6 +35,31 @@ def test_two_rounds_on_the_snapshot_with_a_tiny_model(tiny_config, tiny_model_di
     perplexities = [history["base"]["perplexity"]] + [r["global"]["perplexity"] for r in history["rounds"]]
     assert perplexities[2] < perplexities[1] < perplexities[0]
 
+    # Each client has a validation split, disjoint by thread from its train and test splits; the best round is the
+    # one with the lowest validation perplexity, and its adapter is kept in the results.
+    for shard in history["data"]["clients"]:
+        splits = {name: {json.loads(line)["post_id"] for line in Path(shard[f"{name}_path"]).read_text().splitlines()}
+                  for name in ("train", "validation", "test")}
+        assert shard["num_validation"] >= 8 and all(splits.values())
+        assert not (splits["train"] & splits["validation"] or splits["validation"] & splits["test"])
+    validation = {r["round"]: r["global"]["validation_perplexity"] for r in history["rounds"]}
+    assert history["base"]["validation_perplexity"] > 0 and all(v > 0 for v in validation.values())
+    assert history["best_round"] == min(validation, key=validation.get) == result.best_round
+    assert history["best_adapter"] == result.best_adapter == result.global_adapters[history["best_round"] - 1]
+
+    # TensorBoard: one step per round (0: the base model), with the promised tags.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(tiny_config.fl_crew_reddit_dir) / "logs" / "tensorboard" / result.run_id))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"perplexity/test", "perplexity/validation", "perplexity_test_per_client/client-0", "train_loss/client-2",
+            "generation/bleu", "generation/chrf", "generation/rouge_l", "update_norm/client-1", "clients/accepted",
+            "clients/rejected", "time/round_seconds"} <= tags
+    assert [e.step for e in events.Scalars("perplexity/test")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("perplexity/validation")] == pytest.approx(
+        [history["base"]["validation_perplexity"], validation[1], validation[2]], rel=1e-5)
+
     # Every adapter is in PEFT's own format and loads with PeftModel.from_pretrained.
     root = Path(tiny_config.fl_crew_reddit_dir)
     for client in ("client-0", "client-1", "client-2"):
@@ -73,6 +98,22 @@ def test_baselines_train_on_the_same_budget_and_are_reported(tiny_config):
     assert str(federated_steps) in baselines["centralized"]["description"]
     for entry in baselines.values():
         assert entry["perplexity"] < result.history["base"]["perplexity"]
+    # Each baseline is read at its best round-equivalent chunk on validation.
+    central = baselines["centralized"]
+    chunks = {p["round"]: p["perplexity"] for p in central["validation_per_round"]}
+    assert sorted(chunks) == [1, 2] and central["best_round"] == min(chunks, key=chunks.get)
+    for values in local["per_client"].values():
+        chunks = {p["round"]: p["perplexity"] for p in values["validation_per_round"]}
+        assert sorted(chunks) == [1, 2] and values["best_round"] == min(chunks, key=chunks.get)
+    assert result.history["best_round"] in (1, 2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(config.fl_crew_reddit_dir) / "logs" / "tensorboard" / result.run_id))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("baseline/centralized/test_perplexity")] == [
+        (central["best_round"], pytest.approx(central["perplexity"], rel=1e-5))]
+    assert {"baseline/local_only/test_perplexity_mean", "baseline/local_only/validation_perplexity/client-0",
+            "baseline/centralized/validation_perplexity"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.e2e

@@ -1,21 +1,28 @@
-"""MCP round trip: RedditMCPClient starts the real server as a subprocess over stdio and calls every tool.
+"""MCP round trip: RedditMCPClient drives the real server as a subprocess over stdio and over streamable HTTP.
 
-One server per data folder for the whole module (reddit-2015, read in place, and a tiny tmp folder).
+One server per data folder for the whole module (reddit-2015, read in place, and a tiny tmp folder), one HTTP
+server on the snapshot; plus restarts of a killed stdio server, timeouts, and a third-party server (a stand-in for
+mcp-server-reddit, tests/fake_mcp_server_reddit.py) used by the collector through the tool map.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
+from mcp_servers import FAKE_THIRD_PARTY, SNAPSHOT, free_port, http_server, server_pids, snapshot_env, wait_until_dead
 
 from fl_crew_reddit.config import load_config
 from fl_crew_reddit.reddit.backends import DumpBackend
 from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError, server_command
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
+from fl_crew_reddit.reddit.collector import collect
 from fl_crew_reddit.reddit.server import MAX_LIMIT, build_server
+from fl_crew_reddit.reddit.server import main as server_main
 
 REDDIT_2015 = Path(os.environ.get("REDDIT_2015_DIR", "/work/shared/data/reddit-2015"))
 FIVE_TOOLS = {"collect_subreddit_posts", "search_reddit_posts", "collect_post_comments", "collect_user_data",
@@ -147,8 +154,170 @@ def test_a_closed_client_raises(tiny_dump, tmp_path):
 
 
 def test_a_server_that_cannot_start_is_reported(tmp_path):
-    with pytest.raises(RedditMCPError, match="live-API issue"):
-        RedditMCPClient(server_command("live"), timeout_s=30, stderr_log=tmp_path / "s.log")
+    expected = "(?s)could not start.*closed the connection before answering initialize.*is not a folder"
+    with pytest.raises(RedditMCPError, match=expected):
+        RedditMCPClient(server_command("dump", tmp_path / "missing"), timeout_s=30, stderr_log=tmp_path / "s.log")
+
+
+def test_a_server_that_never_answers_times_out(tmp_path):
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(RedditMCPError, match="no answer to initialize within 1 s"):
+        RedditMCPClient(silent, connect_timeout_s=1, stderr_log=tmp_path / "s.log")
+
+
+# ---------------------------------------------------------------------------------------------- crashed stdio server
+def _snapshot_client(tmp_path: Path, **kwargs) -> RedditMCPClient:
+    return RedditMCPClient(server_command("snapshot"), snapshot_env(), timeout_s=30,
+                           stderr_log=tmp_path / "server.log", **kwargs)
+
+
+def _kill_server(log: Path) -> int:
+    pid = server_pids(log)[-1]
+    os.kill(pid, signal.SIGKILL)
+    wait_until_dead(pid)
+    return pid
+
+
+def test_a_killed_stdio_server_is_restarted_and_the_call_retried(tmp_path):
+    with _snapshot_client(tmp_path, max_restarts=2) as client:
+        first = client.collect_subreddit_posts("cooking", limit=3)
+        killed = _kill_server(client.stderr_log)
+        again = client.collect_subreddit_posts("cooking", limit=3)
+        assert [p.id for p in again.posts] == [p.id for p in first.posts]
+        assert client.restarts == 1
+        pids = server_pids(client.stderr_log)
+        assert len(pids) == 2 and pids[-1] != killed
+        _kill_server(client.stderr_log)
+        assert client.collect_subreddit_info("gardening").name == "gardening"
+        assert client.restarts == 2
+
+
+def test_restarts_are_bounded(tmp_path):
+    with _snapshot_client(tmp_path, max_restarts=0) as client:
+        client.list_tools()
+        _kill_server(client.stderr_log)
+        with pytest.raises(RedditMCPError, match="is gone .*restarted 0 time"):
+            client.list_tools()
+
+
+# ---------------------------------------------------------------------------------------------- streamable HTTP
+@pytest.fixture(scope="module")
+def http_url(tmp_path_factory):
+    with http_server(tmp_path_factory.mktemp("http") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def http_client(http_url):
+    with RedditMCPClient(url=http_url, timeout_s=30) as client:
+        yield client
+
+
+def test_http_round_trip(http_client):
+    assert set(http_client.list_tools()) == FIVE_TOOLS | {"list_subreddits"}
+    assert http_client.list_subreddits() == ["cooking", "gardening", "learnpython"]
+    posts = http_client.collect_subreddit_posts("r/Cooking", limit=4, sort="top")
+    assert posts.subreddit == "cooking" and len(posts.posts) == 4
+    assert [p.score for p in posts.posts] == sorted((p.score for p in posts.posts), reverse=True)
+    thread = http_client.collect_post_comments(posts.posts[0].id, limit=500)
+    assert thread.comments and all(c.link_id == f"t3_{posts.posts[0].id}" for c in thread.comments)
+    assert http_client.collect_subreddit_info("learnpython").num_posts == 32
+
+
+@pytest.mark.parametrize("tool, arguments, message", [
+    ("collect_subreddit_posts", {"subreddit": "cooking", "limit": 10**9}, "less than or equal to 1000"),
+    ("collect_subreddit_posts", {"subreddit": "cooking", "sort": "best"}, "sort"),
+    ("collect_post_comments", {"post_id": "../../etc/passwd"}, "post_id"),
+    ("collect_subreddit_info", {"subreddit": "nosuchsub"}, "available: .*cooking"),
+    ("no_such_tool", {}, "no_such_tool"),
+])
+def test_invalid_http_calls_are_mcp_errors_and_the_server_stays_up(http_client, tool, arguments, message):
+    with pytest.raises(RedditMCPError, match=message):
+        http_client.call_tool(tool, arguments)
+    assert http_client.collect_subreddit_info("cooking").num_posts == 32
+
+
+def test_each_http_client_gets_its_own_session(http_url):
+    with RedditMCPClient(url=http_url, timeout_s=30) as one, RedditMCPClient(url=http_url, timeout_s=30) as two:
+        assert one.list_subreddits() == two.list_subreddits()
+
+
+def test_an_unreachable_url_is_reported(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    with pytest.raises(RedditMCPError, match=f"could not connect to {url}"):
+        RedditMCPClient(url=url, timeout_s=30, connect_timeout_s=10)
+
+
+def test_the_collector_uses_reddit_mcp_url(http_url, tmp_path):
+    config = load_config(reddit_mcp_url=http_url, fl_crew_reddit_dir=tmp_path)
+    with RedditMCPClient.for_config(config) as client:
+        assert client.url == http_url and client.command == []
+        report = collect(client, ["cooking"], 3, tmp_path / "collected")
+    assert report.server == "fl-crew-reddit" and report.subreddits[0].num_posts == 3
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "example.org"])
+def test_http_refuses_a_non_loopback_address_without_allow_remote(host, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        server_main(["--transport", "streamable-http", "--host", host])
+    assert exit_.value.code == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- third-party server
+def _third_party_config(tmp_path: Path, tool_map: str):
+    command = f"{sys.executable} {FAKE_THIRD_PARTY} {SNAPSHOT / 'cooking'}"
+    return load_config(reddit_mcp_command=command, reddit_mcp_tool_map=tool_map, subreddits="cooking",
+                       fl_crew_reddit_dir=tmp_path)
+
+
+def test_the_collector_reads_a_third_party_server_through_the_preset(tmp_path):
+    config = _third_party_config(tmp_path, "mcp-server-reddit")
+    with RedditMCPClient.for_config(config) as client:
+        assert "get_subreddit_hot_posts" in client.list_tools()
+        assert client.server_info.serverInfo.name == "mcp-reddit"
+        report = collect(client, ["cooking"], 5, tmp_path / "collected")
+        with pytest.raises(RedditMCPError, match="no tool for this.*SUBREDDITS"):
+            client.list_subreddits()
+        with pytest.raises(RedditMCPError, match="404 Not Found"):
+            client.collect_subreddit_posts("nosuchsub")
+    mapped = json.loads(Path(report.subreddits[0].path).read_text())
+    assert report.server == "mcp-reddit" and report.subreddits[0].skipped == {}
+
+    with RedditMCPClient(server_command("snapshot"), snapshot_env(), timeout_s=30,
+                         stderr_log=tmp_path / "ours.log") as ours:
+        posts = ours.collect_subreddit_posts("cooking", limit=5, sort="new").posts
+        comments = [c for p in posts for c in ours.collect_post_comments(p.id, limit=500).comments]
+    fields = ("id", "subreddit", "title", "selftext", "author", "created_utc", "score", "num_comments")
+    assert [{k: p[k] for k in fields} for p in mapped["posts"]] == [p.model_dump(include=set(fields)) for p in posts]
+    assert mapped["info"]["name"] == "cooking" and mapped["info"]["num_posts"] is None
+    thread = ("id", "link_id", "parent_id", "subreddit", "body", "author", "score")
+    assert sorted(tuple(c[k] for k in thread) for c in mapped["comments"]) == \
+        sorted(tuple(getattr(c, k) for k in thread) for c in comments)
+    ids = [c["id"] for c in mapped["comments"]]
+    assert all(ids.index(c["parent_id"][3:]) < ids.index(c["id"])  # each parent before its replies
+               for c in mapped["comments"] if c["parent_id"].startswith("t1_"))
+
+
+def test_a_mapping_file_routes_tools_and_caps_limits(tmp_path):
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text(
+        "name: hot-only\n"
+        "tools:\n"
+        "  collect_subreddit_posts:\n"
+        "    tool: get_subreddit_top_posts\n"
+        "    arguments: {subreddit: subreddit_name, limit: limit}\n"
+        "    fixed: {time: all}\n"
+        "    max_limit: 100\n"
+        "    result:\n"
+        "      posts: {at: result, fields: {id: id, title: title, score: score, created_utc: created_at}}\n")
+    config = _third_party_config(tmp_path, str(mapping))
+    with RedditMCPClient.for_config(config) as client:
+        posts = client.collect_subreddit_posts("cooking", limit=500, sort="new").posts
+        with pytest.raises(RedditMCPError, match="hot-only.*no tool for this"):
+            client.collect_post_comments(posts[0].id)
+    assert len(posts) == 32 and all(p.subreddit == "cooking" and p.author is None for p in posts)
+    assert [p.score for p in posts] == sorted((p.score for p in posts), reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------- schema

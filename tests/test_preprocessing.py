@@ -89,6 +89,35 @@ def test_partition_by_subreddit_rejects_too_few_subreddits():
 
 def test_split_by_thread_never_shares_a_thread():
     examples = _examples(30, subs=("a",))
-    train, test = split_by_thread(examples, test_fraction=0.2, max_train=100, seed=3)
+    train, validation, test = split_by_thread(examples, test_fraction=0.2, max_train=100, seed=3)
+    assert validation == []  # validation_fraction defaults to 0
     assert {e["post_id"] for e in train}.isdisjoint({e["post_id"] for e in test})
     assert len(train) + len(test) == 30 and 5 <= len(test) <= 8
+
+
+def test_split_by_thread_validation_is_disjoint_by_thread_and_reproducible():
+    # Prepare: 40 threads of 3 replies each.
+    examples = _examples(120, subs=("a",))
+
+    # Execute
+    split = split_by_thread(examples, test_fraction=0.2, max_train=200, seed=5, validation_fraction=0.1)
+    again = split_by_thread(examples, test_fraction=0.2, max_train=200, seed=5, validation_fraction=0.1)
+    other_seed = split_by_thread(examples, test_fraction=0.2, max_train=200, seed=6, validation_fraction=0.1)
+    no_validation = split_by_thread(examples, test_fraction=0.2, max_train=200, seed=5)
+
+    # Assert: three splits, no thread in two of them, nothing lost, same seed → same split (same order too).
+    threads = [{e["post_id"] for e in part} for part in split]
+    assert all(threads) and not (threads[0] & threads[1] or threads[0] & threads[2] or threads[1] & threads[2])
+    assert sorted(e["id"] for part in split for e in part) == sorted(e["id"] for e in examples)
+    assert 12 <= len(split.validation) <= 14 and 24 <= len(split.test) <= 26  # whole threads: may overshoot
+    assert [[e["id"] for e in part] for part in split] == [[e["id"] for e in part] for part in again]
+    assert [e["id"] for e in other_seed.validation] != [e["id"] for e in split.validation]
+    # Adding validation leaves the test split as it was: held-out numbers stay comparable.
+    assert [e["id"] for e in no_validation.test] == [e["id"] for e in split.test]
+
+
+def test_split_by_thread_validation_has_a_minimum_count():
+    examples = _examples(60, subs=("a",))  # 10% would be 6 examples; the minimum is 8
+    split = split_by_thread(examples, test_fraction=0.2, max_train=200, seed=1, validation_fraction=0.1)
+    assert 8 <= len(split.validation) <= 10
+    assert {e["post_id"] for e in split.validation}.isdisjoint({e["post_id"] for e in split.train})

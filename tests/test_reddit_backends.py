@@ -238,8 +238,8 @@ def test_media_paths_resolve_inside_the_subreddit_folder_only(tmp_path):
 def test_make_backend_follows_the_config(tmp_path):
     dump = make_backend(load_config(reddit_backend="dump", reddit_dump_dir=REDDIT_2015, fl_crew_reddit_dir=tmp_path))
     assert isinstance(dump, DumpBackend) and "books" in dump.list_subreddits()
-    with pytest.raises(NotImplementedError, match="use snapshot or dump"):
-        make_backend(load_config(reddit_backend="live", fl_crew_reddit_dir=tmp_path))
+    with pytest.raises(ValueError, match="REDDIT_BACKEND=live needs REDDIT_CLIENT_ID"):  # ConfigError; see
+        make_backend(load_config(reddit_backend="live", fl_crew_reddit_dir=tmp_path))  # test_live_backend.py
     if SNAPSHOT_DIR.is_dir():
         snapshot = make_backend(load_config(reddit_backend="snapshot", fl_crew_reddit_dir=tmp_path))
         assert isinstance(snapshot, SnapshotBackend) and snapshot.root == SNAPSHOT_DIR

@@ -82,7 +82,7 @@ def test_markdown_has_the_numbers_and_the_verdict():
     assert "32.00" in row1 and "−20.0%" in row1 and "1.25" in row1 and "0.081" in row1 and "3.600" in row1
     assert "150" in row1
     assert "| lora_r | 8 |" in text and "| learning_rate | 0.0002 |" in text and "cooking, gardening" in text
-    assert "| client-2 | r/python (50) | 32 | 8 | 3,002 |" in text
+    assert "| client-2 | r/python 100% | 40 | — | 32 | — | 8 | 3,002 |" in text
     assert "| deleted or removed | 7 |" in text
     assert "real reply 0" in text and "round-2 reply 0" in text and "base reply 0" in text
     assert "round-2 reply 3" not in text  # 3 samples at most

@@ -69,6 +69,19 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tiny_config,
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert resumed.perplexities() == pytest.approx(reference.perplexities(), rel=1e-6)
+    assert resumed.best_round == reference.best_round is not None
+    assert resumed.best_adapter.replace(str(crash_dir), "") == reference.best_adapter.replace(
+        str(tiny_config.fl_crew_reddit_dir), "").replace("run-reference", "run-crash")
+    # TensorBoard: the killed session's events are superseded, so each round shows once, with no gap.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(crash_dir / "logs" / "tensorboard" / "run-crash"))
+    events.Reload()
+    assert len(list((crash_dir / "logs" / "tensorboard" / "run-crash").glob("events.out.tfevents.*"))) == 2
+    test_ppl = [(e.step, e.value) for e in events.Scalars("perplexity/test")]
+    assert [step for step, _ in test_ppl] == [0, 1, 2, 3]
+    assert [v for _, v in test_ppl[1:]] == pytest.approx(resumed.perplexities(), rel=1e-5)
+    assert [e.step for e in events.Scalars("train_loss/client-0")] == [1, 2, 3]
 
 
 @pytest.mark.e2e

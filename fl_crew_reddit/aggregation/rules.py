@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _kernels
 from ._sortnet import median_block, padding, sorted_block
 from ._tensors import (
     StateDict,
@@ -77,20 +78,22 @@ def _weighted_average(
 def pairwise_sq_distances(states: Sequence[StateDict]) -> Tensor:
     """(n, n) float64 squared Euclidean distances between flattened states.
 
-    Computed as a Gram matrix in float64 after subtracting the per-coordinate
-    mean (distances are translation invariant). Float64 plus centring avoids the
-    cancellation that makes ||a||^2 + ||b||^2 - 2ab unreliable in float32.
+    With numba: summed differences (`_kernels.pairwise_sq_distances`), one pass over the inputs. Without: computed from a Gram matrix after subtracting the per-coordinate mean of each column chunk (distances are
+    translation invariant). Centring removes the large shared part of the clients' adapters, which is what makes
+    ||a||^2 + ||b||^2 - 2ab cancel badly; after it the float32 Gram of each chunk (one BLAS call) is accurate to
+    about 1e-7 relative, and the chunks are summed in float64. Twice as fast as a float64 Gram.
     """
+    if _kernels.AVAILABLE:
+        return _kernels.pairwise_sq_distances([flat_views(states, key) for key in states[0]])
     n = len(states)
     gram = torch.zeros((n, n), dtype=torch.float64)
     for key in states[0]:
         flats = flat_views(states, key)
         for start, stop in column_chunks(flats[0].numel(), n):
-            block = torch.empty((n, stop - start), dtype=torch.float64)
-            for row, flat in enumerate(flats):
-                block[row].copy_(flat[start:stop])
+            block = torch.stack([flat[start:stop].to(torch.float32) for flat in flats])
             block -= block.mean(dim=0)
-            gram.addmm_(block, block.T)
+            gram += (block @ block.T).to(torch.float64)
+    gram = (gram + gram.T) * 0.5  # BLAS need not return g_ij == g_ji bit for bit; equal scores must tie exactly
     diag = gram.diagonal()
     dist = (diag[:, None] + diag[None, :] - 2.0 * gram).clamp_(min=0.0)
     dist.fill_diagonal_(0.0)
@@ -174,6 +177,9 @@ def median(states: Sequence[StateDict], num_examples: Sequence[int]) -> StateDic
     out: StateDict = {}
     for key in keys:
         flats = flat_views(states, key)
+        if _kernels.AVAILABLE and len(flats) > 1:
+            out[key] = restore(_kernels.median(flats), states[0][key])
+            continue
         numel = flats[0].numel()
         result = torch.empty(numel, dtype=torch.float32)
         for start, stop in column_chunks(numel, padding(len(flats))[0]):
@@ -201,6 +207,9 @@ def trimmed_mean(
         numel = flats[0].numel()
         if cut == 0:
             out[key] = restore(weighted_sum_flat(flats, [1.0 / n] * n), states[0][key])
+            continue
+        if _kernels.AVAILABLE:
+            out[key] = restore(_kernels.trimmed_mean(flats, cut), states[0][key])
             continue
         result = torch.empty(numel, dtype=torch.float32)
         for start, stop in column_chunks(numel, padding(n)[0]):
@@ -254,6 +263,9 @@ def bulyan(
     out: StateDict = {}
     for key in keys:
         flats = flat_views(selected, key)
+        if _kernels.AVAILABLE:
+            out[key] = restore(_kernels.closest_to_median_mean(flats, keep), states[0][key])
+            continue
         numel = flats[0].numel()
         result = torch.empty(numel, dtype=torch.float32)
         for start, stop in column_chunks(numel, padding(theta)[0]):

@@ -23,6 +23,15 @@ class EvalMetrics(BaseModel):
     distinct_2: float = 0.0
     per_client: dict[str, float] = Field(default_factory=dict, description="perplexity on each client's own split")
     samples: list[dict] = []
+    validation_perplexity: float | None = Field(
+        None, description="on the union of the clients' validation splits: chooses the best round, never test")
+    validation_per_client: dict[str, float] = Field(default_factory=dict)
+    clip_score: float | None = Field(None, description="CLIPScore (0-100) of generated replies against the images "
+                                                       "of the post they answer (held-out image posts)")
+    clip_score_reply: float | None = Field(None, description="the same for the real replies (a reference level)")
+    clip_score_post: float | None = Field(None, description="the same for the post's own text (a reference level)")
+    clip_examples: int = 0
+    clip_note: str | None = Field(None, description="why the CLIP score was not computed")
 
 
 @torch.no_grad()
@@ -30,6 +39,23 @@ def held_out_perplexity(model, rows: list[dict], pad_id: int, device: torch.devi
                         mixed_precision: str = "auto") -> tuple[float, int]:
     total, count = held_out_nll(model, rows, pad_id, device, batch_size, mixed_precision)
     return perplexity(total, count), count
+
+
+@torch.no_grad()
+def split_perplexities(model, rows_by_client: dict[str, list[dict]], pad_id: int, device: torch.device,
+                       use_adapter: bool = True,
+                       mixed_precision: str = "auto") -> tuple[float | None, dict[str, float]]:
+    """Perplexity only (no generation: cheap enough to run every round) on the union of the clients' rows and on
+    each client's own; None and {} where there are no reply tokens (a run made before validation splits)."""
+    context = nullcontext() if use_adapter else model.disable_adapter()
+    with context:
+        sums = {name: held_out_nll(model, rows, pad_id, device, mixed_precision=mixed_precision)
+                for name, rows in rows_by_client.items() if rows}
+    count = sum(n for _, n in sums.values())
+    if not count:
+        return None, {}
+    return (perplexity(sum(t for t, _ in sums.values()), count),
+            {name: perplexity(t, n) for name, (t, n) in sums.items() if n})
 
 
 @torch.no_grad()
@@ -90,3 +116,30 @@ def evaluate(model, tokenizer, test_rows: list[dict] | dict[str, list[dict]], sa
     return EvalMetrics(perplexity=ppl, bleu=bleu(hypotheses, references), chrf=chrf(hypotheses, references),
                        num_tokens=count, per_client=per_client, samples=samples,
                        distinct_1=distinct_n(hypotheses, 1), distinct_2=distinct_n(hypotheses, 2), **overlap)
+
+
+def image_text_scores(model, tokenizer, image_examples: list[dict], device: torch.device, clip_model: str | None, *,
+                      use_adapter: bool = True, known_replies: dict[str, str] | None = None) -> dict:
+    """The CLIP fields of EvalMetrics for held-out replies to image posts: scores, or `clip_note` saying why not.
+
+    Replies already generated for the BLEU sample (`known_replies`, by example id) are reused."""
+    from fl_crew_reddit.evaluation.clip_score import image_text_alignment
+    from fl_crew_reddit.preprocessing.image_features import clip_encoder
+
+    if clip_model is None:
+        return {"clip_note": "image posts are off (SUPPORT_MULTIMODAL=false)"}
+    if not image_examples:
+        return {"clip_note": "no held-out example answers a post with a kept image"}
+    encoder, reason = clip_encoder(clip_model)
+    if encoder is None:
+        return {"clip_note": reason}
+    known = known_replies or {}
+    missing = [e for e in image_examples if e["id"] not in known]
+    if missing:
+        with nullcontext() if use_adapter else model.disable_adapter():
+            generated = generate_replies(model, tokenizer, [e["prompt"] for e in missing], device)
+        known = {**known, **{e["id"]: reply for e, reply in zip(missing, generated)}}
+    try:
+        return image_text_alignment(encoder, image_examples, [known[e["id"]] for e in image_examples])
+    except OSError as error:  # stored images gone (a run folder moved without its data/)
+        return {"clip_note": f"the stored images cannot be read: {error}"}

@@ -229,6 +229,22 @@ def settings_blocks(history: dict) -> list[Block]:
     return [("h2", "Settings"), _table(["Setting", "Value"], [[k, _setting(v)] for k, v in settings.items()])]
 
 
+def _subreddit_mix(subreddits: dict[str, int]) -> str:
+    """`r/books 62% · r/history 38%`: the share of each subreddit in one client's examples."""
+    total = sum(n for n in subreddits.values() if isinstance(n, (int, float))) or 0
+    if not total:
+        return "—"
+    return " · ".join(f"r/{sub} {100 * n / total:.0f}%" for sub, n in subreddits.items())
+
+
+def _reason_table(counts: dict, caption: str) -> list[Block]:
+    if not counts:
+        return []
+    rows = [[reason.replace("_", " "), _fmt(count)]
+            for reason, count in sorted(counts.items(), key=lambda item: (-(item[1] or 0), item[0]))]
+    return [("p", caption), _table(["Reason", "Count"], rows)]
+
+
 def data_blocks(history: dict) -> list[Block]:
     blocks: list[Block] = [("h2", "Data")]
     collection = history.get("collection") or {}
@@ -236,35 +252,49 @@ def data_blocks(history: dict) -> list[Block]:
     if not data and not collection:
         return blocks + [("p", "No data has been prepared yet.")]
     subs = collection.get("subreddits") or []
+    source_skipped: dict[str, int] = {}
     if subs:
         source = f" from MCP server `{collection['server']}`" if collection.get("server") else ""
         blocks.append(("p", f"Collected{source}:"))
-        blocks.append(_table(["Subreddit", "Posts", "Comments"],
-                             [[s.get("subreddit", "?"), _fmt(s.get("num_posts")), _fmt(s.get("num_comments"))]
+        blocks.append(_table(["Subreddit", "Posts", "Comments", "Skipped in the source"],
+                             [[s.get("subreddit", "?"), _fmt(s.get("num_posts")), _fmt(s.get("num_comments")),
+                               _fmt(sum((s.get("skipped") or {}).values()))]
                               for s in subs]))
+        for s in subs:
+            for reason, count in (s.get("skipped") or {}).items():
+                source_skipped[reason] = source_skipped.get(reason, 0) + count
+    blocks += _reason_table(source_skipped, "Skipped while reading the source (bad lines, files and media "
+                                            "references), by reason:")
     if data:
         facts = [f"{_fmt(data.get('num_comments'))} comments → "
                  f"{_fmt(data.get('num_examples'))} comment–reply examples"]
-        used = [c.get("num_train", 0) + c.get("num_test", 0) for c in data.get("clients") or []]
+        used = [c.get("num_train", 0) + c.get("num_validation", 0) + c.get("num_test", 0)
+                for c in data.get("clients") or []]
         if used:
-            facts.append(f"{sum(used):,} used by {len(used)} clients (train + test)")
+            facts.append(f"{sum(used):,} used by {len(used)} clients (train + validation + test)")
+        if data.get("partition"):
+            facts.append(f"partition: {data['partition']}")
         if data.get("images_kept") is not None:
             facts.append(f"{_fmt(data.get('images_kept'))} images kept")
+        features = data.get("image_features") or {}
+        if features.get("skipped_reason"):
+            facts.append(f"image features skipped: {features['skipped_reason']}")
+        elif features:
+            encoded = (features.get("computed") or 0) + (features.get("reused") or 0)
+            facts.append(f"CLIP image features of {_fmt(encoded)} images ({features.get('model')})")
         blocks.append(("p", "; ".join(facts) + "."))
         clients = data.get("clients") or []
         if clients:
             blocks.append(_table(
-                ["Client", "Subreddits", "Train examples", "Test examples", "Train tokens"],
-                [[c.get("name", "?"),
-                  ", ".join(f"r/{sub} ({n})" for sub, n in (c.get("subreddits") or {}).items()) or "—",
-                  _fmt(c.get("num_train")), _fmt(c.get("num_test")), _fmt(c.get("train_tokens"))]
+                ["Client", "Subreddit mix", "Examples", "Tokens", "Train", "Validation", "Test", "Train tokens"],
+                [[c.get("name", "?"), _subreddit_mix(c.get("subreddits") or {}),
+                  _fmt(c.get("num_examples") or sum(c.get(k) or 0 for k in ("num_train", "num_validation", "num_test"))),
+                  _fmt(c.get("num_tokens")), _fmt(c.get("num_train")),
+                  _fmt(c.get("num_validation")), _fmt(c.get("num_test")), _fmt(c.get("train_tokens"))]
                  for c in clients]))
-        dropped = data.get("dropped") or {}
-        if dropped:
-            blocks.append(("p", "Dropped while preprocessing, by reason:"))
-            rows = [[reason.replace("_", " "), _fmt(count)]
-                    for reason, count in sorted(dropped.items(), key=lambda item: -(item[1] or 0))]
-            blocks.append(_table(["Reason", "Count"], rows))
+        blocks += _reason_table(data.get("dropped") or {}, "Dropped while preprocessing, by reason:")
+        blocks += _reason_table(data.get("scrubbed") or {}, "Changed but kept while preprocessing (personal data "
+                                                            "replaced, quotes cut, examples truncated), by rule:")
     return blocks
 
 
@@ -300,7 +330,26 @@ def rounds_blocks(history: dict) -> list[Block]:
         note += f" Aggregation: {', '.join(methods)}."
     blocks += [("p", note), _table(headers, rows)]
     blocks += _per_client_blocks(history) + _loss_blocks(history) + _baseline_blocks(history)
+    blocks += clip_blocks(history)
     return blocks
+
+
+def clip_blocks(history: dict) -> list[Block]:
+    """Image–text alignment (CLIP score) per round, or the one sentence saying why it was not computed."""
+    evaluated = [("base", history.get("base") or {})] + [(r.get("round", "?"), _global(r))
+                                                        for r in history.get("rounds") or []]
+    evaluated = [(name, m) for name, m in evaluated if "clip_score" in m or m.get("clip_note")]
+    if not evaluated:
+        return []  # a history from before the CLIP score
+    scored = [(name, m) for name, m in evaluated if _number(m.get("clip_score")) is not None]
+    if not scored:
+        note = next((m["clip_note"] for _, m in reversed(evaluated) if m.get("clip_note")), "no reason recorded")
+        return [("p", f"CLIP score: not computed — {note}.")]
+    rows = [[name, _fmt(m.get("clip_score")), _fmt(m.get("clip_score_reply")), _fmt(m.get("clip_score_post")),
+             _fmt(m.get("clip_examples"))] for name, m in scored]
+    return [("p", "CLIP score (image–text alignment, 100·max(cos, 0) between CLIP embeddings of a post's images and "
+                  "a text; 0–100, higher is closer) on held-out replies to image posts:"),
+            _table(["Round", "Generated replies", "Real replies", "Post text", "Examples"], rows)]
 
 
 def _loss_blocks(history: dict) -> list[Block]:

@@ -1,10 +1,13 @@
-"""Pure text cleaning for Reddit bodies: markdown to plain text, URLs out, removed/bot content recognised.
+"""Pure text cleaning for Reddit bodies: markdown to plain text, URLs out, removed/bot/moderator content recognised,
+personal data (user handles, e-mail addresses, phone numbers) replaced by placeholders, language checked.
 
-No I/O. Each rule that drops a comment returns a reason string so the pipeline can count it.
+No I/O. Each rule that drops a comment returns a reason string, and each rule that changes a text counts what it
+changed, so the pipeline can report both.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 REMOVED_BODIES = {"[deleted]", "[removed]", "[deleted by user]", ""}
 BOT_AUTHORS = {"automoderator"}
@@ -27,8 +30,13 @@ def is_removed(body: str | None) -> bool:
     return body is None or body.strip().lower() in REMOVED_BODIES
 
 
-def is_bot(author: str | None, body: str) -> bool:
-    """Bots and moderator automation write text no person wrote: it teaches the model boilerplate."""
+def is_bot(author: str | None, body: str, distinguished: str | None = None, stickied: bool = False) -> bool:
+    """Bots and moderator notes write text no person wrote as a reply: it teaches the model boilerplate.
+
+    Moderator notes are comments posted with the mod badge (`distinguished == "moderator"`, or "admin") or pinned to
+    the top of the thread (`stickied`: only moderators can pin a comment)."""
+    if stickied or (distinguished or "").lower() in ("moderator", "admin"):
+        return True
     if author:
         name = author.lower()
         if name in BOT_AUTHORS or BOT_AUTHOR_PATTERN.search(name):
@@ -57,12 +65,86 @@ def normalise_for_dedupe(text: str) -> str:
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
 
-def drop_reason(author: str | None, body: str | None, min_chars: int = 2) -> str | None:
-    """Why a comment cannot be a training reply, or None if it can (on the raw body)."""
+def has_quote(text: str) -> bool:
+    """The body quotes someone (`> ...` lines), which `clean_text` removes: the quote is not the author's reply."""
+    return bool(_QUOTE_LINE.search(text))
+
+
+def drop_reason(author: str | None, body: str | None, min_chars: int = 2, *, distinguished: str | None = None,
+                stickied: bool = False, max_chars: int = 0) -> str | None:
+    """Why a comment cannot be a training reply, or None if it can (on the raw body).
+
+    `max_chars` (0: no limit) drops huge bodies before any tokenizer or detector sees them."""
     if is_removed(body):
         return "deleted_or_removed"
-    if is_bot(author, body or ""):
+    if max_chars and len(body) > max_chars:
+        return "over_max_chars"
+    if is_bot(author, body or "", distinguished, stickied):
         return "bot_or_moderator"
     if len(clean_text(body or "")) < min_chars:
         return "empty_after_cleaning"
     return None
+
+
+# --- personal data ------------------------------------------------------------------------------------------------
+# Placeholders keep the sentence readable ("ask [user], she knows") without teaching the model who anyone is.
+USER_PLACEHOLDER = "[user]"
+EMAIL_PLACEHOLDER = "[email]"
+PHONE_PLACEHOLDER = "[phone]"
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Reddit usernames: 3-20 of letters, digits, _ and -, written u/name or /u/name.
+_REDDIT_HANDLE = re.compile(r"(?<![\w/])/?u/[A-Za-z0-9_-]{3,20}\b")
+# @handles (Twitter, Instagram, ...), starting with a letter or _ ("@3x" is a size); the lookbehind keeps e-mail
+# addresses, "foo@bar" and "[name]@host" out.
+_AT_HANDLE = re.compile(r"(?<![\w@.\])])@[A-Za-z_](?:[A-Za-z0-9_.]{0,28}[A-Za-z0-9_])?\b")
+# International: +, country code, then digit groups with optional separators; checked for 8-15 digits (E.164).
+_INTERNATIONAL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}(?![\d-])")
+# US / NANP: (202) 555-0143, 202-555-0143, 202.555.0143, 202 555 0143, 1-800-555-0199: 3-3-4 digit groups with
+# separators, area code and exchange starting 2-9, so years (2015) and plain digit runs (1234567890) never match.
+_US_PHONE = re.compile(r"(?<![\w+-])(?:1[\s.-])?(?:\([2-9]\d{2}\)\s?|[2-9]\d{2}[\s.-])[2-9]\d{2}[\s.-]\d{4}(?![\w-])")
+
+
+def _replace_international_phone(match: re.Match) -> str:
+    digits = sum(char.isdigit() for char in match.group(0))
+    return PHONE_PLACEHOLDER if 8 <= digits <= 15 else match.group(0)
+
+
+def scrub_personal_data(text: str) -> tuple[str, Counter]:
+    """Replace user handles, e-mail addresses and phone numbers with placeholders; count each kind replaced.
+
+    E-mail addresses go first, so their `@host` part is never taken for an @handle."""
+    counts: Counter = Counter()
+    text, counts["email"] = _EMAIL.subn(EMAIL_PLACEHOLDER, text)
+    text, counts["reddit_handle"] = _REDDIT_HANDLE.subn(USER_PLACEHOLDER, text)
+    text, counts["at_handle"] = _AT_HANDLE.subn(USER_PLACEHOLDER, text)
+    before = text.count(PHONE_PLACEHOLDER)
+    text = _INTERNATIONAL_PHONE.sub(_replace_international_phone, text)
+    text = _US_PHONE.sub(PHONE_PLACEHOLDER, text)
+    counts["phone"] = text.count(PHONE_PLACEHOLDER) - before
+    return text, +counts  # unary plus drops the zero counts
+
+
+# --- language -----------------------------------------------------------------------------------------------------
+LANGUAGE_MIN_WORDS = 10  # shorter replies are not judged: langdetect misreads ~1 in 200 8-9-word English replies
+LANGUAGE_MIN_PROBABILITY = 0.1  # dropped only when the allowed languages together score below this
+_LANGUAGE_SAMPLE_CHARS = 600  # enough text for a stable guess, and bounded time per reply
+
+
+def language_drop_reason(text: str, allowed: frozenset[str] | set[str]) -> str | None:
+    """Return "other_language" when langdetect is confident `text` is in none of `allowed` (ISO 639-1 codes, e.g. {"en"}).
+
+    Short texts, texts without letters and an empty `allowed` are not judged. langdetect is seeded (seed 0), so
+    the same text always gets the same verdict."""
+    if not allowed or len(text.split()) < LANGUAGE_MIN_WORDS:
+        return None
+    from langdetect import DetectorFactory, detect_langs
+    from langdetect.lang_detect_exception import LangDetectException
+
+    DetectorFactory.seed = 0
+    try:
+        guesses = detect_langs(text[:_LANGUAGE_SAMPLE_CHARS])
+    except LangDetectException:  # no letters to judge (numbers, emoji, code)
+        return None
+    allowed_probability = sum(g.prob for g in guesses if g.lang.split("-")[0] in allowed)
+    return "other_language" if allowed_probability < LANGUAGE_MIN_PROBABILITY else None

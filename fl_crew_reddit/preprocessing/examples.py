@@ -2,13 +2,15 @@
 
 A top-level comment answers the post (title + body); a nested comment answers its parent comment, with the post
 title as context. The reply is what the model learns to write; the prompt is only context (its tokens carry no loss).
+Prompts and replies are cleaned and have personal data replaced by placeholders before they become examples.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fl_crew_reddit.preprocessing.cleaning import clean_text, drop_reason, normalise_for_dedupe
+from fl_crew_reddit.preprocessing.cleaning import (clean_text, drop_reason, has_quote, normalise_for_dedupe,
+                                                   scrub_personal_data)
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
 
 PLAIN_TEMPLATE_PROMPT = "### Reddit post\n{prompt}\n\n### Reply\n"
@@ -19,31 +21,64 @@ PLAIN_TEMPLATE_END = "\n"
 class ThreadExamples:
     examples: list[dict] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    scrubbed: Counter = field(default_factory=Counter)  # texts changed but kept, by rule (once per distinct text)
 
 
-def post_prompt(post: RedditPost) -> str:
-    title = clean_text(post.title)
-    body = clean_text(post.selftext) if post.selftext else ""
+class _TextCleaner:
+    """clean_text + personal-data scrubbing, once per distinct post or comment text, counting what changed."""
+
+    def __init__(self, scrub: bool, counts: Counter):
+        self.scrub, self.counts, self._done = scrub, counts, {}
+
+    def __call__(self, key: str, text: str) -> str:
+        if key not in self._done:
+            if has_quote(text):
+                self.counts["quoted_text"] += 1
+            cleaned = clean_text(text)
+            if self.scrub:
+                cleaned, found = scrub_personal_data(cleaned)
+                self.counts.update({f"personal_data_{kind}": n for kind, n in found.items()})
+            self._done[key] = cleaned
+        return self._done[key]
+
+
+def post_prompt(post: RedditPost, clean=None) -> str:
+    clean = clean or (lambda key, text: clean_text(text))
+    title = clean("title", post.title)
+    body = clean("selftext", post.selftext) if post.selftext else ""
     return f"r/{post.subreddit}: {title}" + (f"\n\n{body}" if body else "")
 
 
-def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replies: set[str]) -> ThreadExamples:
-    """Prompt/reply pairs of one thread; `seen_replies` (normalised bodies) is shared to drop duplicates."""
+def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replies: set[str], *,
+                    max_chars: int = 0, scrub_personal: bool = True) -> ThreadExamples:
+    """Prompt/reply pairs of one thread; `seen_replies` (normalised bodies) is shared to drop duplicates.
+
+    `max_chars` (0: no limit): a post whose title and text are longer drops its whole thread, a longer comment
+    is dropped; huge records are bad input, not conversation."""
     out = ThreadExamples()
+    if max_chars and len(post.title) + len(post.selftext or "") > max_chars:
+        out.dropped["post_over_max_chars"] += len(comments)
+        return out
+    clean = _TextCleaner(scrub_personal, out.scrubbed)
+
+    def reason_for(comment: RedditComment) -> str | None:
+        return drop_reason(comment.author, comment.body, distinguished=comment.distinguished,
+                           stickied=comment.stickied, max_chars=max_chars)
+
     by_id = {comment.id: comment for comment in comments}
-    context = post_prompt(post)
+    context = post_prompt(post, clean)
     for comment in comments:
-        reason = drop_reason(comment.author, comment.body)
+        reason = reason_for(comment)
         if reason:
             out.dropped[reason] += 1
             continue
-        reply = clean_text(comment.body)
+        reply = clean(comment.id, comment.body)
         if comment.parent_id.startswith("t1_"):
             parent = by_id.get(comment.parent_id[3:])
-            if parent is None or drop_reason(parent.author, parent.body):
+            if parent is None or reason_for(parent):
                 out.dropped["parent_missing_or_removed"] += 1
                 continue
-            prompt = f"r/{post.subreddit}: {clean_text(post.title)}\n\n{clean_text(parent.body)}"
+            prompt = f"r/{post.subreddit}: {clean('title', post.title)}\n\n{clean(parent.id, parent.body)}"
         else:
             prompt = context
         key = normalise_for_dedupe(reply)
@@ -58,6 +93,7 @@ def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replie
             "author": comment.author,
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
             "image_paths": list(post.image_paths) if comment.parent_id.startswith("t3_") else [],
+            "reply_to_post": comment.parent_id.startswith("t3_"),  # replies to the post pair with its media
         })
     return out
 

@@ -1,19 +1,24 @@
-"""The Data Preprocessor's stage: collected threads → cleaned chat examples → one train/test shard per client.
+"""The Data Preprocessor's stage: collected threads → cleaned chat examples → train/validation/test per client.
 
 Writes `data/preprocessed/<run>/examples.jsonl` (every kept example), `image_text_pairs.jsonl` for image posts, and
-`data/training/<run>/<client>/{train,test}.jsonl`. Every dropped comment is counted by reason in the report.
+`data/training/<run>/<client>/{train,validation,test}.jsonl`. Every dropped comment is counted by reason in the report.
 """
 from __future__ import annotations
 
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
+from fl_crew_reddit.preprocessing.cleaning import language_drop_reason
 from fl_crew_reddit.preprocessing.examples import render_chat, thread_examples, tokenize_example
-from fl_crew_reddit.preprocessing.images import store_image
+from fl_crew_reddit.preprocessing.near_duplicates import near_duplicates
+from fl_crew_reddit.preprocessing.image_features import ImageFeatureReport, encode_stored_images
+from fl_crew_reddit.preprocessing.media import MediaSettings, MediaStore
 from fl_crew_reddit.preprocessing.partition import partition_examples, split_by_thread
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
 
@@ -28,13 +33,23 @@ class ClientShard(BaseModel):
     train_path: str
     test_path: str
     train_tokens: int
+    num_validation: int = 0
+    validation_path: str | None = Field(None, description="whole threads held out for choosing the best round")
+    num_examples: int = Field(0, description="examples the partition gave this client, before the per-client cap")
+    num_tokens: int = Field(0, description="tokens of those examples (prompt + reply)")
 
 
 class PreprocessReport(BaseModel):
     num_comments: int
     num_examples: int
     dropped: dict[str, int] = Field(description="comments or examples left out, by reason")
+    scrubbed: dict[str, int] = Field(default_factory=dict,
+                                     description="texts changed but kept, by rule: personal data replaced (per kind), "
+                                                 "quotes cut, examples truncated; once per distinct post or comment")
+    partition: str | None = None
     images_kept: int = 0
+    image_features: ImageFeatureReport | None = Field(
+        None, description="CLIP features of the kept images (IMAGE_PROCESSOR), or why they were skipped")
     clients: list[ClientShard]
     examples_path: str
 
@@ -53,9 +68,50 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def build_examples(collected: list[dict], tokenizer, max_seq_length: int) -> tuple[list[dict], Counter, int]:
-    """All threads of all subreddits → examples with rendered prompt/reply and token counts."""
+@dataclass(frozen=True)
+class QualityRules:
+    """Settings of the text-quality rules (defaults = FLCrewRedditConfig's); see `build_examples` for the order."""
+
+    scrub_personal_data: bool = True
+    near_duplicate_threshold: float = 0.8
+    min_reply_tokens: int = 3
+    max_reply_tokens: int = 512
+    long_examples: str = "truncate"  # over MAX_SEQ_LENGTH: "truncate" (kept, counted) or "drop" (counted)
+    max_text_chars: int = 40_000
+    languages: frozenset[str] = frozenset({"en"})
+
+    @classmethod
+    def from_settings(cls, settings) -> "QualityRules":
+        """From any object with the FLCrewRedditConfig field names (the config itself)."""
+        return cls(scrub_personal_data=settings.scrub_personal_data,
+                   near_duplicate_threshold=settings.near_duplicate_threshold,
+                   min_reply_tokens=settings.min_reply_tokens, max_reply_tokens=settings.max_reply_tokens,
+                   long_examples=settings.long_examples, max_text_chars=settings.max_text_chars,
+                   languages=frozenset(settings.languages))
+
+
+class BuiltExamples(NamedTuple):
+    examples: list[dict]
+    dropped: Counter  # comments or examples left out, by reason
+    num_comments: int
+    scrubbed: Counter  # texts changed but kept, by rule
+
+
+def build_examples(collected: list[dict], tokenizer, max_seq_length: int,
+                   rules: QualityRules | None = None) -> BuiltExamples:
+    """All threads of all subreddits → examples with rendered prompt/reply and token counts.
+
+    Rules, in order; a comment is counted under the first rule that drops it:
+    1. per thread (`thread_examples`): removed, huge, bot / moderator, empty, orphaned and exact-duplicate replies
+       go; quotes are cut; personal data is replaced by placeholders;
+    2. near-duplicate replies (MinHash LSH, Jaccard of word 3-grams >= NEAR_DUPLICATE_THRESHOLD);
+    3. reply length in tokens outside [MIN_REPLY_TOKENS, MAX_REPLY_TOKENS];
+    4. language: replies of 10+ words that langdetect places outside LANGUAGES;
+    5. examples longer than MAX_SEQ_LENGTH are truncated or dropped (LONG_EXAMPLES).
+    """
+    rules = rules or QualityRules()
     dropped: Counter = Counter()
+    scrubbed: Counter = Counter()
     seen_replies: set[str] = set()
     examples: list[dict] = []
     num_comments = 0
@@ -67,55 +123,89 @@ def build_examples(collected: list[dict], tokenizer, max_seq_length: int) -> tup
             num_comments += 1
         for raw in bundle["posts"]:
             post = RedditPost.model_validate(raw)
-            thread = thread_examples(post, comments_by_post.pop(post.id, []), seen_replies)
+            thread = thread_examples(post, comments_by_post.pop(post.id, []), seen_replies,
+                                     max_chars=rules.max_text_chars, scrub_personal=rules.scrub_personal_data)
             dropped.update(thread.dropped)
+            scrubbed.update(thread.scrubbed)
             examples.extend(thread.examples)
         for orphans in comments_by_post.values():
             dropped["post_not_collected"] += len(orphans)
+
+    replies = [example["messages"][-1]["content"] for example in examples]
+    near = near_duplicates(replies, rules.near_duplicate_threshold)
+    dropped["near_duplicate_reply"] += len(near)
+    examples = [example for index, example in enumerate(examples) if index not in near]
+
     kept = []
-    for example in examples:
+    reply_lengths = [len(ids) for ids in tokenizer([e["messages"][-1]["content"] for e in examples],
+                                                   add_special_tokens=False)["input_ids"]] if examples else []
+    for example, reply_tokens in zip(examples, reply_lengths):
+        if reply_tokens < rules.min_reply_tokens:
+            dropped["reply_under_min_tokens"] += 1
+            continue
+        if reply_tokens > rules.max_reply_tokens:
+            dropped["reply_over_max_tokens"] += 1
+            continue
+        language = language_drop_reason(example["messages"][-1]["content"], rules.languages)
+        if language:
+            dropped[language] += 1
+            continue
         tokens = tokenize_example(tokenizer, example["messages"], max_seq_length)
         if tokens is None:
             dropped["no_reply_tokens"] += 1
             continue
         if tokens["truncated"]:
-            dropped["truncated_to_max_seq_length (kept)"] += 1
+            if rules.long_examples == "drop":
+                dropped["over_max_seq_length"] += 1
+                continue
+            scrubbed["truncated_to_max_seq_length"] += 1
         example["prompt"], example["reply"] = render_chat(tokenizer, example["messages"])
         example["num_tokens"] = len(tokens["input_ids"])
         kept.append(example)
-    return kept, dropped, num_comments
+    return BuiltExamples(kept, +dropped, num_comments, scrubbed)
 
 
-def attach_images(examples: list[dict], image_dir: Path, max_size: int, dropped: Counter) -> list[dict]:
-    """Normalise each distinct image once; examples keep the stored paths; returns image–text pairs."""
-    stored: dict[str, str | None] = {}
-    pairs = []
+def attach_images(examples: list[dict], posts: dict[str, RedditPost], store: MediaStore) -> list[dict]:
+    """Replies to a post with media get the post's stored images (a picture, a gallery's items, a video's keyframes
+    or preview; each post's media resolved once); returns one image–text pair per post that kept images."""
+    pairs: dict[str, dict] = {}
     for example in examples:
-        kept_paths = []
-        for source in example.get("image_paths", []):
-            if source not in stored:
-                path, reason = store_image(Path(source), image_dir, max_size)
-                stored[source] = str(path) if path else None
-                if reason:
-                    dropped[reason] += 1
-                    log.warning("Image %s left out: %s", source, reason)
-            if stored[source]:
-                kept_paths.append(stored[source])
-        example["image_paths"] = kept_paths
-        if kept_paths:
-            pairs.append({"id": example["id"], "subreddit": example["subreddit"], "image_paths": kept_paths,
-                          "text": example["messages"][0]["content"]})
-    return pairs
+        post = posts.get(example.get("post_id"))
+        if not example.get("reply_to_post", bool(example.get("image_paths"))):
+            example["image_paths"] = []  # a reply to a comment answers the comment, not the picture
+            continue
+        if post is None:
+            images = store.post_images(example.get("image_paths", []))
+        else:
+            images = store.post_images(post.image_paths, post.image_urls, post.video_url)
+        example["image_paths"] = [str(image.path) for image in images]
+        if images:
+            pair = pairs.setdefault(example["post_id"], {
+                "post_id": example["post_id"], "subreddit": example["subreddit"],
+                "image_paths": example["image_paths"], "image_sha256": [image.sha256 for image in images],
+                "text": example["messages"][0]["content"], "example_ids": []})
+            pair["example_ids"].append(example["id"])
+    return list(pairs.values())
 
 
 def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path, num_clients: int, partition: str,
                max_examples_per_client: int, max_seq_length: int, test_fraction: float, seed: int,
-               support_multimodal: bool = True, max_image_size: int = 224) -> PreprocessReport:
-    examples, dropped, num_comments = build_examples(collected, tokenizer, max_seq_length)
+               support_multimodal: bool = True, max_image_size: int = 224,
+               validation_fraction: float = 0.0, quality: QualityRules | None = None,
+               dirichlet_alpha: float = 0.5, media: MediaSettings | None = None,
+               image_processor: str | None = None) -> PreprocessReport:
+    examples, dropped, num_comments, scrubbed = build_examples(collected, tokenizer, max_seq_length, quality)
     preprocessed_dir = data_dir / "preprocessed" / run_id
-    image_pairs = []
+    image_pairs, image_features = [], None
     if support_multimodal:
-        image_pairs = attach_images(examples, preprocessed_dir / "images", max_image_size, dropped)
+        posts = {post.id: post for post in (RedditPost.model_validate(raw) for bundle in collected
+                                            for raw in bundle["posts"])}
+        store = MediaStore(preprocessed_dir / "images", media or MediaSettings(max_image_size=max_image_size),
+                           dropped)
+        image_pairs = attach_images(examples, posts, store)
+        if image_processor:
+            image_features = encode_stored_images(
+                image_processor, [Path(path) for pair in image_pairs for path in pair["image_paths"]])
     else:
         for example in examples:
             example["image_paths"] = []
@@ -123,25 +213,35 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
     write_jsonl(preprocessed_dir / "image_text_pairs.jsonl", image_pairs)
 
     shards = []
-    for index, client_examples in enumerate(partition_examples(examples, num_clients, partition, seed)):
-        train, test = split_by_thread(client_examples, test_fraction, max_examples_per_client, seed + index)
-        over_cap = len(client_examples) - len(train) - len(test)
+    for index, client_examples in enumerate(partition_examples(examples, num_clients, partition, seed,
+                                                               dirichlet_alpha=dirichlet_alpha)):
+        train, validation, test = split_by_thread(client_examples, test_fraction, max_examples_per_client,
+                                                  seed + index, validation_fraction)
+        over_cap = len(client_examples) - len(train) - len(validation) - len(test)
         if over_cap:
             dropped["over_max_examples_per_client"] += over_cap
         name = f"client-{index}"
         client_dir = data_dir / "training" / run_id / name
         write_jsonl(client_dir / "train.jsonl", train)
         write_jsonl(client_dir / "test.jsonl", test)
+        if validation_fraction > 0:
+            write_jsonl(client_dir / "validation.jsonl", validation)
         shards.append(ClientShard(
             name=name, subreddits=dict(Counter(e["subreddit"] for e in client_examples).most_common()),
             num_train=len(train), num_test=len(test), train_path=str(client_dir / "train.jsonl"),
-            test_path=str(client_dir / "test.jsonl"), train_tokens=sum(e["num_tokens"] for e in train)))
-        if not train or not test:
-            raise ValueError(f"{name} has {len(train)} training and {len(test)} test examples: too little data; "
-                             "collect more posts (POSTS_PER_SUBREDDIT) or use fewer trainers")
+            test_path=str(client_dir / "test.jsonl"), train_tokens=sum(e["num_tokens"] for e in train),
+            num_validation=len(validation),
+            validation_path=str(client_dir / "validation.jsonl") if validation_fraction > 0 else None,
+            num_examples=len(client_examples), num_tokens=sum(e["num_tokens"] for e in client_examples)))
+        if not train or not test or (validation_fraction > 0 and not validation):
+            raise ValueError(f"{name} has {len(train)} training, {len(validation)} validation and {len(test)} test "
+                             "examples: too little data; collect more posts (POSTS_PER_SUBREDDIT) or use fewer "
+                             "trainers")
     report = PreprocessReport(num_comments=num_comments, num_examples=len(examples), dropped=dict(dropped),
+                              scrubbed=dict(scrubbed), partition=partition,
                               images_kept=len({p for pair in image_pairs for p in pair["image_paths"]}),
+                              image_features=image_features,
                               clients=shards, examples_path=str(preprocessed_dir / "examples.jsonl"))
-    log.info("Preprocessed %d comments into %d examples; dropped: %s", num_comments, len(examples),
-             dict(dropped) or "nothing")
+    log.info("Preprocessed %d comments into %d examples; dropped: %s; changed: %s", num_comments, len(examples),
+             dict(dropped) or "nothing", dict(scrubbed) or "nothing")
     return report

@@ -1,10 +1,14 @@
-"""Synchronous client of the Reddit MCP server: one stdio session kept open for many calls.
+"""Synchronous client of a Reddit MCP server over stdio (a command it starts) or streamable HTTP (a URL).
 
     with RedditMCPClient.for_config(config) as client:
         posts = client.collect_subreddit_posts("books", limit=50)
 
-The asyncio loop of the MCP SDK runs in a background thread; every sync method submits a coroutine to it and
-waits at most `timeout_s`. The server's stderr goes to a log file (`stderr_log`), never to the console.
+The asyncio loop of the MCP SDK runs in a background thread; every sync method submits a coroutine to it and waits
+at most `timeout_s` (connecting: `connect_timeout_s`). A stdio server that dies is started again, at most
+`max_restarts` times per client, and the call is retried (every tool is read-only, so a retry is safe); an HTTP
+session that breaks is reopened the same way. With a `tool_map` (see `tool_map.py`) the typed methods call a
+third-party server's tools and map its results into our schemas. A stdio server's stderr goes to a log file
+(`stderr_log`), never to the console.
 """
 from __future__ import annotations
 
@@ -13,19 +17,29 @@ import concurrent.futures
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import threading
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
+import anyio
+import httpx
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import McpError
+from mcp.types import CONNECTION_CLOSED
 from pydantic import BaseModel, ValidationError
 
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
+from fl_crew_reddit.reddit.tool_map import ToolMap, ToolMapError, load_tool_map, map_result, translate_call
 
 if TYPE_CHECKING:  # pragma: no cover
     from fl_crew_reddit.config import FLCrewRedditConfig
@@ -36,6 +50,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the fl_crew_reddit package
 SERVER_MODULE = "fl_crew_reddit.reddit.server"
 _SECRET_ENV = {"reddit_client_id": "REDDIT_CLIENT_ID", "reddit_client_secret": "REDDIT_CLIENT_SECRET"}
+_SESSION_GONE_CODES = {CONNECTION_CLOSED, 32600}  # the SDK's "Connection closed" and "Session terminated"
 
 
 def _with_project_path(env: dict[str, str]) -> dict[str, str]:
@@ -53,6 +68,10 @@ class RedditMCPError(RuntimeError):
         self.message = message
 
 
+class _SessionLost(Exception):
+    """The server process or HTTP session is gone; the call may be retried on a new one."""
+
+
 def server_command(backend: str | None = None, dump_dir: str | Path | None = None,
                    python: str | None = None) -> list[str]:
     """The command that starts this package's MCP server with the given backend."""
@@ -64,23 +83,47 @@ def server_command(backend: str | None = None, dump_dir: str | Path | None = Non
     return command
 
 
-class RedditMCPClient:
-    """Starts an MCP server over stdio and calls its Reddit tools synchronously.
+@dataclass
+class _Connection:
+    """One transport + session, held open by its `runner` task until `stop` is set; `dead` is set when it ends."""
 
-    `command` is any MCP server command line; by default this package's server (`server_command()`), which
-    then reads REDDIT_BACKEND / REDDIT_DUMP_DIR from the environment. `env` is the child's environment (default:
-    this process's environment, so settings and secrets travel by environment, never on the command line).
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    dead: asyncio.Event = field(default_factory=asyncio.Event)
+    session: ClientSession | None = None
+    runner: concurrent.futures.Future | None = None
+    init_scope: anyio.CancelScope | None = None
+    transport_error: BaseException | None = None
+
+
+class RedditMCPClient:
+    """Calls the Reddit tools of an MCP server synchronously, over stdio (`command`) or streamable HTTP (`url`).
+
+    `command` is any MCP server command line; by default (and when no `url` is given) this package's server
+    (`server_command()`), which then reads REDDIT_BACKEND / REDDIT_DUMP_DIR from the environment. `env` is the
+    child's environment (default: this process's environment, so settings and secrets travel by environment, never
+    on the command line). `tool_map` (a ToolMap, a preset name or a mapping file) adapts a third-party server.
     """
 
     def __init__(self, command: list[str] | None = None, env: dict[str, str] | None = None,
-                 timeout_s: float = 60, *, stderr_log: str | Path | None = None,
-                 cwd: str | Path | None = None):
-        self.command = list(command) if command else server_command()
-        if not self.command:
+                 timeout_s: float = 60, *, url: str | None = None, connect_timeout_s: float | None = None,
+                 max_restarts: int = 2, tool_map: ToolMap | str | Path | None = None,
+                 stderr_log: str | Path | None = None, cwd: str | Path | None = None):
+        if command is not None and url is not None:
+            raise ValueError("give a stdio command or an HTTP url, not both")
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"url {url!r} must start with http:// or https://")
+        self.url = url
+        self.command = list(command) if command else ([] if url else server_command())
+        if url is None and not self.command:
             raise ValueError("command must not be empty")
         child_env = dict(os.environ if env is None else env)
         self.env = _with_project_path(child_env) if command is None else child_env
         self.timeout_s = float(timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s if connect_timeout_s is not None else timeout_s)
+        self.max_restarts = int(max_restarts)
+        self.restarts = 0
+        self.tool_map = load_tool_map(tool_map) if isinstance(tool_map, (str, Path)) else tool_map
+        self.skipped: Counter = Counter()  # records of a mapped server's results that could not be read, by reason
         self.cwd = str(cwd) if cwd is not None else None
         if stderr_log is None:
             handle, name = tempfile.mkstemp(prefix="reddit_mcp_server_", suffix=".log")
@@ -92,73 +135,150 @@ class RedditMCPClient:
         self._errlog = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._session: ClientSession | None = None
-        self._stop: asyncio.Event | None = None
-        self._runner: concurrent.futures.Future | None = None
+        self._conn: _Connection | None = None
         self._closed = False
         self.server_info = None
         self._start()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def for_config(cls, config: "FLCrewRedditConfig", timeout_s: float = 60, **kwargs) -> "RedditMCPClient":
-        """A client of this package's server with the backend and dump folder of `config`.
+    def for_config(cls, config: "FLCrewRedditConfig", timeout_s: float | None = None, **kwargs) -> "RedditMCPClient":
+        """The client the settings ask for: REDDIT_MCP_URL, else REDDIT_MCP_COMMAND, else this package's server
+        with the backend and dump folder of `config`; REDDIT_MCP_TOOL_MAP adapts a third-party server.
 
-        The environment is passed through, plus the Reddit secrets of `config` (by environment only); the
-        server's stderr goes to `config.logs_dir / reddit_mcp_server.log` unless `stderr_log` is given.
+        Our own server gets the Reddit secrets of `config` (by environment only); a stdio server's stderr goes to
+        `config.logs_dir / reddit_mcp_server.log` unless `stderr_log` is given.
         """
+        kwargs.setdefault("stderr_log", config.logs_dir / "reddit_mcp_server.log")
+        kwargs.setdefault("connect_timeout_s", config.reddit_mcp_connect_timeout_s)
+        kwargs.setdefault("max_restarts", config.reddit_mcp_max_restarts)
+        kwargs.setdefault("tool_map", config.reddit_mcp_tool_map)
+        timeout_s = config.reddit_mcp_timeout_s if timeout_s is None else timeout_s
+        if config.reddit_mcp_url:
+            return cls(url=config.reddit_mcp_url, timeout_s=timeout_s, **kwargs)
+        if config.reddit_mcp_command:
+            return cls(shlex.split(config.reddit_mcp_command), dict(os.environ), timeout_s, **kwargs)
         dump_dir = config.reddit_dump_dir if config.reddit_backend == "dump" else None
         env = dict(os.environ)
         for name, variable in _SECRET_ENV.items():
             secret = getattr(config, name, None)
             if secret is not None:
                 env[variable] = secret.get_secret_value()
-        kwargs.setdefault("stderr_log", config.logs_dir / "reddit_mcp_server.log")
         return cls(server_command(config.reddit_backend, dump_dir), _with_project_path(env), timeout_s, **kwargs)
+
+    @property
+    def target(self) -> str:
+        """What this client talks to, for messages (the URL, or the command line)."""
+        return self.url or " ".join(self.command)
 
     def _start(self) -> None:
         self._errlog = open(self.stderr_log, "a", encoding="utf-8")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="reddit-mcp-client", daemon=True)
         self._thread.start()
-        ready: concurrent.futures.Future = concurrent.futures.Future()
-        self._runner = asyncio.run_coroutine_threadsafe(self._serve(ready), self._loop)
         try:
-            self.server_info = ready.result(timeout=self.timeout_s)
-        except BaseException as error:  # noqa: BLE001 - any startup failure closes everything
+            self._connect()
+        except BaseException:
             self.close()
-            if isinstance(error, concurrent.futures.TimeoutError):
-                reason = f"no answer to initialize within {self.timeout_s:g} s"
-            else:
-                reason = f"{type(error).__name__}: {error}"
-            raise RedditMCPError("startup", f"could not start {' '.join(self.command)} ({reason}); "
-                                            f"server log {self.stderr_log}:\n{self._log_tail()}") from error
-        logger.info("MCP session open with %s (log: %s)", self.server_info.serverInfo.name, self.stderr_log)
+            raise
+        logger.info("MCP session open with %s at %s", self.server_info.serverInfo.name,
+                    self.url or f"stdio (log: {self.stderr_log})")
 
-    async def _serve(self, ready: concurrent.futures.Future) -> None:
-        """Hold the stdio transport and the session open in one task until `close()` sets the stop event."""
-        self._stop = asyncio.Event()
-        params = StdioServerParameters(command=self.command[0], args=self.command[1:], env=self.env, cwd=self.cwd)
+    def _connect(self) -> None:
+        """Open a transport and a session; RedditMCPError says why when it cannot within `connect_timeout_s`."""
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        conn = self._conn = asyncio.run_coroutine_threadsafe(self._new_connection(), self._loop).result()
+        conn.runner = asyncio.run_coroutine_threadsafe(self._serve(conn, ready), self._loop)
         try:
+            self.server_info = ready.result(timeout=self.connect_timeout_s + 5)
+        except BaseException as error:  # noqa: BLE001 - any startup failure is reported with its cause
+            self._end(conn)
+            cause = _unwrap(error)
+            if isinstance(cause, (concurrent.futures.TimeoutError, TimeoutError)):
+                reason = f"no answer to initialize within {self.connect_timeout_s:g} s"
+            elif isinstance(cause, McpError) and cause.error.code in _SESSION_GONE_CODES:
+                reason = f"the server closed the connection before answering initialize: {cause.error.message}"
+            else:
+                reason = _describe(error)
+            where = f"; server log {self.stderr_log}:\n{self._log_tail()}" if not self.url else ""
+            action = "connect to" if self.url else "start"
+            raise RedditMCPError("startup", f"could not {action} {self.target} ({reason}){where}") from error
+
+    @staticmethod
+    async def _new_connection() -> _Connection:
+        return _Connection()  # its events belong to the client's loop
+
+    @asynccontextmanager
+    async def _transport(self) -> AsyncIterator[tuple[Any, Any]]:
+        if self.url:
+            timeout = httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
+            async with create_mcp_http_client(timeout=timeout) as http:
+                async with streamable_http_client(self.url, http_client=http) as (read, write, _session_id):
+                    yield read, write
+        else:
+            params = StdioServerParameters(command=self.command[0], args=self.command[1:], env=self.env,
+                                           cwd=self.cwd)
             async with stdio_client(params, errlog=self._errlog) as (read, write):
-                async with ClientSession(read, write,
-                                         read_timeout_seconds=timedelta(seconds=self.timeout_s)) as session:
-                    init = await session.initialize()
-                    self._session = session
+                yield read, write
+
+    async def _serve(self, conn: _Connection, ready: concurrent.futures.Future) -> None:
+        """Hold the transport and the session open in one task until `conn.stop` is set or the transport fails."""
+
+        async def on_message(message) -> None:
+            if isinstance(message, Exception):  # the transport reports its failures here
+                conn.transport_error = message
+                logger.warning("MCP transport error from %s: %s", self.target, _describe(message))
+                if conn.init_scope is not None and not ready.done():
+                    conn.init_scope.cancel()
+
+        try:
+            async with self._transport() as (read, write):
+                async with ClientSession(read, write, read_timeout_seconds=timedelta(seconds=self.timeout_s),
+                                         message_handler=on_message) as session:
+                    with anyio.move_on_after(self.connect_timeout_s) as conn.init_scope:
+                        init = await session.initialize()
+                    if conn.init_scope.cancelled_caught:
+                        raise conn.transport_error or TimeoutError(
+                            f"no answer to initialize within {self.connect_timeout_s:g} s")
+                    conn.session = session
                     if not ready.done():
                         ready.set_result(init)
-                    await self._stop.wait()
+                    await conn.stop.wait()
         except BaseException as error:  # noqa: BLE001 - reported to the starter, or logged after start
             if not ready.done():
                 ready.set_exception(error)
-            elif not self._closed:
-                logger.warning("MCP session with %s ended: %s", self.command[0], error)
+            elif not conn.stop.is_set():
+                logger.warning("MCP session with %s ended: %s", self.target, _describe(error))
             if not isinstance(error, Exception):
                 raise
         finally:
-            self._session = None
+            conn.session = None
+            conn.dead.set()
             if not ready.done():
                 ready.set_exception(RuntimeError("the server exited before initialize"))
+
+    def _end(self, conn: _Connection | None) -> None:
+        """Stop one connection and wait (bounded) for its transport to close."""
+        if conn is None or self._loop is None or not self._loop.is_running():
+            return
+        self._loop.call_soon_threadsafe(conn.stop.set)
+        if conn.runner is not None:
+            try:
+                conn.runner.result(timeout=10)
+            except BaseException:  # noqa: BLE001 - shutting down; the log has the details
+                conn.runner.cancel()
+
+    def _reconnect(self, tool: str, why: str) -> None:
+        """Start the server (stdio) or session (HTTP) again after it was lost; bounded by `max_restarts`."""
+        if self.restarts >= self.max_restarts:
+            raise RedditMCPError(tool, f"the MCP server {self.target} is gone ({why}) and was already restarted "
+                                       f"{self.restarts} time(s), the most allowed (REDDIT_MCP_MAX_RESTARTS)"
+                                       + ("" if self.url else f"; server log {self.stderr_log}:\n{self._log_tail()}"))
+        self.restarts += 1
+        logger.warning("MCP server %s is gone (%s); %s it (%d of at most %d) and retrying %s", self.target, why,
+                       "reconnecting to" if self.url else "restarting", self.restarts, self.max_restarts, tool)
+        self._end(self._conn)
+        self._connect()
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
@@ -177,13 +297,7 @@ class RedditMCPClient:
         self._closed = True
         loop = self._loop
         if loop is not None and loop.is_running():
-            if self._stop is not None:
-                loop.call_soon_threadsafe(self._stop.set)
-            if self._runner is not None:
-                try:
-                    self._runner.result(timeout=10)
-                except BaseException:  # noqa: BLE001 - shutting down; the log has the details
-                    self._runner.cancel()
+            self._end(self._conn)
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -207,20 +321,52 @@ class RedditMCPClient:
 
     # ------------------------------------------------------------------ calls
     def _run(self, tool: str, request: Callable[[ClientSession], Awaitable[Any]]) -> Any:
-        session = self._session
-        if self._closed or session is None or self._loop is None:
+        """Run `request` on the session; if the server or session is gone, reconnect (bounded) and retry."""
+        while True:
+            try:
+                return self._run_once(tool, request)
+            except _SessionLost as lost:
+                if self._closed:
+                    raise RedditMCPError(tool, "the MCP session is closed") from None
+                self._reconnect(tool, str(lost))
+
+    def _run_once(self, tool: str, request: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+        conn = self._conn
+        if self._closed or self._loop is None or conn is None:
             raise RedditMCPError(tool, f"the MCP session is closed; server log {self.stderr_log}")
-        future = asyncio.run_coroutine_threadsafe(request(session), self._loop)
+        if conn.session is None or conn.dead.is_set():
+            raise _SessionLost("its session had ended")
+        future = asyncio.run_coroutine_threadsafe(self._guarded(conn, request), self._loop)
         try:
             return future.result(timeout=self.timeout_s + 5)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise RedditMCPError(tool, f"no answer within {self.timeout_s:g} s") from None
+        except _SessionLost:
+            raise
         except McpError as error:
+            if error.error.code in _SESSION_GONE_CODES:
+                raise _SessionLost(error.error.message) from error
             raise RedditMCPError(tool, error.error.message) from error
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream) as error:
+            raise _SessionLost(f"{type(error).__name__}") from error
         except (OSError, RuntimeError, asyncio.CancelledError, concurrent.futures.CancelledError) as error:
-            raise RedditMCPError(tool, f"session failed ({type(error).__name__}: {error}); "
-                                       f"server log {self.stderr_log}") from error
+            raise RedditMCPError(tool, f"session failed ({_describe(error)}); server log {self.stderr_log}") from error
+
+    @staticmethod
+    async def _guarded(conn: _Connection, request: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+        """`request`, abandoned as soon as the connection dies (a dead stdio server never answers)."""
+        call = asyncio.ensure_future(request(conn.session))
+        watch = asyncio.ensure_future(conn.dead.wait())
+        try:
+            await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if call.done():
+            return call.result()
+        call.cancel()
+        raise _SessionLost("the server process or HTTP session ended" + (
+            f" ({_describe(conn.transport_error)})" if conn.transport_error else ""))
 
     def list_tools(self) -> list[str]:
         """Names of the server's tools."""
@@ -228,7 +374,8 @@ class RedditMCPClient:
         return [tool.name for tool in result.tools]
 
     def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Call any tool; return its structured result (or its text parsed as JSON). Raises RedditMCPError."""
+        """Call any tool by its own name (no mapping); return its structured result, or its text parsed as JSON
+        (a JSON array comes back as {"result": [...]}). Raises RedditMCPError."""
         arguments = {key: value for key, value in (arguments or {}).items() if value is not None}
         result = self._run(name, lambda session: session.call_tool(
             name, arguments, read_timeout_seconds=timedelta(seconds=self.timeout_s)))
@@ -249,16 +396,40 @@ class RedditMCPClient:
         except json.JSONDecodeError:
             raise RedditMCPError(name, "result is neither structured nor JSON") from None
 
+    def _call_ours(self, tool: str, arguments: dict[str, Any]) -> Any:
+        """Call our `tool`, through the tool map when there is one; the result as our model (or list)."""
+        if self.tool_map is None:
+            return self.call_tool(tool, arguments)
+        route = self.tool_map.tools.get(tool)
+        if route is None:
+            offered = ", ".join(self.tool_map.tools) or "none"
+            hint = "; name the subreddits in SUBREDDITS" if tool == "list_subreddits" else ""
+            raise RedditMCPError(tool, f"the server mapped by {self.tool_map.name!r} has no tool for this "
+                                       f"(mapped: {offered}){hint}")
+        skipped: Counter = Counter()
+        try:
+            their_tool, their_arguments = translate_call(route, tool, arguments)
+            data = self.call_tool(their_tool, their_arguments)
+            result = map_result(route, tool, arguments, data, skipped)
+        except ToolMapError as error:
+            raise RedditMCPError(tool, f"{error} (tool map {self.tool_map.name!r})") from error
+        if skipped:
+            self.skipped.update(skipped)
+            logger.warning("%s via %s: left out %s", tool, their_tool, dict(skipped))
+        return result
+
     def _call_model(self, name: str, model: type[ModelT], arguments: dict[str, Any]) -> ModelT:
-        data = self.call_tool(name, arguments)
+        data = self._call_ours(name, arguments)
+        if isinstance(data, model):
+            return data
         try:
             return model.model_validate(data)
         except ValidationError as error:
             raise RedditMCPError(name, f"result does not match {model.__name__}: {error}") from error
 
     def list_subreddits(self) -> list[str]:
-        data = self.call_tool("list_subreddits")
-        return list(data.get("result", []))
+        data = self._call_ours("list_subreddits", {})
+        return list(data) if isinstance(data, list) else list(data.get("result", []))
 
     def collect_subreddit_posts(self, subreddit: str, limit: int = 25, sort: str = "new") -> SubredditPosts:
         return self._call_model("collect_subreddit_posts", SubredditPosts,
@@ -276,3 +447,18 @@ class RedditMCPClient:
 
     def collect_subreddit_info(self, subreddit: str) -> SubredditInfo:
         return self._call_model("collect_subreddit_info", SubredditInfo, {"subreddit": subreddit})
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The single exception inside the (nested) exception groups anyio task groups raise."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line cause, unwrapping the exception groups anyio task groups raise."""
+    error = _unwrap(error)
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in error.exceptions)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fl_crew_reddit.reddit.client import RedditMCPClient
 
@@ -21,6 +22,8 @@ class SubredditCollection(BaseModel):
     num_posts: int
     num_comments: int
     path: str
+    skipped: dict[str, int] = Field(default_factory=dict,
+                                    description="source records the server left out while reading, by reason")
 
 
 class CollectionReport(BaseModel):
@@ -35,6 +38,7 @@ def collect(client: RedditMCPClient, subreddits: list[str], posts_per_subreddit:
     names = subreddits or client.list_subreddits()
     collected = []
     for name in names:
+        mapping_skips_before = Counter(getattr(client, "skipped", {}))  # records a tool map could not read
         info = client.collect_subreddit_info(name)
         posts = client.collect_subreddit_posts(info.name, limit=min(posts_per_subreddit, 1000), sort="new").posts
         comments = []
@@ -48,9 +52,11 @@ def collect(client: RedditMCPClient, subreddits: list[str], posts_per_subreddit:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
+        skipped = dict(Counter(info.skipped) + (Counter(getattr(client, "skipped", {})) - mapping_skips_before))
         collected.append(SubredditCollection(subreddit=info.name, num_posts=len(posts), num_comments=len(comments),
-                                             path=str(path)))
-        log.info("Collected r/%s: %d posts, %d comments", info.name, len(posts), len(comments))
+                                             path=str(path), skipped=skipped))
+        log.info("Collected r/%s: %d posts, %d comments%s", info.name, len(posts), len(comments),
+                 f"; the source skipped {skipped}" if skipped else "")
     info = getattr(client, "server_info", None)
     server = getattr(getattr(info, "serverInfo", None), "name", None) or "mcp"
     return CollectionReport(subreddits=collected, server=server)

@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field
 
 
 class RedditPost(BaseModel):
-    """A submission. `image_paths` holds local files (snapshot/dump) once media is resolved."""
+    """A submission. `image_paths` holds local files (snapshot/dump: images, or videos whose keyframes preprocessing
+    takes) once media is resolved."""
 
     id: str
     subreddit: str
@@ -23,6 +24,9 @@ class RedditPost(BaseModel):
     permalink: str | None = None
     is_video: bool = False
     image_paths: list[str] = Field(default_factory=list)
+    image_urls: list[str] = Field(default_factory=list, description="remote images of a live post, in order: the "
+                                  "image, each gallery item, or a video's preview; fetched with media_fetch.fetch_image")
+    video_url: str | None = Field(None, description="a live Reddit-hosted video (v.redd.it fallback MP4)")
 
 
 class RedditComment(BaseModel):
@@ -36,6 +40,8 @@ class RedditComment(BaseModel):
     author: str | None = None
     created_utc: int = 0
     score: int = 0
+    distinguished: str | None = Field(None, description="'moderator' or 'admin' when posted with the mod badge")
+    stickied: bool = Field(False, description="pinned to the top of the thread (only moderators can)")
 
 
 class SubredditPosts(BaseModel):
@@ -62,8 +68,11 @@ class UserData(BaseModel):
 
 class SubredditInfo(BaseModel):
     name: str
-    num_posts: int
-    num_comments: int
+    num_posts: int | None = Field(None, description="None when the source does not say (e.g. a third-party server)")
+    num_comments: int | None = Field(None, description="None when the source does not say")
     first_created_utc: int | None = None
     last_created_utc: int | None = None
     description: str = ""
+    skipped: dict[str, int] = Field(default_factory=dict,
+                                    description="records (lines, files, media references) of this subreddit's source "
+                                                "left out while reading, by reason")

@@ -1,12 +1,15 @@
 """MCP server of the Data Collector: read-only Reddit tools over a snapshot or a dump folder.
 
 Run it with ``python -m fl_crew_reddit.reddit.server [--backend snapshot|dump] [--dump-dir PATH]``; defaults come
-from the environment / ``.env`` (``REDDIT_BACKEND``, ``REDDIT_DUMP_DIR``). It speaks MCP over stdio: stdout is
-the protocol, every log line goes to stderr.
+from the environment / ``.env`` (``REDDIT_BACKEND``, ``REDDIT_DUMP_DIR``). It speaks MCP over stdio (stdout is the
+protocol, every log line goes to stderr) or, with ``--transport streamable-http``, over HTTP at
+``http://HOST:PORT/mcp``. HTTP binds to 127.0.0.1 by default: the server has no authentication, so any other
+address is refused unless ``--allow-remote`` is given, and then it warns on every start.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -21,7 +24,7 @@ from typing_extensions import Annotated
 from fl_crew_reddit.reddit.backends import RedditBackend, make_backend
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fl_crew_reddit.reddit.server")  # not __main__ when run with -m
 
 SERVER_NAME = "fl-crew-reddit"
 MAX_LIMIT = 1000
@@ -44,19 +47,35 @@ Username = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^(/?u/)?[
                                 description="Reddit username, with or without u/.")]
 
 _READ_ONLY = dict(readOnlyHint=True, destructiveHint=False, idempotentHint=True)
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+HTTP_PATH = "/mcp"
 
 
-def build_server(backend: RedditBackend, *, name: str = SERVER_NAME, open_world: bool = False) -> FastMCP:
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+def build_server(backend: RedditBackend, *, name: str = SERVER_NAME, open_world: bool = False,
+                 host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> FastMCP:
     """A FastMCP server exposing `backend` as read-only tools that return the models of `schemas.py`.
 
     `open_world` marks the tools as reaching outside the server (true for a live API backend, false for files).
-    A backend `LookupError` / `ValueError` becomes an MCP tool error (`isError`) with its message.
+    A backend `LookupError` / `ValueError` becomes an MCP tool error (`isError`) with its message. `host` and
+    `port` matter only for HTTP; on a loopback host the SDK also turns on DNS-rebinding protection.
     """
     with warnings.catch_warnings():  # the SDK's own settings model warns about its `lifespan` field
         warnings.filterwarnings("ignore", message=".*has an incomplete definition.*")
         mcp = FastMCP(name, instructions=(
             "Read-only access to Reddit posts and comments for the federated fine-tuning data collector. "
-            f"Backend: {backend!r}. Call list_subreddits first to see what exists."), log_level="WARNING")
+            f"Backend: {backend!r}. Call list_subreddits first to see what exists."), log_level="WARNING",
+            host=host, port=port, streamable_http_path=HTTP_PATH)
     annotations = ToolAnnotations(openWorldHint=open_world, **_READ_ONLY)
 
     @mcp.tool(title="List subreddits", annotations=annotations)
@@ -103,8 +122,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="where records come from (default: REDDIT_BACKEND, else snapshot)")
     parser.add_argument("--dump-dir", default=None,
                         help="folder of <subreddit>/submissions.jsonl + comments.jsonl (default: REDDIT_DUMP_DIR)")
-    parser.add_argument("--transport", choices=["stdio"], default="stdio",
-                        help="MCP transport (stdio; streamable HTTP comes later)")
+    parser.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio",
+                        help="MCP transport: stdio (default) or streamable-http at http://HOST:PORT/mcp")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"HTTP address to bind (default {DEFAULT_HOST}; others need --allow-remote)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow binding HTTP to a non-loopback address (the server has no authentication)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO",
                         help="level of the log written to stderr")
     return parser
@@ -114,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the backend from config + arguments, serve until stdin closes."""
     from fl_crew_reddit.config import ConfigError, load_config
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.transport == "streamable-http" and not is_loopback(args.host) and not args.allow_remote:
+        parser.error(f"--host {args.host} is not a loopback address: the MCP server has no authentication, so "
+                     "anyone who can reach that address could read its data. Bind to 127.0.0.1 (default), or pass "
+                     "--allow-remote if you really mean it (e.g. behind a firewall or an authenticating proxy).")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":  # the SDK logs every request at INFO
@@ -130,10 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NotImplementedError, FileNotFoundError, ValueError) as error:
         print(f"fl_crew_reddit.reddit.server: {error}", file=sys.stderr)
         return 2
-    server = build_server(backend, open_world=config.reddit_backend == "live")
-    logger.info("serving %d subreddits from %r over %s", len(backend.list_subreddits()), backend, args.transport)
+    server = build_server(backend, open_world=config.reddit_backend == "live", host=args.host, port=args.port)
+    where = args.transport
+    if args.transport == "streamable-http":
+        where = f"streamable HTTP at http://{_url_host(args.host)}:{args.port}{HTTP_PATH}"
+        if not is_loopback(args.host):
+            logger.warning("!!! SERVING WITHOUT AUTHENTICATION ON A NON-LOOPBACK ADDRESS (%s): anyone who can reach "
+                           "it can read this server's Reddit data. Put it behind a firewall or an authenticating "
+                           "proxy. !!!", args.host)
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logger.info("serving %d subreddits from %r over %s", len(backend.list_subreddits()), backend, where)
     server.run(transport=args.transport)
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""Compiled column kernels (numba) for the coordinate-wise rules: median, trimmed mean, Bulyan's second stage.
+
+Why: these rules need order statistics of n ~ 10-100 client values for each of millions of coordinates. Eager
+torch can only run a sorting network one whole-block step at a time, so every compare-exchange streams the
+block through memory again. Here one compiled loop takes a tile of columns that fits in the L2 cache, runs the
+entire network on it (every compare-exchange is a min/max over a row of the tile, which the compiler
+vectorises), and writes one output value per column: the inputs are read once.
+
+The network is Batcher's odd-even merge sort on the client count padded to a power of two (-inf rows below the
+real values, +inf rows above, so the real values keep their ranks in the middle), pruned backwards to the
+comparators that can reach the ranks a rule reads: the median needs 1-2 ranks and so about half the network.
+Pure functions, no I/O: inputs are never modified. When numba is missing, `AVAILABLE` is False and the rules
+use their eager torch sorting network (`_sortnet`) instead, with the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._tensors import next_pow2
+
+try:
+    import numba
+    from numba import njit, prange
+    from numba.typed import List as TypedList
+except ImportError:  # pragma: no cover - numba is pinned in requirements.txt
+    numba = None
+
+AVAILABLE = numba is not None
+TILE_BYTES = 1 << 18  # one tile of every client's rows: 256 KiB, inside the L2 cache
+
+
+def odd_even_merge_sort_pairs(size: int) -> list[tuple[int, int]]:
+    """Comparators (i, j), i < j, min to i, of Batcher's odd-even merge sort of `size` (a power of two) values."""
+    pairs = []
+    block = 1
+    while block < size:
+        distance = block
+        while distance >= 1:
+            for first in range(distance % block, size - distance, 2 * distance):
+                for offset in range(min(distance, size - first - distance)):
+                    low, high = first + offset, first + offset + distance
+                    if low // (2 * block) == high // (2 * block):
+                        pairs.append((low, high))
+            distance //= 2
+        block *= 2
+    return pairs
+
+
+@functools.lru_cache(maxsize=64)
+def comparators_for(size: int, ranks: tuple[int, ...]) -> np.ndarray:
+    """The sorting network of `size` values, keeping only the comparators that can change `ranks`' outputs."""
+    needed = set(ranks)
+    kept = []
+    for low, high in reversed(odd_even_merge_sort_pairs(size)):
+        if low in needed or high in needed:
+            kept.append((low, high))
+            needed.update((low, high))
+    return np.asarray(kept[::-1], dtype=np.int64).reshape(-1, 2)
+
+
+if AVAILABLE:
+
+    @njit(parallel=True, cache=True)
+    def _sorted_tile_rule(rows, size, pad_low, pairs, lo, hi, keep_closest, out, tile):  # pragma: no cover
+        """Per column: sort the padded values with `pairs`, then either the mean of padded ranks [lo, hi), or
+        (keep_closest > 0) the mean of the keep_closest real values nearest the median (Bulyan)."""
+        n = len(rows)
+        columns = out.shape[0]
+        for t in prange((columns + tile - 1) // tile):
+            start = t * tile
+            width = min(tile, columns - start)
+            buf = np.empty((size, tile), dtype=np.float32)
+            for r in range(pad_low):
+                buf[r, :] = -np.inf
+            for i in range(n):
+                source = rows[i]
+                target = buf[pad_low + i]
+                for c in range(width):
+                    target[c] = source[start + c]
+                for c in range(width, tile):
+                    target[c] = 0.0
+            for r in range(pad_low + n, size):
+                buf[r, :] = np.inf
+            for q in range(pairs.shape[0]):
+                row_a = buf[pairs[q, 0]]
+                row_b = buf[pairs[q, 1]]
+                for c in range(tile):
+                    a = row_a[c]
+                    b = row_b[c]
+                    row_a[c] = min(a, b)
+                    row_b[c] = max(a, b)
+            if keep_closest == 0:
+                scale = 1.0 / (hi - lo)
+                for c in range(width):
+                    total = 0.0
+                    for r in range(lo, hi):
+                        total += buf[r, c]
+                    out[start + c] = total * scale
+            else:
+                first_real = pad_low
+                last_real = pad_low + n - 1
+                for c in range(width):
+                    middle = (buf[pad_low + (n - 1) // 2, c] + buf[pad_low + n // 2, c]) * np.float32(0.5)
+                    left = first_real
+                    right = last_real
+                    for _ in range(n - keep_closest):
+                        if (middle - buf[left, c]) > (buf[right, c] - middle):
+                            left += 1
+                        else:
+                            right -= 1
+                    total = 0.0
+                    for r in range(left, right + 1):
+                        total += buf[r, c]
+                    out[start + c] = total / keep_closest
+
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def _add_pairwise_sq_distances(rows, partial, tile):  # pragma: no cover
+        """partial[g, i, j] += sum over columns of group g's tiles of (rows[i] - rows[j])^2, for i < j.
+
+        Differences, not a Gram matrix: no cancellation whatever the clients' common offset. Each tile's sum is
+        float32 (vectorised; 'reassoc' lets LLVM keep several partial sums), the tiles are summed in float64.
+        Four j rows at a time, so each value of row i is loaded once for four pairs."""
+        n = len(rows)
+        columns = rows[0].shape[0]
+        tiles = (columns + tile - 1) // tile
+        groups = partial.shape[0]
+        per_group = (tiles + groups - 1) // groups
+        for g in prange(groups):
+            for t in range(g * per_group, min(tiles, (g + 1) * per_group)):
+                start = t * tile
+                stop = min(columns, start + tile)
+                width = stop - start
+                for i in range(n):
+                    row_i = rows[i][start:stop]
+                    j = i + 1
+                    while j + 3 < n:
+                        r0 = rows[j][start:stop]
+                        r1 = rows[j + 1][start:stop]
+                        r2 = rows[j + 2][start:stop]
+                        r3 = rows[j + 3][start:stop]
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        s2 = np.float32(0.0)
+                        s3 = np.float32(0.0)
+                        for c in range(width):
+                            x = row_i[c]
+                            d0 = x - r0[c]
+                            d1 = x - r1[c]
+                            d2 = x - r2[c]
+                            d3 = x - r3[c]
+                            s0 += d0 * d0
+                            s1 += d1 * d1
+                            s2 += d2 * d2
+                            s3 += d3 * d3
+                        partial[g, i, j] += s0
+                        partial[g, i, j + 1] += s1
+                        partial[g, i, j + 2] += s2
+                        partial[g, i, j + 3] += s3
+                        j += 4
+                    while j < n:
+                        row_j = rows[j][start:stop]
+                        total = np.float32(0.0)
+                        for c in range(width):
+                            d = row_i[c] - row_j[c]
+                            total += d * d
+                        partial[g, i, j] += total
+                        j += 1
+
+
+def _numpy_rows(flats: Sequence[Tensor]):
+    rows = TypedList()
+    for flat in flats:
+        rows.append(flat.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy())
+    return rows
+
+
+def _run(flats: Sequence[Tensor], ranks: tuple[int, ...], lo: int, hi: int, keep_closest: int) -> Tensor:
+    n = len(flats)
+    size = next_pow2(n)
+    pad_low = (size - n) // 2
+    pairs = comparators_for(size, tuple(pad_low + r for r in ranks))
+    out = np.empty(flats[0].numel(), dtype=np.float32)
+    tile = max(16, TILE_BYTES // (4 * size))
+    _sorted_tile_rule(_numpy_rows(flats), size, pad_low, pairs, pad_low + lo, pad_low + hi, keep_closest, out, tile)
+    return torch.from_numpy(out)
+
+
+def median(flats: Sequence[Tensor]) -> Tensor:
+    """Coordinate-wise median; the mean of the two middle values for an even count (numpy's convention)."""
+    n = len(flats)
+    lo, hi = (n - 1) // 2, n // 2 + 1
+    return _run(flats, tuple(range(lo, hi)), lo, hi, 0)
+
+
+def trimmed_mean(flats: Sequence[Tensor], cut: int) -> Tensor:
+    """Coordinate-wise mean of the values left after removing the `cut` smallest and `cut` largest."""
+    n = len(flats)
+    return _run(flats, tuple(range(cut, n - cut)), cut, n - cut, 0)
+
+
+def closest_to_median_mean(flats: Sequence[Tensor], keep: int) -> Tensor:
+    """Coordinate-wise mean of the `keep` values nearest the median (Bulyan's second stage)."""
+    n = len(flats)
+    return _run(flats, tuple(range(n)), 0, n, keep)
+
+
+def pairwise_sq_distances(flat_keys: Sequence[Sequence[Tensor]]) -> Tensor:
+    """(n, n) float64 squared distances between clients, over all keys (`flat_keys[k][i]`: key k of client i)."""
+    n = len(flat_keys[0])
+    partial = np.zeros((max(1, numba.get_num_threads()) * 2, n, n), dtype=np.float64)
+    for flats in flat_keys:
+        _add_pairwise_sq_distances(_numpy_rows(flats), partial, 4096)
+    upper = torch.from_numpy(partial.sum(axis=0))
+    return upper + upper.T

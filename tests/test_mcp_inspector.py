@@ -1,0 +1,82 @@
+"""Our MCP server driven by the official MCP Inspector in CLI mode (a third-party client), over stdio and HTTP.
+
+The inspector (npm `@modelcontextprotocol/inspector`) is installed once into the per-user cache
+(`$FL_CREW_REDDIT_CACHE` or `$XDG_CACHE_HOME/fl_crew_reddit`, under `npm/`); the tests are skipped only when node or
+npm are missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mcp_servers import ROOT, http_server, snapshot_env
+
+INSPECTOR_PACKAGE = "@modelcontextprotocol/inspector@0.15.0"
+TOOLS = {"list_subreddits", "collect_subreddit_posts", "search_reddit_posts", "collect_post_comments",
+         "collect_user_data", "collect_subreddit_info"}
+
+
+def _npm_prefix() -> Path:
+    cache = os.environ.get("FL_CREW_REDDIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(cache).expanduser() / ("" if os.environ.get("FL_CREW_REDDIT_CACHE") else "fl_crew_reddit") / "npm"
+
+
+@pytest.fixture(scope="module")
+def inspector() -> Path:
+    """Path of the `mcp-inspector` executable, installed with npm into the cache when missing."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the MCP Inspector needs Node.js: {' and '.join(missing)} not found on PATH")
+    prefix = _npm_prefix()
+    binary = prefix / "node_modules" / ".bin" / "mcp-inspector"
+    if not binary.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
+                               "--loglevel", "error", INSPECTOR_PACKAGE],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and binary.exists(), \
+            f"npm install {INSPECTOR_PACKAGE} into {prefix} failed:\n{done.stdout}\n{done.stderr}"
+    return binary
+
+
+def _inspect(inspector: Path, target: list[str], method: str, *options: str) -> dict:
+    """Run `mcp-inspector --cli TARGET --method METHOD OPTIONS`; its stdout is the JSON result."""
+    done = subprocess.run([str(inspector), "--cli", *target, "--method", method, *options], cwd=ROOT,
+                          env=snapshot_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"inspector failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def _check_the_server(inspector: Path, target: list[str]) -> None:
+    listed = _inspect(inspector, target, "tools/list")["tools"]
+    assert {tool["name"] for tool in listed} == TOOLS
+    assert all(tool["annotations"]["readOnlyHint"] is True for tool in listed)
+    assert all(tool["annotations"]["destructiveHint"] is False for tool in listed)
+    limit = next(t for t in listed if t["name"] == "collect_subreddit_posts")["inputSchema"]["properties"]["limit"]
+    assert (limit["minimum"], limit["maximum"]) == (1, 1000)
+
+    called = _inspect(inspector, target, "tools/call", "--tool-name", "collect_subreddit_posts",
+                      "--tool-arg", "subreddit=cooking", "--tool-arg", "limit=3")
+    assert called.get("isError") is False
+    posts = called["structuredContent"]["posts"]
+    assert called["structuredContent"]["subreddit"] == "cooking" and len(posts) == 3
+    assert all(post["subreddit"] == "cooking" and post["title"] for post in posts)
+    assert json.loads(called["content"][0]["text"]) == called["structuredContent"]
+
+    refused = _inspect(inspector, target, "tools/call", "--tool-name", "collect_subreddit_posts",
+                       "--tool-arg", "subreddit=cooking", "--tool-arg", "limit=1000000000")
+    assert refused["isError"] is True and "less than or equal to 1000" in refused["content"][0]["text"]
+
+
+def test_the_inspector_lists_and_calls_tools_over_stdio(inspector):
+    _check_the_server(inspector, [sys.executable, "-m", "fl_crew_reddit.main", "serve-mcp"])
+
+
+def test_the_inspector_lists_and_calls_tools_over_http(inspector, tmp_path):
+    with http_server(tmp_path / "server.log") as url:
+        _check_the_server(inspector, [url, "--transport", "http"])
