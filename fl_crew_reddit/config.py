@@ -111,7 +111,7 @@ class FLCrewRedditConfig(BaseSettings):
     scrub_personal_data: bool = Field(True, description="Replace u/ and @ handles, e-mail addresses and phone numbers "
                                                         "in prompts and replies with placeholders.")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Drop a reply whose word-3-gram Jaccard "
-                                                                         "similarity to an earlier reply is at least this.")
+                                                                         "similarity to an earlier one is at least this.")
     min_reply_tokens: int = Field(3, ge=0, le=32_768, description="Replies with fewer tokens are dropped.")
     max_reply_tokens: int = Field(512, ge=1, le=32_768, description="Replies with more tokens are dropped.")
     long_examples: Literal["truncate", "drop"] = Field(

@@ -79,12 +79,13 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _write_video(path: Path, colours=COLOURS, frames_per_colour=4, rate=4) -> Path:
-    """An MP4 (MPEG-4 part 2) with a keyframe at the start of each solid colour."""
+def _write_video(path: Path, colours=COLOURS, frames_per_colour=4, rate=4, container_format="mp4") -> Path:
+    """An MP4 (MPEG-4 part 2) with a keyframe at the start of each solid colour; `m4v` writes the bare stream,
+    which has no index and no duration."""
     import av
     import numpy as np
 
-    with av.open(str(path), "w", format="mp4") as container:
+    with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream("mpeg4", rate=rate)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.codec_context.gop_size = frames_per_colour
@@ -196,6 +197,8 @@ def test_a_video_gives_k_distinct_keyframes_in_time_order(tmp_path):
     seen = [next(i for i, c in enumerate(COLOURS) if _close(f.getpixel((5, 5)), c)) for f in frames]
     assert seen == sorted(seen) and len(set(seen)) == 4 and seen[0] == 0
     assert len(video_keyframes(video, 10)) == 6  # only 6 keyframes exist: none repeated
+    bare = video_keyframes(_write_video(tmp_path / "bare.m4v", container_format="m4v"), 4)  # no duration: walked
+    assert [f.getpixel((5, 5)) for f in bare] == [f.getpixel((5, 5)) for f in frames]
 
     dropped = Counter()
     store = MediaStore(tmp_path / "images", MediaSettings(video_keyframes=3, max_image_size=32), dropped)
@@ -283,3 +286,23 @@ def test_round_clip_score_with_the_evaluator_and_its_report_lines(tmp_path, tiny
     missing = render_markdown(clip_blocks({"base": {"clip_note": note}, "rounds": [{"round": 1,
                                                                                     "global": {"clip_note": note}}]}))
     assert missing.strip() == f"CLIP score: not computed — {note}."
+
+
+def test_a_dump_folder_video_reaches_preprocessing_as_keyframes(tmp_path):
+    import json
+
+    from fl_crew_reddit.reddit.backends import DumpBackend
+
+    folder = tmp_path / "dump" / "clips"
+    (folder / "videos").mkdir(parents=True)
+    _write_video(folder / "videos" / "garden.mp4")
+    post = {"id": "v1", "subreddit": "clips", "title": "my garden", "created_utc": 1, "url": "videos/garden.mp4",
+            "is_video": True}
+    (folder / "submissions.jsonl").write_text(json.dumps(post) + "\n")
+    (folder / "comments.jsonl").write_text(json.dumps({"id": "c1", "link_id": "t3_v1", "parent_id": "t3_v1",
+                                                       "subreddit": "clips", "body": "lovely"}) + "\n")
+    [served] = DumpBackend(tmp_path / "dump").subreddit_posts("clips").posts
+    assert served.image_paths == [str((folder / "videos" / "garden.mp4").resolve())]
+    dropped = Counter()
+    images = MediaStore(tmp_path / "images", MediaSettings(video_keyframes=2), dropped).post_images(served.image_paths)
+    assert len(images) == 2 and not dropped

@@ -288,7 +288,8 @@ def data_blocks(history: dict) -> list[Block]:
             blocks.append(_table(
                 ["Client", "Subreddit mix", "Examples", "Tokens", "Train", "Validation", "Test", "Train tokens"],
                 [[c.get("name", "?"), _subreddit_mix(c.get("subreddits") or {}),
-                  _fmt(c.get("num_examples") or sum(c.get(k) or 0 for k in ("num_train", "num_validation", "num_test"))),
+                  _fmt(c.get("num_examples") or sum(c.get(k) or 0 for k in ("num_train", "num_validation",
+                                                                               "num_test"))),
                   _fmt(c.get("num_tokens")), _fmt(c.get("num_train")),
                   _fmt(c.get("num_validation")), _fmt(c.get("num_test")), _fmt(c.get("train_tokens"))]
                  for c in clients]))

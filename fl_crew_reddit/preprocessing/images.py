@@ -102,16 +102,3 @@ def store_png(png: bytes, out_dir: Path) -> StoredImage:
 def store_image_bytes(data: bytes, out_dir: Path, max_size: int) -> StoredImage:
     return store_png(normalise_image(data, max_size), out_dir)
 
-
-def store_image(source: Path, out_dir: Path, max_size: int) -> tuple[Path | None, str | None]:
-    """(stored path, None) or (None, reason), for one local image file."""
-    try:
-        data = Path(source).read_bytes()
-    except FileNotFoundError:
-        return None, SKIP_IMAGE_MISSING
-    except OSError:
-        return None, SKIP_IMAGE_BROKEN
-    try:
-        return store_image_bytes(data, out_dir, max_size).path, None
-    except ImageRejected as rejected:
-        return None, rejected.reason
