@@ -2,8 +2,10 @@
 
 Six subreddits of ../shared/data/reddit-2015 as six clients (one subreddit each), the embedded SmolLM2-135M,
 LoRA on all linear layers. Local-only and centralized train on the same optimizer-step budget as the federated
-run (see FederatedWorkspace.train_baseline). Perplexity is on held-out threads: overall (all clients' splits) and
-on each client's own split. Prints progress to stderr and one JSON object as the last stdout line.
+run (see FederatedWorkspace.train_baseline). Every method is read at its own best round (for the baselines, the
+best round-equivalent chunk of their steps) on the validation split, and reported with the TEST perplexity of that
+checkpoint: held-out threads, overall (all clients' test splits) and on each client's own split. The test split
+never chooses. Prints progress to stderr and one JSON object as the last stdout line.
 """
 from __future__ import annotations
 
@@ -31,17 +33,23 @@ def one_run(seed: int, args, workdir: Path) -> dict:
         learning_rate=args.lr, aggregation_method=args.method)
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=args.rounds)
     history = result.history
-    last = history["rounds"][-1]["global"]
+    if history["best_round"] is None:
+        raise RuntimeError(f"run {result.run_id} recorded no best round: no validation perplexity was measured")
+    best = next(r for r in history["rounds"] if r["round"] == history["best_round"])["global"]
     local, central = history["baselines"]["local_only"], history["baselines"]["centralized"]
     names = {c["name"]: next(iter(c["subreddits"])) for c in history["data"]["clients"]}
     per_client = {
-        names[client]: {"base": history["base"]["per_client"][client], "fl": last["per_client"][client],
+        names[client]: {"base": history["base"]["per_client"][client], "fl": best["per_client"][client],
                         "local": local["per_client"][client]["own"], "central": central["per_client"][client]["own"]}
         for client in names}
-    return {"seed": seed, "base_ppl": history["base"]["perplexity"], "fl_ppl": last["perplexity"],
+    return {"seed": seed, "base_ppl": history["base"]["perplexity"], "fl_ppl": best["perplexity"],
+            "fl_best_round": history["best_round"],
             "fl_ppl_per_round": [r["global"]["perplexity"] for r in history["rounds"]],
-            "local_ppl_mean": local["perplexity"], "central_ppl": central["perplexity"], "per_client": per_client,
-            "seconds": result.seconds}
+            "fl_validation_ppl_per_round": [r["global"]["validation_perplexity"] for r in history["rounds"]],
+            "local_ppl_mean": local["perplexity"], "central_ppl": central["perplexity"],
+            "central_best_round": central["best_round"],
+            "local_best_rounds": {names[c]: v["best_round"] for c, v in local["per_client"].items()},
+            "per_client": per_client, "seconds": result.seconds}
 
 
 def goals(run: dict) -> dict:

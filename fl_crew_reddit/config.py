@@ -5,6 +5,7 @@ the run at start with one message naming the variable and what is allowed (see `
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,10 @@ class FLCrewRedditConfig(BaseSettings):
     lora_target_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["all-linear"],
         description="Comma-separated module names, or all-linear for every linear layer but the output head.")
+    ffa_lora: bool = Field(False, description="FFA-LoRA: LoRA A factors stay frozen at their shared initialisation; "
+                                              "clients train and send only B (exact averaging, half the traffic).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                            "memory for large models, ~30% more compute.")
     use_quantization: bool = Field(False, description="QLoRA: load the base model in 4/8 bit (CUDA).")
     quantization_bits: int = Field(4, description="4 (nf4 with double quantisation) or 8")
 
@@ -163,12 +168,17 @@ class FLCrewRedditConfig(BaseSettings):
     fl_crew_reddit_dir: Path = Field(default_factory=Path.cwd,
                                      description="Base folder of data/, models/, results/, logs/.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    trainer_devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="Where the clients of a round train: auto (one process per CUDA device when there are 2+, "
+                    "else one after another in this process) or a comma-separated list of 2+ devices "
+                    "(cuda:0,cuda:1; cpu,cpu for tests), one trainer process each.")
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="bf16 autocast where the hardware has it (CUDA, CPUs with native bf16).")
     tensorboard: bool = Field(True, description="Write per-round scalars to logs/tensorboard/<run>.")
 
     @field_validator("subreddits", "lora_target_modules", "baselines", "agent_collect_allowlist", "languages",
-                     "reddit_dump_subreddits", mode="before")
+                     "reddit_dump_subreddits", "trainer_devices", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -220,6 +230,21 @@ class FLCrewRedditConfig(BaseSettings):
         except ToolMapError as error:
             raise ValueError(str(error)) from None
         return value.strip()
+
+    @field_validator("trainer_devices")
+    @classmethod
+    def _device_list(cls, value: list[str]) -> list[str]:
+        names = [name.lower() for name in value] or ["auto"]
+        if names == ["auto"]:
+            return names
+        bad = [name for name in names if not re.fullmatch(r"cpu|cuda(:\d+)?", name)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} is not a device: use auto, or a comma-separated list of cpu, cuda "
+                             "or cuda:N (e.g. cuda:0,cuda:1)")
+        if len(names) < 2:
+            raise ValueError("one device trains in this process already: use auto (or DEVICE), or list 2+ devices "
+                             "for one trainer process each")
+        return names
 
     @field_validator("quantization_bits")
     @classmethod
@@ -275,6 +300,9 @@ class FLCrewRedditConfig(BaseSettings):
                              f"MAX_REPLY_TOKENS={self.max_reply_tokens}")
         if not self.use_lora:
             raise ValueError("USE_LORA=false is not supported: only adapter weights may leave a client")
+        if self.ffa_lora and self.aggregation_method == "svd_exact":
+            raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B is "
+                             "already exact and svd_exact needs both factors; use fedavg (or any other rule)")
         if self.test_fraction + self.validation_fraction >= 0.9:
             raise ValueError(f"TEST_FRACTION={self.test_fraction:g} + VALIDATION_FRACTION={self.validation_fraction:g} "
                              "must stay below 0.9: most threads must be left for training")

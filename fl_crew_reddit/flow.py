@@ -90,7 +90,8 @@ class FederatedFlow(Flow[FLState]):
         if len(selected) < len(self.workspace.client_names):
             log.info("Round %d: %d of %d clients sampled: %s", round_number, len(selected),
                      len(self.workspace.client_names), ", ".join(selected))
-        for index, client in enumerate(selected):
+        self.workspace.dispatch_training(round_number, selected)  # trainer processes (TRAINER_DEVICES) start now
+        for index, client in enumerate(selected):  # results in client order: the same aggregate as one by one
             agent = self.crew.trainer_for(index)
             try:
                 self._call(agent, "train_local_adapter", client=client, round=round_number)

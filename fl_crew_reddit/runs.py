@@ -75,6 +75,36 @@ def load_adapter_state(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
+UPDATE_WEIGHTS = "update.safetensors"
+
+
+def save_client_update(peft_model, global_adapter: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+                       folder: Path) -> Path:
+    """A client's round result: its adapter as a PEFT folder, plus, when it sends only part of the adapter
+    (FFA-LoRA: the B factors), that part alone in `update.safetensors`: the file that travels to the server."""
+    partial = set(sent) != set(global_adapter)
+    save_adapter(peft_model, {**global_adapter, **sent} if partial else sent, folder)
+    if partial:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sent.items()}, str(Path(folder) / UPDATE_WEIGHTS))
+    return folder
+
+
+def update_file(folder: Path) -> Path:
+    """The file of a client's folder that the server reads: update.safetensors when present, else the adapter."""
+    partial = Path(folder) / UPDATE_WEIGHTS
+    return partial if partial.is_file() else Path(folder) / ADAPTER_WEIGHTS
+
+
+def load_client_update(folder: Path) -> dict[str, torch.Tensor]:
+    """What a client sent, through safetensors only (never pickle)."""
+    path = update_file(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a PEFT adapter folder written with safetensors")
+    return load_file(str(path), device="cpu")
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

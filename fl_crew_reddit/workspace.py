@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from fl_crew_reddit.aggregation import aggregate, make_server_optimizer, screen_updates, SERVER_OPTIMIZERS
 from fl_crew_reddit.aggregation.checks import update_norm
+from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
 from fl_crew_reddit.config import FLCrewRedditConfig
 from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate, image_text_scores, split_perplexities
 from fl_crew_reddit.evaluation.selection import argmin_round, best_round_record
@@ -24,9 +25,10 @@ from fl_crew_reddit.evaluation.tensorboard_scalars import RunScalars, baseline_s
 from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
-from fl_crew_reddit.runs import (RunPaths, load_adapter_state, load_round_state, point_latest, save_adapter,
-                                 save_round_state, write_json_atomic)
+from fl_crew_reddit.runs import (RunPaths, load_client_update, load_round_state, point_latest, save_adapter,
+                                 save_client_update, save_round_state, update_file, write_json_atomic)
 from fl_crew_reddit.training.batching import tokenize_all
+from fl_crew_reddit.training.device_pool import TrainerPool, TrainingJob, trainer_devices
 from fl_crew_reddit.training.model_loading import load_base_model, pick_device
 from fl_crew_reddit.training.peft_setup import build_peft_model
 from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
@@ -84,6 +86,9 @@ class FederatedWorkspace:
         self._sample: list[dict] = []
         self._image_examples: list[dict] = []  # held-out replies to image posts, for the CLIP score
         self._pending: dict[str, ClientRoundResult] = {}
+        # TRAINER_DEVICES: trainer processes, one per device (checked here, at start), or None: train in-process.
+        devices = trainer_devices(config.trainer_devices, config.device)
+        self._trainer_pool = TrainerPool(config, devices) if devices else None
 
     # --- shared model -------------------------------------------------------------------------------------------
     @property
@@ -162,7 +167,7 @@ class FederatedWorkspace:
         return {"round": round_number, "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
                 "learning_rate": cfg.learning_rate, "max_steps": cfg.max_local_steps, "seed": cfg.seed,
                 "proximal_mu": cfg.fedprox_mu if cfg.aggregation_method == "fedprox" else 0.0,
-                "timeout_s": cfg.client_timeout}
+                "timeout_s": cfg.client_timeout, "train_lora_a": not cfg.ffa_lora}
 
     def select_clients(self, round_number: int) -> list[str]:
         """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume."""
@@ -175,13 +180,44 @@ class FederatedWorkspace:
     def train_client(self, client: str, round_number: int) -> ClientRoundResult:
         if client not in self._train_rows:
             raise KeyError(f"unknown client {client!r}; clients are {', '.join(self._train_rows)}")
+        if self._trainer_pool is not None:
+            return self._train_in_worker(client, round_number)
         trainer = LocalTrainer(client, self.model, self.tokenizer, self._train_rows[client], self.device,
                                mixed_precision=self.config.mixed_precision)
         result = trainer.fit(self.global_adapter, self.fit_config(round_number))
-        folder = save_adapter(self.model, result.state, self.paths.local_adapter(client, round_number))
+        folder = save_client_update(self.model, self.global_adapter, result.state,
+                                    self.paths.local_adapter(client, round_number))
+        result.metrics["update_bytes"] = update_file(folder).stat().st_size
         record = ClientRoundResult(name=client, num_examples=result.num_examples,
                                    train_loss=result.metrics["train_loss"], metrics=result.metrics,
                                    adapter_path=str(folder))
+        self._pending[client] = record
+        return record
+
+    def dispatch_training(self, round_number: int, clients: list[str]) -> None:
+        """With trainer processes (TRAINER_DEVICES), start all of the round's clients at once, spread over the
+        devices; `train_client` then collects each one's result. In-process training waits for `train_client`."""
+        if self._trainer_pool is None:
+            return
+        from safetensors.torch import save_file
+
+        sent = self.paths.global_adapter(round_number).parent / f"sent-round-{round_number}.safetensors"
+        sent.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.global_adapter.items()}, str(sent))
+        train_paths = {shard.name: shard.train_path for shard in self.data.clients}
+        self._trainer_pool.submit_round([
+            TrainingJob(client=name, round=round_number, train_path=str(train_paths[name]),
+                        global_adapter_path=str(sent), output_dir=str(self.paths.local_adapter(name, round_number)),
+                        fit_config=self.fit_config(round_number)) for name in clients])
+
+    def _train_in_worker(self, client: str, round_number: int) -> ClientRoundResult:
+        """A client's result from its trainer process (a worker that raised or died raises TrainerJobFailed)."""
+        if not self._trainer_pool.has_job(client, round_number):
+            self.dispatch_training(round_number, [client])
+        outcome = self._trainer_pool.result(client, round_number)
+        record = ClientRoundResult(name=client, num_examples=outcome.num_examples,
+                                   train_loss=outcome.metrics["train_loss"], metrics=outcome.metrics,
+                                   adapter_path=outcome.adapter_path)
         self._pending[client] = record
         return record
 
@@ -194,18 +230,22 @@ class FederatedWorkspace:
         method = method or self.config.aggregation_method
         record = self._current_round(round_number)
         clients = [self._pending[name] for name in sorted(self._pending)]
-        updates = [load_adapter_state(Path(c.adapter_path)) for c in clients]
+        updates = [load_client_update(Path(c.adapter_path)) for c in clients]
+        # What clients train and send: the whole adapter, or under FFA-LoRA only the B factors (A stays global).
+        sent = self.global_adapter if not self.config.ffa_lora else {
+            key: value for key, value in self.global_adapter.items() if ffa_lora_trainable(key)}
         accepted, rejected = screen_updates(
-            self.global_adapter, updates, [c.name for c in clients], max_norm=self.config.max_update_norm,
+            sent, updates, [c.name for c in clients], max_norm=self.config.max_update_norm,
             min_clients=min(self.config.min_fit_clients, len(clients) + len(record.skipped)))
         for name, reasons in rejected.items():
             log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
             record.skipped[name] = reasons
-        norms = {clients[i].name: update_norm(self.global_adapter, updates[i]) for i in accepted}
-        options = self._aggregation_options(method)
+        norms = {clients[i].name: update_norm(sent, updates[i]) for i in accepted}
+        options = self._aggregation_options(method, sent)
         new_global = aggregate(method, [updates[i] for i in accepted], [clients[i].num_examples for i in accepted],
                                **options)
-        self.global_adapter = {k: v.to(self.global_adapter[k].dtype) for k, v in new_global.items()}
+        self.global_adapter = {k: new_global[k].to(v.dtype) if k in new_global else v
+                               for k, v in self.global_adapter.items()}
         folder = save_adapter(self.model, self.global_adapter, self.paths.global_adapter(round_number))
         record.clients = clients
         record.aggregation = RoundAggregate(method=method, accepted=[clients[i].name for i in accepted],
@@ -213,7 +253,7 @@ class FederatedWorkspace:
         self._pending = {}
         return record.aggregation
 
-    def _aggregation_options(self, method: str) -> dict:
+    def _aggregation_options(self, method: str, global_state: dict) -> dict:
         cfg = self.config
         if method in ("krum", "multi_krum", "bulyan"):
             return {"num_byzantine": cfg.num_byzantine}
@@ -222,7 +262,7 @@ class FederatedWorkspace:
         if method in SERVER_OPTIMIZERS:
             if self.server_optimizer is None or not method == self.config.aggregation_method:
                 self.server_optimizer = make_server_optimizer(method)
-            return {"global_state": self.global_adapter, "server_optimizer": self.server_optimizer}
+            return {"global_state": global_state, "server_optimizer": self.server_optimizer}
         return {}
 
     # --- Evaluator ---------------------------------------------------------------------------------------------
@@ -424,6 +464,8 @@ class FederatedWorkspace:
         scalars.write(round_scalars(record.model_dump(by_alias=True)), round_number)
 
     def close(self) -> None:
+        if self._trainer_pool is not None:
+            self._trainer_pool.close()
         if self._scalars is not None:
             self._scalars.close()
             self._scalars = None

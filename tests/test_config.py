@@ -50,6 +50,15 @@ def test_invalid_value_names_the_variable_and_what_is_allowed(monkeypatch, name,
     assert name in message and value in message and allowed in message
 
 
+def test_test_and_validation_fractions_must_leave_threads_to_train_on(monkeypatch):
+    monkeypatch.setenv("TEST_FRACTION", "0.5")
+    monkeypatch.setenv("VALIDATION_FRACTION", "0.45")
+    with pytest.raises(ConfigError, match="TEST_FRACTION=0.5 \\+ VALIDATION_FRACTION=0.45 must stay below 0.9"):
+        load_config()
+    monkeypatch.setenv("VALIDATION_FRACTION", "0.3")
+    assert load_config().validation_fraction == 0.3
+
+
 def test_dump_backend_needs_an_existing_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("REDDIT_BACKEND", "dump")
     with pytest.raises(ConfigError, match="REDDIT_DUMP_DIR"):

@@ -94,7 +94,7 @@ def test_skipped_and_rejected_clients_show_their_reasons():
     assert "client-1: training failed: out of memory" in row2
     assert "client-2: update norm 512.0 exceeds MAX_UPDATE_NORM=100" in row2
     assert row2.count("MAX_UPDATE_NORM") == 1  # listed once though both `skipped` and `rejected` hold it
-    accepted = row2.split("|")[7].strip()
+    accepted = row2.split("|")[8].strip()
     assert accepted == "client-0"
 
 
@@ -103,7 +103,7 @@ def test_verdict_when_perplexity_did_not_improve_or_nothing_ran():
     worse["rounds"][-1]["global"]["perplexity"] = 44.0
     line = verdict(worse)
     assert line.startswith("Federated training did not lower held-out perplexity") and "+10.0%" in line
-    assert "best round was 1 (32.00)" in line
+    assert "round 1" not in line  # without validation numbers the last round is read, never the best on test
     assert 'class="verdict worse"' in render_html(report_blocks(worse))
     fresh = {k: v for k, v in HISTORY.items() if k != "rounds"}
     assert "No round has been evaluated yet" in verdict(fresh)
@@ -171,3 +171,38 @@ def test_round_analysis_from_the_evaluator_agent_is_shown():
          "analysis": "Perplexity fell 25%; client-2 lags."}]}
     text = markdown_report(history)
     assert "## Evaluator's analysis" in text and "Round 1: Perplexity fell 25%; client-2 lags." in text
+
+
+def _with_validation() -> dict:
+    """Round 2 is best on test (30.0) but round 1 on validation (29.0 vs 31.0): the report must read round 1."""
+    history = copy.deepcopy(HISTORY)
+    history["base"].update(validation_perplexity=41.0, per_client={"client-0": 42.0, "client-1": 38.0})
+    for record, (validation, own) in zip(history["rounds"], ((29.0, (33.0, 31.0)), (31.0, (31.5, 29.5)))):
+        record["global"].update(validation_perplexity=validation,
+                                per_client={"client-0": own[0], "client-1": own[1]})
+    history["best_round"], history["best_adapter"] = 1, "/runs/agg/1"
+    history["baselines"] = {
+        "local_only": {"perplexity": 34.0, "description": "each client alone",
+                       "per_client": {"client-0": {"own": 35.0, "union": 34.5, "best_round": 2},
+                                      "client-1": {"own": 33.0, "union": 33.5, "best_round": 1}}},
+        "centralized": {"perplexity": 31.0, "best_round": 2, "description": "pooled",
+                        "validation_per_round": [{"round": 1, "perplexity": 30.5}, {"round": 2, "perplexity": 30.1}],
+                        "per_client": {"client-0": {"own": 32.0}, "client-1": {"own": 30.0}}}}
+    return history
+
+
+def test_report_reads_every_method_at_its_best_round_on_validation(tmp_path):
+    history = _with_validation()
+    line = verdict(history)
+    assert line.startswith("Federated training lowered held-out perplexity from 40.00 to 32.00 (−20.0%) at round 1")
+    assert "lowest validation perplexity (29.00)" in line
+    text = markdown_report(history)
+    row1 = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    row2 = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert "29.00 (best)" in row1 and "(best)" not in row2 and "| base | 40.00 |  | 41.00 |" in text
+    assert "| federated | 32.00 | −20.0% | round 1 | 29.00 |" in text
+    assert "| centralized | 31.00 | −22.5% | round 2 | 30.10 |" in text
+    assert "| local_only | 34.00 | −15.0% | each client's best: 2, 1 |" in text
+    assert "| Client | base | local_only | centralized | federated (round 1) |" in text
+    assert "| client-0 | 42.00 | 35.00 | 32.00 | 33.00 |" in text and "| client-1 | 38.00 | 33.00 | 30.00 | 31.00 |" in text
+    assert _png_size(build_report(_write(tmp_path, history)).png.read_bytes())[0] >= 800

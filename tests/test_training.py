@@ -97,3 +97,43 @@ def test_client_past_its_timeout_stops_with_a_clear_error(tiny_model):
                            show_progress=False)
     with pytest.raises(TimeoutError, match="slow-client ran past CLIENT_TIMEOUT=1e-09s after 0 of 6 steps"):
         trainer.fit(snapshot_adapter(model), _fit_config(timeout_s=1e-9))
+
+
+def test_ffa_lora_trains_only_b_and_sends_only_b(tiny_model):
+    # Prepare: a global adapter with non-zero B, so A's gradient would be non-zero if A were trainable
+    model, tokenizer = tiny_model
+    global_adapter = {k: (v + 0.05 if "lora_B" in k else v) for k, v in snapshot_adapter(model).items()}
+    # Execute
+    result = LocalTrainer("c", model, tokenizer, _rows(tokenizer), CPU, mixed_precision="no",
+                          show_progress=False).fit(global_adapter, _fit_config(train_lora_a=False))
+    # Assert: only B travels, B moved, A in the model is exactly the global A, and A is trainable again afterwards
+    assert result.state and all("lora_B" in k for k in result.state)
+    assert sorted(result.state) == sorted(k for k in global_adapter if "lora_B" in k)
+    assert any(not torch.equal(result.state[k], global_adapter[k]) for k in result.state)
+    after = snapshot_adapter(model)
+    for key in (k for k in global_adapter if "lora_A" in k):
+        assert torch.equal(after[key], global_adapter[key]), key
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir):
+    # Prepare: two copies of the same model and adapter, one recomputing activations in the backward pass
+    from fl_crew_reddit.config import FLCrewRedditConfig
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.peft_setup import build_peft_model
+
+    results = {}
+    for checkpointing in (False, True):
+        config = FLCrewRedditConfig(base_llm_model=str(tiny_model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                    device="cpu", gradient_checkpointing=checkpointing)
+        base, tokenizer = load_base_model(config, CPU)
+        torch.manual_seed(0)
+        model = build_peft_model(base, config)
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        start = snapshot_adapter(model)
+        # Execute
+        results[checkpointing] = LocalTrainer("c", model, tokenizer, _rows(tokenizer), CPU, mixed_precision="no",
+                                              show_progress=False).fit(start, _fit_config(local_epochs=1)).state
+    # Assert
+    for key, value in results[False].items():
+        torch.testing.assert_close(results[True][key], value, rtol=1e-4, atol=1e-6, msg=key)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from fl_crew_reddit.evaluation.selection import best_round_record
+
 HISTORY_FILE = "history.json"
 SAMPLES_SHOWN = 3
 SAMPLE_CHARS = 300
@@ -147,7 +149,7 @@ def baselines(history: dict) -> dict[str, dict]:
                         entry["per_round"].append((number, ppl))
             if entry["perplexity"] is None and entry["per_round"]:
                 entry["perplexity"] = entry["per_round"][-1][1]
-            for key in ("bleu", "rouge_l", "description"):
+            for key in ("bleu", "rouge_l", "description", "best_round", "per_client", "validation_per_round"):
                 if value.get(key) is not None:
                     entry[key] = value[key]
         out[str(name)] = entry
@@ -161,21 +163,33 @@ def verdict(history: dict) -> str:
         return "The base model has not been evaluated yet: there is nothing to compare the rounds with."
     if not rounds:
         return f"No round has been evaluated yet (base model held-out perplexity {base:.2f})."
-    last = rounds[-1]
-    final = _metric(_global(last))
     count = f"{len(rounds)} round{'s' if len(rounds) != 1 else ''}"
+    best = best_round(history)
+    if best is not None:  # the model a user would keep: chosen on validation, scored on test
+        final = _metric(_global(best))
+        change = _signed_percent(change_percent(final, base))
+        chosen = (f"round {best.get('round')} of {len(rounds)}, the round with the lowest validation perplexity "
+                  f"({_fmt(_global(best).get('validation_perplexity'))})")
+        if final < base:
+            return (f"Federated training lowered held-out perplexity from {base:.2f} to {final:.2f} ({change}) "
+                    f"at {chosen}.")
+        return (f"Federated training did not lower held-out perplexity: {base:.2f} (base) → {final:.2f} ({change}) "
+                f"at {chosen}.")
+    final = _metric(_global(rounds[-1]))  # a history without validation: the last round (never the best on test)
     change = change_percent(final, base)
     if final < base:
-        line = (f"Federated training lowered held-out perplexity from {base:.2f} to {final:.2f} "
+        return (f"Federated training lowered held-out perplexity from {base:.2f} to {final:.2f} "
                 f"({_signed_percent(change)}) over {count}.")
-    else:
-        line = (f"Federated training did not lower held-out perplexity: {base:.2f} (base) → {final:.2f} "
-                f"({_signed_percent(change)}) after {count}.")
-    best = min(rounds, key=lambda r: _metric(_global(r)))
-    best_ppl = _metric(_global(best))
-    if best is not last and best_ppl < final:
-        line += f" The best round was {best.get('round')} ({best_ppl:.2f})."
-    return line
+    return (f"Federated training did not lower held-out perplexity: {base:.2f} (base) → {final:.2f} "
+            f"({_signed_percent(change)}) after {count}.")
+
+
+def best_round(history: dict) -> dict | None:
+    """The round record with the lowest validation perplexity (as the run recorded it); None without validation."""
+    rounds = history.get("rounds") or []
+    recorded = history.get("best_round")
+    match = next((r for r in rounds if recorded is not None and r.get("round") == recorded), None)
+    return match if match is not None and _metric(_global(match)) is not None else best_round_record(rounds)
 
 
 # --- formatting ----------------------------------------------------------------------------------------------------
@@ -304,19 +318,22 @@ def rounds_blocks(history: dict) -> list[Block]:
     base = history.get("base") or {}
     base_ppl = base_perplexity(history)
     rounds = history.get("rounds") or []
-    headers = ["Round", "Perplexity", "Δ vs base", "BLEU", "ROUGE-L", "Mean train loss", "Accepted",
-               "Skipped (reason)", "Seconds"]
+    headers = ["Round", "Perplexity", "Δ vs base", "Validation perplexity", "BLEU", "ROUGE-L", "Mean train loss",
+               "Accepted", "Skipped (reason)", "Seconds"]
     rows = []
     if base:
-        rows.append(["base", _fmt(base_ppl), "", _fmt(base.get("bleu")), _fmt(base.get("rouge_l"), 3), "", "", "",
-                     ""])
+        rows.append(["base", _fmt(base_ppl), "", _fmt(base.get("validation_perplexity")), _fmt(base.get("bleu")),
+                     _fmt(base.get("rouge_l"), 3), "", "", "", ""])
+    best = best_round(history)
     for record in rounds:
         metrics = _global(record)
         ppl = _metric(metrics)
         left_out = skipped_clients(record)
+        validation = _fmt(metrics.get("validation_perplexity"))
         rows.append([
             record.get("round", "?"), _fmt(ppl) if ppl is not None else "(not evaluated)",
-            _signed_percent(change_percent(ppl, base_ppl)), _fmt(metrics.get("bleu")),
+            _signed_percent(change_percent(ppl, base_ppl)),
+            f"{validation} (best)" if record is best else validation, _fmt(metrics.get("bleu")),
             _fmt(metrics.get("rouge_l"), 3), _fmt(mean_train_loss(record), 3),
             ", ".join(accepted_clients(record)) or "—",
             "; ".join(f"{name}: {', '.join(reasons) or 'no reason given'}" for name, reasons in left_out.items())
@@ -325,8 +342,8 @@ def rounds_blocks(history: dict) -> list[Block]:
     if not rows:
         return blocks + [("p", "No round has run yet.")]
     methods = sorted({(r.get("aggregation") or {}).get("method") for r in rounds} - {None})
-    note = "Perplexity is on every held-out reply; BLEU (0–100) and ROUGE-L (0–1) on a fixed sample of generated " \
-           "replies."
+    note = "Perplexity is on every held-out test reply; validation perplexity, on separate held-out threads, " \
+           "chooses the best round. BLEU (0–100) and ROUGE-L (0–1) on a fixed sample of generated replies."
     if methods:
         note += f" Aggregation: {', '.join(methods)}."
     blocks += [("p", note), _table(headers, rows)]
@@ -381,15 +398,60 @@ def _per_client_blocks(history: dict) -> list[Block]:
 
 
 def _baseline_blocks(history: dict) -> list[Block]:
+    """Every method at its own best round on validation, with the test perplexity of that checkpoint: the federated
+    model, then each baseline; then the same per client, on each client's own test split."""
     found = baselines(history)
     if not found:
         return []
     base_ppl = base_perplexity(history)
-    rows = [[name, _fmt(entry.get("perplexity")), _signed_percent(change_percent(entry.get("perplexity"), base_ppl)),
-             _fmt(entry.get("bleu")), _fmt(entry.get("rouge_l"), 3), entry.get("description", "")]
-            for name, entry in found.items()]
-    return [("h2", "Baselines"),
-            _table(["Baseline", "Perplexity", "Δ vs base", "BLEU", "ROUGE-L", "Notes"], rows)]
+    best = best_round(history)
+    rows = []
+    if best is not None:
+        metrics = _global(best)
+        rows.append(["federated", _fmt(_metric(metrics)), _signed_percent(change_percent(_metric(metrics), base_ppl)),
+                     f"round {best.get('round')}", _fmt(metrics.get("validation_perplexity")),
+                     _fmt(metrics.get("bleu")), _fmt(metrics.get("rouge_l"), 3), "global adapter"])
+    for name, entry in found.items():
+        rows.append([name, _fmt(entry.get("perplexity")),
+                     _signed_percent(change_percent(entry.get("perplexity"), base_ppl)), _read_at(entry),
+                     _fmt(_validation_at_best(entry)), _fmt(entry.get("bleu")), _fmt(entry.get("rouge_l"), 3),
+                     entry.get("description", "")])
+    blocks: list[Block] = [
+        ("h2", "Baselines"),
+        ("p", "Each method is read at its own best round (or round-equivalent chunk of its steps) on the validation "
+              "split; the perplexities are on the test split, which never chooses."),
+        _table(["Method", "Perplexity", "Δ vs base", "Read at", "Validation perplexity", "BLEU", "ROUGE-L", "Notes"],
+               rows)]
+    return blocks + _per_client_comparison(history, found, best)
+
+
+def _read_at(entry: dict) -> str:
+    if entry.get("best_round") is not None:
+        return f"round {entry['best_round']}"
+    chosen = [v.get("best_round") for v in (entry.get("per_client") or {}).values() if isinstance(v, dict)]
+    chosen = [str(r) for r in chosen if r is not None]
+    return f"each client's best: {', '.join(chosen)}" if chosen else "—"
+
+
+def _validation_at_best(entry: dict) -> float | None:
+    points = {p.get("round"): p.get("perplexity") for p in entry.get("validation_per_round") or []
+              if isinstance(p, dict)}
+    return _number(points.get(entry.get("best_round")))
+
+
+def _per_client_comparison(history: dict, found: dict[str, dict], best: dict | None) -> list[Block]:
+    """Test perplexity on each client's own split: base, each baseline, the federated model at its best round."""
+    columns = {"base": per_client_perplexity(history.get("base") or {})}
+    for name, entry in found.items():
+        columns[name] = {client: _metric(value, "own") for client, value in (entry.get("per_client") or {}).items()}
+    if best is not None:
+        columns[f"federated (round {best.get('round')})"] = per_client_perplexity(_global(best))
+    columns = {name: {c: v for c, v in values.items() if v is not None} for name, values in columns.items()}
+    clients = list(dict.fromkeys(client for values in columns.values() for client in values))
+    if not clients or sum(1 for values in columns.values() if values) < 2:
+        return []
+    rows = [[client] + [_fmt(values.get(client)) for values in columns.values()] for client in clients]
+    return [("p", "Per client, on each client's own test split:"), _table(["Client"] + list(columns), rows)]
 
 
 def samples_blocks(history: dict, count: int = SAMPLES_SHOWN) -> list[Block]:
@@ -543,6 +605,19 @@ def plot_convergence(history: dict, path: Path) -> Path:
                 ax_ppl.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 9), ha="center",
                                 fontsize=8.5, color="#d62728", zorder=7,
                                 bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+        validation = [(r["round"], _metric(_global(r), "validation_perplexity")) for r in evaluated]
+        validation = [(x, y) for x, y in validation if y is not None]
+        base_validation = _metric(history.get("base") or {}, "validation_perplexity")
+        if validation:
+            if base_validation is not None:
+                validation.insert(0, (0, base_validation))
+            ax_ppl.plot(*zip(*validation), color="#d62728", linestyle="--", linewidth=1.3, alpha=0.75,
+                        label="global adapter, validation split")
+        best = best_round(history)
+        if best is not None:
+            ax_ppl.plot([best["round"]], [_metric(_global(best))], linestyle="none", marker="*", markersize=17,
+                        color="#ffbf00", markeredgecolor="#7a5a00", zorder=8,
+                        label=f"best round on validation ({best['round']})")
     base_pc = per_client_perplexity(history.get("base") or {})
     for name in names:
         points = [(r["round"], per_client_perplexity(_global(r)).get(name)) for r in evaluated]
@@ -562,7 +637,8 @@ def plot_convergence(history: dict, path: Path) -> Path:
                         linewidth=1.2, label=f"baseline: {name}")
         elif entry.get("perplexity") is not None:
             ax_ppl.axhline(entry["perplexity"], color="#333", linestyle=style, linewidth=1.2,
-                           label=f"baseline: {name} ({entry['perplexity']:.2f})")
+                           label=f"baseline: {name} ({entry['perplexity']:.2f}"
+                                 f"{', best on validation' if _read_at(entry) != '—' else ''})")
     ax_ppl.set_title("Held-out reply perplexity (lower is better)", fontsize=11)
     ax_ppl.set_ylabel("perplexity")
     if not xs and base_ppl is None:

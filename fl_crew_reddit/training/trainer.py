@@ -17,6 +17,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
 from fl_crew_reddit.training.batching import collate, length_grouped_batches, reply_token_nll
 
 AdapterState = dict[str, torch.Tensor]
@@ -163,6 +164,23 @@ def cpu_training_fast_path(model, device: torch.device, bf16: bool, *, geometric
             undo()
 
 
+@contextmanager
+def frozen_lora_a(model, frozen: bool):
+    """FFA-LoRA (Sun et al. 2024) for one fit: LoRA A factors take no gradient, so every client keeps the shared A
+    and averaging the B factors is exactly averaging the updates B·A. Put back on exit."""
+    changed = []
+    if frozen:
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and not ffa_lora_trainable(name):
+                parameter.requires_grad_(False)
+                changed.append(parameter)
+    try:
+        yield
+    finally:
+        for parameter in changed:
+            parameter.requires_grad_(True)
+
+
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """LR multiplier: linear warmup, then cosine decay to `floor` of the peak."""
     if step < warmup:
@@ -192,7 +210,11 @@ class LocalTrainer:
 
     def fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         """Train from `global_adapter` on local data; config: local_epochs, batch_size, learning_rate,
-        proximal_mu, max_steps, seed, round."""
+        proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned)."""
+        with frozen_lora_a(self.model, frozen=not config.get("train_lora_a", True)):
+            return self._fit(global_adapter, config)
+
+    def _fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         started = time.perf_counter()
         # 1. Start from the global adapter.
         set_peft_model_state_dict(self.model, global_adapter)
@@ -252,10 +274,13 @@ class LocalTrainer:
             bad = "no steps ran" if not losses else "a non-finite loss"
             raise FloatingPointError(f"{self.name}: training produced {bad}")
 
-        # 4. Only the adapter weights leave the client.
+        # 4. Only the adapter weights leave the client (under FFA-LoRA only B: A is the global adapter's, unchanged).
         last_epoch = losses[-max(1, len(epochs[-1])):]
+        state = snapshot_adapter(self.model)
+        if not config.get("train_lora_a", True):
+            state = {key: value for key, value in state.items() if ffa_lora_trainable(key)}
         return FitResult(
-            state=snapshot_adapter(self.model),
+            state=state,
             num_examples=len(self.train_rows),
             metrics={"train_loss": sum(last_epoch) / len(last_epoch), "first_loss": losses[0],
                      "steps": total, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds},
