@@ -30,7 +30,7 @@ def one_run(seed: int, args, workdir: Path) -> dict:
         reddit_backend="dump", reddit_dump_dir=args.dump_dir, subreddits=SUBREDDITS, num_trainers=len(SUBREDDITS),
         posts_per_subreddit=args.posts, max_examples_per_client=args.examples, local_epochs=args.epochs,
         eval_samples=0, seed=seed, baselines=["local_only", "centralized"], fl_crew_reddit_dir=workdir,
-        learning_rate=args.lr, aggregation_method=args.method)
+        learning_rate=args.lr, aggregation_method=args.method, test_fraction=args.test_fraction)
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=args.rounds)
     history = result.history
     if history["best_round"] is None:
@@ -69,10 +69,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--method", default="fedavg")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--test-fraction", type=float,
+                        help="TEST_FRACTION (default 0.2: 12 held-out replies per client)")
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.rounds = args.rounds or 3
-    args.examples, args.epochs, args.posts = (16, 1, 60) if args.quick else (32, 3, 200)
+    # full: three seeds, twice the local steps of --quick (24 per client over 3 rounds), sized so that all four
+    # methods of all three seeds fit in about an hour on the project's 2-core CPU
+    args.examples, args.epochs, args.posts = (16, 1, 60) if args.quick else (16, 2, 200)
+    args.test_fraction = args.test_fraction or 0.2
     runs = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +90,7 @@ def main() -> None:
     summary["per_client"] = {sub: {k: statistics.mean(r["per_client"][sub][k] for r in runs)
                                    for k in ("base", "local", "central", "fl")} for sub in runs[0]["per_client"]}
     summary.update(mode="quick" if args.quick else "full", seeds=args.seeds, rounds=args.rounds,
+                   test_fraction=args.test_fraction,
                    examples_per_client=args.examples, local_epochs=args.epochs, lr=args.lr, method=args.method,
                    goals=goals(summary), runs=runs)
     print(json.dumps(summary))

@@ -21,6 +21,7 @@ from crewai.llms.base_llm import BaseLLM
 from pydantic import BaseModel
 
 from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
+from fl_crew_reddit.tools.collector_tools import MAX_QUERIES, MAX_QUERY_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ def task_inputs(workspace, arguments: dict) -> dict:
     return {
         "allowed_subreddits": (", ".join(allowed) if allowed
                                else "any subreddit the backend has (subreddits null: all of them)"),
-        "posts_per_subreddit": cfg.posts_per_subreddit, "num_clients": cfg.clients_count,
+        "posts_per_subreddit": cfg.posts_per_subreddit, "max_queries": MAX_QUERIES,
+        "max_query_chars": MAX_QUERY_CHARS, "num_clients": cfg.clients_count,
         "partition": cfg.partition, "local_epochs": cfg.local_epochs, "aggregation_method": cfg.aggregation_method,
         "aggregation_choice": (
             f"If the updates look anomalous you may pass method as one of {', '.join(ROBUST_RULES)}; otherwise "

@@ -100,6 +100,9 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     base = result.history["base"]["perplexity"]
     final = result.perplexities()[-1] if result.perplexities() else float("nan")
     print(f"\nRun {result.run_id} finished in {result.seconds:.0f}s: held-out perplexity {base:.2f} → {final:.2f}")
+    if result.best_round is not None:
+        best = next(r for r in result.history["rounds"] if r["round"] == result.best_round)["global"]["perplexity"]
+        print(f"  best round:   {result.best_round} on validation (test perplexity {best:.2f}): {result.best_adapter}")
     print(f"  history:      {result.history_path}")
     print(f"  final adapter {result.final_adapter}")
     print(f"  log:          {result.log_path}")
@@ -131,20 +134,25 @@ def _print_summary(history: dict) -> None:
     from rich.table import Table
 
     table = Table(title="Held-out results", title_justify="left")
-    for column in ("round", "perplexity", "BLEU", "ROUGE-L", "clients", "skipped", "seconds"):
+    for column in ("round", "perplexity", "validation", "BLEU", "ROUGE-L", "clients", "skipped", "seconds"):
         table.add_column(column, justify="right" if column not in ("clients", "skipped") else "left")
     base = history.get("base") or {}
-    table.add_row("base", f"{base.get('perplexity', float('nan')):.2f}", f"{base.get('bleu', 0):.2f}",
+    table.add_row("base", f"{base.get('perplexity', float('nan')):.2f}",
+                  f"{base.get('validation_perplexity') or float('nan'):.2f}", f"{base.get('bleu', 0):.2f}",
                   f"{base.get('rouge_l', 0):.3f}", "", "", "")
     for record in history.get("rounds", []):
         metrics = record.get("global") or {}
-        table.add_row(str(record["round"]), f"{metrics.get('perplexity', float('nan')):.2f}",
+        label = f"{record['round']} (best)" if record["round"] == history.get("best_round") else str(record["round"])
+        table.add_row(label, f"{metrics.get('perplexity', float('nan')):.2f}",
+                      f"{metrics.get('validation_perplexity') or float('nan'):.2f}",
                       f"{metrics.get('bleu', 0):.2f}", f"{metrics.get('rouge_l', 0):.3f}",
                       ", ".join(c["name"] for c in record.get("clients", [])), ", ".join(record.get("skipped", {})),
                       f"{record.get('seconds', 0):.0f}")
     for name, entry in (history.get("baselines") or {}).items():
-        table.add_row(name, f"{entry['perplexity']:.2f}", "", "", "", "", "")
-    Console().print(table)
+        table.add_row(name, f"{entry['perplexity']:.2f}", "", "", "", "", "", "")
+    console = Console()
+    console.width = max(console.width, 120)  # eight columns: do not squeeze numbers into ellipses
+    console.print(table)
 
 
 def collect_command(subreddits: str | None, posts: int | None) -> int:

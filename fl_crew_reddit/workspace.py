@@ -119,12 +119,14 @@ class FederatedWorkspace:
         return [shard.name for shard in self.data.clients] if self.data else []
 
     # --- Data Collector ----------------------------------------------------------------------------------------
-    def collect(self, subreddits: list[str] | None = None, posts_per_subreddit: int | None = None) -> CollectionReport:
+    def collect(self, subreddits: list[str] | None = None, posts_per_subreddit: int | None = None,
+                queries: list[str] | None = None) -> CollectionReport:
         from fl_crew_reddit.reddit.client import RedditMCPClient
 
         with RedditMCPClient.for_config(self.config) as client:
             self.collection = collect(client, subreddits if subreddits is not None else self.config.subreddits,
-                                      posts_per_subreddit or self.config.posts_per_subreddit, self.paths.collected)
+                                      posts_per_subreddit or self.config.posts_per_subreddit, self.paths.collected,
+                                      queries=queries)
         return self.collection
 
     # --- Data Preprocessor -------------------------------------------------------------------------------------

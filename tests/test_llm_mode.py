@@ -13,6 +13,7 @@ from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig, load_config
 from fl_crew_reddit.llm_mode import build_agent_llm
 
 SUBREDDITS = ["cooking", "gardening", "learnpython"]
+QUERY = "garlic"  # matches r/cooking's oldest post (ck01) and r/gardening's gd03: neither is among the 15 newest
 
 
 class ScriptedLLM(BaseLLM):
@@ -57,7 +58,8 @@ def _plan(description: str, tools: list[str]) -> tuple[str, dict]:
     if "train_and_evaluate_baseline" in tools and "baseline" in description:
         return "train_and_evaluate_baseline", {"baseline": re.search(r'baseline "(\w+)"', description).group(1)}
     tool = tools[0]
-    arguments = {"collect_reddit_data": {"subreddits": SUBREDDITS, "posts_per_subreddit": 15},
+    arguments = {"collect_reddit_data": {"subreddits": SUBREDDITS, "posts_per_subreddit": 15,
+                                         **({"queries": [QUERY]} if "queries" in description else {})},
                  "preprocess_reddit_data": {},
                  "train_local_adapter": {"client": re.search(r'client "([\w-]+)"', description).group(1) if
                                          "client \"" in description else None, "round": round_number},
@@ -105,7 +107,7 @@ def test_a_scripted_llm_drives_every_agent_through_a_round(tiny_config, work_don
 
     assert "Agents: LLM-driven (scripted)" in log_text and "falling back" not in log_text
     for line in ["Reddit Data Collector calls collect_reddit_data({'subreddits': ['cooking', 'gardening', "
-                 "'learnpython'], 'posts_per_subreddit': 15}) [LLM]",
+                 "'learnpython'], 'posts_per_subreddit': 15, 'queries': ['garlic']}) [LLM]",
                  "Data Preprocessor calls preprocess_reddit_data({}) [LLM]",
                  "Model Evaluator calls evaluate_model({'round': 0}) [LLM]",
                  "Model Evaluator calls evaluate_model({'round': 1}) [LLM]"]:
@@ -119,8 +121,15 @@ def test_a_scripted_llm_drives_every_agent_through_a_round(tiny_config, work_don
     assert dict(work_done) == ONCE_EACH  # the heavy work ran exactly once per step
 
     history = result.history
-    assert [(s["subreddit"], s["num_posts"] <= 15) for s in history["collection"]["subreddits"]] == \
-        [(name, True) for name in SUBREDDITS]
+    assert [(s["subreddit"], s["num_posts"]) for s in history["collection"]["subreddits"]] == \
+        [(name, 15) for name in SUBREDDITS]  # the agent's budget, search matches included
+    # The agent's query added matching posts, with their comments, ahead of the newest ones.
+    assert [s["queries"] for s in history["collection"]["subreddits"]] == [{QUERY: 3}, {QUERY: 1}, {QUERY: 0}]
+    cooking = json.loads(Path(history["collection"]["subreddits"][0]["path"]).read_text())
+    post_ids = [post["id"] for post in cooking["posts"]]
+    assert post_ids[:3] == cooking["queries"][QUERY] == ["ck01", "ck29", "ck23"]
+    assert "ck18" not in post_ids  # the 15th newest post gave way to the oldest, found by the search
+    assert any(comment["link_id"] == "t3_ck01" for comment in cooking["comments"])
     [record] = history["rounds"]
     assert [c["name"] for c in record["clients"]] == ["client-0", "client-1", "client-2"]
     assert record["aggregation"]["method"] == ("median" if may_switch else "weighted_average")
@@ -151,6 +160,7 @@ def test_invalid_llm_arguments_fall_back_to_the_direct_call(tiny_config, work_do
     history = result.history
     assert [s["subreddit"] for s in history["collection"]["subreddits"]] == SUBREDDITS
     assert all(s["num_posts"] == 20 for s in history["collection"]["subreddits"])  # the direct call's budget
+    assert all(s["queries"] == {} for s in history["collection"]["subreddits"])  # the refused call's query too
     [record] = history["rounds"]
     assert [c["name"] for c in record["clients"]] == ["client-0", "client-1", "client-2"]
     assert record["aggregation"]["method"] == "weighted_average" and record["skipped"] == {}
@@ -169,15 +179,17 @@ class FailingWorkspace:
 
     def __init__(self, config):
         self.config, self._pending, self.rounds, self.base_metrics, self.calls = config, {}, [], None, Counter()
+        self.collected = []
 
     def train_client(self, client, round_number):
         self.calls["train_client"] += 1
         raise RuntimeError("CUDA out of memory")
 
-    def collect(self, subreddits, posts_per_subreddit):
+    def collect(self, subreddits, posts_per_subreddit, queries=None):
         from fl_crew_reddit.reddit.collector import CollectionReport
 
         self.calls["collect"] += 1
+        self.collected.append((subreddits, posts_per_subreddit, queries))
         if subreddits == ["gardening"]:
             raise KeyError("r/gardening is private")
         return CollectionReport(subreddits=[], server="fake")
@@ -195,8 +207,26 @@ def test_failing_work_runs_once_and_falls_back_only_when_the_llm_chose_other_arg
     outcome = run_step(crew, crew.data_collector, "collect_reddit_data", {})
     assert (outcome.via, outcome.arguments) == ("direct", {})
     assert workspace.calls == {"train_client": 1, "collect": 2}
-    assert "LLM step failed (collect_reddit_data({'subreddits': ['gardening'], 'posts_per_subreddit': 15}) raised " \
-           "KeyError" in caplog.text
+    assert "LLM step failed (collect_reddit_data({'subreddits': ['gardening'], 'posts_per_subreddit': 15, " \
+           "'queries': ['garlic']}) raised KeyError" in caplog.text
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"queries": ["garlic " * 20]}, "its collect_reddit_data arguments failed the tool's schema"),  # 140 characters
+    ({"queries": ["garlic", "basil", "rice", "soil", "pandas", "tomato"]},  # six: over the limit of five
+     "its collect_reddit_data arguments failed the tool's schema"),
+    ({"subreddits": ["cooking", "askreddit"]}, "askreddit outside the allow-list cooking, gardening, learnpython"),
+], ids=["over-long-query", "too-many-queries", "outside-allow-list"])
+def test_a_collector_query_outside_the_rules_is_refused_and_the_direct_call_runs(clean_env, caplog, bad, reason):
+    from fl_crew_reddit.agents import FLCrew
+    from fl_crew_reddit.llm_mode import run_step
+
+    workspace = FailingWorkspace(FLCrewRedditConfig(agent_collect_allowlist=SUBREDDITS))
+    crew = FLCrew(workspace, llm=ScriptedLLM(model="scripted", bad={"collect_reddit_data": bad}))
+    outcome = run_step(crew, crew.data_collector, "collect_reddit_data", {})
+    assert (outcome.via, outcome.arguments) == ("direct", {})
+    assert workspace.collected == [(None, None, None)]  # only the direct call ran: no query, no other subreddit
+    assert f"Reddit Data Collector: LLM step failed ({reason}" in caplog.text
 
 
 def test_agent_mode_decides_whether_an_llm_drives_the_agents(clean_env, monkeypatch):

@@ -1,22 +1,35 @@
 """Data Collector's tool: collect posts and comment threads through the Reddit MCP server."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.reddit.collector import CollectionReport
 from fl_crew_reddit.tools.base import WorkspaceTool
 
+MAX_QUERIES = 5  # searches per subreddit: each one is an MCP call, and their posts share the subreddit's budget
+MAX_QUERY_CHARS = 100
+SearchQuery = Annotated[str, Field(min_length=2, max_length=MAX_QUERY_CHARS, pattern=r"\w",
+                                   description="Words that must all appear in a post's title or text")]
+
 
 class CollectRedditDataArgs(BaseModel):
     subreddits: list[str] | None = Field(None, description="Subreddit names without r/; null: the configured SUBREDDITS")
-    posts_per_subreddit: int | None = Field(None, ge=1, le=1000, description="Newest posts to collect per subreddit")
+    posts_per_subreddit: int | None = Field(None, ge=1, le=1000, description="Posts to collect per subreddit")
+    queries: list[SearchQuery] | None = Field(
+        None, max_length=MAX_QUERIES,
+        description=f"Up to {MAX_QUERIES} search phrases of at most {MAX_QUERY_CHARS} characters: each subreddit's "
+                    "posts matching them are collected first (within posts_per_subreddit), then its newest posts; "
+                    "null: newest posts only")
 
 
 class CollectRedditDataTool(WorkspaceTool):
     name: str = "collect_reddit_data"
     description: str = ("Collect posts and their comment threads for subreddits through the Reddit MCP server "
-                        "and store them for preprocessing.")
+                        "(posts matching optional search queries first, then the newest) and store them for "
+                        "preprocessing.")
     args_schema: type[BaseModel] = CollectRedditDataArgs
 
     def execute(self, arguments: CollectRedditDataArgs) -> CollectionReport:
-        return self.workspace.collect(arguments.subreddits, arguments.posts_per_subreddit)
+        return self.workspace.collect(arguments.subreddits, arguments.posts_per_subreddit, queries=arguments.queries)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
+import signal
 import threading
 import time
 from collections import deque
@@ -29,15 +29,16 @@ from pathlib import Path
 
 import torch
 
+from fl_crew_reddit.training.model_loading import BaseModelUnavailable
+
 log = logging.getLogger(__name__)
 
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 START_TIMEOUT_S = 900.0  # loading a large base model onto a GPU can take minutes
 TIMEOUT_GRACE_S = 30.0  # a job may overrun CLIENT_TIMEOUT by one step before its worker is stopped
 
 
-class TrainerDevicesUnavailable(ValueError):
-    """TRAINER_DEVICES names a device this machine does not have."""
+class TrainerDevicesUnavailable(BaseModelUnavailable):
+    """TRAINER_DEVICES names a device this machine does not have: the model cannot be placed there."""
 
 
 class TrainerJobFailed(RuntimeError):
@@ -87,11 +88,12 @@ class TrainingOutcome:
 # --- the worker process -------------------------------------------------------------------------------------------
 def _worker_main(config, device_name: str, connection, num_threads: int) -> None:
     """Load the model once on `device_name`, then train one job at a time until told to stop (or the parent goes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's: it saves state and stops the workers
     try:
         torch.set_num_threads(num_threads)
         device = torch.device(device_name)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # kernels and allocations of this process go to its own GPU
         from fl_crew_reddit.training.model_loading import load_base_model
         from fl_crew_reddit.training.peft_setup import build_peft_model
 
@@ -111,9 +113,13 @@ def _worker_main(config, device_name: str, connection, num_threads: int) -> None
         if job is None:
             return
         try:
-            connection.send(("done", _train(job, model, tokenizer, device, config, rows_by_path)))
-        except Exception as error:
-            connection.send(("failed", f"{type(error).__name__}: {error}"))
+            reply = ("done", _train(job, model, tokenizer, device, config, rows_by_path))
+        except Exception as error:  # the job fails, the worker stays up for the next one
+            reply = ("failed", f"{type(error).__name__}: {error}")
+        try:
+            connection.send(reply)
+        except OSError:  # the parent is gone
+            return
 
 
 def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dict) -> TrainingOutcome:
@@ -217,8 +223,8 @@ class TrainerPool:
 
     def running(self) -> dict[int, str]:
         """pid -> client, for the workers training now (what `ps` would show, by client)."""
-        return {worker.process.pid: worker.job.client for worker in self._workers
-                if worker.job is not None and worker.process is not None}
+        busy = [(worker.process, worker.job) for worker in self._workers]  # read once: serving threads change them
+        return {process.pid: job.client for process, job in busy if process is not None and job is not None}
 
     def worker_pids(self) -> list[int | None]:
         """Each device's worker pid (None: not running), in TRAINER_DEVICES order."""
