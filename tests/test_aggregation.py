@@ -403,8 +403,8 @@ def test_compiled_kernels_equal_eager_sorting_network(n, monkeypatch):
     shapes = {"w": (1037,), "b": (3,)}
     states = [{k: torch.randint(-4, 5, s, generator=gen).float() + 0.1 * torch.randn(s, generator=gen)
                for k, s in shapes.items()} for _ in range(n)]
-    counts = [1] * n
-    cases = [("median", {}), ("trimmed_mean", {"beta": 0.2})]
+    counts = list(range(1, n + 1))
+    cases = [("median", {}), ("trimmed_mean", {"beta": 0.2}), ("fedavg", {})]
     if n >= 7:
         cases.append(("bulyan", {"num_byzantine": (n - 3) // 4}))
     for method, options in cases:

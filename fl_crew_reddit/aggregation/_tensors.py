@@ -93,7 +93,11 @@ def column_chunks(numel: int, rows: int) -> list[tuple[int, int]]:
 
 
 def weighted_sum_flat(flats: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """sum_k w_k x_k in float32, accumulated in place (one pass over each input)."""
+    """sum_k w_k x_k, accumulated in float32 (compiled when numba is there; else eager, in place)."""
+    from . import _kernels
+
+    if _kernels.AVAILABLE and len(flats) > 1:
+        return _kernels.weighted_sum(flats, weights)
     acc = flats[0].to(torch.float32).mul(weights[0])  # mul allocates: input untouched
     for flat, weight in zip(flats[1:], weights[1:]):
         if weight != 0.0:
