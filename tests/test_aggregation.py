@@ -433,3 +433,19 @@ def test_pruned_network_gives_the_requested_ranks(size):
         for rank in ranks:
             torch.testing.assert_close(work[rank], expected[rank])
         assert len(pairs) <= len(odd_even_merge_sort_pairs(size))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 8, 9, 16, 17])
+def test_pairwise_distances_equal_direct_differences_for_every_block_shape(n):
+    # Prepare: two keys, one shorter than a tile, one spanning several tiles with a partial last one
+    from fl_crew_reddit.aggregation import pairwise_sq_distances
+
+    gen = torch.Generator().manual_seed(n)
+    states = [{"a": torch.randn(300, generator=gen), "b": torch.randn(3, 4100, generator=gen)} for _ in range(n)]
+    # Execute
+    dist = pairwise_sq_distances(states)
+    # Assert
+    flat = torch.stack([torch.cat([s["a"].reshape(-1), s["b"].reshape(-1)]) for s in states]).double()
+    direct = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    torch.testing.assert_close(dist, direct, rtol=1e-6, atol=1e-9)
+    assert torch.equal(dist, dist.T)
