@@ -80,3 +80,11 @@ def test_secrets_never_appear_in_public_settings_or_errors(monkeypatch):
     with pytest.raises(ConfigError) as raised:
         load_config()
     assert "sk-very-secret" not in str(raised.value)
+
+
+def test_ffa_lora_refuses_svd_exact(monkeypatch):
+    monkeypatch.setenv("FFA_LORA", "true")
+    monkeypatch.setenv("AGGREGATION_METHOD", "svd_exact")
+    with pytest.raises(ConfigError) as raised:
+        load_config()
+    assert "FFA_LORA" in str(raised.value) and "svd_exact" in str(raised.value)
