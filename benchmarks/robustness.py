@@ -179,7 +179,8 @@ def judge(results: dict, tolerance: float = TOLERANCE) -> dict:
         if name in ("fedavg", "fedavg_norm_screen"):
             run["worse_than_clean_by_more_than_5pct"] = run["ratio_to_clean"] > 1 + tolerance
         else:
-            run["within_5pct_of_clean"] = abs(run["ratio_to_clean"] - 1) <= tolerance
+            # the goal is not to degrade: a robust rule may also end below the clean run (Krum keeps one client)
+            run["within_5pct_of_clean"] = run["ratio_to_clean"] <= 1 + tolerance
     for name in ROBUST_GOAL:
         if name in results:
             goals[f"{name}_within_5pct_of_clean"] = results[name]["within_5pct_of_clean"]
