@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     collect = commands.add_parser("collect", help="only collect Reddit data through the MCP server into data/collected/")
     collect.add_argument("--subreddits", help="comma-separated (default: SUBREDDITS, else all the backend has)")
     collect.add_argument("--posts", type=int, help="posts per subreddit (default: POSTS_PER_SUBREDDIT)")
+    collect.add_argument("--query", action="append", default=[],
+                         help="search query; its matching posts are collected first (repeatable, at most 5)")
     commands.add_parser("prepare-model", help="prepare the embedded base model once (set-up does this)")
     report = commands.add_parser("report", help="write report.md, report.html and convergence.png for a run")
     report.add_argument("run", nargs="?", help="a run id under results/ or a run folder (default: results/latest)")
@@ -155,10 +157,14 @@ def _print_summary(history: dict) -> None:
     console.print(table)
 
 
-def collect_command(subreddits: str | None, posts: int | None) -> int:
+def collect_command(subreddits: str | None, posts: int | None, queries: list[str] | None = None) -> int:
     from fl_crew_reddit.config import ConfigError, load_config
 
     _console_logging(False)
+    queries = [q.strip() for q in queries or [] if q.strip()]
+    if len(queries) > 5 or any(len(q) > 100 for q in queries):
+        print("collect: at most 5 --query values of at most 100 characters each", file=sys.stderr)
+        return 2
     try:
         config = load_config()
     except ConfigError as error:
@@ -173,7 +179,7 @@ def collect_command(subreddits: str | None, posts: int | None) -> int:
     try:
         with RedditMCPClient.for_config(config) as client:
             report = collect(client, names if names is not None else config.subreddits,
-                             posts or config.posts_per_subreddit, paths.collected)
+                             posts or config.posts_per_subreddit, paths.collected, queries=queries)
     except RedditMCPError as error:
         print(f"Collection failed: {error}", file=sys.stderr)
         return 1
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report_command(args.run)
     if args.command == "collect":
-        return collect_command(args.subreddits, args.posts)
+        return collect_command(args.subreddits, args.posts, args.query)
     if args.command == "resume":
         return run_command(args.rounds, args.verbose, resume=args.run)
     return run_command(args.rounds, args.verbose, resume=args.resume)

@@ -36,3 +36,15 @@ def test_summary_table_lists_base_rounds_and_baselines(capsys):
     _print_summary(history)
     out = capsys.readouterr().out
     assert "40.00" in out and "30.00" in out and "client-1" in out and "local_only" in out and "33.00" in out
+
+
+def test_collect_with_a_query_takes_the_matching_posts_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_CREW_REDDIT_DIR", str(tmp_path))
+    assert main(["collect", "--subreddits", "cooking", "--posts", "3", "--query", "garlic"]) == 0
+    collected = json.loads(next((tmp_path / "data" / "collected").glob("run-*/cooking.json")).read_text())
+    matched = collected["queries"]["garlic"]
+    assert matched and set(matched) <= {post["id"] for post in collected["posts"]}
+    assert all("garlic" in (p["title"] + " " + (p.get("selftext") or "")).lower()
+               for p in collected["posts"] if p["id"] in matched)
+    assert main(["collect", "--query", "x" * 101]) == 2
