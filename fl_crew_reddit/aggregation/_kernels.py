@@ -26,8 +26,8 @@ from ._tensors import next_pow2
 
 try:
     import numba
-    from numba import njit, prange
-    from numba.typed import List as TypedList
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - numba is pinned in requirements.txt
     numba = None
 
@@ -66,6 +66,21 @@ def comparators_for(size: int, ranks: tuple[int, ...]) -> np.ndarray:
 
 if AVAILABLE:
 
+    @intrinsic
+    def _float32_pointer(typingctx, address):  # pragma: no cover - compiled
+        """An int64 address as a float32*: the clients' tensors reach the kernels as an array of data pointers
+        (a typed List of arrays costs ~8 µs per element to build, more than the kernels' work on small keys)."""
+        pointer = types.CPointer(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+        return pointer(types.int64), codegen
+
+    @njit(cache=True)
+    def _row(addresses, index, columns):  # pragma: no cover - compiled
+        return numba.carray(_float32_pointer(addresses[index]), columns)
+
     @njit(parallel=True, cache=True)
     def _sorted_tile_rule(rows, size, pad_low, pairs, lo, hi, keep_closest, out, tile):  # pragma: no cover
         """Per column: sort the padded values with `pairs`, then either the mean of padded ranks [lo, hi), or
@@ -79,7 +94,7 @@ if AVAILABLE:
             for r in range(pad_low):
                 buf[r, :] = -np.inf
             for i in range(n):
-                source = rows[i]
+                source = _row(rows, i, columns)
                 target = buf[pad_low + i]
                 for c in range(width):
                     target[c] = source[start + c]
@@ -121,14 +136,13 @@ if AVAILABLE:
 
 
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def _add_pairwise_sq_distances(rows, partial, tile):  # pragma: no cover
+    def _add_pairwise_sq_distances(rows, columns, partial, tile):  # pragma: no cover
         """partial[g, i, j] += sum over the columns of group g's tiles of (rows[i] - rows[j])^2, for i < j.
 
         Differences, not a Gram matrix: no cancellation whatever the clients' common offset. Each tile's sum is
         float32 (vectorised; 'reassoc' lets LLVM keep several partial sums), the tiles are summed in float64.
         Clients go in blocks of four against blocks of four: 8 loads feed 16 pairs, instead of 2 loads per pair."""
         n = len(rows)
-        columns = rows[0].shape[0]
         tiles = (columns + tile - 1) // tile
         groups = partial.shape[0]
         per_group = (tiles + groups - 1) // groups
@@ -143,14 +157,14 @@ if AVAILABLE:
                         i0 = block_i * 4
                         j0 = block_j * 4
                         if j0 + 3 < n:  # a full 4 x 4 block (i0 <= j0, so the i rows exist too)
-                            a0 = rows[i0][start:stop]
-                            a1 = rows[i0 + 1][start:stop]
-                            a2 = rows[i0 + 2][start:stop]
-                            a3 = rows[i0 + 3][start:stop]
-                            b0 = rows[j0][start:stop]
-                            b1 = rows[j0 + 1][start:stop]
-                            b2 = rows[j0 + 2][start:stop]
-                            b3 = rows[j0 + 3][start:stop]
+                            a0 = _row(rows, i0, columns)[start:stop]
+                            a1 = _row(rows, i0 + 1, columns)[start:stop]
+                            a2 = _row(rows, i0 + 2, columns)[start:stop]
+                            a3 = _row(rows, i0 + 3, columns)[start:stop]
+                            b0 = _row(rows, j0, columns)[start:stop]
+                            b1 = _row(rows, j0 + 1, columns)[start:stop]
+                            b2 = _row(rows, j0 + 2, columns)[start:stop]
+                            b3 = _row(rows, j0 + 3, columns)[start:stop]
                             s00 = s01 = s02 = s03 = np.float32(0.0)
                             s10 = s11 = s12 = s13 = np.float32(0.0)
                             s20 = s21 = s22 = s23 = np.float32(0.0)
@@ -181,9 +195,9 @@ if AVAILABLE:
                                         partial[g, i0 + a, j0 + b] += sums[a * 4 + b]
                         else:  # the last, partial block: pair by pair
                             for i in range(i0, min(n, i0 + 4)):
-                                row_i = rows[i][start:stop]
+                                row_i = _row(rows, i, columns)[start:stop]
                                 for j in range(max(j0, i + 1), min(n, j0 + 4)):
-                                    row_j = rows[j][start:stop]
+                                    row_j = _row(rows, j, columns)[start:stop]
                                     total = np.float32(0.0)
                                     for c in range(width):
                                         d = row_i[c] - row_j[c]
@@ -202,17 +216,16 @@ if AVAILABLE:
             acc = np.zeros(stop - start, dtype=np.float32)
             for k in range(len(rows)):
                 weight = np.float32(weights[k])
-                source = rows[k][start:stop]
+                source = _row(rows, k, columns)[start:stop]
                 for c in range(stop - start):
                     acc[c] += weight * source[c]
             out[start:stop] = acc
 
 
-def _numpy_rows(flats: Sequence[Tensor]):
-    rows = TypedList()
-    for flat in flats:
-        rows.append(flat.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy())
-    return rows
+def _row_addresses(flats: Sequence[Tensor]) -> tuple[np.ndarray, list[Tensor]]:
+    """(int64 data pointers, the float32 contiguous CPU tensors they point into: keep them alive for the call)."""
+    tensors = [flat.detach().to(device="cpu", dtype=torch.float32).contiguous() for flat in flats]
+    return np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors)), tensors
 
 
 def _run(flats: Sequence[Tensor], ranks: tuple[int, ...], lo: int, hi: int, keep_closest: int) -> Tensor:
@@ -222,14 +235,18 @@ def _run(flats: Sequence[Tensor], ranks: tuple[int, ...], lo: int, hi: int, keep
     pairs = comparators_for(size, tuple(pad_low + r for r in ranks))
     out = np.empty(flats[0].numel(), dtype=np.float32)
     tile = max(16, TILE_BYTES // (4 * size))
-    _sorted_tile_rule(_numpy_rows(flats), size, pad_low, pairs, pad_low + lo, pad_low + hi, keep_closest, out, tile)
+    addresses, alive = _row_addresses(flats)
+    _sorted_tile_rule(addresses, size, pad_low, pairs, pad_low + lo, pad_low + hi, keep_closest, out, tile)
+    del alive
     return torch.from_numpy(out)
 
 
 def weighted_sum(flats: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """sum_k weights[k] * flats[k] in float32, one pass over the inputs."""
     out = np.empty(flats[0].numel(), dtype=np.float32)
-    _weighted_sum(_numpy_rows(flats), np.asarray(weights, dtype=np.float64), out, 16384)
+    addresses, alive = _row_addresses(flats)
+    _weighted_sum(addresses, np.asarray(weights, dtype=np.float64), out, 16384)
+    del alive
     return torch.from_numpy(out)
 
 
@@ -257,6 +274,8 @@ def pairwise_sq_distances(flat_keys: Sequence[Sequence[Tensor]]) -> Tensor:
     n = len(flat_keys[0])
     partial = np.zeros((max(1, numba.get_num_threads()) * 2, n, n), dtype=np.float64)
     for flats in flat_keys:
-        _add_pairwise_sq_distances(_numpy_rows(flats), partial, 4096)
+        addresses, alive = _row_addresses(flats)
+        _add_pairwise_sq_distances(addresses, flats[0].numel(), partial, 4096)
+        del alive
     upper = torch.from_numpy(partial.sum(axis=0))
     return upper + upper.T
