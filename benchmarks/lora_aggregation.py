@@ -28,15 +28,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("OTEL_SDK_DISABLED", "true")
-os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
-os.environ.setdefault("CREWAI_DISABLE_VERSION_CHECK", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fl_crew_reddit._quiet  # noqa: E402,F401  (CrewAI / Flower / HF offline defaults, before they load)
 from safetensors.torch import load_file  # noqa: E402
 
 from fl_crew_reddit import FLCrewRedditManager  # noqa: E402

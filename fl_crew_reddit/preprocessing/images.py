@@ -27,12 +27,16 @@ SKIP_IMAGE_TOO_LARGE = "image_too_many_pixels"
 SKIP_IMAGE_MISSING = "image_missing"
 
 
-class ImageRejected(ValueError):
-    """The bytes are not a usable image; `reason` is one of the SKIP_IMAGE_* counts."""
+class MediaRejected(ValueError):
+    """A media file cannot be used; `reason` is the skip count it goes under in the preprocessing report."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class ImageRejected(MediaRejected):
+    """The bytes are not a usable image; `reason` is one of the SKIP_IMAGE_* counts."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fl_crew_reddit.preprocessing.images import MAX_IMAGE_PIXELS
+from fl_crew_reddit.preprocessing.images import MAX_IMAGE_PIXELS, MediaRejected
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg"})
 DEFAULT_MAX_SECONDS = 10.0
@@ -25,12 +25,8 @@ SKIP_VIDEO_NO_KEYFRAME = "video_without_keyframe"
 SKIP_VIDEO_TOO_LARGE = "video_frame_too_many_pixels"
 
 
-class VideoRejected(ValueError):
+class VideoRejected(MediaRejected):
     """No keyframe could be had from the video; `reason` is one of the SKIP_VIDEO_* counts."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def is_video_reference(reference: str) -> bool:
