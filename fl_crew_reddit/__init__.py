@@ -12,7 +12,7 @@ __all__ = ["FLCrewRedditConfig", "FLCrewRedditManager", "FLRunResult", "load_con
 
 def __getattr__(name: str):
     if name in ("FLCrewRedditManager", "FLRunResult"):
-        from fl_crew_reddit import crew_manager
+        from fl_crew_reddit.crew import manager as crew_manager
 
         return getattr(crew_manager, name)
     raise AttributeError(name)

@@ -74,7 +74,7 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
         return 2
 
     from fl_crew_reddit.aggregation import NotEnoughClientsError
-    from fl_crew_reddit.crew_manager import FLCrewRedditManager
+    from fl_crew_reddit.crew.manager import FLCrewRedditManager
     from fl_crew_reddit.runs import find_run, new_run_id
     from fl_crew_reddit.training.model_loading import BaseModelUnavailable
 

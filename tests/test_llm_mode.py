@@ -10,7 +10,7 @@ from crewai.llms.base_llm import BaseLLM
 from pydantic import Field
 
 from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig, load_config
-from fl_crew_reddit.llm_mode import build_agent_llm
+from fl_crew_reddit.crew.llm_mode import build_agent_llm
 
 SUBREDDITS = ["cooking", "gardening", "learnpython"]
 QUERY = "garlic"  # matches r/cooking's oldest post (ck01) and r/gardening's gd03: neither is among the 15 newest
@@ -196,8 +196,8 @@ class FailingWorkspace:
 
 
 def test_failing_work_runs_once_and_falls_back_only_when_the_llm_chose_other_arguments(clean_env, caplog):
-    from fl_crew_reddit.agents import FLCrew
-    from fl_crew_reddit.llm_mode import run_step
+    from fl_crew_reddit.crew.agents import FLCrew
+    from fl_crew_reddit.crew.llm_mode import run_step
 
     workspace = FailingWorkspace(FLCrewRedditConfig(agent_collect_allowlist=SUBREDDITS))
     chooses_gardening = ScriptedLLM(model="scripted", bad={"collect_reddit_data": {"subreddits": ["gardening"]}})
@@ -218,8 +218,8 @@ def test_failing_work_runs_once_and_falls_back_only_when_the_llm_chose_other_arg
     ({"subreddits": ["cooking", "askreddit"]}, "askreddit outside the allow-list cooking, gardening, learnpython"),
 ], ids=["over-long-query", "too-many-queries", "outside-allow-list"])
 def test_a_collector_query_outside_the_rules_is_refused_and_the_direct_call_runs(clean_env, caplog, bad, reason):
-    from fl_crew_reddit.agents import FLCrew
-    from fl_crew_reddit.llm_mode import run_step
+    from fl_crew_reddit.crew.agents import FLCrew
+    from fl_crew_reddit.crew.llm_mode import run_step
 
     workspace = FailingWorkspace(FLCrewRedditConfig(agent_collect_allowlist=SUBREDDITS))
     crew = FLCrew(workspace, llm=ScriptedLLM(model="scripted", bad={"collect_reddit_data": bad}))

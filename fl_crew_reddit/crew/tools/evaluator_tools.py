@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.evaluation.evaluator import EvalMetrics
-from fl_crew_reddit.tools.base import WorkspaceTool
+from fl_crew_reddit.crew.tools.base import WorkspaceTool
 
 
 class EvaluateModelArgs(BaseModel):

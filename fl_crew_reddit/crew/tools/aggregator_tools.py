@@ -6,7 +6,7 @@ from typing import get_args
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.config import AggregationMethod
-from fl_crew_reddit.tools.base import WorkspaceTool
+from fl_crew_reddit.crew.tools.base import WorkspaceTool
 from fl_crew_reddit.workspace import RoundAggregate
 
 

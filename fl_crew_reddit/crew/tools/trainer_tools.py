@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from fl_crew_reddit.tools.base import WorkspaceTool
+from fl_crew_reddit.crew.tools.base import WorkspaceTool
 from fl_crew_reddit.workspace import ClientRoundResult
 
 

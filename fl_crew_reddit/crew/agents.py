@@ -1,4 +1,4 @@
-"""The crew's five roles as CrewAI Agents, built from configs/agents.yaml and handed their tools."""
+"""The crew's five roles as CrewAI Agents, built from fl_crew_reddit/crew/config/agents.yaml and handed their tools."""
 from __future__ import annotations
 
 import logging
@@ -10,16 +10,16 @@ import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai import Agent
 from crewai.llms.base_llm import BaseLLM
 
-from fl_crew_reddit.llm_mode import build_agent_llm
-from fl_crew_reddit.tools.aggregator_tools import AggregateAdaptersTool
-from fl_crew_reddit.tools.collector_tools import CollectRedditDataTool
-from fl_crew_reddit.tools.evaluator_tools import EvaluateModelTool, TrainBaselineTool
-from fl_crew_reddit.tools.preprocessor_tools import PreprocessRedditDataTool
-from fl_crew_reddit.tools.trainer_tools import TrainLocalAdapterTool
+from fl_crew_reddit.crew.llm_mode import build_agent_llm
+from fl_crew_reddit.crew.tools.aggregator_tools import AggregateAdaptersTool
+from fl_crew_reddit.crew.tools.collector_tools import CollectRedditDataTool
+from fl_crew_reddit.crew.tools.evaluator_tools import EvaluateModelTool, TrainBaselineTool
+from fl_crew_reddit.crew.tools.preprocessor_tools import PreprocessRedditDataTool
+from fl_crew_reddit.crew.tools.trainer_tools import TrainLocalAdapterTool
 from fl_crew_reddit.workspace import FederatedWorkspace
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
 TOOL_CLASSES = {tool.model_fields["name"].default: tool for tool in (
     CollectRedditDataTool, PreprocessRedditDataTool, TrainLocalAdapterTool, AggregateAdaptersTool, EvaluateModelTool,
     TrainBaselineTool)}
@@ -34,7 +34,7 @@ class FLCrew:
     """Agents (by role key) and their tools, one set per run.
 
     `llm` (a CrewAI BaseLLM) replaces AGENT_LLM_MODEL; in LLM-driven mode (`llm_driven`) the agents choose their
-    tools' arguments (fl_crew_reddit/llm_mode.py), otherwise the Flow calls the tools directly.
+    tools' arguments (fl_crew_reddit/crew/llm_mode.py), otherwise the Flow calls the tools directly.
     """
 
     def __init__(self, workspace: FederatedWorkspace, config_dir: Path = CONFIG_DIR, llm: BaseLLM | None = None):

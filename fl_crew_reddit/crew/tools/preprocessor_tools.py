@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from fl_crew_reddit.preprocessing.pipeline import PreprocessReport
-from fl_crew_reddit.tools.base import WorkspaceTool
+from fl_crew_reddit.crew.tools.base import WorkspaceTool
 
 
 class PreprocessRedditDataArgs(BaseModel):

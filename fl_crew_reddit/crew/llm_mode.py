@@ -1,4 +1,4 @@
-"""LLM-driven mode: each Flow step hands its agent the step's task from configs/tasks.yaml, the agent's LLM chooses
+"""LLM-driven mode: each Flow step hands its agent the step's task from fl_crew_reddit/crew/config/tasks.yaml, the agent's LLM chooses
 the tool's arguments and calls the tool; the heavy work stays inside the tool.
 
 A wrong answer cannot corrupt the run. The tool's args_schema validates the arguments, then the step's StepGuard
@@ -21,7 +21,7 @@ from crewai.llms.base_llm import BaseLLM
 from pydantic import BaseModel
 
 from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
-from fl_crew_reddit.tools.collector_tools import MAX_QUERIES, MAX_QUERY_CHARS
+from fl_crew_reddit.crew.tools.collector_tools import MAX_QUERIES, MAX_QUERY_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def step_check(config: FLCrewRedditConfig, tool_name: str, direct: BaseModel) ->
 
 
 def task_inputs(workspace, arguments: dict) -> dict:
-    """The values of configs/tasks.yaml's placeholders for one step."""
+    """The values of fl_crew_reddit/crew/config/tasks.yaml's placeholders for one step."""
     cfg = workspace.config
     allowed = allowed_subreddits(cfg)
     pending = workspace._pending  # this round's client results, before aggregation

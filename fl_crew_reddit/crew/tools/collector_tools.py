@@ -6,7 +6,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.reddit.collector import CollectionReport
-from fl_crew_reddit.tools.base import WorkspaceTool
+from fl_crew_reddit.crew.tools.base import WorkspaceTool
 
 MAX_QUERIES = 5  # searches per subreddit: each one is an MCP call, and their posts share the subreddit's budget
 MAX_QUERY_CHARS = 100

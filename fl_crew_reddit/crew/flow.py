@@ -2,7 +2,7 @@
 
 collect → preprocess → evaluate the base model → [train each client → aggregate → evaluate] × rounds → finish.
 In direct mode (no agent LLM) each step calls its agent's tool itself and logs which agent did what; in LLM-driven
-mode the agent gets the step's task and chooses the tool's arguments, within guards (fl_crew_reddit/llm_mode.py).
+mode the agent gets the step's task and chooses the tool's arguments, within guards (fl_crew_reddit/crew/llm_mode.py).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai.flow.flow import Flow, listen, or_, router, start
 from pydantic import BaseModel, Field
 
-from fl_crew_reddit.agents import FLCrew
+from fl_crew_reddit.crew.agents import FLCrew
 from fl_crew_reddit.evaluation.selection import best_round_record
-from fl_crew_reddit.llm_mode import run_step
+from fl_crew_reddit.crew.llm_mode import run_step
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("fl_crew_reddit.progress")

@@ -54,8 +54,8 @@ class FLCrewRedditManager:
         return self._run(run_id, num_rounds, on_round, resume=True)
 
     def _run(self, run_id: str, num_rounds: int | None, on_round, resume: bool) -> FLRunResult:
-        from fl_crew_reddit.agents import FLCrew
-        from fl_crew_reddit.flow import FederatedFlow
+        from fl_crew_reddit.crew.agents import FLCrew
+        from fl_crew_reddit.crew.flow import FederatedFlow
         from fl_crew_reddit.workspace import FederatedWorkspace
 
         paths = RunPaths(Path(self.config.fl_crew_reddit_dir).resolve(), run_id).create()
