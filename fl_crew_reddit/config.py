@@ -18,6 +18,8 @@ EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 LANGDETECT_LANGUAGES = frozenset(
     "af ar bg bn ca cs cy da de el en es et fa fi fr gu he hi hr hu id it ja kn ko lt lv mk ml mr ne nl no pa pl pt "
     "ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
+# MAX_EXAMPLES_PER_CLIENT=auto on a CPU: 32 examples x 3 epochs x 3 clients ~ 2 minutes a round (embedded model).
+DEMO_CPU_CAP = 32
 DEFAULT_REDDIT_USER_AGENT = "python:fl_crew_reddit:0.1 (read-only collector for federated fine-tuning research)"
 
 AggregationMethod = Literal[
@@ -126,7 +128,9 @@ class FLCrewRedditConfig(BaseSettings):
     languages: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["en"], description="Comma-separated ISO 639-1 codes replies may be in (langdetect); "
                                                     "empty: no language check.")
-    max_examples_per_client: int = Field(32, ge=1, description="Training examples per client (the rest is counted as over the cap).")
+    max_examples_per_client: int | Literal["auto", "all"] = Field(
+        "auto", description="Training examples per client: a number (the rest is counted as over the cap), all, or "
+                            "auto (every example on a GPU or when the data is small; DEMO_CPU_CAP on a CPU otherwise).")
     max_seq_length: int = Field(256, ge=32, le=32_768)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     validation_fraction: float = Field(
@@ -345,6 +349,29 @@ class FLCrewRedditConfig(BaseSettings):
     def agent_llm_reachable(self) -> bool:
         """An API key or a server URL is set for the agents' LLM (no network probe)."""
         return bool(self.agent_llm_base_url) or self.openai_api_key is not None
+
+    def training_cap(self, device_type: str) -> tuple[int | None, str]:
+        """How many training examples each client keeps (None: all of them), and why, for the console.
+
+        `auto` caps only the CPU demo: on a CPU a 135M model trains ~300 tokens/s, so 3 rounds over a whole dump
+        would take days; with a CUDA GPU every example trains. Where the data is small the cap does not bind anyway.
+        """
+        setting = self.max_examples_per_client
+        if isinstance(setting, int):
+            return setting, f"MAX_EXAMPLES_PER_CLIENT={setting}"
+        if setting == "all":
+            return None, "MAX_EXAMPLES_PER_CLIENT=all: every example"
+        if device_type == "cuda":
+            return None, "MAX_EXAMPLES_PER_CLIENT=auto: every example (a CUDA GPU trains them)"
+        return DEMO_CPU_CAP, (f"MAX_EXAMPLES_PER_CLIENT=auto: at most {DEMO_CPU_CAP} training examples per client on "
+                              "a CPU, so the demo finishes in minutes (set all, or a number, to train on more)")
+
+    @field_validator("max_examples_per_client")
+    @classmethod
+    def _positive_cap(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto, all, or a number of examples >= 1")
+        return value
 
     @property
     def clients_count(self) -> int:

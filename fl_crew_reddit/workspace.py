@@ -134,9 +134,11 @@ class FederatedWorkspace:
         if self.collection is None:
             raise RuntimeError("preprocess needs collected data: run the collector first")
         cfg = self.config
+        cap, why = cfg.training_cap(self.device.type)
+        logging.getLogger("fl_crew_reddit.progress").info("Training examples per client: %s", why)
         self.data = preprocess(
             load_collected(self.collection), self.tokenizer, run_id=self.paths.run_id, data_dir=self.paths.data,
-            num_clients=cfg.clients_count, partition=cfg.partition, max_examples_per_client=cfg.max_examples_per_client,
+            num_clients=cfg.clients_count, partition=cfg.partition, max_examples_per_client=cap,
             max_seq_length=cfg.max_seq_length, test_fraction=cfg.test_fraction, seed=cfg.seed,
             support_multimodal=cfg.support_multimodal, max_image_size=cfg.max_image_size,
             validation_fraction=cfg.validation_fraction, quality=QualityRules.from_settings(cfg),

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import fl_crew_reddit._quiet  # noqa: F401,E402  (the package's own offline / no-telemetry defaults)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AGENT_MODE", "direct")  # an OPENAI_API_KEY on the machine must not switch tests to LLM mode
-os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("OTEL_SDK_DISABLED", "true")
-os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
-os.environ.setdefault("CREWAI_DISABLE_VERSION_CHECK", "true")
 
 SNAPSHOT = Path(__file__).resolve().parent.parent / "fl_crew_reddit" / "reddit" / "snapshot"
 REDDIT_2015 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "reddit-2015"
@@ -59,16 +57,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture()
-def tiny_config(tiny_model_dir, tmp_path, monkeypatch):
-    """Settings for a fast real run: tiny model, snapshot data, 3 clients, few examples."""
+def tiny_run_config(model_dir: Path, root: Path, **overrides):
+    """Settings for a fast real run: tiny model, snapshot data, 3 clients, few examples; no `.env` is read."""
     from fl_crew_reddit.config import FLCrewRedditConfig
 
-    monkeypatch.chdir(tmp_path)  # no stray .env is read
-    return FLCrewRedditConfig(
-        base_llm_model=str(tiny_model_dir), fl_crew_reddit_dir=tmp_path, max_examples_per_client=16,
-        local_epochs=2, batch_size=4, learning_rate=3e-3, eval_samples=2, max_seq_length=128, lora_r=4,
-        lora_alpha=8, posts_per_subreddit=20, seed=7, mixed_precision="no")
+    settings = dict(base_llm_model=str(model_dir), fl_crew_reddit_dir=root, max_examples_per_client=16,
+                    local_epochs=2, batch_size=4, learning_rate=3e-3, eval_samples=2, max_seq_length=128, lora_r=4,
+                    lora_alpha=8, posts_per_subreddit=20, seed=7, mixed_precision="no")
+    return FLCrewRedditConfig(_env_file=None, **{**settings, **overrides})
+
+
+@pytest.fixture()
+def tiny_config(tiny_model_dir, tmp_path, monkeypatch):
+    """`tiny_run_config` in this test's own folder (also the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    return tiny_run_config(tiny_model_dir, tmp_path)
 
 
 @pytest.fixture()

@@ -88,3 +88,35 @@ def test_ffa_lora_refuses_svd_exact(monkeypatch):
     with pytest.raises(ConfigError) as raised:
         load_config()
     assert "FFA_LORA" in str(raised.value) and "svd_exact" in str(raised.value)
+
+
+def test_max_examples_per_client_auto_caps_only_the_cpu_demo(monkeypatch, tmp_path):
+    from fl_crew_reddit.config import DEMO_CPU_CAP, ConfigError, FLCrewRedditConfig, load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = FLCrewRedditConfig()
+    assert config.max_examples_per_client == "auto"
+    cap, why = config.training_cap("cpu")
+    assert cap == DEMO_CPU_CAP and "CPU" in why and "all" in why
+    assert config.training_cap("cuda") == (None, "MAX_EXAMPLES_PER_CLIENT=auto: every example (a CUDA GPU trains them)")
+    monkeypatch.setenv("MAX_EXAMPLES_PER_CLIENT", "all")
+    assert load_config().training_cap("cpu")[0] is None
+    monkeypatch.setenv("MAX_EXAMPLES_PER_CLIENT", "100")
+    assert load_config().training_cap("cuda")[0] == 100
+    monkeypatch.setenv("MAX_EXAMPLES_PER_CLIENT", "0")
+    with pytest.raises(ConfigError, match="MAX_EXAMPLES_PER_CLIENT"):
+        load_config()
+    monkeypatch.setenv("MAX_EXAMPLES_PER_CLIENT", "many")
+    with pytest.raises(ConfigError, match="MAX_EXAMPLES_PER_CLIENT"):
+        load_config()
+
+
+def test_uncapped_split_trains_every_example_not_held_out():
+    from fl_crew_reddit.preprocessing.partition import split_by_thread
+
+    examples = [{"post_id": f"t{i // 5}", "id": str(i)} for i in range(500)]
+    train, validation, test = split_by_thread(examples, 0.2, None, seed=1, validation_fraction=0.1)
+    assert len(train) + len(validation) + len(test) == 500
+    assert len(train) > 300 and 90 <= len(test) <= 110
+    capped, _, _ = split_by_thread(examples, 0.2, 32, seed=1, validation_fraction=0.1)
+    assert len(capped) == 32

@@ -1,103 +1,145 @@
 """The whole loop, for real, on tiny settings: MCP server subprocess → preprocessing → 3 LoRA trainers →
-aggregation → evaluation, two rounds, through the CrewAI Flow and the manager users call."""
+aggregation → evaluation, two rounds, through the CrewAI Flow and the manager users call.
+
+One run (module fixture) and one test per promise it keeps, so a failure names the promise that broke.
+"""
 import json
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import tiny_run_config
+
+CLIENTS = ["client-0", "client-1", "client-2"]
+pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.e2e
-def test_two_rounds_on_the_snapshot_with_a_tiny_model(tiny_config, tiny_model_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    """Two rounds with 3 clients on the snapshot; returns (config, result, rounds passed to on_round, history.json)."""
     from fl_crew_reddit import FLCrewRedditManager
 
+    config = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("e2e-run"))
     rounds_seen = []
-    result = FLCrewRedditManager(tiny_config).run_federated_learning(num_rounds=2, on_round=rounds_seen.append)
-
-    # The typed result and history.json agree and have every promised field.
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, on_round=rounds_seen.append)
     history = json.loads(Path(result.history_path).read_text())
-    assert history["rounds"] == result.history["rounds"]
-    assert {"perplexity", "bleu", "rouge_l"} <= set(history["base"])
+    return config, result, rounds_seen, history
+
+
+def test_each_round_is_reported_to_the_callback_and_saved(run):
+    _, result, rounds_seen, history = run
     assert [r["round"] for r in history["rounds"]] == [1, 2] == [r["round"] for r in rounds_seen]
+    assert [r["global"]["perplexity"] for r in history["rounds"]] == result.perplexities()
+    assert {"perplexity", "bleu", "rouge_l"} <= set(history["base"])
+
+
+def test_every_sampled_client_trains_and_is_evaluated_each_round(run):
+    _, _, _, history = run
     for record in history["rounds"]:
-        assert [c["name"] for c in record["clients"]] == ["client-0", "client-1", "client-2"]
+        assert [c["name"] for c in record["clients"]] == CLIENTS
         assert all(c["num_examples"] == 16 and c["train_loss"] > 0 for c in record["clients"])
         assert {"perplexity", "bleu", "rouge_l"} <= set(record["global"]) and record["seconds"] > 0
-        assert set(record["global"]["per_client"]) == {"client-0", "client-1", "client-2"}
-        assert record["skipped"] == {}
-    # Clients are non-IID by subreddit, and drops are counted.
-    assert sorted(s for c in history["data"]["clients"] for s in c["subreddits"]) == ["cooking", "gardening", "learnpython"]
-    assert history["data"]["dropped"]["deleted_or_removed"] > 0 and history["data"]["dropped"]["bot_or_moderator"] > 0
-    # Training helped: a random tiny model learns the Reddit replies fast.
+        assert set(record["global"]["per_client"]) == set(CLIENTS)
+        assert record["skipped"] == {} and record["aggregation"]["accepted"] == CLIENTS
+
+
+def test_clients_are_split_by_subreddit_and_drops_are_counted(run):
+    _, _, _, history = run
+    assert sorted(s for c in history["data"]["clients"] for s in c["subreddits"]) == [
+        "cooking", "gardening", "learnpython"]
+    dropped = history["data"]["dropped"]
+    assert dropped["deleted_or_removed"] > 0 and dropped["bot_or_moderator"] > 0
+    assert dropped["over_max_examples_per_client"] > 0 and history["data"]["max_train_examples"] == 16
+
+
+def test_held_out_perplexity_falls_every_round(run):
+    _, _, _, history = run
     perplexities = [history["base"]["perplexity"]] + [r["global"]["perplexity"] for r in history["rounds"]]
     assert perplexities[2] < perplexities[1] < perplexities[0]
 
-    # Each client has a validation split, disjoint by thread from its train and test splits; the best round is the
-    # one with the lowest validation perplexity, and its adapter is kept in the results.
+
+def test_validation_splits_share_no_thread_with_train_or_test(run):
+    _, _, _, history = run
     for shard in history["data"]["clients"]:
         splits = {name: {json.loads(line)["post_id"] for line in Path(shard[f"{name}_path"]).read_text().splitlines()}
                   for name in ("train", "validation", "test")}
         assert shard["num_validation"] >= 8 and all(splits.values())
-        assert not (splits["train"] & splits["validation"] or splits["validation"] & splits["test"])
+        assert not (splits["train"] & splits["validation"] or splits["validation"] & splits["test"]
+                    or splits["train"] & splits["test"])
+
+
+def test_best_round_is_the_lowest_validation_perplexity(run):
+    _, result, _, history = run
     validation = {r["round"]: r["global"]["validation_perplexity"] for r in history["rounds"]}
     assert history["base"]["validation_perplexity"] > 0 and all(v > 0 for v in validation.values())
     assert history["best_round"] == min(validation, key=validation.get) == result.best_round
     assert history["best_adapter"] == result.best_adapter == result.global_adapters[history["best_round"] - 1]
 
-    # TensorBoard: one step per round (0: the base model), with the promised tags.
+
+def test_tensorboard_has_one_step_per_round_with_the_promised_tags(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(Path(tiny_config.fl_crew_reddit_dir) / "logs" / "tensorboard" / result.run_id))
+    config, result, _, history = run
+    events = EventAccumulator(str(Path(config.fl_crew_reddit_dir) / "logs" / "tensorboard" / result.run_id))
     events.Reload()
-    tags = set(events.Tags()["scalars"])
     assert {"perplexity/test", "perplexity/validation", "perplexity_test_per_client/client-0", "train_loss/client-2",
             "generation/bleu", "generation/chrf", "generation/rouge_l", "update_norm/client-1", "clients/accepted",
-            "clients/rejected", "time/round_seconds"} <= tags
+            "clients/rejected", "time/round_seconds"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("perplexity/test")] == [0, 1, 2]
-    assert [e.value for e in events.Scalars("perplexity/validation")] == pytest.approx(
-        [history["base"]["validation_perplexity"], validation[1], validation[2]], rel=1e-5)
+    validation = [history["base"]["validation_perplexity"]] + [
+        r["global"]["validation_perplexity"] for r in history["rounds"]]
+    assert [e.value for e in events.Scalars("perplexity/validation")] == pytest.approx(validation, rel=1e-5)
 
-    # Every adapter is in PEFT's own format and loads with PeftModel.from_pretrained.
-    root = Path(tiny_config.fl_crew_reddit_dir)
-    for client in ("client-0", "client-1", "client-2"):
+
+def test_adapters_are_peft_folders_that_load_and_generate(run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, result, _, _ = run
+    root = Path(config.fl_crew_reddit_dir)
+    for client in CLIENTS:
         assert (root / "models" / "local" / result.run_id / client / "round-2" / "adapter_model.safetensors").is_file()
-    assert len(result.global_adapters) == 2
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert len(result.global_adapters) == 2 and result.final_adapter == result.global_adapters[-1]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(base, result.final_adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.final_adapter)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How do I store basil?"}], tokenize=False,
                                            add_generation_prompt=True)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
-    # The crew did the work: each role called its tool, the log says so, results/latest points here.
+
+def test_each_role_calls_its_tool_and_the_log_says_so(run):
+    _, result, _, _ = run
     log_text = Path(result.log_path).read_text()
-    for role in ("Reddit Data Collector", "Data Preprocessor", "Model Trainer 1", "Model Trainer 3",
-                 "Federated Aggregator", "Model Evaluator"):
-        assert role in log_text
-    assert (root / "results" / "latest").resolve() == Path(result.history_path).parent.resolve()
-    assert torch.is_tensor(torch.zeros(1))
+    for role, tool in (("Reddit Data Collector", "collect_reddit_data"),
+                       ("Data Preprocessor", "preprocess_reddit_data"),
+                       ("Model Trainer 1", "train_local_adapter"), ("Model Trainer 3", "train_local_adapter"),
+                       ("Federated Aggregator", "aggregate_adapters"), ("Model Evaluator", "evaluate_model")):
+        assert f"{role} calls {tool}" in log_text
 
 
-@pytest.mark.e2e
+def test_results_latest_points_at_the_newest_run(run):
+    config, result, _, _ = run
+    latest = Path(config.fl_crew_reddit_dir) / "results" / "latest"
+    assert latest.resolve() == Path(result.history_path).parent.resolve()
+
+
 def test_baselines_train_on_the_same_budget_and_are_reported(tiny_config):
     from fl_crew_reddit import FLCrewRedditManager
 
     config = tiny_config.model_copy(update={"baselines": ["local_only", "centralized"], "eval_samples": 0,
                                             "local_epochs": 1, "max_examples_per_client": 8})
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2)
-    baselines = result.history["baselines"]
-    federated_steps = sum(c["metrics"]["steps"] for r in result.history["rounds"] for c in r["clients"])
+    history = json.loads(Path(result.history_path).read_text())
+    baselines = history["baselines"]
+    federated_steps = sum(c["metrics"]["steps"] for r in history["rounds"] for c in r["clients"])
     local = baselines["local_only"]
-    assert set(local["per_client"]) == {"client-0", "client-1", "client-2"}
+    assert set(local["per_client"]) == set(CLIENTS)
     assert all(v["steps"] * 3 == federated_steps for v in local["per_client"].values())
     assert str(federated_steps) in baselines["centralized"]["description"]
     for entry in baselines.values():
-        assert entry["perplexity"] < result.history["base"]["perplexity"]
+        assert entry["perplexity"] < history["base"]["perplexity"]
     # Each baseline is read at its best round-equivalent chunk on validation.
     central = baselines["centralized"]
     chunks = {p["round"]: p["perplexity"] for p in central["validation_per_round"]}
@@ -105,7 +147,6 @@ def test_baselines_train_on_the_same_budget_and_are_reported(tiny_config):
     for values in local["per_client"].values():
         chunks = {p["round"]: p["perplexity"] for p in values["validation_per_round"]}
         assert sorted(chunks) == [1, 2] and values["best_round"] == min(chunks, key=chunks.get)
-    assert result.history["best_round"] in (1, 2)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(Path(config.fl_crew_reddit_dir) / "logs" / "tensorboard" / result.run_id))
@@ -116,16 +157,16 @@ def test_baselines_train_on_the_same_budget_and_are_reported(tiny_config):
             "baseline/centralized/validation_perplexity"} <= set(events.Tags()["scalars"])
 
 
-@pytest.mark.e2e
-def test_more_clients_than_trainers_with_client_sampling(tiny_config):
+def test_more_clients_than_trainers_are_sampled_and_served_in_turn(tiny_config):
     from fl_crew_reddit import FLCrewRedditManager
 
     config = tiny_config.model_copy(update={"num_clients": 6, "num_trainers": 2, "fraction_fit": 0.5,
                                             "partition": "iid", "eval_samples": 0, "local_epochs": 1,
                                             "max_examples_per_client": 8})
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2)
-    assert len(result.history["data"]["clients"]) == 6
-    chosen = [[c["name"] for c in r["clients"]] for r in result.history["rounds"]]
+    history = json.loads(Path(result.history_path).read_text())
+    assert len(history["data"]["clients"]) == 6
+    chosen = [[c["name"] for c in r["clients"]] for r in history["rounds"]]
     assert all(len(names) == 3 for names in chosen) and chosen[0] != chosen[1]
     log_text = Path(result.log_path).read_text()
     assert "Model Trainer 2 calls" in log_text and "Model Trainer 3" not in log_text

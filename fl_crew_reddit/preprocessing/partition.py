@@ -158,13 +158,16 @@ class ThreadSplit(NamedTuple):
 MIN_VALIDATION_EXAMPLES = 8  # fewer replies make the best-round choice a coin toss
 
 
-def split_by_thread(examples: list[dict], test_fraction: float, max_train: int, seed: int,
+def split_by_thread(examples: list[dict], test_fraction: float, max_train: int | None, seed: int,
                     validation_fraction: float = 0.0) -> ThreadSplit:
     """Hold out whole threads (post ids): test first, then validation, the rest trains. No thread is in two
     splits, so no held-out reply shares a thread with a training reply, and checkpoints chosen on validation are
     never chosen on test. The test split does not depend on `validation_fraction`; validation gets at least
-    MIN_VALIDATION_EXAMPLES when the client has enough threads (0 with validation_fraction=0)."""
+    MIN_VALIDATION_EXAMPLES when the client has enough threads (0 with validation_fraction=0). `max_train` None:
+    no cap, every example not held out trains."""
     rng = random.Random(seed)
+    if max_train is None:
+        max_train = len(examples)
     threads: dict[str, list[dict]] = defaultdict(list)
     for example in examples:
         threads[example["post_id"]].append(example)

@@ -52,6 +52,7 @@ class PreprocessReport(BaseModel):
         None, description="CLIP features of the kept images (IMAGE_PROCESSOR), or why they were skipped")
     clients: list[ClientShard]
     examples_path: str
+    max_train_examples: int | None = Field(None, description="training examples kept per client; None: all")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -189,7 +190,7 @@ def attach_images(examples: list[dict], posts: dict[str, RedditPost], store: Med
 
 
 def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path, num_clients: int, partition: str,
-               max_examples_per_client: int, max_seq_length: int, test_fraction: float, seed: int,
+               max_examples_per_client: int | None, max_seq_length: int, test_fraction: float, seed: int,
                support_multimodal: bool = True, max_image_size: int = 224,
                validation_fraction: float = 0.0, quality: QualityRules | None = None,
                dirichlet_alpha: float = 0.5, media: MediaSettings | None = None,
@@ -241,7 +242,8 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
                               scrubbed=dict(scrubbed), partition=partition,
                               images_kept=len({p for pair in image_pairs for p in pair["image_paths"]}),
                               image_features=image_features,
-                              clients=shards, examples_path=str(preprocessed_dir / "examples.jsonl"))
+                              clients=shards, examples_path=str(preprocessed_dir / "examples.jsonl"),
+                              max_train_examples=max_examples_per_client)
     log.info("Preprocessed %d comments into %d examples; dropped: %s; changed: %s", num_comments, len(examples),
              dict(dropped) or "nothing", dict(scrubbed) or "nothing")
     return report
