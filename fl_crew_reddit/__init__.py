@@ -3,7 +3,7 @@
     from fl_crew_reddit import FLCrewRedditConfig, FLCrewRedditManager
     result = FLCrewRedditManager(FLCrewRedditConfig()).run_federated_learning(num_rounds=3)
 
-Heavy modules (torch, crewai) load on first use, so `python -m fl_crew_reddit.reddit.server` starts fast.
+Heavy modules (torch, crewai) load on first use, so `python -m fl_crew_reddit.main serve-mcp` starts fast.
 """
 from fl_crew_reddit.config import FLCrewRedditConfig, load_config
 

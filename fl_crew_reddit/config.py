@@ -5,6 +5,7 @@ the run at start with one message naming the variable and what is allowed (see `
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from fl_crew_reddit.hub import DEFAULT_ENDPOINT, HubAccess
+from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT
+
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 # The languages langdetect 1.0.9 has profiles for (its `profiles/` folder), for LANGUAGES.
 LANGDETECT_LANGUAGES = frozenset(
@@ -20,7 +24,6 @@ LANGDETECT_LANGUAGES = frozenset(
     "ro ru sk sl so sq sv sw ta te th tl tr uk ur vi zh-cn zh-tw".split())
 # MAX_EXAMPLES_PER_CLIENT=auto on a CPU: 32 examples x 3 epochs x 3 clients ~ 2 minutes a round (embedded model).
 DEMO_CPU_CAP = 32
-DEFAULT_REDDIT_USER_AGENT = "python:fl_crew_reddit:0.1 (read-only collector for federated fine-tuning research)"
 
 AggregationMethod = Literal[
     "weighted_average", "fedavg", "fedprox", "krum", "multi_krum", "median", "trimmed_mean", "bulyan",
@@ -40,7 +43,9 @@ class FLCrewRedditConfig(BaseSettings):
 
     # --- base model and adapters
     base_llm_model: str = Field(EMBEDDED_MODEL, description="Hub id, local folder, or the embedded SmolLM2-135M.")
-    use_lora: bool = Field(True, description="Fine-tune LoRA adapters (the only mode: full weights never travel).")
+    use_lora: bool = Field(True, description="Must be true (the default): only LoRA adapters are trained and sent, "
+                                             "full weights never leave a client. Kept so that old .env files "
+                                             "load; USE_LORA=false is refused.")
     lora_r: int = Field(8, ge=1, le=512, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -49,8 +54,9 @@ class FLCrewRedditConfig(BaseSettings):
         description="Comma-separated module names, or all-linear for every linear layer but the output head.")
     ffa_lora: bool = Field(False, description="FFA-LoRA: LoRA A factors stay frozen at their shared initialisation; "
                                               "clients train and send only B (exact averaging, half the traffic).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
-                                                            "memory for large models, ~30% more compute.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="Recompute activations in the backward pass: less memory for large models, ~30% more "
+                            "compute. auto: on for models of 1B+ parameters on CUDA.")
     use_quantization: bool = Field(False, description="QLoRA: load the base model in 4/8 bit (CUDA).")
     quantization_bits: int = Field(4, description="4 (nf4 with double quantisation) or 8")
 
@@ -65,6 +71,11 @@ class FLCrewRedditConfig(BaseSettings):
     local_epochs: int = Field(3, ge=1, le=100)
     max_local_steps: int = Field(0, ge=0, description="Cap on optimizer steps per client per round (0: none).")
     batch_size: int = Field(4, ge=1, le=1024)
+    tokens_per_batch: int = Field(0, ge=0, le=1_048_576, description="Tokens per batch instead of BATCH_SIZE "
+                                  "examples (0: auto, i.e. from free GPU memory on CUDA, BATCH_SIZE on the CPU).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Batches per optimizer step.")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (CUDA); "
+                                                  "auto: only where it was measured to pay.")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     aggregation_method: AggregationMethod = "weighted_average"
     fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight, sent to trainers each round.")
@@ -72,6 +83,10 @@ class FLCrewRedditConfig(BaseSettings):
     max_update_norm: float = Field(100.0, gt=0, description="Largest accepted L2 norm of (update - global adapter).")
     num_byzantine: int = Field(0, ge=0, description="Clients assumed faulty, for krum / multi_krum / bulyan.")
     trimmed_mean_beta: float = Field(0.2, ge=0, lt=0.5, description="Fraction cut from each end by trimmed_mean.")
+    federation: Literal["inprocess", "local-flower"] = Field(
+        "inprocess", description="How rounds reach the clients: inprocess (every client in this process, one shared "
+                                 "model) or local-flower (a Flower SuperLink and one SuperNode per client on "
+                                 "127.0.0.1, started and stopped by the run; the ServerApp drives each round).")
 
     # --- data
     reddit_backend: Literal["snapshot", "dump", "live"] = "snapshot"
@@ -164,6 +179,10 @@ class FLCrewRedditConfig(BaseSettings):
                                           "SUBREDDITS, or all the backend has.")
     agent_may_switch_aggregation: bool = Field(False, description="Let the aggregator agent switch a round to a "
                                                                   "robust rule when the updates look anomalous.")
+    agent_llm_max_tokens: int | None = Field(None, ge=1, le=131072, description="Most tokens the agents' LLM may "
+                                             "generate per call; empty: the server's default.")
+    agent_max_iter: int = Field(6, ge=1, le=50, description="Most reasoning / tool-use iterations (LLM calls) an agent "
+                                                            "may take for one step before it must answer.")
     openai_api_key: SecretStr | None = None
     reddit_client_id: SecretStr | None = None
     reddit_client_secret: SecretStr | None = None
@@ -303,7 +322,8 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError(f"MIN_REPLY_TOKENS={self.min_reply_tokens} must not exceed "
                              f"MAX_REPLY_TOKENS={self.max_reply_tokens}")
         if not self.use_lora:
-            raise ValueError("USE_LORA=false is not supported: only adapter weights may leave a client")
+            raise ValueError("USE_LORA=false is not supported: only LoRA adapter weights may leave a client, so "
+                             "full fine-tuning has no mode here; remove USE_LORA or set it to true")
         if self.ffa_lora and self.aggregation_method == "svd_exact":
             raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B is "
                              "already exact and svd_exact needs both factors; use fedavg (or any other rule)")
@@ -319,7 +339,9 @@ class FLCrewRedditConfig(BaseSettings):
         if self.reddit_mcp_tool_map and not self.subreddits:
             from fl_crew_reddit.reddit.tool_map import load_tool_map
 
-            if "list_subreddits" not in load_tool_map(self.reddit_mcp_tool_map).tools:
+            from fl_crew_reddit.reddit.tool_names import RedditTool
+
+            if RedditTool.LIST_SUBREDDITS not in load_tool_map(self.reddit_mcp_tool_map).tools:
                 raise ValueError(f"REDDIT_MCP_TOOL_MAP={self.reddit_mcp_tool_map}: that server cannot list its "
                                  "subreddits; name them in SUBREDDITS")
         if self.reddit_backend == "dump" and self.reddit_dump_dir is None:
@@ -383,10 +405,6 @@ class FLCrewRedditConfig(BaseSettings):
         return self.fl_crew_reddit_dir / "data"
 
     @property
-    def models_dir(self) -> Path:
-        return self.fl_crew_reddit_dir / "models"
-
-    @property
     def results_dir(self) -> Path:
         return self.fl_crew_reddit_dir / "results"
 
@@ -430,3 +448,23 @@ def load_config(**overrides) -> FLCrewRedditConfig:
         return FLCrewRedditConfig(**overrides)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
+
+
+# --- the environment outside FLCrewRedditConfig's fields; no other module of the package reads os.environ
+def cache_root() -> Path:
+    """The per-user cache folder (prepared base models, npm tools): FL_CREW_REDDIT_CACHE, else
+    $XDG_CACHE_HOME/fl_crew_reddit, else ~/.cache/fl_crew_reddit. Not under FL_CREW_REDDIT_DIR: it outlives runs."""
+    if os.environ.get("FL_CREW_REDDIT_CACHE"):
+        return Path(os.environ["FL_CREW_REDDIT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fl_crew_reddit"
+
+
+def hub_access() -> HubAccess:
+    """How the Hugging Face libraries of this process will reach the Hub (HF_HUB_OFFLINE, HF_ENDPOINT)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return HubAccess(offline=offline, endpoint=os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
+
+
+def process_environment() -> dict[str, str]:
+    """A copy of this process's environment, for a child process (an MCP server) that must see the same settings."""
+    return dict(os.environ)

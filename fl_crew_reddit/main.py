@@ -9,6 +9,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy: serve-mcp and --help start fast
+    from fl_crew_reddit.history import EvalMetrics, RunHistory
 
 
 def _console_logging(verbose: bool) -> None:
@@ -99,12 +103,13 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
         return 1
     _write_report(result.history_path)
     _print_summary(result.history)
-    base = result.history["base"]["perplexity"]
-    final = result.perplexities()[-1] if result.perplexities() else float("nan")
-    print(f"\nRun {result.run_id} finished in {result.seconds:.0f}s: held-out perplexity {base:.2f} → {final:.2f}")
+    base = _fixed(result.history.base.perplexity if result.history.base else None)
+    final = _fixed(result.perplexities()[-1] if result.perplexities() else None)
+    print(f"\nRun {result.run_id} finished in {result.seconds:.0f}s: held-out perplexity {base} → {final}")
     if result.best_round is not None:
-        best = next(r for r in result.history["rounds"] if r["round"] == result.best_round)["global"]["perplexity"]
-        print(f"  best round:   {result.best_round} on validation (test perplexity {best:.2f}): {result.best_adapter}")
+        best = next(r for r in result.history.rounds if r.round == result.best_round).global_
+        print(f"  best round:   {result.best_round} on validation (test perplexity {_fixed(best.perplexity)}): "
+              f"{result.best_adapter}")
     print(f"  history:      {result.history_path}")
     print(f"  final adapter {result.final_adapter}")
     print(f"  log:          {result.log_path}")
@@ -130,28 +135,33 @@ def _stop_cleanly_on_ctrl_c(run_id: str) -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def _print_summary(history: dict) -> None:
+def _fixed(value: float | None, digits: int = 2) -> str:
+    from fl_crew_reddit.history import finite
+
+    return "—" if finite(value) is None else f"{value:.{digits}f}"
+
+
+def _print_summary(history: RunHistory) -> None:
     """The run at a glance: one row per round, the base model first, baselines last."""
     from rich.console import Console
     from rich.table import Table
 
+    def scores(metrics: EvalMetrics | None) -> list[str]:
+        if metrics is None:
+            return ["—"] * 4
+        return [_fixed(metrics.perplexity), _fixed(metrics.validation_perplexity), _fixed(metrics.bleu),
+                _fixed(metrics.rouge_l, 3)]
+
     table = Table(title="Held-out results", title_justify="left")
     for column in ("round", "perplexity", "validation", "BLEU", "ROUGE-L", "clients", "skipped", "seconds"):
         table.add_column(column, justify="right" if column not in ("clients", "skipped") else "left")
-    base = history.get("base") or {}
-    table.add_row("base", f"{base.get('perplexity', float('nan')):.2f}",
-                  f"{base.get('validation_perplexity') or float('nan'):.2f}", f"{base.get('bleu', 0):.2f}",
-                  f"{base.get('rouge_l', 0):.3f}", "", "", "")
-    for record in history.get("rounds", []):
-        metrics = record.get("global") or {}
-        label = f"{record['round']} (best)" if record["round"] == history.get("best_round") else str(record["round"])
-        table.add_row(label, f"{metrics.get('perplexity', float('nan')):.2f}",
-                      f"{metrics.get('validation_perplexity') or float('nan'):.2f}",
-                      f"{metrics.get('bleu', 0):.2f}", f"{metrics.get('rouge_l', 0):.3f}",
-                      ", ".join(c["name"] for c in record.get("clients", [])), ", ".join(record.get("skipped", {})),
-                      f"{record.get('seconds', 0):.0f}")
-    for name, entry in (history.get("baselines") or {}).items():
-        table.add_row(name, f"{entry['perplexity']:.2f}", "", "", "", "", "", "")
+    table.add_row("base", *scores(history.base), "", "", "")
+    for record in history.rounds:
+        label = f"{record.round} (best)" if record.round == history.best_round else str(record.round)
+        table.add_row(label, *scores(record.global_), ", ".join(c.name for c in record.clients),
+                      ", ".join(record.skipped), f"{record.seconds:.0f}")
+    for name, entry in history.baselines.items():
+        table.add_row(name, _fixed(entry.perplexity), "", "", "", "", "", "")
     console = Console()
     console.width = max(console.width, 120)  # eight columns: do not squeeze numbers into ellipses
     console.print(table)
@@ -170,14 +180,15 @@ def collect_command(subreddits: str | None, posts: int | None, queries: list[str
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
+    from fl_crew_reddit.data_source import open_mcp_client
+    from fl_crew_reddit.reddit.client import RedditMCPError
     from fl_crew_reddit.reddit.collector import collect
     from fl_crew_reddit.runs import RunPaths, new_run_id
 
     paths = RunPaths(config.fl_crew_reddit_dir.resolve(), new_run_id()).create()
     names = [s.strip().removeprefix("r/") for s in subreddits.split(",") if s.strip()] if subreddits else None
     try:
-        with RedditMCPClient.for_config(config) as client:
+        with open_mcp_client(config) as client:
             report = collect(client, names if names is not None else config.subreddits,
                              posts or config.posts_per_subreddit, paths.collected, queries=queries)
     except RedditMCPError as error:
@@ -185,6 +196,39 @@ def collect_command(subreddits: str | None, posts: int | None, queries: list[str
         return 1
     for item in report.subreddits:
         print(f"r/{item.subreddit}: {item.num_posts} posts, {item.num_comments} comments -> {item.path}")
+    return 0
+
+
+def serve_mcp_command(argv: list[str]) -> int:
+    """`serve-mcp`: our MCP server over the backend the settings name; --backend / --dump-dir override them.
+
+    This is also the stdio server the collector starts (`data_source.server_command`), so the child reads its
+    settings, secrets included, from the environment exactly as `run` does.
+    """
+    from fl_crew_reddit.reddit.server import add_server_arguments, check_server_arguments, log_to_stderr, serve
+
+    parser = add_server_arguments(argparse.ArgumentParser(
+        prog="python -m fl_crew_reddit.main serve-mcp",
+        description="MCP server with read-only Reddit tools (snapshot, dump or live)."))
+    args = parser.parse_args(argv)
+    check_server_arguments(parser, args)
+    log_to_stderr(args.log_level)
+    from fl_crew_reddit.config import ConfigError, load_config
+    from fl_crew_reddit.data_source import make_source_backend
+
+    overrides: dict = {}
+    if args.backend:
+        overrides["reddit_backend"] = args.backend
+    if args.dump_dir:
+        overrides["reddit_dump_dir"] = args.dump_dir
+    try:
+        config = load_config(**overrides)
+        backend = make_source_backend(config)
+    except (ConfigError, NotImplementedError, FileNotFoundError, ValueError) as error:
+        print(f"serve-mcp: {error}", file=sys.stderr)
+        return 2
+    serve(backend, transport=args.transport, host=args.host, port=args.port,
+          open_world=config.reddit_backend == "live")
     return 0
 
 
@@ -231,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # `run` is the default command: `main --rounds 3` means `main run --rounds 3`
     if argv[0] == "serve-mcp":  # its options belong to the server's own parser (REMAINDER drops leading options)
-        from fl_crew_reddit.reddit.server import main as serve
-
-        return serve(argv[1:]) or 0
+        return serve_mcp_command(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "prepare-model":
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -2,6 +2,11 @@
 
     data/{collected,preprocessed,training}/<run>/   models/local/<run>/<client>/round-<k>/
     models/aggregated/<run>/round-<k>/              results/<run>/history.json    logs/<run>.log
+    results/latest -> the newest run                results/<run>/state/LATEST -> its newest complete round
+
+Finding a run (by id, by folder, `latest`, or the newest with saved state) lives here too, next to the code that
+writes those folders and pointers. torch, peft and safetensors load only in the functions that move tensors, so the
+CLI and the report can find runs without them.
 """
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -61,18 +66,12 @@ class RunPaths:
 
 def save_adapter(peft_model, state: dict[str, torch.Tensor], folder: Path) -> Path:
     """Write `state` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from peft import set_peft_model_state_dict
+
     set_peft_model_state_dict(peft_model, state)
     folder.parent.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-def load_adapter_state(folder: Path) -> dict[str, torch.Tensor]:
-    """Adapter weights from a PEFT folder, through safetensors only: no pickle ever runs on a client's update."""
-    path = Path(folder) / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a PEFT adapter folder written with safetensors")
-    return load_file(str(path), device="cpu")
 
 
 UPDATE_WEIGHTS = "update.safetensors"
@@ -98,7 +97,9 @@ def update_file(folder: Path) -> Path:
 
 
 def load_client_update(folder: Path) -> dict[str, torch.Tensor]:
-    """What a client sent, through safetensors only (never pickle)."""
+    """What a client sent, through safetensors only: no pickle ever runs on a client's update."""
+    from safetensors.torch import load_file
+
     path = update_file(folder)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a PEFT adapter folder written with safetensors")
@@ -178,6 +179,8 @@ def save_round_state(paths: RunPaths, round_number: int, state: dict, global_ada
 
 def load_round_state(paths: RunPaths) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     """(state, global adapter, server optimizer state_dict or None) of the newest complete round."""
+    from safetensors.torch import load_file
+
     pointer = state_dir(paths) / "LATEST"
     if not pointer.is_file():
         raise FileNotFoundError(f"{paths.results} has no saved round state to resume from (no completed round)")
@@ -195,13 +198,39 @@ def load_round_state(paths: RunPaths) -> tuple[dict, dict[str, torch.Tensor], di
     return state, global_adapter, optimizer
 
 
+def latest_run_dir(results_dir: Path) -> Path | None:
+    """The folder `results/latest` points to (a symlink, or the text file `point_latest` writes where links are not
+    allowed); None when there is none."""
+    latest = Path(results_dir) / "latest"
+    if latest.is_symlink():
+        return latest.resolve() if latest.is_dir() else None  # name the run, not `latest`
+    if latest.is_file():
+        name = latest.read_text(encoding="utf-8").strip()
+        return Path(results_dir) / name if name and (Path(results_dir) / name).is_dir() else None
+    return None
+
+
 def find_run(results_dir: Path, run: str | None) -> str:
-    """A run id: the given one, or the newest run with saved state."""
+    """A run id to resume: the given one, or the newest run with saved state."""
     if run:
-        if not (results_dir / run).is_dir():
+        if not (Path(results_dir) / run).is_dir():
             raise FileNotFoundError(f"no run {run!r} under {results_dir}")
         return run
-    candidates = sorted(p.parent.parent.name for p in results_dir.glob("run-*/state/LATEST"))
+    candidates = sorted(p.parent.parent.name for p in Path(results_dir).glob("run-*/state/LATEST"))
     if not candidates:
         raise FileNotFoundError(f"no run with saved state under {results_dir}")
     return candidates[-1]
+
+
+def resolve_run_dir(run: str | None, results_dir: Path) -> Path:
+    """A run's folder from RUN: a folder path, a run id under `results_dir`, or (None or `latest`) the run
+    `results/latest` points to; FileNotFoundError says what was looked for when there is no such run."""
+    if run and run != "latest":
+        for candidate in (Path(run).expanduser(), Path(results_dir) / run):
+            if candidate.is_dir():
+                return candidate
+        raise FileNotFoundError(f"{run!r} is neither a run folder nor a run id under {results_dir}")
+    found = latest_run_dir(results_dir)
+    if found is None:
+        raise FileNotFoundError(f"no run under {results_dir} (results/latest is missing: has a run started?)")
+    return found

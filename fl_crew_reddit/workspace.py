@@ -7,24 +7,22 @@ and records what happened. Client updates travel between trainer and aggregator 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
-
-from fl_crew_reddit.aggregation import aggregate, make_server_optimizer, screen_updates, SERVER_OPTIMIZERS
-from fl_crew_reddit.aggregation.checks import update_norm
-from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
+from fl_crew_reddit.aggregation import make_server_optimizer
 from fl_crew_reddit.config import FLCrewRedditConfig
 from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate, image_text_scores, split_perplexities
 from fl_crew_reddit.evaluation.selection import argmin_round, best_round_record
 from fl_crew_reddit.evaluation.tensorboard_scalars import RunScalars, baseline_scalars, metrics_scalars, round_scalars
+from fl_crew_reddit.history import (AgentStep, BaselineRecord, ClientRoundResult, RoundAggregate, RoundRecord,
+                                    RunHistory, parse_run_history)
 from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
+from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
 from fl_crew_reddit.runs import (RunPaths, load_client_update, load_round_state, point_latest, save_adapter,
                                  save_client_update, save_round_state, update_file, write_json_atomic)
 from fl_crew_reddit.training.batching import tokenize_all
@@ -36,34 +34,6 @@ from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
 log = logging.getLogger(__name__)
 
 
-class ClientRoundResult(BaseModel):
-    name: str
-    num_examples: int
-    train_loss: float
-    metrics: dict
-    adapter_path: str
-
-
-class RoundAggregate(BaseModel):
-    method: str
-    accepted: list[str]
-    rejected: dict[str, list[str]]
-    adapter_path: str
-    update_norms: dict[str, float] = Field(default_factory=dict, description="accepted client -> ||update - global||")
-
-
-class RoundRecord(BaseModel):
-    round: int
-    clients: list[ClientRoundResult] = Field(default_factory=list)
-    skipped: dict[str, list[str]] = Field(default_factory=dict, description="client -> reasons it was left out")
-    aggregation: RoundAggregate | None = None
-    global_: EvalMetrics | None = Field(None, alias="global")
-    seconds: float = 0.0
-    analysis: str | None = Field(None, description="the evaluator agent's analysis (LLM-driven mode)")
-
-    model_config = {"populate_by_name": True}
-
-
 class FederatedWorkspace:
     def __init__(self, config: FLCrewRedditConfig, paths: RunPaths):
         self.config = config
@@ -73,10 +43,13 @@ class FederatedWorkspace:
         self.data: PreprocessReport | None = None
         self.base_metrics: EvalMetrics | None = None
         self.rounds: list[RoundRecord] = []
-        self.baselines: dict[str, dict] = {}
+        self.baselines: dict[str, BaselineRecord] = {}
+        self.agent_steps: list[AgentStep] = []
         self.global_adapter: dict[str, torch.Tensor] | None = None
-        self.server_optimizer = (make_server_optimizer(config.aggregation_method)
-                                 if config.aggregation_method in SERVER_OPTIMIZERS else None)
+        # The server side (sampling, fit config, screening, aggregation, server-optimizer state): server/strategy.py
+        self.strategy = FederatedStrategy(StrategySettings.from_config(config))
+        self._federation = None  # FEDERATION=local-flower: the SuperLink + SuperNodes, started at the first round
+        self._flower_round = None  # FEDERATION=local-flower: the outcome of the round the ServerApp ran
         self._model = None
         self._tokenizer = None
         self._train_rows: dict[str, list[dict]] = {}
@@ -121,9 +94,9 @@ class FederatedWorkspace:
     # --- Data Collector ----------------------------------------------------------------------------------------
     def collect(self, subreddits: list[str] | None = None, posts_per_subreddit: int | None = None,
                 queries: list[str] | None = None) -> CollectionReport:
-        from fl_crew_reddit.reddit.client import RedditMCPClient
+        from fl_crew_reddit.data_source import open_mcp_client
 
-        with RedditMCPClient.for_config(self.config) as client:
+        with open_mcp_client(self.config) as client:
             self.collection = collect(client, subreddits if subreddits is not None else self.config.subreddits,
                                       posts_per_subreddit or self.config.posts_per_subreddit, self.paths.collected,
                                       queries=queries)
@@ -167,28 +140,38 @@ class FederatedWorkspace:
     # --- Model Trainer -----------------------------------------------------------------------------------------
     def fit_config(self, round_number: int) -> dict:
         """What the server sends each trainer with the global adapter (Flower's `config` of a fit instruction)."""
-        cfg = self.config
-        return {"round": round_number, "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                "learning_rate": cfg.learning_rate, "max_steps": cfg.max_local_steps, "seed": cfg.seed,
-                "proximal_mu": cfg.fedprox_mu if cfg.aggregation_method == "fedprox" else 0.0,
-                "timeout_s": cfg.client_timeout, "train_lora_a": not cfg.ffa_lora}
+        return self.strategy.fit_config(round_number)
 
     def select_clients(self, round_number: int) -> list[str]:
         """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume."""
-        names = self.client_names
-        wanted = max(math.ceil(self.config.fraction_fit * len(names)), min(self.config.min_fit_clients, len(names)))
-        if wanted >= len(names):
-            return names
-        return sorted(random.Random(f"{self.config.seed}-select-{round_number}").sample(names, wanted))
+        return self.strategy.sample_clients(round_number, self.client_names)
+
+    @property
+    def server_optimizer(self):
+        """The server optimizer's state lives in the strategy (saved with each round's state, restored on resume)."""
+        return self.strategy.server_optimizer
+
+    @server_optimizer.setter
+    def server_optimizer(self, optimizer) -> None:
+        self.strategy.server_optimizer = optimizer
+
+    def site(self, client: str):
+        """Client `client` as a site on the shared model, with its already tokenized rows."""
+        from fl_crew_reddit.site import Site, SiteData
+
+        rows = {"train": self._train_rows[client], "validation": self._validation_rows.get(client, []),
+                "test": self._test_rows.get(client, [])}
+        return Site(client, SiteData(None, self.tokenizer, self.config.max_seq_length, rows=rows), self.model,
+                    self.tokenizer, self.device, mixed_precision=self.config.mixed_precision)
 
     def train_client(self, client: str, round_number: int) -> ClientRoundResult:
         if client not in self._train_rows:
             raise KeyError(f"unknown client {client!r}; clients are {', '.join(self._train_rows)}")
+        if self._flower_round is not None:
+            return self._train_on_flower(client, round_number)
         if self._trainer_pool is not None:
             return self._train_in_worker(client, round_number)
-        trainer = LocalTrainer(client, self.model, self.tokenizer, self._train_rows[client], self.device,
-                               mixed_precision=self.config.mixed_precision)
-        result = trainer.fit(self.global_adapter, self.fit_config(round_number))
+        result = self.site(client).fit(self.global_adapter, self.fit_config(round_number))
         folder = save_client_update(self.model, self.global_adapter, result.state,
                                     self.paths.local_adapter(client, round_number))
         result.metrics["update_bytes"] = update_file(folder).stat().st_size
@@ -198,9 +181,36 @@ class FederatedWorkspace:
         self._pending[client] = record
         return record
 
+    def _train_on_flower(self, client: str, round_number: int) -> ClientRoundResult:
+        """FEDERATION=local-flower: the client's result from the round the ServerApp ran (its update arrived as an
+        ArrayRecord and is kept as the client's adapter folder, as in-process)."""
+        outcome = self._flower_round
+        if outcome.round != round_number:
+            raise RuntimeError(f"the Flower federation ran round {outcome.round}, not {round_number}")
+        if client in outcome.failed:
+            from fl_crew_reddit.federation.flower import SiteFailed
+
+            raise SiteFailed(outcome.failed[client])
+        if client not in outcome.results:
+            raise RuntimeError(f"{client} was not sampled by the ServerApp in round {round_number}")
+        result = outcome.results[client]
+        folder = save_client_update(self.model, self.global_adapter, result.state,
+                                    self.paths.local_adapter(client, round_number))
+        metrics = {**result.metrics, "update_bytes": update_file(folder).stat().st_size}
+        record = ClientRoundResult(name=client, num_examples=result.num_examples, train_loss=metrics["train_loss"],
+                                   metrics=metrics, adapter_path=str(folder))
+        self._pending[client] = record
+        return record
+
     def dispatch_training(self, round_number: int, clients: list[str]) -> None:
         """With trainer processes (TRAINER_DEVICES), start all of the round's clients at once, spread over the
-        devices; `train_client` then collects each one's result. In-process training waits for `train_client`."""
+        devices; `train_client` then collects each one's result. In-process training waits for `train_client`.
+        FEDERATION=local-flower: the ServerApp runs the whole round on the SuperNodes now (train, screen and
+        aggregate, evaluate); the next steps read its outcome."""
+        self._flower_round = None
+        if self.config.federation == "local-flower":
+            self._run_flower_round(round_number, clients)
+            return
         if self._trainer_pool is None:
             return
         from safetensors.torch import save_file
@@ -225,6 +235,19 @@ class FederatedWorkspace:
         self._pending[client] = record
         return record
 
+    def _run_flower_round(self, round_number: int, clients: list[str]) -> None:
+        from fl_crew_reddit.federation.flower import LocalFlowerFederation, model_settings
+
+        if self._federation is None:
+            sites = {shard.name: Path(shard.train_path).parent for shard in self.data.clients}
+            self._federation = LocalFlowerFederation(sites, self.paths.results / "flower")
+            self._federation.start()
+        outcome = self._federation.run_round(round_number, self.strategy, self.global_adapter,
+                                             model_settings(self.config))
+        if outcome.selected != list(clients):
+            log.warning("Round %d: the ServerApp sampled %s, the Flow %s", round_number, outcome.selected, clients)
+        self._flower_round = outcome
+
     def record_client_failure(self, client: str, reason: str) -> None:
         self._current_round().skipped[client] = [reason]
 
@@ -234,40 +257,28 @@ class FederatedWorkspace:
         method = method or self.config.aggregation_method
         record = self._current_round(round_number)
         clients = [self._pending[name] for name in sorted(self._pending)]
-        updates = [load_client_update(Path(c.adapter_path)) for c in clients]
-        # What clients train and send: the whole adapter, or under FFA-LoRA only the B factors (A stays global).
-        sent = self.global_adapter if not self.config.ffa_lora else {
-            key: value for key, value in self.global_adapter.items() if ffa_lora_trainable(key)}
-        accepted, rejected = screen_updates(
-            sent, updates, [c.name for c in clients], max_norm=self.config.max_update_norm,
-            min_clients=min(self.config.min_fit_clients, len(clients) + len(record.skipped)))
-        for name, reasons in rejected.items():
+        if self._flower_round is not None:  # FEDERATION=local-flower: the ServerApp screened and aggregated
+            outcome = self._flower_round.take_aggregation(method)
+            self.strategy.load_state_dict(self._flower_round.strategy_state)
+        else:
+            updates = [ClientUpdate(c.name, load_client_update(Path(c.adapter_path)), c.num_examples)
+                       for c in clients]
+            outcome = self.strategy.aggregate(self.global_adapter, updates, num_failed=len(record.skipped),
+                                              method=method)
+        for name, reasons in outcome.rejected.items():
             log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
             record.skipped[name] = reasons
-        norms = {clients[i].name: update_norm(sent, updates[i]) for i in accepted}
-        options = self._aggregation_options(method, sent)
-        new_global = aggregate(method, [updates[i] for i in accepted], [clients[i].num_examples for i in accepted],
-                               **options)
-        self.global_adapter = {k: new_global[k].to(v.dtype) if k in new_global else v
-                               for k, v in self.global_adapter.items()}
+        self.global_adapter = outcome.new_global
         folder = save_adapter(self.model, self.global_adapter, self.paths.global_adapter(round_number))
         record.clients = clients
-        record.aggregation = RoundAggregate(method=method, accepted=[clients[i].name for i in accepted],
-                                            rejected=rejected, adapter_path=str(folder), update_norms=norms)
+        record.aggregation = RoundAggregate(method=outcome.method, accepted=outcome.accepted,
+                                            rejected=outcome.rejected, adapter_path=str(folder),
+                                            update_norms=outcome.update_norms)
         self._pending = {}
         return record.aggregation
 
     def _aggregation_options(self, method: str, global_state: dict) -> dict:
-        cfg = self.config
-        if method in ("krum", "multi_krum", "bulyan"):
-            return {"num_byzantine": cfg.num_byzantine}
-        if method == "trimmed_mean":
-            return {"beta": cfg.trimmed_mean_beta}
-        if method in SERVER_OPTIMIZERS:
-            if self.server_optimizer is None or not method == self.config.aggregation_method:
-                self.server_optimizer = make_server_optimizer(method)
-            return {"global_state": global_state, "server_optimizer": self.server_optimizer}
-        return {}
+        return self.strategy.aggregation_options(method, global_state)
 
     # --- Evaluator ---------------------------------------------------------------------------------------------
     def evaluate_base(self) -> EvalMetrics:
@@ -282,12 +293,42 @@ class FederatedWorkspace:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, self.global_adapter)
-        metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
-                           mixed_precision=self.config.mixed_precision)
-        metrics.validation_perplexity, metrics.validation_per_client = self._validation()
+        if self._flower_round is not None:  # FEDERATION=local-flower: perplexities from the sites' NLL sums
+            metrics = self._flower_metrics(self._flower_round.evaluation)
+        else:
+            metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
+                               mixed_precision=self.config.mixed_precision)
+            metrics.validation_perplexity, metrics.validation_per_client = self._validation()
         self._score_images(metrics)
         self._current_round(round_number).global_ = metrics
         return metrics
+
+    def _flower_metrics(self, evaluation: dict[str, dict[str, tuple[float, int]]]) -> EvalMetrics:
+        """EvalMetrics from the sites' (NLL sum, token count) per split, combined by token counts exactly as the
+        in-process evaluator combines its per-client sums. Generated-reply metrics (BLEU, ROUGE, ...) are still
+        computed here, on the server's held-out sample: data preparation is server-side for now."""
+        from fl_crew_reddit.evaluation.evaluator import generate_replies
+        from fl_crew_reddit.evaluation.metrics import bleu, chrf, distinct_n, rouge
+        from fl_crew_reddit.server.evaluation import combine_split
+
+        order = self.client_names
+        test = {name: evaluation["test"][name] for name in order if name in evaluation["test"]}
+        perplexity, per_client, count = combine_split(test, per_client_from=2)
+        if perplexity is None:
+            raise ValueError("the sites returned no held-out reply tokens: perplexity needs at least one")
+        validation = {name: evaluation["validation"][name] for name in order
+                      if name in evaluation.get("validation", {}) and self._validation_rows.get(name)}
+        validation_ppl, validation_per_client, _ = combine_split(validation)
+        prompts = [example["prompt"] for example in self._sample]
+        references = [example["messages"][-1]["content"] for example in self._sample]
+        hypotheses = generate_replies(self.model, self.tokenizer, prompts, self.device) if prompts else []
+        return EvalMetrics(perplexity=perplexity, num_tokens=count, per_client=per_client,
+                           bleu=bleu(hypotheses, references), chrf=chrf(hypotheses, references),
+                           distinct_1=distinct_n(hypotheses, 1), distinct_2=distinct_n(hypotheses, 2),
+                           samples=[{"id": e["id"], "reference": r, "generated": h}
+                                    for e, r, h in zip(self._sample, references, hypotheses)],
+                           validation_perplexity=validation_ppl, validation_per_client=validation_per_client,
+                           **rouge(hypotheses, references))
 
     def _score_images(self, metrics: EvalMetrics, use_adapter: bool = True) -> None:
         """CLIP score of the replies to held-out image posts, or the reason it is not computed, into `metrics`."""
@@ -349,10 +390,10 @@ class FederatedWorkspace:
                                     "of validation splits)"}
         else:
             raise ValueError(f"unknown baseline {kind!r}: use local_only or centralized")
-        self.baselines[kind] = entry
+        self.baselines[kind] = BaselineRecord.model_validate(entry)
         scalars = self._scalar_log()
         if scalars is not None:
-            scalars.write_points(baseline_scalars(kind, entry, last_round=trained[-1].round))
+            scalars.write_points(baseline_scalars(kind, self.baselines[kind], last_round=trained[-1].round))
         # Leave the shared model holding the global adapter, as the rounds left it.
         from peft import set_peft_model_state_dict
 
@@ -396,23 +437,22 @@ class FederatedWorkspace:
         self._pending = {}
         return self._current_round(round_number)
 
-    def history(self) -> dict:
-        def metrics(m: EvalMetrics | None) -> dict | None:
-            return m.model_dump() if m else None
+    def record_agent_step(self, step: AgentStep) -> None:
+        """An agent step of the Flow (direct, llm, or fallback and why), kept in the run's history."""
+        self.agent_steps.append(step)
 
-        rounds = [r.model_dump(by_alias=True) for r in self.rounds]
-        best = best_round_record(rounds)  # chosen on validation perplexity, never on test
-        return {
-            "run_id": self.paths.run_id,
-            "settings": self.config.public_settings(),
-            "collection": self.collection.model_dump() if self.collection else None,
-            "data": self.data.model_dump() if self.data else None,
-            "base": metrics(self.base_metrics),
-            "rounds": rounds,
-            "best_round": best["round"] if best else None,
-            "best_adapter": best["aggregation"]["adapter_path"] if best else None,
-            "baselines": self.baselines,
-        }
+    def run_history(self) -> RunHistory:
+        """The run so far, as history.json holds it; the best round is chosen on validation, never on test."""
+        best = best_round_record(self.rounds)
+        return RunHistory(
+            run_id=self.paths.run_id, settings=self.config.public_settings(), collection=self.collection,
+            data=self.data, base=self.base_metrics, rounds=self.rounds, best_round=best.round if best else None,
+            best_adapter=best.aggregation.adapter_path if best else None, baselines=self.baselines,
+            agent_steps=self.agent_steps)
+
+    def history(self) -> dict:
+        """`run_history()` in its history.json form (plain dicts and lists)."""
+        return self.run_history().as_json()
 
     # --- crash-safe state ----------------------------------------------------------------------------------------
     def save_state(self, round_number: int, total_rounds: int) -> Path:
@@ -425,11 +465,9 @@ class FederatedWorkspace:
     def restore(self) -> dict:
         """Reload the newest saved round: data shards, history, global adapter, server-optimizer state."""
         state, global_adapter, optimizer = load_round_state(self.paths)
-        history = state["history"]
-        self.collection = CollectionReport.model_validate(history["collection"])
-        self.data = PreprocessReport.model_validate(history["data"])
-        self.base_metrics = EvalMetrics.model_validate(history["base"])
-        self.rounds = [RoundRecord.model_validate(r) for r in history["rounds"]]
+        history = parse_run_history(state["history"], f"the saved state of run {self.paths.run_id}")
+        self.collection, self.data, self.base_metrics = history.collection, history.data, history.base
+        self.rounds, self.agent_steps = history.rounds, history.agent_steps
         _ = self.model  # load the base model and build the adapter before overwriting its weights
         self._load_client_data()
         self.global_adapter = global_adapter
@@ -461,15 +499,17 @@ class FederatedWorkspace:
         if scalars is None:
             return
         if round_number == 0:
-            if self.base_metrics is not None:
-                scalars.write(metrics_scalars(self.base_metrics.model_dump()), 0)
+            scalars.write(metrics_scalars(self.base_metrics), 0)
             return
         record = next(r for r in self.rounds if r.round == round_number)
-        scalars.write(round_scalars(record.model_dump(by_alias=True)), round_number)
+        scalars.write(round_scalars(record), round_number)
 
     def close(self) -> None:
         if self._trainer_pool is not None:
             self._trainer_pool.close()
+        if self._federation is not None:
+            self._federation.stop()
+            self._federation = None
         if self._scalars is not None:
             self._scalars.close()
             self._scalars = None

@@ -29,13 +29,14 @@ def test_resume_without_saved_state_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_summary_table_lists_base_rounds_and_baselines(capsys):
-    history = {"base": {"perplexity": 40.0, "bleu": 1.0, "rouge_l": 0.1},
-               "rounds": [{"round": 1, "global": {"perplexity": 30.0, "bleu": 2.0, "rouge_l": 0.2},
-                           "clients": [{"name": "client-0"}], "skipped": {"client-1": ["NaN"]}, "seconds": 12}],
-               "baselines": {"local_only": {"perplexity": 33.0}}}
-    _print_summary(history)
+    from pathlib import Path
+
+    from fl_crew_reddit.history import load_run_history
+
+    _print_summary(load_run_history(Path(__file__).parent / "fixtures" / "run_history" / "history.json"))
     out = capsys.readouterr().out
-    assert "40.00" in out and "30.00" in out and "client-1" in out and "local_only" in out and "33.00" in out
+    assert "38.42" in out and "29.89" in out and "2 (best)" in out and "client-1" in out
+    assert "local_only" in out and "33.67" in out and "centralized" in out and "29.11" in out
 
 
 def test_collect_with_a_query_takes_the_matching_posts_first(tmp_path, monkeypatch):

@@ -120,3 +120,52 @@ def test_uncapped_split_trains_every_example_not_held_out():
     assert len(train) > 300 and 90 <= len(test) <= 110
     capped, _, _ = split_by_thread(examples, 0.2, 32, seed=1, validation_fraction=0.1)
     assert len(capped) == 32
+
+
+def test_use_lora_is_accepted_true_and_refused_false(monkeypatch):
+    monkeypatch.setenv("USE_LORA", "true")
+    assert load_config().use_lora is True
+    monkeypatch.setenv("USE_LORA", "false")
+    with pytest.raises(ConfigError, match="USE_LORA=false is not supported: only LoRA adapter weights may leave"):
+        load_config()
+
+
+def test_cache_root_follows_fl_crew_reddit_cache_then_xdg(monkeypatch, tmp_path):
+    from fl_crew_reddit.config import cache_root
+
+    monkeypatch.setenv("FL_CREW_REDDIT_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("FL_CREW_REDDIT_CACHE")
+    assert cache_root() == tmp_path / "xdg" / "fl_crew_reddit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "fl_crew_reddit"
+
+
+def test_hub_access_reads_hf_hub_offline_and_hf_endpoint(monkeypatch):
+    from fl_crew_reddit.config import hub_access
+    from fl_crew_reddit.hub import HubAccess, hub_reachable
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_access() == HubAccess(offline=True, endpoint="https://huggingface.co")
+    assert hub_reachable() is False  # offline: no probe at all
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/mirror")
+    assert hub_access() == HubAccess(offline=False, endpoint="http://127.0.0.1:9/mirror")
+    assert hub_access().address == ("127.0.0.1", 9)
+    assert hub_reachable(timeout_s=1) is False  # nothing listens on the discard port
+
+
+def test_hub_reachable_connects_to_the_endpoint():
+    import socket
+
+    from fl_crew_reddit.hub import HubAccess, hub_reachable
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        assert hub_reachable(HubAccess(endpoint=endpoint), timeout_s=2) is True
+        assert hub_reachable(HubAccess(offline=True, endpoint=endpoint)) is False

@@ -15,12 +15,12 @@ import pytest
 import zstandard
 
 from fl_crew_reddit.config import load_config
-from fl_crew_reddit.reddit.backends import DumpBackend, make_backend
+from fl_crew_reddit.data_source import make_source_backend
+from fl_crew_reddit.reddit.backends import DumpBackend
 from fl_crew_reddit.reddit.dump_files import (
     MonthlyFile,
     iter_lines,
     open_decompressed,
-    read_line_batches,
     read_lines,
     scan_lines,
 )
@@ -207,6 +207,13 @@ def test_every_layout_answers_exactly_like_the_plain_folder(layout, layouts, pla
 
 
 @needs_sample
+def test_monthly_files_need_a_cache_folder_named_by_the_caller(layouts):
+    backend = DumpBackend(layouts["monthly"])  # reddit/ picks no cache folder of its own (no environment read)
+    with pytest.raises(ValueError, match="monthly dump files .*give the DumpBackend a cache_dir"):
+        backend.list_subreddits()
+
+
+@needs_sample
 def test_a_run_on_monthly_zst_files_gives_the_same_examples(layouts, plain, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -223,12 +230,12 @@ def test_a_run_on_monthly_zst_files_gives_the_same_examples(layouts, plain, tiny
                               "comments": [c.model_dump() for c in comments]})
         return build_examples(collected, tokenizer, 128)[0]
 
-    monthly = make_backend(load_config(reddit_backend="dump", reddit_dump_dir=layouts["monthly"],
-                                       fl_crew_reddit_dir=tmp_path))
+    monthly = make_source_backend(load_config(reddit_backend="dump", reddit_dump_dir=layouts["monthly"],
+                                              fl_crew_reddit_dir=tmp_path))
     plain_examples = examples(plain)
     assert len(plain_examples) > 50
     assert examples(monthly) == plain_examples
-    assert (tmp_path / "data" / "cache" / "dump-index").is_dir(), "make_backend puts the index under data/cache"
+    assert (tmp_path / "data" / "cache" / "dump-index").is_dir(), "the config puts the index under data/cache"
 
 
 # ---------------------------------------------------------------------------------------------- the index
@@ -311,7 +318,7 @@ def test_filters_from_the_settings(tmp_path):
     config = load_config(reddit_backend="dump", reddit_dump_dir=tmp_path / "dump", fl_crew_reddit_dir=tmp_path,
                          reddit_dump_subreddits="r/pics", reddit_dump_after="2015-03-01",
                          reddit_dump_before="2015-04-01T00:00:00Z", reddit_dump_min_score="2")
-    backend = make_backend(config)
+    backend = make_source_backend(config)
     assert (backend.after, backend.before, backend.min_score) == (1425168000, 1427846400, 2)
     assert backend.list_subreddits() == ["pics"]
     assert [p.id for p in backend.subreddit_posts("pics").posts] == ["b"]

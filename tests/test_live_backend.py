@@ -19,7 +19,7 @@ import requests
 import responses
 
 from fl_crew_reddit.config import ConfigError, load_config
-from fl_crew_reddit.reddit.backends import make_backend
+from fl_crew_reddit.data_source import make_source_backend
 from fl_crew_reddit.reddit.live_backend import (
     LiveRedditBackend,
     RedditAuthError,
@@ -279,7 +279,7 @@ def test_wrong_credentials_give_one_clear_message_without_the_secret(backend, wa
     message = str(error.value)
     assert "REDDIT_CLIENT_ID / REDDIT_CLIENT_SECRET" in message and "HTTP 401" in message
     assert SECRET not in message and "app-id-123" not in message
-    assert isinstance(error.value, ConfigError)
+    assert isinstance(error.value, ValueError)  # a settings error, reported like ConfigError
     basic = base64.b64encode(f"app-id-123:{SECRET}".encode()).decode()
     assert SECRET not in caplog.text and basic not in caplog.text
 
@@ -297,14 +297,14 @@ def test_make_backend_builds_the_live_backend_and_checks_the_token(tmp_path, mon
     config = load_config(reddit_backend="live", subreddits="learnpython", fl_crew_reddit_dir=tmp_path)
     with responses.RequestsMock() as rsps:
         rsps.add(responses.POST, TOKEN_URL, json=fixture("access_token.json"))
-        live = make_backend(config)
+        live = make_source_backend(config)
         assert len(rsps.calls) == 1
     assert isinstance(live, LiveRedditBackend) and live.list_subreddits() == ["learnpython"]
     assert SECRET not in repr(live) and "app-id-123" not in repr(live)
     with responses.RequestsMock() as rsps:
         rsps.add(responses.POST, TOKEN_URL, body='{"message": "Unauthorized", "error": 401}', status=401)
         with pytest.raises(RedditAuthError, match="Reddit rejected REDDIT_CLIENT_ID"):
-            make_backend(config)
+            make_source_backend(config)
 
 
 def test_missing_credentials_or_subreddits_stop_the_config(tmp_path, monkeypatch):

@@ -96,6 +96,10 @@ def _fast(config, **update):
                                      "agent_mode": "llm", "agent_collect_allowlist": SUBREDDITS, **update})
 
 
+FLOW_STEPS = [(0, "Reddit Data Collector", "collect_reddit_data"), (0, "Data Preprocessor", "preprocess_reddit_data"),
+              (0, "Model Evaluator", "evaluate_model"), (1, "Model Trainer 1", "train_local_adapter"),
+              (1, "Model Trainer 2", "train_local_adapter"), (1, "Model Trainer 3", "train_local_adapter"),
+              (1, "Federated Aggregator", "aggregate_adapters"), (1, "Model Evaluator", "evaluate_model")]
 ONCE_EACH = {"collect": 1, "preprocess": 1, "train_client": 3, "aggregate": 1, "evaluate_base": 1, "evaluate_round": 1}
 
 
@@ -135,6 +139,12 @@ def test_a_scripted_llm_drives_every_agent_through_a_round(tiny_config, work_don
     assert record["aggregation"]["method"] == ("median" if may_switch else "weighted_average")
     assert record["global"]["perplexity"] < history["base"]["perplexity"]
     assert record["analysis"] == f"Perplexity is {record['global']['perplexity']}; training helped."
+    # One agent step per Flow step, each the LLM's accepted call, with the arguments it chose.
+    assert [(s["round"], s["role"], s["tool"], s["outcome"], s["reason"]) for s in history["agent_steps"]] == \
+        [(round_number, role, tool, "llm", None) for round_number, role, tool in FLOW_STEPS]
+    assert history["agent_steps"][0]["arguments"] == {"subreddits": SUBREDDITS, "posts_per_subreddit": 15,
+                                                      "queries": [QUERY]}
+    assert history["agent_steps"][3]["arguments"] == {"client": "client-0", "round": 1}
 
 
 @pytest.mark.e2e
@@ -165,6 +175,16 @@ def test_invalid_llm_arguments_fall_back_to_the_direct_call(tiny_config, work_do
     assert [c["name"] for c in record["clients"]] == ["client-0", "client-1", "client-2"]
     assert record["aggregation"]["method"] == "weighted_average" and record["skipped"] == {}
     assert record["global"]["perplexity"] < history["base"]["perplexity"] and record["analysis"] is None
+    steps = history["agent_steps"]
+    assert [(s["round"], s["role"], s["tool"]) for s in steps] == FLOW_STEPS
+    assert [s["outcome"] for s in steps] == ["fallback", "llm", "fallback", "fallback", "fallback", "fallback",
+                                             "fallback", "fallback"]
+    assert steps[0]["reason"] == "askreddit outside the allow-list cooking, gardening, learnpython"
+    assert steps[0]["arguments"] == {}  # the direct call's arguments: the refused ones never ran
+    assert steps[3]["reason"] == "its train_local_adapter arguments failed the tool's schema"
+    assert steps[3]["arguments"] == {"client": "client-0", "round": 1}
+    assert steps[6]["reason"].startswith("the rule is AGGREGATION_METHOD=weighted_average")
+    assert steps[7]["reason"] == "round must be 1 in this step, not 7"
 
 
 @pytest.fixture()
@@ -179,7 +199,10 @@ class FailingWorkspace:
 
     def __init__(self, config):
         self.config, self._pending, self.rounds, self.base_metrics, self.calls = config, {}, [], None, Counter()
-        self.collected = []
+        self.collected, self.steps = [], []
+
+    def record_agent_step(self, step):
+        self.steps.append(step)
 
     def train_client(self, client, round_number):
         self.calls["train_client"] += 1
@@ -205,10 +228,15 @@ def test_failing_work_runs_once_and_falls_back_only_when_the_llm_chose_other_arg
     with pytest.raises(RuntimeError, match="out of memory"):  # the Flow's own arguments: fails like the direct call
         run_step(crew, crew.model_trainers[0], "train_local_adapter", {"client": "client-0", "round": 1})
     outcome = run_step(crew, crew.data_collector, "collect_reddit_data", {})
-    assert (outcome.via, outcome.arguments) == ("direct", {})
+    assert (outcome.step.outcome, outcome.step.arguments) == ("fallback", {})
     assert workspace.calls == {"train_client": 1, "collect": 2}
-    assert "LLM step failed (collect_reddit_data({'subreddits': ['gardening'], 'posts_per_subreddit': 15, " \
-           "'queries': ['garlic']}) raised KeyError" in caplog.text
+    reason = ("collect_reddit_data({'subreddits': ['gardening'], 'posts_per_subreddit': 15, 'queries': ['garlic']}) "
+              "raised KeyError: 'r/gardening is private'")
+    assert f"LLM step failed ({reason}); falling back to the direct call" in caplog.text
+    # Both steps are recorded, the failing one too: its work ran once, as the LLM asked (its own arguments).
+    assert [(s.role, s.outcome, s.reason, s.arguments) for s in workspace.steps] == [
+        ("Model Trainer 1", "llm", None, {"client": "client-0", "round": 1}),
+        ("Reddit Data Collector", "fallback", reason, {})]
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -224,7 +252,8 @@ def test_a_collector_query_outside_the_rules_is_refused_and_the_direct_call_runs
     workspace = FailingWorkspace(FLCrewRedditConfig(agent_collect_allowlist=SUBREDDITS))
     crew = FLCrew(workspace, llm=ScriptedLLM(model="scripted", bad={"collect_reddit_data": bad}))
     outcome = run_step(crew, crew.data_collector, "collect_reddit_data", {})
-    assert (outcome.via, outcome.arguments) == ("direct", {})
+    assert (outcome.step.outcome, outcome.step.arguments) == ("fallback", {})
+    assert outcome.step.reason.startswith(reason)
     assert workspace.collected == [(None, None, None)]  # only the direct call ran: no query, no other subreddit
     assert f"Reddit Data Collector: LLM step failed ({reason}" in caplog.text
 
@@ -249,3 +278,82 @@ def test_agent_mode_llm_without_a_reachable_llm_stops_at_start(clean_env, monkey
         load_config()
     monkeypatch.setenv("AGENT_LLM_BASE_URL", "http://localhost:11434/v1")
     assert load_config().agent_mode == "llm"
+
+
+def test_each_tool_carries_its_task_and_its_guard(clean_env):
+    from types import SimpleNamespace
+
+    from fl_crew_reddit.crew.agents import FLCrew
+
+    config = FLCrewRedditConfig(agent_collect_allowlist=SUBREDDITS, posts_per_subreddit=20,
+                                agent_may_switch_aggregation=True)
+    crew = FLCrew(FailingWorkspace(config), llm=ScriptedLLM(model="scripted"))
+    tasks = {tool.name: tool.task_key for agent in [crew.data_collector, crew.data_preprocessor, crew.aggregator,
+                                                    crew.evaluator, *crew.model_trainers] for tool in agent.tools}
+    assert tasks == {"collect_reddit_data": "collect_task", "preprocess_reddit_data": "preprocess_task",
+                     "train_local_adapter": "train_task", "aggregate_adapters": "aggregate_task",
+                     "evaluate_model": "evaluate_task", "train_and_evaluate_baseline": "baseline_task"}
+
+    def guard(agent, name, direct, chosen):
+        tool = crew.tool(agent, name)
+        step = SimpleNamespace(role=agent.role, direct=tool.args_schema.model_validate(direct))
+        return tool.guard(tool.args_schema.model_validate(chosen), step)
+
+    trainer = crew.model_trainers[1]
+    asked = {"client": "client-1", "round": 2}
+    assert guard(trainer, "train_local_adapter", asked, asked) is None
+    assert guard(trainer, "train_local_adapter", asked, {"client": "client-0", "round": 2}) == \
+        "client must be 'client-1' in this step, not 'client-0'"
+    assert guard(crew.data_collector, "collect_reddit_data", {}, {"subreddits": ["cooking"], "queries": ["rice"]}) \
+        is None
+    assert guard(crew.data_collector, "collect_reddit_data", {}, {"posts_per_subreddit": 5}) == \
+        "name the subreddits to collect, from cooking, gardening, learnpython"  # SUBREDDITS is empty: all
+    assert guard(crew.data_collector, "collect_reddit_data", {}, {"subreddits": ["cooking"],
+                                                                  "posts_per_subreddit": 21}) == \
+        "posts_per_subreddit=21 is over the budget of 20"
+    aggregate = {"round": 1}
+    assert guard(crew.aggregator, "aggregate_adapters", aggregate, {"round": 1, "method": "krum"}) is None
+    assert guard(crew.aggregator, "aggregate_adapters", aggregate, {"round": 1, "method": "fedadam"}) == \
+        "fedadam is not a robust rule; switch only to one of krum, multi_krum, median, trimmed_mean, bulyan"
+    assert guard(crew.aggregator, "aggregate_adapters", aggregate, {"round": 2, "method": "krum"}) == \
+        "round must be 1 in this step, not 2"
+    assert guard(crew.evaluator, "train_and_evaluate_baseline", {"baseline": "centralized"},
+                 {"baseline": "local_only"}) == "baseline must be 'centralized' in this step, not 'local_only'"
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda agents, tasks: tasks["train_task"].update(agent="aggregator"),
+     "tasks.yaml train_task names agent aggregator, but train_local_adapter is agent model_trainer's tool"),
+    (lambda agents, tasks: agents["evaluator"]["tools"].append("delete_everything"),
+     "agent evaluator lists an unknown tool delete_everything"),
+    (lambda agents, tasks: tasks.pop("baseline_task"), "tool train_and_evaluate_baseline does baseline_task, "
+                                                       "which tasks.yaml lacks"),
+], ids=["task-names-another-agent", "unknown-tool", "missing-task"])
+def test_agents_tasks_and_tools_must_agree(clean_env, tmp_path, edit, problem):
+    import yaml
+
+    from fl_crew_reddit.crew.agents import CONFIG_DIR, FLCrew, load_yaml
+
+    agents, tasks = load_yaml("agents.yaml"), load_yaml("tasks.yaml")
+    FLCrew(FailingWorkspace(FLCrewRedditConfig()), config_dir=CONFIG_DIR)  # the shipped files agree
+    edit(agents, tasks)
+    (tmp_path / "agents.yaml").write_text(yaml.safe_dump(agents))
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(tasks))
+    with pytest.raises(ValueError, match="agents.yaml and tasks.yaml disagree") as error:
+        FLCrew(FailingWorkspace(FLCrewRedditConfig()), config_dir=tmp_path)
+    assert problem in str(error.value)
+
+
+def test_a_direct_step_is_recorded_as_direct(clean_env):
+    from fl_crew_reddit.crew.agents import FLCrew
+    from fl_crew_reddit.crew.flow import FederatedFlow
+
+    workspace = FailingWorkspace(FLCrewRedditConfig())
+    crew = FLCrew(workspace)  # nothing reachable: direct
+    flow = FederatedFlow(crew, num_rounds=1)
+    flow._call(crew.data_collector, "collect_reddit_data")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        flow._call(crew.model_trainers[0], "train_local_adapter", client="client-0", round=1)
+    assert [(s.round, s.role, s.tool, s.outcome, s.reason, s.arguments) for s in workspace.steps] == [
+        (0, "Reddit Data Collector", "collect_reddit_data", "direct", None, {}),
+        (0, "Model Trainer 1", "train_local_adapter", "direct", None, {"client": "client-0", "round": 1})]

@@ -7,7 +7,6 @@ npm are missing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,14 +15,15 @@ from pathlib import Path
 import pytest
 from mcp_servers import ROOT, http_server, snapshot_env
 
+from fl_crew_reddit.config import cache_root
+
 INSPECTOR_PACKAGE = "@modelcontextprotocol/inspector@0.15.0"
 TOOLS = {"list_subreddits", "collect_subreddit_posts", "search_reddit_posts", "collect_post_comments",
          "collect_user_data", "collect_subreddit_info"}
 
 
 def _npm_prefix() -> Path:
-    cache = os.environ.get("FL_CREW_REDDIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(cache).expanduser() / ("" if os.environ.get("FL_CREW_REDDIT_CACHE") else "fl_crew_reddit") / "npm"
+    return cache_root() / "npm"
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ import pytest
 from mcp_servers import FAKE_THIRD_PARTY, SNAPSHOT, free_port, http_server, server_pids, snapshot_env, wait_until_dead
 
 from fl_crew_reddit.config import load_config
+from fl_crew_reddit.data_source import PROJECT_ROOT, open_mcp_client, server_command, server_environment
+from fl_crew_reddit.main import serve_mcp_command
 from fl_crew_reddit.reddit.backends import DumpBackend
-from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError, server_command
+from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 from fl_crew_reddit.reddit.collector import collect
 from fl_crew_reddit.reddit.server import MAX_LIMIT, build_server
-from fl_crew_reddit.reddit.server import main as server_main
 
 REDDIT_2015 = Path(os.environ.get("REDDIT_2015_DIR", "/work/shared/data/reddit-2015"))
 FIVE_TOOLS = {"collect_subreddit_posts", "search_reddit_posts", "collect_post_comments", "collect_user_data",
@@ -34,7 +35,7 @@ def sample_client(tmp_path_factory):
     if not (REDDIT_2015 / "books" / "submissions.jsonl").is_file():
         pytest.skip(f"reddit-2015 sample not found at {REDDIT_2015}")
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with RedditMCPClient(server_command("dump", REDDIT_2015), timeout_s=30, stderr_log=log) as client:
+    with RedditMCPClient(server_command("dump", REDDIT_2015), snapshot_env(), timeout_s=30, stderr_log=log) as client:
         yield client
 
 
@@ -66,7 +67,7 @@ def tiny_dump(tmp_path_factory) -> Path:
 def tiny_client(tiny_dump, tmp_path_factory):
     home = tmp_path_factory.mktemp("run")
     config = load_config(reddit_backend="dump", reddit_dump_dir=tiny_dump, fl_crew_reddit_dir=home)
-    with RedditMCPClient.for_config(config, timeout_s=30) as client:
+    with open_mcp_client(config, timeout_s=30) as client:
         yield client
 
 
@@ -138,7 +139,7 @@ def test_tiny_folder_round_trip(tiny_client, tiny_dump):
     assert [p.id for p in tiny_client.search_reddit_posts("sleeps").posts] == ["k1"]
 
 
-def test_for_config_logs_server_stderr_to_the_logs_folder(tiny_client):
+def test_open_mcp_client_logs_server_stderr_to_the_logs_folder(tiny_client):
     assert tiny_client.stderr_log.name == "reddit_mcp_server.log"
     tiny_client.collect_subreddit_info("cats")
     text = tiny_client.stderr_log.read_text()
@@ -146,7 +147,8 @@ def test_for_config_logs_server_stderr_to_the_logs_folder(tiny_client):
 
 
 def test_a_closed_client_raises(tiny_dump, tmp_path):
-    client = RedditMCPClient(server_command("dump", tiny_dump), timeout_s=30, stderr_log=tmp_path / "s.log")
+    client = RedditMCPClient(server_command("dump", tiny_dump), snapshot_env(), timeout_s=30,
+                             stderr_log=tmp_path / "s.log")
     client.close()
     client.close()
     with pytest.raises(RedditMCPError, match="closed"):
@@ -156,7 +158,8 @@ def test_a_closed_client_raises(tiny_dump, tmp_path):
 def test_a_server_that_cannot_start_is_reported(tmp_path):
     expected = "(?s)could not start.*closed the connection before answering initialize.*is not a folder"
     with pytest.raises(RedditMCPError, match=expected):
-        RedditMCPClient(server_command("dump", tmp_path / "missing"), timeout_s=30, stderr_log=tmp_path / "s.log")
+        RedditMCPClient(server_command("dump", tmp_path / "missing"), snapshot_env(), timeout_s=30,
+                        stderr_log=tmp_path / "s.log")
 
 
 def test_a_server_that_never_answers_times_out(tmp_path):
@@ -250,7 +253,7 @@ def test_an_unreachable_url_is_reported(tmp_path):
 
 def test_the_collector_uses_reddit_mcp_url(http_url, tmp_path):
     config = load_config(reddit_mcp_url=http_url, fl_crew_reddit_dir=tmp_path)
-    with RedditMCPClient.for_config(config) as client:
+    with open_mcp_client(config) as client:
         assert client.url == http_url and client.command == []
         report = collect(client, ["cooking"], 3, tmp_path / "collected")
     assert report.server == "fl-crew-reddit" and report.subreddits[0].num_posts == 3
@@ -259,7 +262,7 @@ def test_the_collector_uses_reddit_mcp_url(http_url, tmp_path):
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "example.org"])
 def test_http_refuses_a_non_loopback_address_without_allow_remote(host, capsys):
     with pytest.raises(SystemExit) as exit_:
-        server_main(["--transport", "streamable-http", "--host", host])
+        serve_mcp_command(["--transport", "streamable-http", "--host", host])
     assert exit_.value.code == 2
     assert "not a loopback address" in capsys.readouterr().err
 
@@ -273,7 +276,7 @@ def _third_party_config(tmp_path: Path, tool_map: str):
 
 def test_the_collector_reads_a_third_party_server_through_the_preset(tmp_path):
     config = _third_party_config(tmp_path, "mcp-server-reddit")
-    with RedditMCPClient.for_config(config) as client:
+    with open_mcp_client(config) as client:
         assert "get_subreddit_hot_posts" in client.list_tools()
         assert client.server_info.serverInfo.name == "mcp-reddit"
         report = collect(client, ["cooking"], 5, tmp_path / "collected")
@@ -312,7 +315,7 @@ def test_a_mapping_file_routes_tools_and_caps_limits(tmp_path):
         "    result:\n"
         "      posts: {at: result, fields: {id: id, title: title, score: score, created_utc: created_at}}\n")
     config = _third_party_config(tmp_path, str(mapping))
-    with RedditMCPClient.for_config(config) as client:
+    with open_mcp_client(config) as client:
         posts = client.collect_subreddit_posts("cooking", limit=500, sort="new").posts
         with pytest.raises(RedditMCPError, match="hot-only.*no tool for this"):
             client.collect_post_comments(posts[0].id)
@@ -332,3 +335,25 @@ def test_tool_schemas_are_read_only_and_bounded(tiny_dump):
         limit = tool.inputSchema["properties"].get("limit")
         if limit is not None:
             assert limit["minimum"] == 1 and limit["maximum"] == MAX_LIMIT
+
+
+# ---------------------------------------------------------------------------------------------- how our server starts
+def test_our_server_gets_its_secrets_by_environment_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDDIT_CLIENT_ID", "app-id-123")
+    monkeypatch.setenv("REDDIT_CLIENT_SECRET", "s3cr3t-value")
+    config = load_config(reddit_backend="live", subreddits="learnpython", fl_crew_reddit_dir=tmp_path)
+    command = server_command(config.reddit_backend)
+    assert command[1:] == ["-m", "fl_crew_reddit.main", "serve-mcp", "--transport", "stdio", "--backend", "live"]
+    env = server_environment(config, base={"PYTHONPATH": "/elsewhere"})
+    assert (env["REDDIT_CLIENT_ID"], env["REDDIT_CLIENT_SECRET"]) == ("app-id-123", "s3cr3t-value")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(PROJECT_ROOT), "/elsewhere"]
+    assert not any("s3cr3t" in word or "app-id" in word for word in command)
+
+
+def test_the_server_serves_exactly_the_tools_of_the_enum(tiny_dump):
+    from fl_crew_reddit.reddit.tool_map import RESULT_PARTS
+    from fl_crew_reddit.reddit.tool_names import RedditTool
+
+    served = {tool.name for tool in asyncio.run(build_server(DumpBackend(tiny_dump)).list_tools())}
+    assert served == {tool.value for tool in RedditTool} == set(RESULT_PARTS)
+    assert {name for name in dir(RedditMCPClient) if name in served} == served  # one typed client method each

@@ -280,11 +280,16 @@ def test_round_clip_score_with_the_evaluator_and_its_report_lines(tmp_path, tiny
     off = image_text_scores(model, tokenizer, [example], torch.device("cpu"), None)
     assert off == {"clip_note": "image posts are off (SUPPORT_MULTIMODAL=false)"}
 
-    shown = render_markdown(clip_blocks({"base": scores, "rounds": [{"round": 1, "global": scores}]}))
+    from fl_crew_reddit.history import EvalMetrics, RoundRecord, RunHistory
+
+    def history_with(clip: dict) -> RunHistory:
+        metrics = EvalMetrics(perplexity=30.0, bleu=0.0, rouge_l=0.0, num_tokens=8, **clip)
+        return RunHistory(run_id="r", base=metrics, rounds=[RoundRecord(round=1, global_=metrics)])
+
+    shown = render_markdown(clip_blocks(history_with(scores)))
     assert "| 1 | " in shown and "Generated replies" in shown
     note = "no CLIP weights for IMAGE_PROCESSOR=clip-vit-base-patch32"
-    missing = render_markdown(clip_blocks({"base": {"clip_note": note}, "rounds": [{"round": 1,
-                                                                                    "global": {"clip_note": note}}]}))
+    missing = render_markdown(clip_blocks(history_with({"clip_note": note})))
     assert missing.strip() == f"CLIP score: not computed — {note}."
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fl_crew_reddit.config import load_config
+from fl_crew_reddit.data_source import make_source_backend
 from fl_crew_reddit.reddit.backends import (
     SNAPSHOT_DIR,
     DumpBackend,
@@ -17,6 +18,7 @@ from fl_crew_reddit.reddit.backends import (
     make_backend,
 )
 from fl_crew_reddit.reddit.schemas import PostComments, RedditPost, SubredditInfo, SubredditPosts
+from fl_crew_reddit.reddit.settings import LiveCredentials, RedditSourceSettings
 
 REDDIT_2015 = Path(os.environ.get("REDDIT_2015_DIR", "/work/shared/data/reddit-2015"))
 needs_sample = pytest.mark.skipif(not (REDDIT_2015 / "books" / "submissions.jsonl").is_file(),
@@ -236,13 +238,30 @@ def test_media_paths_resolve_inside_the_subreddit_folder_only(tmp_path):
 # ---------------------------------------------------------------------------------------------- selection
 @needs_sample
 def test_make_backend_follows_the_config(tmp_path):
-    dump = make_backend(load_config(reddit_backend="dump", reddit_dump_dir=REDDIT_2015, fl_crew_reddit_dir=tmp_path))
+    dump = make_source_backend(load_config(reddit_backend="dump", reddit_dump_dir=REDDIT_2015,
+                                           fl_crew_reddit_dir=tmp_path))
     assert isinstance(dump, DumpBackend) and "books" in dump.list_subreddits()
     with pytest.raises(ValueError, match="REDDIT_BACKEND=live needs REDDIT_CLIENT_ID"):  # ConfigError; see
-        make_backend(load_config(reddit_backend="live", fl_crew_reddit_dir=tmp_path))  # test_live_backend.py
+        make_source_backend(load_config(reddit_backend="live", fl_crew_reddit_dir=tmp_path))  # test_live_backend.py
     if SNAPSHOT_DIR.is_dir():
-        snapshot = make_backend(load_config(reddit_backend="snapshot", fl_crew_reddit_dir=tmp_path))
+        snapshot = make_source_backend(load_config(reddit_backend="snapshot", fl_crew_reddit_dir=tmp_path))
         assert isinstance(snapshot, SnapshotBackend) and snapshot.root == SNAPSHOT_DIR
+
+
+def test_make_backend_needs_only_its_settings(tmp_path):
+    """reddit/ builds a backend from plain values: no config module, no environment."""
+    settings = RedditSourceSettings(backend="dump", dump_dir=tmp_path, dump_subreddits=("pics",), dump_min_score=3,
+                                    dump_cache_dir=tmp_path / "cache")
+    dump = make_backend(settings)
+    assert isinstance(dump, DumpBackend) and dump.subreddit_filter == {"pics"} and dump.min_score == 3
+    assert dump.cache_dir == tmp_path / "cache"
+    with pytest.raises(ValueError, match="REDDIT_BACKEND=dump needs REDDIT_DUMP_DIR"):
+        make_backend(RedditSourceSettings(backend="dump"))
+    with pytest.raises(ValueError, match="unknown REDDIT_BACKEND 'ftp'"):
+        RedditSourceSettings(backend="ftp")
+    secret = LiveCredentials("app-id-123", "s3cr3t-value")
+    assert "s3cr3t" not in repr(RedditSourceSettings(backend="live", credentials=secret)) and secret
+    assert not LiveCredentials("app-id-123", " ")
 
 
 def test_snapshot_backend_reads_the_package_folder():

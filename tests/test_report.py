@@ -1,4 +1,5 @@
-"""The run report from a synthetic history: files written, numbers and verdict in the text, clear errors."""
+"""The run report from a synthetic history (in the shape runs write it): files written, numbers and verdict in the
+text, clear errors."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,14 @@ import struct
 import pytest
 
 from fl_crew_reddit.evaluation.report import (
-    ReportError, build_report, markdown_report, render_html, report_blocks, resolve_run_dir, verdict)
+    ReportError,
+    build_report,
+    markdown_report,
+    render_html,
+    report_blocks,
+    resolve_run_dir,
+    verdict,
+)
 
 
 def _client(name: str, loss: float) -> dict:
@@ -25,9 +33,13 @@ HISTORY = {
     "settings": {"base_llm_model": "embedded:SmolLM2-135M-Instruct", "lora_r": 8, "learning_rate": 0.0002,
                  "aggregation_method": "weighted_average", "subreddits": ["cooking", "gardening"],
                  "openai_api_key": "not set", "reddit_dump_dir": None},
-    "collection": {"subreddits": [{"subreddit": "cooking", "num_posts": 10, "num_comments": 80}], "server": "x"},
+    "collection": {"subreddits": [{"subreddit": "cooking", "num_posts": 10, "num_comments": 80,
+                                   "path": "/runs/data/collected/cooking.json"}], "server": "x"},
     "data": {"num_comments": 160, "num_examples": 150, "dropped": {"deleted_or_removed": 7, "bot_or_moderator": 3},
+             "examples_path": "/runs/data/preprocessed/examples.jsonl",
              "clients": [{"name": f"client-{i}", "subreddits": {sub: 50}, "num_train": 32, "num_test": 8,
+                          "train_path": f"/runs/data/training/client-{i}/train.jsonl",
+                          "test_path": f"/runs/data/training/client-{i}/test.jsonl",
                           "train_tokens": 3000 + i} for i, sub in enumerate(["cooking", "gardening", "python"])]},
     "base": {"perplexity": 40.0, "bleu": 0.5, "rouge_l": 0.05, "num_tokens": 900, "samples": _samples("base")},
     "rounds": [
@@ -115,10 +127,9 @@ def test_optional_per_client_and_baselines_are_shown_when_present(tmp_path):
     history = copy.deepcopy(HISTORY)
     history["base"]["per_client"] = {"client-0": 41.0, "client-1": 39.0}
     for record, shift in zip(history["rounds"], (0, 4)):
-        record["global"]["per_client"] = {"client-0": {"perplexity": 33.0 - shift}, "client-1": 31.0 - shift}
-    history["baselines"] = {"centralized": {"perplexity": 28.5, "bleu": 3.0},
-                            "local-only": {"rounds": [{"round": 1, "perplexity": 35.0},
-                                                      {"round": 2, "perplexity": 34}]}}
+        record["global"]["per_client"] = {"client-0": 33.0 - shift, "client-1": 31.0 - shift}
+    history["baselines"] = {"centralized": {"perplexity": 28.5, "per_client": {}, "description": "pooled"},
+                            "local-only": {"perplexity": 34.0, "per_client": {}, "description": "alone"}}
     text = markdown_report(history)
     assert "| base | 41.00 | 39.00 |" in text and "| 2 | 29.00 | 27.00 |" in text
     assert "## Baselines" in text and "| centralized | 28.50 | −28.8% |" in text and "| local-only | 34.00 |" in text
@@ -166,9 +177,9 @@ def test_cli_prints_paths_and_exits_2_on_a_missing_run(tmp_path, monkeypatch, ca
 def test_round_analysis_from_the_evaluator_agent_is_shown():
     from fl_crew_reddit.evaluation.report import markdown_report
 
-    history = {"run_id": "r", "base": {"perplexity": 40.0}, "rounds": [
-        {"round": 1, "global": {"perplexity": 30.0}, "clients": [], "skipped": {},
-         "analysis": "Perplexity fell 25%; client-2 lags."}]}
+    history = {"run_id": "r", "base": {"perplexity": 40.0, "bleu": 0.5, "rouge_l": 0.05, "num_tokens": 90},
+               "rounds": [{"round": 1, "global": {"perplexity": 30.0, "bleu": 1.0, "rouge_l": 0.1, "num_tokens": 90},
+                           "clients": [], "skipped": {}, "analysis": "Perplexity fell 25%; client-2 lags."}]}
     text = markdown_report(history)
     assert "## Evaluator's analysis" in text and "Round 1: Perplexity fell 25%; client-2 lags." in text
 

@@ -8,17 +8,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fl_crew_reddit.evaluation.selection import argmin_round, best_round_record
 from fl_crew_reddit.evaluation.tensorboard_scalars import RunScalars, baseline_scalars, round_scalars
+from fl_crew_reddit.history import BaselineRecord, RoundRecord
 
 
-def _round(number: int, test: float, validation: float | None, aggregated: bool = True) -> dict:
-    return {"round": number, "clients": [{"name": "client-0", "train_loss": 2.0 - number / 10}],
-            "skipped": {}, "seconds": 10.0 + number,
-            "aggregation": {"method": "fedavg", "accepted": ["client-0"], "rejected": {},
-                            "adapter_path": f"/models/round-{number}",
-                            "update_norms": {"client-0": 0.5 * number}} if aggregated else None,
-            "global": {"perplexity": test, "validation_perplexity": validation, "per_client": {"client-0": test},
-                       "validation_per_client": {"client-0": validation}, "bleu": 1.0, "chrf": 2.0,
-                       "rouge_1": 0.1, "rouge_2": 0.01, "rouge_l": 0.09, "samples": [{"id": "x"}]}}
+def _round(number: int, test: float, validation: float | None, aggregated: bool = True) -> RoundRecord:
+    return RoundRecord.model_validate({
+        "round": number, "skipped": {}, "seconds": 10.0 + number,
+        "clients": [{"name": "client-0", "num_examples": 16, "train_loss": 2.0 - number / 10,
+                     "metrics": {"steps": 8}, "adapter_path": f"/models/client-0/round-{number}"}],
+        "aggregation": {"method": "fedavg", "accepted": ["client-0"], "rejected": {},
+                        "adapter_path": f"/models/round-{number}",
+                        "update_norms": {"client-0": 0.5 * number}} if aggregated else None,
+        "global": {"perplexity": test, "validation_perplexity": validation, "per_client": {"client-0": test},
+                   "validation_per_client": {"client-0": validation} if validation is not None else {},
+                   "bleu": 1.0, "chrf": 2.0, "rouge_1": 0.1, "rouge_2": 0.01, "rouge_l": 0.09, "num_tokens": 90,
+                   "samples": [{"id": "x", "reference": "a", "generated": "b"}]}})
 
 
 def test_argmin_round_skips_missing_values_and_takes_the_earliest_tie():
@@ -33,15 +37,15 @@ def test_best_round_follows_validation_not_test():
     # Round 3 has the lowest test perplexity, round 2 the lowest validation perplexity: round 2 is chosen.
     rounds = [_round(1, 30.0, 31.0), _round(2, 29.0, 27.5), _round(3, 26.0, 28.0)]
     best = best_round_record(rounds)
-    assert best["round"] == 2 and best["aggregation"]["adapter_path"] == "/models/round-2"
+    assert best.round == 2 and best.aggregation.adapter_path == "/models/round-2"
     # A round without an aggregated adapter cannot be chosen, whatever its numbers.
-    assert best_round_record(rounds + [_round(4, 20.0, 20.0, aggregated=False)])["round"] == 2
+    assert best_round_record(rounds + [_round(4, 20.0, 20.0, aggregated=False)]).round == 2
     # Histories from before validation splits: no best round rather than a guess on test.
     assert best_round_record([_round(1, 30.0, None), _round(2, 29.0, None)]) is None
 
 
 def test_round_scalars_cover_the_round():
-    tags = round_scalars(_round(2, 29.0, 27.5) | {"skipped": {"client-1": ["training failed"]}})
+    tags = round_scalars(_round(2, 29.0, 27.5).model_copy(update={"skipped": {"client-1": ["training failed"]}}))
     assert tags["perplexity/test"] == 29.0 and tags["perplexity/validation"] == 27.5
     assert tags["perplexity_test_per_client/client-0"] == 29.0
     assert tags["perplexity_validation_per_client/client-0"] == 27.5
@@ -50,14 +54,15 @@ def test_round_scalars_cover_the_round():
     assert tags["clients/accepted"] == 1 and tags["clients/rejected"] == 0 and tags["clients/left_out"] == 1
     assert tags["time/round_seconds"] == 12.0
     no_samples = _round(2, 29.0, None)
-    no_samples["global"]["samples"] = []
+    no_samples.global_.samples = []
     assert not any(tag.startswith("generation/") or tag == "perplexity/validation"
                    for tag in round_scalars(no_samples))
 
 
 def test_baseline_scalars_put_test_at_the_chosen_round():
-    entry = {"perplexity": 25.0, "best_round": 2, "per_client": {"client-0": {"own": 24.0}},
-             "validation_per_round": [{"round": 1, "perplexity": 27.0}, {"round": 2, "perplexity": 26.0}]}
+    entry = BaselineRecord.model_validate(
+        {"perplexity": 25.0, "best_round": 2, "per_client": {"client-0": {"own": 24.0}},
+         "validation_per_round": [{"round": 1, "perplexity": 27.0}, {"round": 2, "perplexity": 26.0}]})
     points = baseline_scalars("centralized", entry, last_round=3)
     assert ("baseline/centralized/test_perplexity", 25.0, 2) in points
     assert ("baseline/centralized/validation_perplexity", 26.0, 2) in points
@@ -75,7 +80,7 @@ def test_event_files_hold_the_tags_and_a_rewrite_replaces_instead_of_duplicating
     first = RunScalars(tmp_path)
     first.write({"perplexity/test": 40.0}, 0)
     for record in (_round(1, 30.0, 31.0), _round(2, 29.0, 27.5)):
-        first.write(round_scalars(record), record["round"])
+        first.write(round_scalars(record), record.round)
     first.close()
     assert "perplexity/validation" in _scalars(tmp_path) and "update_norm/client-0" in _scalars(tmp_path)
 

@@ -1,4 +1,8 @@
-"""The crew's five roles as CrewAI Agents, built from fl_crew_reddit/crew/config/agents.yaml and handed their tools."""
+"""The crew's five roles as CrewAI Agents, built from fl_crew_reddit/crew/config/agents.yaml and handed their tools.
+
+As in CrewAI's project template, agents.yaml lists each agent's `tools` and tasks.yaml names each task's `agent`; each
+tool class names the task it does (`task_key`). FLCrew checks at start that the three agree.
+"""
 from __future__ import annotations
 
 import logging
@@ -30,6 +34,23 @@ def load_yaml(name: str, config_dir: Path = CONFIG_DIR) -> dict:
         return yaml.safe_load(handle)
 
 
+def check_crew_config(agents_config: dict, tasks_config: dict) -> None:
+    """Every tool an agent lists exists, and its task is in tasks.yaml naming that agent; else ValueError."""
+    problems = []
+    for key, spec in agents_config.items():
+        for name in spec.get("tools", []):
+            tool = TOOL_CLASSES.get(name)
+            if tool is None:
+                problems.append(f"agent {key} lists an unknown tool {name} (known: {', '.join(TOOL_CLASSES)})")
+            elif tool.task_key not in tasks_config:
+                problems.append(f"tool {name} does {tool.task_key}, which tasks.yaml lacks")
+            elif tasks_config[tool.task_key].get("agent") != key:
+                problems.append(f"tasks.yaml {tool.task_key} names agent {tasks_config[tool.task_key].get('agent')}, "
+                                f"but {name} is agent {key}'s tool")
+    if problems:
+        raise ValueError("The crew's agents.yaml and tasks.yaml disagree: " + "; ".join(problems))
+
+
 class FLCrew:
     """Agents (by role key) and their tools, one set per run.
 
@@ -41,6 +62,7 @@ class FLCrew:
         self.workspace = workspace
         self.agents_config = load_yaml("agents.yaml", config_dir)
         self.tasks_config = load_yaml("tasks.yaml", config_dir)
+        check_crew_config(self.agents_config, self.tasks_config)
         cfg = workspace.config
         self.agent_llm = build_agent_llm(cfg, llm)
         self.llm = self.agent_llm or cfg.agent_llm_model
@@ -60,7 +82,8 @@ class FLCrew:
         tools = [TOOL_CLASSES[name](self.workspace) for name in spec.get("tools", [])]
         return Agent(role=spec["role"].format(**values).strip(), goal=spec["goal"].format(**values).strip(),
                      backstory=spec["backstory"].strip(), tools=tools, llm=self.llm, verbose=False,
-                     allow_delegation=False, cache=False, max_iter=6, max_retry_limit=1)
+                     allow_delegation=False, cache=False, max_iter=self.workspace.config.agent_max_iter,
+                     max_retry_limit=1)
 
     @property
     def llm_driven(self) -> bool:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from fl_crew_reddit.crew.agents import FLCrew
 from fl_crew_reddit.evaluation.selection import best_round_record
 from fl_crew_reddit.crew.llm_mode import run_step
+from fl_crew_reddit.history import AgentStep
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("fl_crew_reddit.progress")
@@ -43,12 +44,16 @@ class FederatedFlow(Flow[FLState]):
             self.state.round = resume_after_round
 
     def _call(self, agent, tool_name: str, **arguments):
+        """One agent step; recorded in the history as an AgentStep (direct, llm, or fallback and why)."""
         if not self.crew.llm_driven:
             self.state.actions.append(f"{agent.role} → {tool_name}({arguments})")
             log.info("%s calls %s(%s)", agent.role, tool_name, arguments)
+            self.workspace.record_agent_step(AgentStep(round=self.state.round, role=agent.role, tool=tool_name,
+                                                       outcome="direct", arguments=arguments))
             return self.crew.tool(agent, tool_name).invoke(**arguments)
-        outcome = run_step(self.crew, agent, tool_name, arguments)  # falls back to the direct call itself
-        self.state.actions.append(f"{agent.role} → {tool_name}({outcome.arguments}) [{outcome.via}]")
+        # The agent's LLM chooses the arguments; run_step falls back to the direct call itself and records the step.
+        outcome = run_step(self.crew, agent, tool_name, arguments, round_number=self.state.round)
+        self.state.actions.append(f"{agent.role} → {tool_name}({outcome.step.arguments}) [{outcome.step.outcome}]")
         if outcome.answer and tool_name == "evaluate_model" and arguments["round"] >= 1:
             self.workspace.rounds[-1].analysis = outcome.answer.strip()  # the evaluator's analysis of the round
         return outcome.result
@@ -131,8 +136,8 @@ class FederatedFlow(Flow[FLState]):
 
     @listen("all_rounds_done")
     def run_baselines(self):
-        best = best_round_record([r.model_dump(by_alias=True) for r in self.workspace.rounds])
-        federated = f"{best['global']['perplexity']:.2f} at round {best['round']}" if best else "—"
+        best = best_round_record(self.workspace.rounds)
+        federated = f"{best.global_.perplexity:.2f} at round {best.round}" if best else "—"
         for baseline in self.workspace.config.baselines:
             result = self._call(self.crew.evaluator, "train_and_evaluate_baseline", baseline=baseline)
             progress.info("Baseline %s: test perplexity %.2f at its best checkpoint on validation (federated %s)",
@@ -141,7 +146,7 @@ class FederatedFlow(Flow[FLState]):
 
     @listen(run_baselines)
     def finish(self):
-        return self.workspace.history()
+        return self.workspace.run_history()
 
 
 def _ppl(value: float | None) -> str:

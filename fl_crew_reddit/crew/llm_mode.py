@@ -1,18 +1,19 @@
-"""LLM-driven mode: each Flow step hands its agent the step's task from fl_crew_reddit/crew/config/tasks.yaml, the agent's LLM chooses
-the tool's arguments and calls the tool; the heavy work stays inside the tool.
+"""LLM-driven mode: each Flow step hands its agent the step's task from fl_crew_reddit/crew/config/tasks.yaml, the
+agent's LLM chooses the tool's arguments and calls the tool; the heavy work stays inside the tool.
 
-A wrong answer cannot corrupt the run. The tool's args_schema validates the arguments, then the step's StepGuard
+A wrong answer cannot corrupt the run. The tool's args_schema validates the arguments, then the tool's own `guard`
 checks them against what the step allows (the collector's allow-list and budget, the trainer's client and round,
-the aggregator's rule, the evaluator's round) before any work runs, and lets the work run at most once per step.
-If the agent fails, makes no accepted call, or its call fails a guard, the step falls back to the direct call with
-the Flow's own arguments and the reason is logged.
+the aggregator's rule, the evaluator's round: see crew/tools/) before any work runs, and the step's StepGuard lets
+the work run at most once. If the agent fails, makes no accepted call, or its call fails a guard, the step falls
+back to the direct call with the Flow's own arguments and the reason is logged. Every step is recorded in the run's
+history as an AgentStep (outcome llm or fallback, and why).
 """
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai import LLM, Task
@@ -21,17 +22,12 @@ from crewai.llms.base_llm import BaseLLM
 from pydantic import BaseModel
 
 from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
-from fl_crew_reddit.crew.tools.collector_tools import MAX_QUERIES, MAX_QUERY_CHARS
+from fl_crew_reddit.crew.tools.aggregator_tools import ROBUST_RULES
+from fl_crew_reddit.crew.tools.base import WorkspaceTool
+from fl_crew_reddit.crew.tools.collector_tools import MAX_QUERIES, MAX_QUERY_CHARS, allowed_subreddits
+from fl_crew_reddit.history import AgentStep
 
 log = logging.getLogger(__name__)
-
-ROBUST_RULES = ("krum", "multi_krum", "median", "trimmed_mean", "bulyan")
-TASK_OF_TOOL = {"collect_reddit_data": "collect_task", "preprocess_reddit_data": "preprocess_task",
-                "train_local_adapter": "train_task", "aggregate_adapters": "aggregate_task",
-                "evaluate_model": "evaluate_task", "train_and_evaluate_baseline": "baseline_task"}
-# Arguments the agent must pass exactly as the Flow asked: it restates them, it does not choose them.
-FIXED_ARGUMENTS = {"train_local_adapter": ("client", "round"), "aggregate_adapters": ("round",),
-                   "evaluate_model": ("round",), "train_and_evaluate_baseline": ("baseline",)}
 
 
 def build_agent_llm(config: FLCrewRedditConfig, llm: BaseLLM | None = None) -> BaseLLM | None:
@@ -53,6 +49,8 @@ def build_agent_llm(config: FLCrewRedditConfig, llm: BaseLLM | None = None) -> B
             options["custom_openai"] = True  # any OpenAI-compatible server: vLLM, llama.cpp, Ollama's /v1
     key = config.openai_api_key.get_secret_value() if config.openai_api_key else None
     options["api_key"] = key or ("not-needed" if base_url else None)
+    if config.agent_llm_max_tokens is not None:
+        options["max_tokens"] = config.agent_llm_max_tokens
     try:
         return LLM(model=model, **options)
     except Exception as error:  # e.g. a provider whose SDK is not installed
@@ -62,34 +60,30 @@ def build_agent_llm(config: FLCrewRedditConfig, llm: BaseLLM | None = None) -> B
         return None
 
 
-def allowed_subreddits(config: FLCrewRedditConfig) -> list[str]:
-    """AGENT_COLLECT_ALLOWLIST, else SUBREDDITS; empty: any subreddit the backend has."""
-    return config.agent_collect_allowlist or config.subreddits
-
-
 class StepRefused(ValueError):
     """The step's guard refused the agent's call; CrewAI shows the message to the agent as the tool's error."""
 
 
 @dataclass
 class StepGuard:
-    """What one Flow step lets its agent do. The agent's tool calls `run`, which checks before doing any work."""
+    """What one Flow step lets its agent do. The agent's tool calls `run`, which asks the tool's `guard` before doing
+    any work, and runs the work at most once."""
 
     role: str
-    tool_name: str
-    check: Callable[[BaseModel], str | None]
+    tool: WorkspaceTool  # the tool this step calls
+    direct: BaseModel  # the Flow's own arguments: what the direct call runs with
     arguments: BaseModel | None = None
     result: BaseModel | None = None
     error: Exception | None = None
     refusals: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # parallel native tool calls
 
-    def run(self, tool, arguments: BaseModel) -> BaseModel:
+    def run(self, tool: WorkspaceTool, arguments: BaseModel) -> BaseModel:
         with self._lock:
             if self.arguments is not None:
-                raise StepRefused(f"{self.tool_name} already ran in this step: give your final answer")
-            reason = (f"this step calls {self.tool_name}, not {tool.name}" if tool.name != self.tool_name
-                      else self.check(arguments))
+                raise StepRefused(f"{self.tool.name} already ran in this step: give your final answer")
+            reason = (f"this step calls {self.tool.name}, not {tool.name}" if tool.name != self.tool.name
+                      else tool.guard(arguments, self))
             if reason:
                 if reason not in self.refusals:  # CrewAI may retry the same call: log it once
                     self.refusals.append(reason)
@@ -109,35 +103,13 @@ def _shown(arguments: BaseModel) -> dict:
     return arguments.model_dump(exclude_unset=True)
 
 
-def step_check(config: FLCrewRedditConfig, tool_name: str, direct: BaseModel) -> Callable[[BaseModel], str | None]:
-    """The step-level guard: None if the agent's (schema-valid) arguments are allowed, else the reason."""
-
-    def check(arguments: BaseModel) -> str | None:
-        for name in FIXED_ARGUMENTS.get(tool_name, ()):
-            if getattr(arguments, name) != getattr(direct, name):
-                return f"{name} must be {getattr(direct, name)!r} in this step, not {getattr(arguments, name)!r}"
-        if tool_name == "collect_reddit_data":
-            allowed = allowed_subreddits(config)
-            chosen = arguments.subreddits or config.subreddits
-            if allowed and not chosen:
-                return f"name the subreddits to collect, from {', '.join(allowed)}"
-            outside = [name for name in chosen or [] if allowed and name not in allowed]
-            if outside:
-                return f"{', '.join(outside)} outside the allow-list {', '.join(allowed)}"
-            if (arguments.posts_per_subreddit or 0) > config.posts_per_subreddit:
-                return (f"posts_per_subreddit={arguments.posts_per_subreddit} is over the budget of "
-                        f"{config.posts_per_subreddit}")
-        if tool_name == "aggregate_adapters":
-            method = arguments.method or config.aggregation_method
-            if method != config.aggregation_method:
-                if not config.agent_may_switch_aggregation:
-                    return (f"the rule is AGGREGATION_METHOD={config.aggregation_method} "
-                            "(AGENT_MAY_SWITCH_AGGREGATION is off)")
-                if method not in ROBUST_RULES:
-                    return f"{method} is not a robust rule; switch only to one of {', '.join(ROBUST_RULES)}"
-        return None
-
-    return check
+def _answered(answer: str | None, limit: int = 120) -> str:
+    """What the agent answered instead of calling its tool, shortened to one line for the log and the history."""
+    text = " ".join((answer or "").split())
+    if not text:
+        return ""
+    shown = text if len(text) <= limit else text[:limit] + "…"
+    return f"; it answered {shown!r}"
 
 
 def task_inputs(workspace, arguments: dict) -> dict:
@@ -167,8 +139,9 @@ def task_inputs(workspace, arguments: dict) -> dict:
         "updates": "; ".join(updates) or "none reported", "reference": " ".join(reference), **arguments}
 
 
-def build_task(crew, agent, tool_name: str, arguments: dict) -> Task:
-    spec = crew.tasks_config[TASK_OF_TOOL[tool_name]]
+def build_task(crew, agent, tool: WorkspaceTool, arguments: dict) -> Task:
+    """The tool's task from tasks.yaml (`tool.task_key`), its placeholders filled for this step."""
+    spec = crew.tasks_config[tool.task_key]
     inputs = task_inputs(crew.workspace, arguments)
     return Task(description=spec["description"].format(**inputs).strip(),
                 expected_output=spec["expected_output"].format(**inputs).strip(), agent=agent)
@@ -177,17 +150,18 @@ def build_task(crew, agent, tool_name: str, arguments: dict) -> Task:
 @dataclass
 class StepOutcome:
     result: BaseModel
-    arguments: dict
-    via: str  # "LLM" or "direct"
-    answer: str | None = None  # the agent's final answer (LLM only)
+    step: AgentStep  # recorded in the run's history: outcome llm or fallback, the reason, the arguments used
+    answer: str | None = None  # the agent's final answer (when its tool call was used)
 
 
-def run_step(crew, agent, tool_name: str, arguments: dict) -> StepOutcome:
-    """Let `agent` do one Flow step with its LLM; fall back to the direct call if that fails. Work runs once."""
+def run_step(crew, agent, tool_name: str, arguments: dict, round_number: int = 0) -> StepOutcome:
+    """Let `agent` do one Flow step with its LLM; fall back to the direct call if that fails. Work runs once.
+
+    The step is recorded (workspace.record_agent_step) before its result is returned or its work's error raised.
+    """
     tool = crew.tool(agent, tool_name)
-    direct = tool.args_schema.model_validate(arguments)
-    guard = StepGuard(agent.role, tool_name, step_check(crew.workspace.config, tool_name, direct))
-    task = build_task(crew, agent, tool_name, arguments)
+    guard = StepGuard(agent.role, tool, tool.args_schema.model_validate(arguments))
+    task = build_task(crew, agent, tool, arguments)
     answer, agent_error = None, None
     for each in agent.tools:
         each._llm_step = guard
@@ -198,18 +172,28 @@ def run_step(crew, agent, tool_name: str, arguments: dict) -> StepOutcome:
     finally:
         for each in agent.tools:
             each._llm_step = None
+
+    def record(outcome: str, used: dict, reason: str | None = None) -> AgentStep:
+        step = AgentStep(round=round_number, role=agent.role, tool=tool_name, outcome=outcome, reason=reason,
+                         arguments=used)
+        crew.workspace.record_agent_step(step)
+        return step
+
     if guard.result is not None:
         if agent_error:
             log.warning("%s: %s after its tool call; the tool's result stands", agent.role, agent_error)
-        return StepOutcome(guard.result, _shown(guard.arguments), "LLM", answer if not agent_error else None)
+        step = record("llm", _shown(guard.arguments))
+        return StepOutcome(guard.result, step, answer if not agent_error else None)
     if guard.error is not None:
-        if guard.arguments == direct:
-            raise guard.error  # the direct call has the same arguments: it would fail the same way
+        if guard.arguments == guard.direct:
+            record("llm", _shown(guard.arguments))  # the LLM's call ran and failed; the direct call would too
+            raise guard.error
         reason = f"{tool_name}({_shown(guard.arguments)}) raised {type(guard.error).__name__}: {guard.error}"
     else:
         no_call = (f"its {tool_name} arguments failed the tool's schema" if task.tools_errors
-                   else f"it made no call of {tool_name}")
+                   else f"it made no call of {tool_name}{_answered(answer)}")
         reason = "; ".join(filter(None, [guard.refusals[-1] if guard.refusals else None, agent_error])) or no_call
     log.warning("%s: LLM step failed (%s); falling back to the direct call", agent.role, reason)
     log.info("%s calls %s(%s)", agent.role, tool_name, arguments)
-    return StepOutcome(tool.invoke(**arguments), arguments, "direct")
+    step = record("fallback", arguments, reason)
+    return StepOutcome(tool.invoke(**arguments), step)

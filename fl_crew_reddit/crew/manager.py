@@ -3,31 +3,54 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydantic import BaseModel
 
 from fl_crew_reddit.config import FLCrewRedditConfig
+from fl_crew_reddit.history import RunHistory
 from fl_crew_reddit.runs import RunPaths, new_run_id
 
 log = logging.getLogger(__name__)
 
 
 class FLRunResult(BaseModel):
+    """One run's outcome: its typed history (as history.json holds it; `history["base"]` reads the JSON form),
+    where the files are, and the adapters a user keeps."""
+
     run_id: str
-    history: dict
-    global_adapters: list[str]
-    final_adapter: str | None
+    history: RunHistory
     history_path: str
     log_path: str
     seconds: float
-    skipped_clients: dict[int, dict[str, list[str]]]
-    best_round: int | None = None  # lowest validation perplexity (never chosen on test)
-    best_adapter: str | None = None
 
     def perplexities(self) -> list[float]:
-        return [r["global"]["perplexity"] for r in self.history["rounds"] if r.get("global")]
+        """Global held-out test perplexity per evaluated round."""
+        return [r.global_.perplexity for r in self.history.rounds if r.global_ is not None]
+
+    @property
+    def global_adapters(self) -> list[str]:
+        """The global adapter folder of each aggregated round, in order."""
+        return [r.aggregation.adapter_path for r in self.history.rounds if r.aggregation is not None]
+
+    @property
+    def final_adapter(self) -> str | None:
+        return self.global_adapters[-1] if self.global_adapters else None
+
+    @property
+    def best_round(self) -> int | None:
+        """The round with the lowest validation perplexity (never chosen on test)."""
+        return self.history.best_round
+
+    @property
+    def best_adapter(self) -> str | None:
+        return self.history.best_adapter
+
+    @property
+    def skipped_clients(self) -> dict[int, dict[str, list[str]]]:
+        """Round -> client -> reasons it was left out, for the rounds that left any client out."""
+        return {r.round: r.skipped for r in self.history.rounds if r.skipped}
 
 
 class FLCrewRedditManager:
@@ -38,7 +61,8 @@ class FLCrewRedditManager:
 
     def run_federated_learning(self, num_rounds: int | None = None, run_id: str | None = None,
                                on_round: Callable[[dict], None] | None = None) -> FLRunResult:
-        """Run collect → preprocess → rounds of train/aggregate/evaluate; `on_round` gets each round's record."""
+        """Run collect → preprocess → rounds of train/aggregate/evaluate; `on_round` gets each round's record
+        in its history.json form."""
         num_rounds = num_rounds or self.config.federation_rounds
         return self._run(run_id or new_run_id(), num_rounds, on_round, resume=False)
 
@@ -78,19 +102,14 @@ class FLCrewRedditManager:
             _silence_crewai_panels()
             if after_round is None or after_round < num_rounds:
                 flow.kickoff()
-            history = workspace.history()
+            history = workspace.run_history()
         finally:
             if workspace is not None:
                 workspace.close()  # TensorBoard event files
             logging.getLogger("fl_crew_reddit").removeHandler(handler)
             handler.close()
-        adapters = [r["aggregation"]["adapter_path"] for r in history["rounds"] if r.get("aggregation")]
-        return FLRunResult(
-            run_id=paths.run_id, history=history, global_adapters=adapters,
-            final_adapter=adapters[-1] if adapters else None, history_path=str(paths.history),
-            log_path=str(paths.log_file), seconds=time.perf_counter() - started,
-            skipped_clients={r["round"]: r["skipped"] for r in history["rounds"] if r["skipped"]},
-            best_round=history.get("best_round"), best_adapter=history.get("best_adapter"))
+        return FLRunResult(run_id=paths.run_id, history=history, history_path=str(paths.history),
+                           log_path=str(paths.log_file), seconds=time.perf_counter() - started)
 
     @staticmethod
     def _log_to_file(path: Path) -> logging.Handler:

@@ -1,78 +1,72 @@
 """TensorBoard scalars of one run in `logs/tensorboard/<run>`; the step is the federated round (0: the base model).
 
-Pure functions turn history records (as in history.json) into tag → value; `RunScalars` writes them with torch's
-`SummaryWriter`. A round is written only after its state is saved. Every writer starts with `purge_step=0`, and a
-resumed run writes its saved history again first: TensorBoard drops an earlier session's events from step 0 on, so
-each step shows once, with no gap and no duplicate, however the run was stopped.
+Pure functions turn typed history records (fl_crew_reddit/history.py) into tag → value; `RunScalars` writes them
+with torch's `SummaryWriter`. A round is written only after its state is saved. Every writer starts with
+`purge_step=0`, and a resumed run writes its saved history again first: TensorBoard drops an earlier session's
+events from step 0 on, so each step shows once, with no gap and no duplicate, however the run was stopped.
 
     tensorboard --logdir logs/tensorboard
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+from fl_crew_reddit.history import BaselineRecord, EvalMetrics, RoundRecord, finite
 
 GENERATION_METRICS = ("bleu", "chrf", "rouge_1", "rouge_2", "rouge_l")
 
 
-def _finite(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+def _kept(tags: dict[str, float | None]) -> dict[str, float]:
+    return {tag: value for tag, value in ((tag, finite(value)) for tag, value in tags.items()) if value is not None}
 
 
-def _kept(tags: dict[str, object]) -> dict[str, float]:
-    return {tag: float(value) for tag, value in tags.items() if _finite(value) is not None}
-
-
-def metrics_scalars(metrics: dict) -> dict[str, float]:
+def metrics_scalars(metrics: EvalMetrics | None) -> dict[str, float]:
     """Test and validation perplexity, overall and per client; BLEU / chrF / ROUGE when replies were generated."""
-    tags: dict[str, object] = {"perplexity/test": metrics.get("perplexity"),
-                               "perplexity/validation": metrics.get("validation_perplexity")}
-    for name, value in (metrics.get("per_client") or {}).items():
+    if metrics is None:
+        return {}
+    tags: dict[str, float | None] = {"perplexity/test": metrics.perplexity,
+                                     "perplexity/validation": metrics.validation_perplexity}
+    for name, value in metrics.per_client.items():
         tags[f"perplexity_test_per_client/{name}"] = value
-    for name, value in (metrics.get("validation_per_client") or {}).items():
+    for name, value in metrics.validation_per_client.items():
         tags[f"perplexity_validation_per_client/{name}"] = value
-    if metrics.get("samples"):  # no generated replies (EVAL_SAMPLES=0): the scores would be meaningless zeros
-        tags.update({f"generation/{key}": metrics.get(key) for key in GENERATION_METRICS})
+    if metrics.samples:  # no generated replies (EVAL_SAMPLES=0): the scores would be meaningless zeros
+        tags.update({f"generation/{key}": getattr(metrics, key) for key in GENERATION_METRICS})
     return _kept(tags)
 
 
-def round_scalars(record: dict) -> dict[str, float]:
+def round_scalars(record: RoundRecord) -> dict[str, float]:
     """One round: its global metrics, each client's train loss and update norm, client counts and seconds."""
-    tags: dict[str, object] = dict(metrics_scalars(record.get("global") or {}))
-    for client in record.get("clients") or []:
-        tags[f"train_loss/{client['name']}"] = client.get("train_loss")
-    aggregation = record.get("aggregation") or {}
-    for name, norm in (aggregation.get("update_norms") or {}).items():
+    tags: dict[str, float | None] = dict(metrics_scalars(record.global_))
+    for client in record.clients:
+        tags[f"train_loss/{client.name}"] = client.train_loss
+    aggregation = record.aggregation
+    for name, norm in (aggregation.update_norms.items() if aggregation else ()):
         tags[f"update_norm/{name}"] = norm
-    tags["clients/accepted"] = len(aggregation.get("accepted") or [])
-    tags["clients/rejected"] = len(aggregation.get("rejected") or {})
-    tags["clients/left_out"] = len(record.get("skipped") or {})  # failed to train, or rejected
-    tags["time/round_seconds"] = record.get("seconds")
+    tags["clients/accepted"] = len(aggregation.accepted) if aggregation else 0
+    tags["clients/rejected"] = len(aggregation.rejected) if aggregation else 0
+    tags["clients/left_out"] = len(record.skipped)  # failed to train, or rejected
+    tags["time/round_seconds"] = record.seconds
     return _kept(tags)
 
 
-def baseline_scalars(kind: str, entry: dict, last_round: int) -> list[tuple[str, float, int]]:
+def baseline_scalars(kind: str, entry: BaselineRecord, last_round: int) -> list[tuple[str, float, int]]:
     """(tag, value, step): validation perplexity after each round-equivalent chunk, and the test perplexity of the
     checkpoint chosen on validation at its round (a mean over clients at the last round)."""
-    points: list[tuple[str, object, int]] = []
+    points: list[tuple[str, float | None, int]] = []
     prefix = f"baseline/{kind}"
-    for point in entry.get("validation_per_round") or []:
-        points.append((f"{prefix}/validation_perplexity", point.get("perplexity"), point.get("round")))
-    if entry.get("best_round") is not None:
-        points.append((f"{prefix}/test_perplexity", entry.get("perplexity"), entry["best_round"]))
+    for point in entry.validation_per_round:
+        points.append((f"{prefix}/validation_perplexity", point.perplexity, point.round))
+    if entry.best_round is not None:
+        points.append((f"{prefix}/test_perplexity", entry.perplexity, entry.best_round))
     else:
-        points.append((f"{prefix}/test_perplexity_mean", entry.get("perplexity"), last_round))
-    for client, values in (entry.get("per_client") or {}).items():
-        if not isinstance(values, dict):
-            continue
-        for point in values.get("validation_per_round") or []:
-            points.append((f"{prefix}/validation_perplexity/{client}", point.get("perplexity"), point.get("round")))
-        step = values.get("best_round") or entry.get("best_round") or last_round
-        points.append((f"{prefix}/test_perplexity_own/{client}", values.get("own"), step))
-    return [(tag, float(value), int(step)) for tag, value, step in points
-            if _finite(value) is not None and isinstance(step, int)]
+        points.append((f"{prefix}/test_perplexity_mean", entry.perplexity, last_round))
+    for client, values in entry.per_client.items():
+        for point in values.validation_per_round:
+            points.append((f"{prefix}/validation_perplexity/{client}", point.perplexity, point.round))
+        step = values.best_round or entry.best_round or last_round  # the chunk chosen for it, else the end
+        points.append((f"{prefix}/test_perplexity_own/{client}", values.own, step))
+    return [(tag, finite(value), step) for tag, value, step in points if finite(value) is not None]
 
 
 class RunScalars:

@@ -95,7 +95,7 @@ def load_clip(name: str) -> ClipEncoder:
     except ImportError:  # transformers before the split into backends
         from transformers import CLIPImageProcessor
 
-    from fl_crew_reddit.training.model_loading import _hub_reachable
+    from fl_crew_reddit.hub import hub_reachable
 
     source = resolve_clip_source(name)
     is_folder = Path(source).exists()
@@ -106,7 +106,7 @@ def load_clip(name: str) -> ClipEncoder:
         try:
             CLIPImageProcessor.from_pretrained(source, local_files_only=True)
         except OSError:
-            if not _hub_reachable():
+            if not hub_reachable():
                 raise ClipUnavailable(
                     f"no CLIP weights for IMAGE_PROCESSOR={name} ({source}): they are not in the local Hugging Face "
                     "cache and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1); set IMAGE_PROCESSOR to a "

@@ -35,7 +35,7 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ValidationError
@@ -46,14 +46,10 @@ from fl_crew_reddit.reddit.dump_files import (
     EXTRACT_ALL_UP_TO,
     MAX_LINE_BYTES,
     SKIP_EMPTY_FILE,
-    SKIP_INVALID_JSON,
-    SKIP_INVALID_UTF8,
     SKIP_LINE_TOO_LONG,
     SKIP_MISSING_FIELDS,
-    SKIP_NOT_AN_OBJECT,
     SUBMISSIONS,
     MonthlyFile,
-    default_cache_dir,
     find_monthly_files,
     flat_subreddit_files,
     is_blank,
@@ -71,9 +67,7 @@ from fl_crew_reddit.reddit.schemas import (
     SubredditPosts,
     UserData,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fl_crew_reddit.config import FLCrewRedditConfig
+from fl_crew_reddit.reddit.settings import RedditSourceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +213,8 @@ class DumpBackend(RedditBackend):
     `sports` and `r/sports`). Filters: `subreddits` (only these are served), `after` / `before` (created_utc in
     [after, before)) and `min_score` (posts and comments below it are left out); what they leave out is counted
     in `filtered`, apart from `skipped`, which maps each reason a line (or file, or media reference) was bad to
-    how many it dropped. Monthly files are indexed once under `cache_dir` (see `dump_files.MonthlyFile`).
+    how many it dropped. Monthly files are indexed once under `cache_dir` (see `dump_files.MonthlyFile`), which
+    the caller names: a folder of dumps with monthly files and no `cache_dir` raises ValueError on first use.
     """
 
     def __init__(self, root: str | Path, *, subreddits: Iterable[str] | None = None, after: int | None = None,
@@ -235,7 +230,7 @@ class DumpBackend(RedditBackend):
         self.root = root.resolve()
         self.subreddit_filter = frozenset(_normalize_subreddit(s) for s in subreddits or () if s.strip()) or None
         self.after, self.before, self.min_score = after, before, min_score
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.max_line_bytes, self.chunk_bytes = max_line_bytes, chunk_bytes
         self.skipped: Counter[str] = Counter()
         self.filtered: Counter[str] = Counter()
@@ -290,6 +285,9 @@ class DumpBackend(RedditBackend):
                 logger.warning("%s: only .zst, .gz and plain JSON lines are read; recompress it with "
                                "`zstd --long=31` (skipped)", path)
                 self.skipped[SKIP_UNSUPPORTED_FILE] += 1
+            if paths and self.cache_dir is None:
+                raise ValueError(f"{self.root} holds monthly dump files ({paths[0].name}, ...): they are indexed "
+                                 "once into a cache folder, so give the DumpBackend a cache_dir")
             extract_all = 0 if self.subreddit_filter else EXTRACT_ALL_UP_TO  # with a filter: only its subreddits
             self._monthly = [MonthlyFile(path, self.cache_dir, chunk_bytes=self.chunk_bytes,
                                          max_line_bytes=self.max_line_bytes, extract_all_up_to=extract_all)
@@ -685,21 +683,21 @@ class SnapshotBackend(DumpBackend):
         super().__init__(SNAPSHOT_DIR if root is None else root)
 
 
-def make_backend(config: "FLCrewRedditConfig") -> RedditBackend:
-    """The backend named by `config.reddit_backend` (snapshot, dump or live)."""
-    backend = config.reddit_backend
+def make_backend(settings: RedditSourceSettings) -> RedditBackend:
+    """The backend `settings.backend` names (snapshot, dump or live), built from `settings` alone."""
+    backend = settings.backend
     if backend == "snapshot":
         return SnapshotBackend()
     if backend == "dump":
-        if config.reddit_dump_dir is None:
+        if settings.dump_dir is None:
             raise ValueError("REDDIT_BACKEND=dump needs REDDIT_DUMP_DIR (a folder of <subreddit>/submissions.jsonl)")
-        return DumpBackend(config.reddit_dump_dir, subreddits=config.reddit_dump_subreddits,
-                           after=config.reddit_dump_after, before=config.reddit_dump_before,
-                           min_score=config.reddit_dump_min_score, cache_dir=config.data_dir / "cache" / "dump-index")
+        return DumpBackend(settings.dump_dir, subreddits=settings.dump_subreddits, after=settings.dump_after,
+                           before=settings.dump_before, min_score=settings.dump_min_score,
+                           cache_dir=settings.dump_cache_dir)
     if backend == "live":  # Reddit's API: imported here so that snapshot / dump runs never load PRAW
         from fl_crew_reddit.reddit.live_backend import LiveRedditBackend
 
-        live = LiveRedditBackend.from_config(config)
+        live = LiveRedditBackend.from_settings(settings)
         live.verify_credentials()  # wrong credentials fail here, at start, with one clear message
         return live
     raise ValueError(f"unknown REDDIT_BACKEND {backend!r}; use snapshot, dump or live")

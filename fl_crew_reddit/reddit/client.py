@@ -1,6 +1,6 @@
 """Synchronous client of a Reddit MCP server over stdio (a command it starts) or streamable HTTP (a URL).
 
-    with RedditMCPClient.for_config(config) as client:
+    with RedditMCPClient(command, env) as client:    # or fl_crew_reddit.data_source.open_mcp_client(config)
         posts = client.collect_subreddit_posts("books", limit=50)
 
 The asyncio loop of the MCP SDK runs in a background thread; every sync method submits a coroutine to it and waits
@@ -17,8 +17,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import shlex
-import sys
 import tempfile
 import threading
 from collections import Counter
@@ -26,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import anyio
 import httpx
@@ -40,23 +38,12 @@ from pydantic import BaseModel, ValidationError
 
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 from fl_crew_reddit.reddit.tool_map import ToolMap, ToolMapError, load_tool_map, map_result, translate_call
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fl_crew_reddit.config import FLCrewRedditConfig
+from fl_crew_reddit.reddit.tool_names import RedditTool
 
 logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the fl_crew_reddit package
-SERVER_MODULE = "fl_crew_reddit.reddit.server"
-_SECRET_ENV = {"reddit_client_id": "REDDIT_CLIENT_ID", "reddit_client_secret": "REDDIT_CLIENT_SECRET"}
 _SESSION_GONE_CODES = {CONNECTION_CLOSED, 32600}  # the SDK's "Connection closed" and "Session terminated"
-
-
-def _with_project_path(env: dict[str, str]) -> dict[str, str]:
-    """`env` with this project on PYTHONPATH, so `-m fl_crew_reddit...` works from any working folder."""
-    paths = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
 class RedditMCPError(RuntimeError):
@@ -70,17 +57,6 @@ class RedditMCPError(RuntimeError):
 
 class _SessionLost(Exception):
     """The server process or HTTP session is gone; the call may be retried on a new one."""
-
-
-def server_command(backend: str | None = None, dump_dir: str | Path | None = None,
-                   python: str | None = None) -> list[str]:
-    """The command that starts this package's MCP server with the given backend."""
-    command = [python or sys.executable, "-m", SERVER_MODULE]
-    if backend:
-        command += ["--backend", backend]
-    if dump_dir is not None:
-        command += ["--dump-dir", str(Path(dump_dir).expanduser().resolve())]
-    return command
 
 
 @dataclass
@@ -98,13 +74,13 @@ class _Connection:
 class RedditMCPClient:
     """Calls the Reddit tools of an MCP server synchronously, over stdio (`command`) or streamable HTTP (`url`).
 
-    `command` is any MCP server command line; by default (and when no `url` is given) this package's server
-    (`server_command()`), which then reads REDDIT_BACKEND / REDDIT_DUMP_DIR from the environment. `env` is the
-    child's environment (default: this process's environment, so settings and secrets travel by environment, never
-    on the command line). `tool_map` (a ToolMap, a preset name or a mapping file) adapts a third-party server.
+    `command` is any MCP server command line (this package's: `fl_crew_reddit.data_source.server_command`). `env`
+    is the child's whole environment, given by the caller so that settings and secrets travel by environment, never
+    on the command line; None leaves it to the MCP SDK's safe default (PATH, HOME and the like, no secrets).
+    `tool_map` (a ToolMap, a preset name or a mapping file) adapts a third-party server.
     """
 
-    def __init__(self, command: list[str] | None = None, env: dict[str, str] | None = None,
+    def __init__(self, command: list[str] | None = None, env: Mapping[str, str] | None = None,
                  timeout_s: float = 60, *, url: str | None = None, connect_timeout_s: float | None = None,
                  max_restarts: int = 2, tool_map: ToolMap | str | Path | None = None,
                  stderr_log: str | Path | None = None, cwd: str | Path | None = None):
@@ -113,11 +89,10 @@ class RedditMCPClient:
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError(f"url {url!r} must start with http:// or https://")
         self.url = url
-        self.command = list(command) if command else ([] if url else server_command())
+        self.command = list(command or [])
         if url is None and not self.command:
-            raise ValueError("command must not be empty")
-        child_env = dict(os.environ if env is None else env)
-        self.env = _with_project_path(child_env) if command is None else child_env
+            raise ValueError("give a stdio server command or an HTTP url")
+        self.env = dict(env) if env is not None else None
         self.timeout_s = float(timeout_s)
         self.connect_timeout_s = float(connect_timeout_s if connect_timeout_s is not None else timeout_s)
         self.max_restarts = int(max_restarts)
@@ -139,32 +114,6 @@ class RedditMCPClient:
         self._closed = False
         self.server_info = None
         self._start()
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def for_config(cls, config: "FLCrewRedditConfig", timeout_s: float | None = None, **kwargs) -> "RedditMCPClient":
-        """The client the settings ask for: REDDIT_MCP_URL, else REDDIT_MCP_COMMAND, else this package's server
-        with the backend and dump folder of `config`; REDDIT_MCP_TOOL_MAP adapts a third-party server.
-
-        Our own server gets the Reddit secrets of `config` (by environment only); a stdio server's stderr goes to
-        `config.logs_dir / reddit_mcp_server.log` unless `stderr_log` is given.
-        """
-        kwargs.setdefault("stderr_log", config.logs_dir / "reddit_mcp_server.log")
-        kwargs.setdefault("connect_timeout_s", config.reddit_mcp_connect_timeout_s)
-        kwargs.setdefault("max_restarts", config.reddit_mcp_max_restarts)
-        kwargs.setdefault("tool_map", config.reddit_mcp_tool_map)
-        timeout_s = config.reddit_mcp_timeout_s if timeout_s is None else timeout_s
-        if config.reddit_mcp_url:
-            return cls(url=config.reddit_mcp_url, timeout_s=timeout_s, **kwargs)
-        if config.reddit_mcp_command:
-            return cls(shlex.split(config.reddit_mcp_command), dict(os.environ), timeout_s, **kwargs)
-        dump_dir = config.reddit_dump_dir if config.reddit_backend == "dump" else None
-        env = dict(os.environ)
-        for name, variable in _SECRET_ENV.items():
-            secret = getattr(config, name, None)
-            if secret is not None:
-                env[variable] = secret.get_secret_value()
-        return cls(server_command(config.reddit_backend, dump_dir), _with_project_path(env), timeout_s, **kwargs)
 
     @property
     def target(self) -> str:
@@ -376,6 +325,7 @@ class RedditMCPClient:
     def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Call any tool by its own name (no mapping); return its structured result, or its text parsed as JSON
         (a JSON array comes back as {"result": [...]}). Raises RedditMCPError."""
+        name = str(name)  # a RedditTool goes on the wire as its plain string
         arguments = {key: value for key, value in (arguments or {}).items() if value is not None}
         result = self._run(name, lambda session: session.call_tool(
             name, arguments, read_timeout_seconds=timedelta(seconds=self.timeout_s)))
@@ -403,7 +353,7 @@ class RedditMCPClient:
         route = self.tool_map.tools.get(tool)
         if route is None:
             offered = ", ".join(self.tool_map.tools) or "none"
-            hint = "; name the subreddits in SUBREDDITS" if tool == "list_subreddits" else ""
+            hint = "; name the subreddits in SUBREDDITS" if tool == RedditTool.LIST_SUBREDDITS else ""
             raise RedditMCPError(tool, f"the server mapped by {self.tool_map.name!r} has no tool for this "
                                        f"(mapped: {offered}){hint}")
         skipped: Counter = Counter()
@@ -428,25 +378,25 @@ class RedditMCPClient:
             raise RedditMCPError(name, f"result does not match {model.__name__}: {error}") from error
 
     def list_subreddits(self) -> list[str]:
-        data = self._call_ours("list_subreddits", {})
+        data = self._call_ours(RedditTool.LIST_SUBREDDITS, {})
         return list(data) if isinstance(data, list) else list(data.get("result", []))
 
     def collect_subreddit_posts(self, subreddit: str, limit: int = 25, sort: str = "new") -> SubredditPosts:
-        return self._call_model("collect_subreddit_posts", SubredditPosts,
+        return self._call_model(RedditTool.COLLECT_SUBREDDIT_POSTS, SubredditPosts,
                                 {"subreddit": subreddit, "limit": limit, "sort": sort})
 
     def search_reddit_posts(self, query: str, subreddit: str | None = None, limit: int = 25) -> SearchResults:
-        return self._call_model("search_reddit_posts", SearchResults,
+        return self._call_model(RedditTool.SEARCH_REDDIT_POSTS, SearchResults,
                                 {"query": query, "subreddit": subreddit, "limit": limit})
 
     def collect_post_comments(self, post_id: str, limit: int = 100) -> PostComments:
-        return self._call_model("collect_post_comments", PostComments, {"post_id": post_id, "limit": limit})
+        return self._call_model(RedditTool.COLLECT_POST_COMMENTS, PostComments, {"post_id": post_id, "limit": limit})
 
     def collect_user_data(self, username: str, limit: int = 25) -> UserData:
-        return self._call_model("collect_user_data", UserData, {"username": username, "limit": limit})
+        return self._call_model(RedditTool.COLLECT_USER_DATA, UserData, {"username": username, "limit": limit})
 
     def collect_subreddit_info(self, subreddit: str) -> SubredditInfo:
-        return self._call_model("collect_subreddit_info", SubredditInfo, {"subreddit": subreddit})
+        return self._call_model(RedditTool.COLLECT_SUBREDDIT_INFO, SubredditInfo, {"subreddit": subreddit})
 
 
 def _unwrap(error: BaseException) -> BaseException:

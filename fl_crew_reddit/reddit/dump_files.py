@@ -48,10 +48,8 @@ SKIP_NOT_AN_OBJECT = "not_an_object"
 SKIP_MISSING_FIELDS = "missing_fields"
 SKIP_LINE_TOO_LONG = "line_too_long"
 SKIP_EMPTY_FILE = "empty_file"
-SKIP_UNREADABLE_FILE = "unreadable_file"
 
 SUBMISSIONS, COMMENTS = "submissions", "comments"
-COMPRESSED_SUFFIXES = (".zst", ".gz")
 # the names a per-subreddit file may have, in order of preference: <folder>/<name> or <root>/<subreddit>_<name>
 FILE_NAMES = {kind: (f"{kind}.jsonl", f"{kind}.jsonl.zst", f"{kind}.zst", f"{kind}.jsonl.gz", f"{kind}.gz")
               for kind in (SUBMISSIONS, COMMENTS)}
@@ -246,16 +244,6 @@ class ScanReport:
     def skip(self, reason: str, line_no: int) -> None:
         self.counts[reason] += 1
         self.first_line.setdefault(reason, line_no)
-
-
-def default_cache_dir() -> Path:
-    """Where monthly-file indexes go when no cache folder is given: FL_CREW_REDDIT_CACHE, else
-    $XDG_CACHE_HOME/fl_crew_reddit (~/.cache/fl_crew_reddit), then dump-index/."""
-    if os.environ.get("FL_CREW_REDDIT_CACHE"):
-        base = Path(os.environ["FL_CREW_REDDIT_CACHE"]).expanduser()
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fl_crew_reddit"
-    return base / "dump-index"
 
 
 def _file_name_of(key: str) -> str:

@@ -6,7 +6,7 @@ Why each part is here:
   most `max_retries` times, logging each retry. prawcore's own inner retries are switched off, so attempts do not
   multiply and the bound is the one the settings say.
 - Clear permanent errors. Wrong credentials (401/403 or an OAuth error from the token endpoint) raise
-  `RedditAuthError`, a ConfigError naming REDDIT_CLIENT_ID / REDDIT_CLIENT_SECRET and never their values; a banned,
+  `RedditAuthError`, a ValueError naming REDDIT_CLIENT_ID / REDDIT_CLIENT_SECRET and never their values; a banned,
   private, quarantined or missing subreddit, post or user raises `LookupError` (an MCP tool error with its message).
 - Pure mapping. `post_from_api` / `comment_from_api` turn the API's fields (a dict, or a PRAW object's `vars`) into
   the models of `schemas.py`; media go to `RedditPost.image_urls` (image posts, gallery items in order, a video's
@@ -23,7 +23,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 from urllib.parse import urlparse
 
 import praw
@@ -31,7 +31,6 @@ import prawcore
 from praw.models import MoreComments
 from pydantic import ValidationError
 
-from fl_crew_reddit.config import DEFAULT_REDDIT_USER_AGENT, ConfigError
 from fl_crew_reddit.reddit.backends import SORTS, RedditBackend, Sort, _bare_id, _normalize_subreddit
 from fl_crew_reddit.reddit.schemas import (
     PostComments,
@@ -42,9 +41,7 @@ from fl_crew_reddit.reddit.schemas import (
     SubredditPosts,
     UserData,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fl_crew_reddit.config import FLCrewRedditConfig
+from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT, RedditSourceSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,8 +67,9 @@ _CREDENTIALS = "REDDIT_CLIENT_ID / REDDIT_CLIENT_SECRET"
 _APPS_URL = "https://www.reddit.com/prefs/apps"
 
 
-class RedditAuthError(ConfigError):
-    """Reddit refused the app's credentials; the message names the settings, never their values."""
+class RedditAuthError(ValueError):
+    """Reddit refused the app's credentials (a settings error, like ConfigError); the message names the settings,
+    never their values."""
 
 
 class RedditUnavailableError(RuntimeError):
@@ -318,13 +316,11 @@ class LiveRedditBackend(RedditBackend):
             core._retry_strategy_class = _NoInnerRetry  # noqa: SLF001 (see the module docstring)
 
     @classmethod
-    def from_config(cls, config: "FLCrewRedditConfig", **kwargs: Any) -> "LiveRedditBackend":
-        def secret(value) -> str:
-            return value.get_secret_value() if value is not None else ""
-
-        return cls(secret(config.reddit_client_id), secret(config.reddit_client_secret),
-                   subreddits=config.subreddits, user_agent=config.reddit_user_agent,
-                   max_retries=config.reddit_max_retries, timeout_s=config.reddit_timeout_s, **kwargs)
+    def from_settings(cls, settings: RedditSourceSettings, **kwargs: Any) -> "LiveRedditBackend":
+        """The backend `settings` describe; `kwargs` (sleep, rng) pass through, for tests."""
+        return cls(settings.credentials.client_id, settings.credentials.client_secret,
+                   subreddits=list(settings.subreddits), user_agent=settings.user_agent,
+                   max_retries=settings.max_retries, timeout_s=settings.timeout_s, **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join('r/' + name for name in self.subreddits) or 'no subreddits'})"

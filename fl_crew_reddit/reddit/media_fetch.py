@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import requests
 import urllib3
 
-from fl_crew_reddit.config import DEFAULT_REDDIT_USER_AGENT
+from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT
 
 # Why an image was not fetched; the values of `MediaFetchError.reason`.
 TOO_LARGE = "too_large"          # Content-Length or the streamed body is above max_bytes

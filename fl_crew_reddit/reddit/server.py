@@ -1,10 +1,11 @@
-"""MCP server of the Data Collector: read-only Reddit tools over a snapshot or a dump folder.
+"""MCP server of the Data Collector: read-only Reddit tools over a snapshot, a dump folder or Reddit's API.
 
-Run it with ``python -m fl_crew_reddit.reddit.server [--backend snapshot|dump] [--dump-dir PATH]``; defaults come
-from the environment / ``.env`` (``REDDIT_BACKEND``, ``REDDIT_DUMP_DIR``). It speaks MCP over stdio (stdout is the
-protocol, every log line goes to stderr) or, with ``--transport streamable-http``, over HTTP at
-``http://HOST:PORT/mcp``. HTTP binds to 127.0.0.1 by default: the server has no authentication, so any other
-address is refused unless ``--allow-remote`` is given, and then it warns on every start.
+Run it with ``python -m fl_crew_reddit.main serve-mcp [--backend snapshot|dump|live] [--dump-dir PATH]``: the CLI
+reads the settings (environment / ``.env``), builds the backend and calls `serve`; this module itself reads no
+settings. It speaks MCP over stdio (stdout is the protocol, every log line goes to stderr) or, with
+``--transport streamable-http``, over HTTP at ``http://HOST:PORT/mcp``. HTTP binds to 127.0.0.1 by default: the
+server has no authentication, so any other address is refused unless ``--allow-remote`` is given, and then it warns
+on every start.
 """
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from mcp.types import ToolAnnotations
 from pydantic import Field
 from typing_extensions import Annotated
 
-from fl_crew_reddit.reddit.backends import RedditBackend, make_backend
+from fl_crew_reddit.reddit.backends import RedditBackend
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
+from fl_crew_reddit.reddit.settings import BACKEND_NAMES
+from fl_crew_reddit.reddit.tool_names import RedditTool
 
-logger = logging.getLogger("fl_crew_reddit.reddit.server")  # not __main__ when run with -m
+logger = logging.getLogger(__name__)
 
 SERVER_NAME = "fl-crew-reddit"
 MAX_LIMIT = 1000
-TOOL_NAMES = ("collect_subreddit_posts", "search_reddit_posts", "collect_post_comments", "collect_user_data",
-              "collect_subreddit_info", "list_subreddits")
 
 SubredditName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^(/?r/)?[A-Za-z0-9_-]+$",
                                      description="Subreddit name, case-insensitive, with or without r/ "
@@ -78,36 +79,36 @@ def build_server(backend: RedditBackend, *, name: str = SERVER_NAME, open_world:
             host=host, port=port, streamable_http_path=HTTP_PATH)
     annotations = ToolAnnotations(openWorldHint=open_world, **_READ_ONLY)
 
-    @mcp.tool(title="List subreddits", annotations=annotations)
+    @mcp.tool(name=RedditTool.LIST_SUBREDDITS, title="List subreddits", annotations=annotations)
     def list_subreddits() -> list[str]:
         """Names of the subreddits this server can serve."""
         return backend.list_subreddits()
 
-    @mcp.tool(title="Collect subreddit posts", annotations=annotations)
+    @mcp.tool(name=RedditTool.COLLECT_SUBREDDIT_POSTS, title="Collect subreddit posts", annotations=annotations)
     def collect_subreddit_posts(subreddit: SubredditName, limit: PostLimit = 25, sort: Sort = "new") -> SubredditPosts:
         """Posts of one subreddit (title, text, score, time, local image paths), sorted by `sort`."""
         return backend.subreddit_posts(subreddit, limit=limit, sort=sort)
 
-    @mcp.tool(title="Search Reddit posts", annotations=annotations)
+    @mcp.tool(name=RedditTool.SEARCH_REDDIT_POSTS, title="Search Reddit posts", annotations=annotations)
     def search_reddit_posts(query: Query, subreddit: SubredditName | None = None,
                             limit: PostLimit = 25) -> SearchResults:
         """Posts whose title or text contains every word of `query`, best matches first; all subreddits when
         `subreddit` is omitted."""
         return backend.search_posts(query, subreddit=subreddit, limit=limit)
 
-    @mcp.tool(title="Collect post comments", annotations=annotations)
+    @mcp.tool(name=RedditTool.COLLECT_POST_COMMENTS, title="Collect post comments", annotations=annotations)
     def collect_post_comments(post_id: PostId, limit: CommentLimit = 100) -> PostComments:
         """A post and its comments in thread order (each parent before its replies); `parent_id` links a reply
         to the comment (t1_) or post (t3_) it answers."""
         return backend.post_comments(post_id, limit=limit)
 
-    @mcp.tool(title="Collect user data", annotations=annotations)
+    @mcp.tool(name=RedditTool.COLLECT_USER_DATA, title="Collect user data", annotations=annotations)
     def collect_user_data(username: Username, limit: PostLimit = 25) -> UserData:
         """The newest posts and comments by one user (empty lists when the source has none, e.g. anonymised
         dumps)."""
         return backend.user_data(username, limit=limit)
 
-    @mcp.tool(title="Collect subreddit info", annotations=annotations)
+    @mcp.tool(name=RedditTool.COLLECT_SUBREDDIT_INFO, title="Collect subreddit info", annotations=annotations)
     def collect_subreddit_info(subreddit: SubredditName) -> SubredditInfo:
         """How many posts and comments a subreddit has, their time span and its description."""
         return backend.subreddit_info(subreddit)
@@ -115,10 +116,9 @@ def build_server(backend: RedditBackend, *, name: str = SERVER_NAME, open_world:
     return mcp
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fl_crew_reddit.reddit.server",
-                                     description="MCP server with read-only Reddit tools (snapshot or dump).")
-    parser.add_argument("--backend", choices=["snapshot", "dump", "live"], default=None,
+def add_server_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The server's command-line flags; none carries a secret (REDDIT_CLIENT_ID / SECRET come by environment)."""
+    parser.add_argument("--backend", choices=list(BACKEND_NAMES), default=None,
                         help="where records come from (default: REDDIT_BACKEND, else snapshot)")
     parser.add_argument("--dump-dir", default=None,
                         help="folder of <subreddit>/submissions.jsonl + comments.jsonl (default: REDDIT_DUMP_DIR)")
@@ -134,50 +134,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, build the backend from config + arguments, serve until stdin closes."""
-    from fl_crew_reddit.config import ConfigError, load_config
-
-    parser = _parser()
-    args = parser.parse_args(argv)
+def check_server_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (through `parser.error`, exit 2) a port out of range, or an unauthenticated non-loopback bind."""
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is not a TCP port (1-65535)")
     if args.transport == "streamable-http" and not is_loopback(args.host) and not args.allow_remote:
         parser.error(f"--host {args.host} is not a loopback address: the MCP server has no authentication, so "
                      "anyone who can reach that address could read its data. Bind to 127.0.0.1 (default), or pass "
                      "--allow-remote if you really mean it (e.g. behind a firewall or an authenticating proxy).")
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+
+
+def log_to_stderr(level: str) -> None:
+    """Every log line to stderr: on stdio, stdout is the MCP protocol itself."""
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG":  # the SDK logs every request at INFO
+    if level != "DEBUG":  # the SDK logs every request at INFO
         logging.getLogger("mcp").setLevel(logging.WARNING)
-    overrides: dict = {}
-    if args.backend:
-        overrides["reddit_backend"] = args.backend
-    if args.dump_dir:
-        overrides["reddit_dump_dir"] = args.dump_dir
-    try:
-        config = load_config(**overrides)
-        backend = make_backend(config)
-    except (ConfigError, NotImplementedError, FileNotFoundError, ValueError) as error:
-        print(f"fl_crew_reddit.reddit.server: {error}", file=sys.stderr)
-        return 2
-    server = build_server(backend, open_world=config.reddit_backend == "live", host=args.host, port=args.port)
-    where = args.transport
-    if args.transport == "streamable-http":
-        where = f"streamable HTTP at http://{_url_host(args.host)}:{args.port}{HTTP_PATH}"
-        if not is_loopback(args.host):
+
+
+def serve(backend: RedditBackend, *, transport: str = "stdio", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          open_world: bool = False) -> None:
+    """Serve `backend` over `transport` until stdin closes (stdio) or the process is stopped (HTTP)."""
+    server = build_server(backend, open_world=open_world, host=host, port=port)
+    where = transport
+    if transport == "streamable-http":
+        where = f"streamable HTTP at http://{_url_host(host)}:{port}{HTTP_PATH}"
+        if not is_loopback(host):
             logger.warning("!!! SERVING WITHOUT AUTHENTICATION ON A NON-LOOPBACK ADDRESS (%s): anyone who can reach "
                            "it can read this server's Reddit data. Put it behind a firewall or an authenticating "
-                           "proxy. !!!", args.host)
+                           "proxy. !!!", host)
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logger.info("serving %d subreddits from %r over %s", len(backend.list_subreddits()), backend, where)
-    server.run(transport=args.transport)
-    return 0
+    server.run(transport=transport)
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-if __name__ == "__main__":
-    sys.exit(main())

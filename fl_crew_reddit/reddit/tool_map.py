@@ -44,21 +44,20 @@ from fl_crew_reddit.reddit.schemas import (
     SubredditPosts,
     UserData,
 )
+from fl_crew_reddit.reddit.tool_names import RedditTool
 
 log = logging.getLogger(__name__)
 
-OurTool = Literal["collect_subreddit_posts", "search_reddit_posts", "collect_post_comments", "collect_user_data",
-                  "collect_subreddit_info", "list_subreddits"]
 ResultPart = Literal["posts", "post", "comments", "info", "subreddits"]
 
 # the parts of each of our results, and which are required in a route
-RESULT_PARTS: dict[str, tuple[set[str], set[str]]] = {  # tool -> (required parts, optional parts)
-    "collect_subreddit_posts": ({"posts"}, set()),
-    "search_reddit_posts": ({"posts"}, set()),
-    "collect_post_comments": ({"post", "comments"}, set()),
-    "collect_user_data": (set(), {"posts", "comments"}),
-    "collect_subreddit_info": ({"info"}, set()),
-    "list_subreddits": ({"subreddits"}, set()),
+RESULT_PARTS: dict[RedditTool, tuple[set[str], set[str]]] = {  # tool -> (required parts, optional parts)
+    RedditTool.COLLECT_SUBREDDIT_POSTS: ({"posts"}, set()),
+    RedditTool.SEARCH_REDDIT_POSTS: ({"posts"}, set()),
+    RedditTool.COLLECT_POST_COMMENTS: ({"post", "comments"}, set()),
+    RedditTool.COLLECT_USER_DATA: (set(), {"posts", "comments"}),
+    RedditTool.COLLECT_SUBREDDIT_INFO: ({"info"}, set()),
+    RedditTool.LIST_SUBREDDITS: ({"subreddits"}, set()),
 }
 
 
@@ -107,7 +106,7 @@ class ToolMap(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1)
     description: str = ""
-    tools: dict[OurTool, ToolRoute]
+    tools: dict[RedditTool, ToolRoute]
 
     @model_validator(mode="after")
     def _routes_have_their_parts(self):
@@ -141,14 +140,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "Hawstein/mcp-server-reddit: hot/new/top posts, post content with its comment tree, "
                        "subreddit info (no search, user data or subreddit list)",
         "tools": {
-            "collect_subreddit_posts": {
+            RedditTool.COLLECT_SUBREDDIT_POSTS: {
                 "tool_by_sort": {"hot": "get_subreddit_hot_posts", "new": "get_subreddit_new_posts",
                                  "top": "get_subreddit_top_posts"},
                 "arguments": {"subreddit": "subreddit_name", "limit": "limit"},
                 "max_limit": 100,
                 "result": {"posts": {"at": "result", "fields": _MCP_SERVER_REDDIT_POST}},
             },
-            "collect_post_comments": {
+            RedditTool.COLLECT_POST_COMMENTS: {
                 "tool": "get_post_content",
                 "arguments": {"post_id": "post_id", "limit": "comment_limit"},
                 "fixed": {"comment_depth": 10},
@@ -157,7 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                            "comments": {"at": "comments", "fields": _MCP_SERVER_REDDIT_COMMENT,
                                         "replies": "replies"}},
             },
-            "collect_subreddit_info": {
+            RedditTool.COLLECT_SUBREDDIT_INFO: {
                 "tool": "get_subreddit_info",
                 "arguments": {"subreddit": "subreddit_name"},
                 "result": {"info": {"at": "", "fields": {"name": "name", "description": "description"}}},
@@ -236,23 +235,23 @@ def map_result(route: ToolRoute, tool: str, arguments: dict[str, Any], data: Any
         records = [_post(item, parts["posts"], subreddit, skipped) for item in _items(data, parts["posts"], tool)]
         return [post for post in records if post is not None][:limit]
 
-    if tool in ("collect_subreddit_posts", "search_reddit_posts"):
+    if tool in (RedditTool.COLLECT_SUBREDDIT_POSTS, RedditTool.SEARCH_REDDIT_POSTS):
         found = posts()
-        if tool == "search_reddit_posts":
+        if tool == RedditTool.SEARCH_REDDIT_POSTS:
             return SearchResults(query=arguments.get("query", ""), subreddit=subreddit, posts=found)
         return SubredditPosts(subreddit=subreddit or (found[0].subreddit if found else ""), posts=found)
-    if tool == "collect_post_comments":
+    if tool == RedditTool.COLLECT_POST_COMMENTS:
         post = _post(_at(data, parts["post"].at, tool), parts["post"], subreddit, skipped)
         if post is None:
             raise ToolMapError(f"{tool}: the server's result has no readable post at {parts['post'].at!r}")
         comments = _comments(_items(data, parts["comments"], tool), parts["comments"], post, skipped)
         return PostComments(post=post, comments=comments[:limit])
-    if tool == "collect_user_data":
+    if tool == RedditTool.COLLECT_USER_DATA:
         found = posts() if "posts" in parts else []
         comments = (_comments(_items(data, parts["comments"], tool), parts["comments"], None, skipped)[:limit]
                     if "comments" in parts else [])
         return UserData(username=_bare_name(arguments.get("username"), "u/") or "", posts=found, comments=comments)
-    if tool == "collect_subreddit_info":
+    if tool == RedditTool.COLLECT_SUBREDDIT_INFO:
         record = _at(data, parts["info"].at, tool)
         if not isinstance(record, dict):
             raise ToolMapError(f"{tool}: expected an object at {parts['info'].at!r}, got {type(record).__name__}")
@@ -262,7 +261,7 @@ def map_result(route: ToolRoute, tool: str, arguments: dict[str, Any], data: Any
             return SubredditInfo.model_validate(values)
         except ValidationError as error:
             raise ToolMapError(f"{tool}: the subreddit info does not fit: {error}") from None
-    if tool == "list_subreddits":
+    if tool == RedditTool.LIST_SUBREDDITS:
         names = []
         for item in _items(data, parts["subreddits"], tool):
             name = _read_fields(item, parts["subreddits"].fields).get("name") if isinstance(item, dict) else item

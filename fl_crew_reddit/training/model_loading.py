@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fl_crew_reddit.config import EMBEDDED_MODEL, FLCrewRedditConfig
+from fl_crew_reddit.config import EMBEDDED_MODEL, FLCrewRedditConfig, cache_root, hub_access
+from fl_crew_reddit.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,9 @@ class BaseModelUnavailable(RuntimeError):
     """The base model named by BASE_LLM_MODEL cannot be loaded here; the message says what to do."""
 
 
-def cache_dir() -> Path:
-    """Where prepared base models live: FL_CREW_REDDIT_CACHE, else $XDG_CACHE_HOME/fl_crew_reddit."""
-    if os.environ.get("FL_CREW_REDDIT_CACHE"):
-        return Path(os.environ["FL_CREW_REDDIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "fl_crew_reddit"
-
-
 def embedded_model_dir() -> Path:
-    return cache_dir() / EMBEDDED_FOLDER_NAME
+    """The prepared embedded model's folder, in the per-user cache (`config.cache_root`), not in a run's folder."""
+    return cache_root() / EMBEDDED_FOLDER_NAME
 
 
 def is_prepared(folder: Path) -> bool:
@@ -108,20 +101,6 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
-    """A quick DNS + TCP probe, so a machine without network fails in seconds, not after minutes of retries."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", f"https://{host}").split("//")[-1].split("/")[0]
-    try:
-        with socket.create_connection((endpoint, 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def _hub_unavailable(name: str, reason: str) -> BaseModelUnavailable:
     return BaseModelUnavailable(
         f"BASE_LLM_MODEL={name} could not be loaded ({reason}): it is neither a local model folder nor reachable on "
@@ -168,7 +147,7 @@ def load_base_model(config: FLCrewRedditConfig, device: torch.device | None = No
             AutoTokenizer.from_pretrained(source, local_files_only=True)
             kwargs["local_files_only"] = True
         except OSError:
-            if not _hub_reachable():
+            if not hub_reachable(hub_access()):
                 raise _hub_unavailable(config.base_llm_model, "no network to the Hub") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=kwargs.get("local_files_only", False))

@@ -18,7 +18,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
-from fl_crew_reddit.training.batching import collate, length_grouped_batches, reply_token_nll
+from fl_crew_reddit.training.batching import (batch_counts, collate, length_grouped_batches, pack, reply_token_nll,
+                                              token_budget_batches)
+from fl_crew_reddit.training.packing import packed_attention_enabled
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -193,6 +195,60 @@ def snapshot_adapter(model) -> AdapterState:
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in get_peft_model_state_dict(model).items()}
 
 
+# Auto token budget (TOKENS_PER_BATCH=0 on CUDA): activation bytes per token of one decoder layer with LoRA on all
+# linear layers, in bf16: ~48·hidden + 12·intermediate (the saved inputs of the norms, projections, LoRA dropouts,
+# RoPE, attention and the MLP); with gradient checkpointing a layer keeps only its input (2·hidden) and one layer
+# is recomputed at a time. Doubled for the allocator, QLoRA's dequantised weights and the loss chunks, and sized
+# to half the free memory, so an estimate off by 2× still fits.
+MAX_AUTO_TOKENS = 32768  # past this a step is long enough that launch overhead is amortised; more only costs steps
+LOG_EVERY_CUDA = 32  # steps between host reads of the losses on CUDA (each read waits for the GPU)
+
+
+def activation_bytes_per_token(model) -> int:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    per_layer = 48 * hidden + 12 * intermediate
+    if getattr(causal_lm, "is_gradient_checkpointing", False):
+        return 2 * (layers * 2 * hidden + per_layer)
+    return 2 * layers * per_layer
+
+
+def auto_tokens_per_batch(model, device: torch.device, longest_row: int) -> int:
+    """Tokens per batch from the free GPU memory (see activation_bytes_per_token), a multiple of 256,
+    at least the longest row and at most MAX_AUTO_TOKENS."""
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(0.5 * free / activation_bytes_per_token(model)) // 256 * 256
+    return max(longest_row, min(MAX_AUTO_TOKENS, budget))
+
+
+def resolve_compile(mode: str, device: torch.device, packed: bool) -> bool:
+    """COMPILE=on compiles each decoder layer (regional compilation: one compile serves every layer). auto: off,
+    as measured on an H200 (docs/training.md): the packed steps are long enough that compiling gained nothing
+    worth its start-up time."""
+    if mode == "on":
+        return True
+    return False
+
+
+@contextmanager
+def compiled_layers(model, enabled: bool):
+    """torch.compile each decoder layer for one fit (`nn.Module.compile`, in place); undone on exit so evaluation
+    runs eager. The compiled code stays cached, so the next fit does not compile again."""
+    layers = []
+    if enabled:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layers = list(causal_lm.get_decoder().layers)
+        for layer in layers:
+            layer.compile()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
 class LocalTrainer:
     """One federated client: private tokenized data plus a (shared, in-process) PEFT model to train on it."""
 
@@ -206,13 +262,44 @@ class LocalTrainer:
         self.device = device
         self.mixed_precision = mixed_precision
         self.show_progress = show_progress
-        self.on_step = on_step  # optional observer, called after each optimizer step (benchmarks time steps with it)
+        # Optional observer, called once per optimizer step, in order, with that step's loss, tokens, positions and
+        # time. On CUDA the calls come in groups at each host read (every `log_every` steps), and "time" is the time
+        # of that read: the only moments the GPU has provably finished the steps. Benchmarks time steps with it.
+        self.on_step = on_step
 
     def fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         """Train from `global_adapter` on local data; config: local_epochs, batch_size, learning_rate,
-        proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned)."""
+        proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned),
+        and for speed: tokens_per_batch (0: auto, i.e. from free memory on CUDA, batch_size examples on the CPU),
+        grad_accum_steps, packing (auto|on|off; auto: on CUDA), packed_attention (varlen|flex|sdpa),
+        compile (auto|on|off), log_every (steps between host reads of the loss; 0: auto)."""
         with frozen_lora_a(self.model, frozen=not config.get("train_lora_a", True)):
             return self._fit(global_adapter, config)
+
+    def plan(self, config: dict) -> tuple[list[list[list[dict]]], int, bool, int]:
+        """(optimizer steps, each a list of micro-batches of rows; micro-batches in the last epoch; packed?;
+        pad_to). Token budget on CUDA, BATCH_SIZE examples length-grouped on the CPU unless TOKENS_PER_BATCH is set."""
+        packing = config.get("packing", "auto")
+        packed = packing == "on" or (packing == "auto" and self.device.type == "cuda")
+        tokens_per_batch = int(config.get("tokens_per_batch") or 0)
+        longest = max((len(r["input_ids"]) for r in self.train_rows), default=1)
+        if tokens_per_batch == 0 and self.device.type == "cuda":
+            tokens_per_batch = auto_tokens_per_batch(self.model, self.device, longest)
+        if tokens_per_batch:
+            tokens_per_batch = max(tokens_per_batch, longest)
+        rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}")
+        batch_size = int(config["batch_size"])
+        epochs = [token_budget_batches(self.train_rows, tokens_per_batch, rng, packed) if tokens_per_batch
+                  else length_grouped_batches(self.train_rows, batch_size, rng)
+                  for _ in range(int(config["local_epochs"]))]
+        accumulate = max(1, int(config.get("grad_accum_steps") or 1))
+        micro = [batch for epoch in epochs for batch in epoch]
+        steps = [micro[i:i + accumulate] for i in range(0, len(micro), accumulate)]
+        if config.get("max_steps"):
+            steps = steps[: int(config["max_steps"])]
+        pad_to = tokens_per_batch if packed and tokens_per_batch and resolve_compile(
+            config.get("compile", "auto"), self.device, packed) else 0
+        return steps, len(epochs[-1]) if epochs else 0, packed, pad_to
 
     def _fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         started = time.perf_counter()
@@ -224,58 +311,86 @@ class LocalTrainer:
         anchors = [p.detach().clone() for p in params] if mu > 0 else []
 
         # 2. Batches for every epoch, then optimizer and schedule sized to them.
-        rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}")
-        batch_size = int(config["batch_size"])
-        epochs = [length_grouped_batches(self.train_rows, batch_size, rng) for _ in range(int(config["local_epochs"]))]
-        schedule = [batch for epoch in epochs for batch in epoch]
-        if config.get("max_steps"):
-            schedule = schedule[: int(config["max_steps"])]
-        total = len(schedule)
+        steps, last_epoch_batches, packed, pad_to = self.plan(config)
+        accumulate = max(1, int(config.get("grad_accum_steps") or 1))
+        total = len(steps)
         # fused: one kernel for all adapter tensors instead of ~10 small ops per tensor (420 tensors here)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(params, lr=float(config["learning_rate"]), weight_decay=0.0, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total, warmup=max(1, total // 10)))
         torch.manual_seed(int(config.get("seed", 0)) + int(config.get("round", 0)))
+        compile_layers = resolve_compile(config.get("compile", "auto"), self.device, packed)
+        log_every = int(config.get("log_every") or 0) or (LOG_EVERY_CUDA if self.device.type == "cuda" else 1)
+        backend = config.get("packed_attention")
 
         # 3. The loop: mean NLL over reply tokens, plus FedProx's (mu/2)·||w − w_global||² when mu > 0.
-        losses, tokens = [], 0
-        bar = tqdm(schedule, desc=f"round {config.get('round', '?')} {self.name}", unit="step",
+        # Nothing in a step reads a device value: token and target counts come from the host rows, the step losses
+        # stay on the device and are read every `log_every` steps (one wait for the GPU per read).
+        losses: list[float] = []
+        pending: list[dict] = []
+        tokens = 0
+        bar = tqdm(total=total, desc=f"round {config.get('round', '?')} {self.name}", unit="step",
                    disable=not self.show_progress, leave=False)
+
+        def read_pending() -> None:
+            if not pending:
+                return
+            values = torch.stack([p["loss"] for p in pending]).tolist()  # the one host sync of the window
+            now = time.perf_counter()
+            for record, value in zip(pending, values):
+                if not math.isfinite(value):
+                    bar.close()
+                    raise FloatingPointError(f"{self.name}: training produced a non-finite loss "
+                                             f"(step {record['step']})")
+                losses.append(value)
+                if self.on_step is not None:
+                    self.on_step({**record, "loss": value, "time": now})
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{values[-1]:.3f}")
+            pending.clear()
+
         # On the CPU: faster LoRA dropout, bf16 frozen weights, fp32 attention for the loop (cpu_training_fast_path).
-        with cpu_training_fast_path(self.model, self.device, uses_bf16(self.device, self.mixed_precision)):
+        with cpu_training_fast_path(self.model, self.device, uses_bf16(self.device, self.mixed_precision)), \
+                packed_attention_enabled(self.model, packed), compiled_layers(self.model, compile_layers):
             timeout_s = float(config.get("timeout_s") or 0)
-            for batch_rows in bar:
+            for step, micro_batches in enumerate(steps, start=1):
                 if timeout_s and time.perf_counter() - started > timeout_s:
                     bar.close()
                     raise TimeoutError(f"{self.name} ran past CLIENT_TIMEOUT={timeout_s:g}s after "
-                                       f"{len(losses)} of {total} steps")
-                batch = collate(batch_rows, self.pad_id, self.device)
-                with autocast_context(self.device, self.mixed_precision):
-                    nll, count = reply_token_nll(self.model, batch)
-                loss = nll / max(count, 1)
-                if mu > 0:
-                    loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-                loss.backward()
+                                       f"{step - 1} of {total} steps")
+                step_targets = sum(batch_counts(rows)[1] for rows in micro_batches)
+                step_nll, step_tokens, step_positions = None, 0, 0
+                for index, rows in enumerate(micro_batches):
+                    batch = (pack(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
+                             else collate(rows, self.pad_id, self.device))
+                    with autocast_context(self.device, self.mixed_precision):
+                        nll, _ = reply_token_nll(self.model, batch, backend=backend)
+                    loss = nll / max(step_targets, 1)
+                    if mu > 0 and index == 0:
+                        loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                    loss.backward()
+                    step_nll = nll.detach() if step_nll is None else step_nll + nll.detach()
+                    step_tokens += batch["tokens"]
+                    step_positions += batch["positions"]
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(nll.detach()) / max(count, 1))
-                batch_tokens = int(batch["attention_mask"].sum())
-                tokens += batch_tokens
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if self.on_step is not None:
-                    self.on_step({"step": len(losses), "loss": losses[-1], "tokens": batch_tokens,
-                                  "positions": batch["attention_mask"].numel(), "time": time.perf_counter()})
+                tokens += step_tokens
+                pending.append({"step": step, "loss": step_nll.float() / max(step_targets, 1),
+                                "tokens": step_tokens, "positions": step_positions,
+                                "micro_batches": len(micro_batches)})
+                if len(pending) >= log_every:
+                    read_pending()
+            read_pending()
         bar.close()
         seconds = time.perf_counter() - started
-        if not losses or not all(math.isfinite(x) for x in losses):
-            bad = "no steps ran" if not losses else "a non-finite loss"
-            raise FloatingPointError(f"{self.name}: training produced {bad}")
+        if not losses:
+            raise FloatingPointError(f"{self.name}: training produced no steps ran")
 
         # 4. Only the adapter weights leave the client (under FFA-LoRA only B: A is the global adapter's, unchanged).
-        last_epoch = losses[-max(1, len(epochs[-1])):]
+        last_epoch = losses[-max(1, math.ceil(last_epoch_batches / accumulate)):]
         state = snapshot_adapter(self.model)
         if not config.get("train_lora_a", True):
             state = {key: value for key, value in state.items() if ffa_lora_trainable(key)}

@@ -1,7 +1,11 @@
-"""Shared base of the crew's tools: validated arguments, a structured result for the Flow, a short text for an LLM."""
+"""Shared base of the crew's tools: validated arguments, a structured result for the Flow, a short text for an LLM.
+
+Each tool also says which task of config/tasks.yaml it does (`task_key`) and what an agent may pass it in one Flow
+step (`fixed_arguments`, `guard`): the LLM-driven mode (crew/llm_mode.py) asks the tool before any work runs.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai.tools import BaseTool
@@ -10,8 +14,19 @@ from pydantic import BaseModel, PrivateAttr
 from fl_crew_reddit.workspace import FederatedWorkspace
 
 
+class Step(Protocol):
+    """What a tool's guard sees of the Flow step it is called in (crew/llm_mode.py StepGuard)."""
+
+    role: str
+    direct: BaseModel  # the arguments the Flow asked for: what the direct call runs with
+
+
 class WorkspaceTool(BaseTool):
     """A CrewAI tool bound to one run's FederatedWorkspace. `invoke` validates and returns a pydantic result."""
+
+    task_key: ClassVar[str]  # its task in config/tasks.yaml
+    # Arguments an agent must pass exactly as the Flow asked: it restates them, it does not choose them.
+    fixed_arguments: ClassVar[tuple[str, ...]] = ()
 
     _workspace: FederatedWorkspace = PrivateAttr()
     # Set by llm_mode while an agent works on one Flow step: it admits (or refuses) the agent's call before any
@@ -25,6 +40,15 @@ class WorkspaceTool(BaseTool):
     @property
     def workspace(self) -> FederatedWorkspace:
         return self._workspace
+
+    def guard(self, arguments: BaseModel, step: Step) -> str | None:
+        """None if an agent may run this tool with `arguments` (already valid for args_schema) in `step`, else the
+        reason, which the agent is shown. Tools with their own rules extend this."""
+        for name in self.fixed_arguments:
+            asked, chosen = getattr(step.direct, name), getattr(arguments, name)
+            if chosen != asked:
+                return f"{name} must be {asked!r} in this step, not {chosen!r}"
+        return None
 
     def invoke(self, **arguments: Any) -> BaseModel:
         """Validate `arguments` against `args_schema` (a wrong value raises ValidationError), then do the work."""

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from fl_crew_reddit.evaluation.evaluator import EvalMetrics
 from fl_crew_reddit.crew.tools.base import WorkspaceTool
+from fl_crew_reddit.evaluation.evaluator import EvalMetrics
 
 
 class EvaluateModelArgs(BaseModel):
@@ -14,6 +14,8 @@ class EvaluateModelArgs(BaseModel):
 
 
 class EvaluateModelTool(WorkspaceTool):
+    task_key = "evaluate_task"
+    fixed_arguments = ("round",)
     name: str = "evaluate_model"
     description: str = ("Measure perplexity on the clients' held-out replies and BLEU / ROUGE-L of generated "
                         "replies, for the base model (round 0) or a round's global adapter.")
@@ -38,6 +40,8 @@ class BaselineResult(BaseModel):
 
 
 class TrainBaselineTool(WorkspaceTool):
+    task_key = "baseline_task"
+    fixed_arguments = ("baseline",)
     name: str = "train_and_evaluate_baseline"
     description: str = ("Train a comparison model on the same step budget as the federated run (local-only or "
                         "centralized) and measure its held-out perplexity, overall and per client.")

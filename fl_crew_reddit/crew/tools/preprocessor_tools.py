@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from fl_crew_reddit.preprocessing.pipeline import PreprocessReport
 from fl_crew_reddit.crew.tools.base import WorkspaceTool
+from fl_crew_reddit.preprocessing.pipeline import PreprocessReport
 
 
 class PreprocessRedditDataArgs(BaseModel):
@@ -12,6 +12,7 @@ class PreprocessRedditDataArgs(BaseModel):
 
 
 class PreprocessRedditDataTool(WorkspaceTool):
+    task_key = "preprocess_task"
     name: str = "preprocess_reddit_data"
     description: str = ("Clean the collected Reddit threads, build prompt/reply examples in the base model's chat "
                         "template and write one train/test shard per federated client.")

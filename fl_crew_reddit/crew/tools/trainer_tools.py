@@ -13,6 +13,8 @@ class TrainLocalAdapterArgs(BaseModel):
 
 
 class TrainLocalAdapterTool(WorkspaceTool):
+    task_key = "train_task"
+    fixed_arguments = ("client", "round")  # the Flow assigns clients to trainers and counts the rounds
     name: str = "train_local_adapter"
     description: str = ("Start from the current global LoRA adapter, fine-tune it on one client's own data and "
                         "save the client's adapter for aggregation. Raw data never leaves the client.")

@@ -1,0 +1,254 @@
+"""What the report says about a run, computed from its RunHistory: numbers and choices, no formatting.
+
+`summarize(history)` gives a ReportSummary; render.py writes it as Markdown / HTML, plot.py draws it. Every number
+here is finite or None (`history.finite`), so neither has to check again.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from pydantic import BaseModel
+
+from fl_crew_reddit.evaluation.selection import best_round_record
+from fl_crew_reddit.history import AgentStep, BaselineRecord, EvalMetrics, RoundRecord, RunHistory, finite
+from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport
+
+SAMPLES_SHOWN = 3
+
+
+class ModelScores(BaseModel):
+    """The held-out scores of one model (the base model, or a round's global adapter)."""
+
+    perplexity: float | None = None
+    validation: float | None = None
+    bleu: float | None = None
+    rouge_l: float | None = None
+    per_client: dict[str, float] = {}
+
+
+class RoundSummary(BaseModel):
+    number: int
+    scores: ModelScores | None  # None: the round was not evaluated
+    change: float | None  # test perplexity vs the base model, in percent
+    is_best: bool
+    mean_train_loss: float | None
+    accepted: list[str]
+    left_out: dict[str, list[str]]  # failed to train, or rejected at aggregation, with the reasons
+    train_loss: dict[str, float | None]  # each client that trained
+    seconds: float | None
+    method: str | None
+
+
+class Verdict(BaseModel):
+    """Did federated training lower held-out perplexity: the round read (best on validation, else the last)."""
+
+    base: float | None
+    final: float | None
+    rounds_evaluated: int
+    best_round: int | None  # set when the round read was chosen on validation
+    best_validation: float | None
+
+    @property
+    def improved(self) -> bool | None:
+        return None if self.base is None or self.final is None else self.final < self.base
+
+
+class BaselineSummary(BaseModel):
+    name: str
+    perplexity: float | None
+    change: float | None
+    best_round: int | None
+    client_best_rounds: list[int]  # local_only: each client's own chunk
+    validation_at_best: float | None
+    description: str
+    per_client: dict[str, float]
+
+
+class ClipRow(BaseModel):
+    label: str
+    score: float
+    reply: float | None
+    post: float | None
+    examples: int
+
+
+class SampleRow(BaseModel):
+    id: str
+    reference: str
+    base: str | None
+    generated: str
+
+
+class ShardSummary(BaseModel):
+    name: str
+    subreddit_share: dict[str, float]  # percent of the client's examples
+    examples: int
+    tokens: int | None  # None: a run from before token counts
+    train: int
+    validation: int | None  # None: the run had no validation split
+    test: int
+    train_tokens: int
+
+
+class SubredditSummary(BaseModel):
+    name: str
+    posts: int
+    comments: int
+    skipped: int
+
+
+class DataSummary(BaseModel):
+    collected: bool
+    server: str | None
+    subreddits: list[SubredditSummary]
+    source_skipped: dict[str, int]  # records the source skipped, by reason, over all subreddits
+    prepared: PreprocessReport | None  # counts, drops and image features as preprocessing reported them
+    clients: list[ShardSummary]
+
+
+class ReportSummary(BaseModel):
+    run_id: str
+    settings: dict
+    verdict: Verdict
+    base: ModelScores | None
+    rounds: list[RoundSummary]
+    best: RoundSummary | None
+    client_names: list[str]
+    baselines: list[BaselineSummary]
+    client_comparison: dict[str, dict[str, float]]  # column (method) -> client -> own test perplexity
+    clip_rows: list[ClipRow]
+    clip_note: str | None  # why the CLIP score was not computed (no row has a score)
+    analyses: list[tuple[int, str]]
+    samples_round: int | None
+    samples: list[SampleRow]
+    data: DataSummary
+    llm_steps: list[AgentStep]  # the steps an agent's LLM took or fell back from (direct mode: none)
+
+
+def change_percent(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return 100.0 * (value - base) / base
+
+
+def _scores(metrics: EvalMetrics) -> ModelScores:
+    return ModelScores(perplexity=finite(metrics.perplexity), validation=finite(metrics.validation_perplexity),
+                       bleu=finite(metrics.bleu), rouge_l=finite(metrics.rouge_l),
+                       per_client={n: v for n, v in metrics.per_client.items() if finite(v) is not None})
+
+
+def best_round(history: RunHistory) -> RoundRecord | None:
+    """The round the run recorded as best on validation, else the one the rounds show; None without validation."""
+    recorded = next((r for r in history.rounds if r.round == history.best_round), None)
+    if recorded is not None and recorded.global_ is not None and finite(recorded.global_.perplexity) is not None:
+        return recorded
+    return best_round_record(history.rounds)
+
+
+def _round(record: RoundRecord, base: float | None, best: RoundRecord | None) -> RoundSummary:
+    scores = _scores(record.global_) if record.global_ is not None else None
+    losses = [v for v in (finite(c.train_loss) for c in record.clients) if v is not None]
+    left_out = record.left_out()
+    accepted = (record.aggregation.accepted if record.aggregation else
+                [c.name for c in record.clients if c.name not in left_out])
+    return RoundSummary(
+        number=record.round, scores=scores, change=change_percent(scores.perplexity if scores else None, base),
+        is_best=record is best, mean_train_loss=sum(losses) / len(losses) if losses else None,
+        accepted=accepted, left_out=left_out,
+        train_loss={c.name: finite(c.train_loss) for c in record.clients},
+        seconds=finite(record.seconds), method=record.aggregation.method if record.aggregation else None)
+
+
+def _baseline(name: str, entry: BaselineRecord, base: float | None) -> BaselineSummary:
+    at_best = {p.round: p.perplexity for p in entry.validation_per_round}.get(entry.best_round)
+    return BaselineSummary(
+        name=name, perplexity=finite(entry.perplexity), change=change_percent(finite(entry.perplexity), base),
+        best_round=entry.best_round, validation_at_best=finite(at_best), description=entry.description,
+        client_best_rounds=[c.best_round for c in entry.per_client.values() if c.best_round is not None],
+        per_client={c: finite(v.own) for c, v in entry.per_client.items() if finite(v.own) is not None})
+
+
+def _client_comparison(base: ModelScores | None, baselines: list[BaselineSummary],
+                       best: RoundSummary | None) -> dict[str, dict[str, float]]:
+    """Each client's own test perplexity per method; shown only when there is a baseline and two columns."""
+    if not baselines:
+        return {}
+    columns = {"base": base.per_client if base else {}}
+    columns.update({b.name: b.per_client for b in baselines})
+    if best is not None:
+        columns[f"federated (round {best.number})"] = best.scores.per_client
+    return columns if sum(1 for values in columns.values() if values) >= 2 else {}
+
+
+def _clip(history: RunHistory) -> tuple[list[ClipRow], str | None]:
+    measured = [("base", history.base)] + [(str(r.round), r.global_) for r in history.rounds]
+    measured = [(label, m) for label, m in measured if m is not None and (m.clip_score is not None or m.clip_note)]
+    rows = [ClipRow(label=label, score=finite(m.clip_score), reply=finite(m.clip_score_reply),
+                    post=finite(m.clip_score_post), examples=m.clip_examples)
+            for label, m in measured if finite(m.clip_score) is not None]
+    if rows or not measured:
+        return rows, None
+    return [], next((m.clip_note for _, m in reversed(measured) if m.clip_note), "no reason recorded")
+
+
+def _samples(history: RunHistory) -> tuple[int | None, list[SampleRow]]:
+    """The last round's generated replies, next to the real reply and the base model's."""
+    last = next((r for r in reversed(history.rounds) if r.global_ is not None and r.global_.samples), None)
+    if last is None:
+        return None, []
+    base = {s["id"]: s["generated"] for s in history.base.samples} if history.base else {}
+    return last.round, [SampleRow(id=s["id"], reference=s["reference"], base=base.get(s["id"]),
+                                  generated=s["generated"]) for s in last.global_.samples[:SAMPLES_SHOWN]]
+
+
+def _data(history: RunHistory) -> DataSummary:
+    collection, data = history.collection, history.data
+    subreddits = collection.subreddits if collection else []
+    source_skipped: Counter[str] = Counter()
+    for sub in subreddits:
+        source_skipped.update(sub.skipped)
+    return DataSummary(
+        collected=collection is not None, server=collection.server if collection else None,
+        subreddits=[SubredditSummary(name=s.subreddit, posts=s.num_posts, comments=s.num_comments,
+                                     skipped=sum(s.skipped.values())) for s in subreddits],
+        source_skipped=dict(source_skipped), prepared=data, clients=[_shard(c) for c in data.clients] if data else [])
+
+
+def _shard(shard: ClientShard) -> ShardSummary:
+    total = sum(shard.subreddits.values())
+    return ShardSummary(
+        name=shard.name, examples=shard.num_examples, tokens=shard.num_tokens or None, train=shard.num_train,
+        validation=shard.num_validation if shard.validation_path else None, test=shard.num_test,
+        train_tokens=shard.train_tokens,
+        subreddit_share={sub: 100 * n / total for sub, n in shard.subreddits.items()} if total else {})
+
+
+def _client_names(history: RunHistory) -> list[str]:
+    """Every client the run knows, in order of appearance: shards first, then any that trained or were left out."""
+    names = [c.name for c in history.data.clients] if history.data else []
+    for record in history.rounds:
+        names += [c.name for c in record.clients] + list(record.left_out())
+    return list(dict.fromkeys(names))
+
+
+def summarize(history: RunHistory) -> ReportSummary:
+    base = _scores(history.base) if history.base is not None else None
+    base_ppl = base.perplexity if base else None
+    best_record = best_round(history)
+    rounds = [_round(record, base_ppl, best_record) for record in history.rounds]
+    best = next((r for r in rounds if r.is_best), None)
+    evaluated = [r for r in rounds if r.scores is not None and r.scores.perplexity is not None]
+    read = best or (evaluated[-1] if evaluated else None)  # without validation: the last round, never best on test
+    baselines = [_baseline(name, entry, base_ppl) for name, entry in history.baselines.items()]
+    clip_rows, clip_note = _clip(history)
+    samples_round, samples = _samples(history)
+    return ReportSummary(
+        run_id=history.run_id, settings=history.settings, base=base, rounds=rounds, best=best,
+        verdict=Verdict(base=base_ppl, final=read.scores.perplexity if read else None,
+                        rounds_evaluated=len(evaluated), best_round=best.number if best else None,
+                        best_validation=best.scores.validation if best else None),
+        client_names=_client_names(history), baselines=baselines,
+        client_comparison=_client_comparison(base, baselines, best), clip_rows=clip_rows, clip_note=clip_note,
+        analyses=[(r.round, r.analysis.strip()) for r in history.rounds if r.analysis and r.analysis.strip()],
+        samples_round=samples_round, samples=samples, data=_data(history),
+        llm_steps=[s for s in history.agent_steps if s.outcome in ("llm", "fallback")])

@@ -1,0 +1,558 @@
+"""The federation on Flower's Deployment Engine (flwr 1.39, Message API): a real SuperLink and one SuperNode per site.
+
+- `client_app` (ClientApp): `query` answers which site this SuperNode serves; `train` loads the site named by the
+  SuperNode's `--node-config` (its data folder), fits the received global adapter with the received fit config and
+  replies with the update arrays, num_examples and metrics; `evaluate` replies with NLL sums and token counts of the
+  requested splits. Site code: fl_crew_reddit/site/.
+- `server_app` (ServerApp): one federated round per `flwr run`, with the same `FederatedStrategy` the in-process
+  engine uses: sample → train messages → decode and screen → aggregate → evaluate messages → write the outcome.
+  The round's inputs (strategy settings and server-optimizer state, global adapter) and outputs sit in a job folder
+  on the server's disk, named by the run config `job-dir`.
+- `LocalFlowerFederation`: starts `flower-superlink` and the SuperNodes on 127.0.0.1 (`--insecure`: loopback only),
+  submits each round with `flwr run <app> local --stream`, shows their logs when something fails, stops them.
+
+Arrays travel as ArrayRecords (numpy `.npy` bytes, read with allow_pickle=False); every update is checked for keys,
+shapes, dtypes, finite values and norm before the aggregation rule sees it. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+if TYPE_CHECKING:
+    import torch
+
+    from fl_crew_reddit.server.strategy import AggregationOutcome, FederatedStrategy
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent / "flower_app"  # the app `flwr run` ships (pyproject [tool.flwr.app])
+JOB_FILE, RESULT_FILE = "job.json", "result.json"
+GLOBAL_IN, GLOBAL_OUT = "global.safetensors", "new_global.safetensors"
+OPTIMIZER_IN, OPTIMIZER_OUT = "server_optimizer.safetensors", "server_optimizer_after.safetensors"
+NODES_FILE = "nodes.json"
+SPLITS_EVALUATED = ("test", "validation")
+MODEL_SETTINGS = ("base_llm_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_quantization",
+                  "quantization_bits", "gradient_checkpointing", "max_seq_length", "mixed_precision", "device", "seed")
+
+
+class SiteFailed(RuntimeError):
+    """A site's train message came back with an error, or with no usable reply."""
+
+
+class FlowerRunFailed(RuntimeError):
+    """The SuperLink, a SuperNode or the ServerApp failed; the message carries their logs' tails."""
+
+
+def model_settings(config) -> dict:
+    """What a site needs to build the same model as the server (base model, LoRA, precision): sent with each message."""
+    return {name: getattr(config, name) for name in MODEL_SETTINGS}
+
+
+# --- arrays ------------------------------------------------------------------------------------------------------
+def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Adapter tensors as an ArrayRecord of numpy arrays (no pickle)."""
+    return ArrayRecord({key: Array(value.detach().to("cpu").contiguous().numpy()) for key, value in state.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord back to CPU tensors: numpy arrays only (np.load, allow_pickle=False); anything else is refused."""
+    import numpy as np
+    import torch
+
+    if not isinstance(record, ArrayRecord):
+        raise TypeError(f"expected an ArrayRecord, got {type(record).__name__}")
+    state = {}
+    for key, array in record.items():
+        values = array.numpy()  # raises TypeError for a non-numpy serialization
+        if values.dtype == np.dtype(object):
+            raise TypeError(f"{key!r} holds Python objects, not numbers")
+        state[key] = torch.from_numpy(np.array(values, copy=True))
+    return state
+
+
+def serialized_bytes(obj) -> int:
+    """Bytes of an object as Flower serializes it for the wire: its own deflated bytes plus its children's."""
+    total = len(obj.deflate())
+    for child in (obj.children or {}).values():
+        total += serialized_bytes(child)
+    return total
+
+
+# --- server-optimizer state on disk (tensors as safetensors, the rest as JSON) ----------------------------------------
+def _save_strategy_state(state: dict | None, tensors_path: Path) -> dict | None:
+    from safetensors.torch import save_file
+
+    if state is None:
+        return None
+    tensors = {f"{buffer}::{key}": t.contiguous()
+               for buffer, keys in state["buffers"].items() for key, t in keys.items()}
+    if tensors:
+        save_file(tensors, str(tensors_path))
+    return {**{k: v for k, v in state.items() if k != "buffers"}, "buffer_names": list(state["buffers"])}
+
+
+def _load_strategy_state(meta: dict | None, tensors_path: Path) -> dict | None:
+    from safetensors.torch import load_file
+
+    if meta is None:
+        return None
+    state = {k: v for k, v in meta.items() if k != "buffer_names"}
+    state["buffers"] = {name: {} for name in meta.get("buffer_names", [])}
+    if tensors_path.is_file():
+        for flat_key, tensor in load_file(str(tensors_path), device="cpu").items():
+            buffer, key = flat_key.split("::", 1)
+            state["buffers"].setdefault(buffer, {})[key] = tensor
+    return state
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- the ClientApp ---------------------------------------------------------------------------------------------------
+client_app = ClientApp()
+_SITE_CACHE: dict[str, Any] = {}  # one site per process (a SuperNode starts a ClientApp process per message)
+
+
+def _site_for(context: Context, settings: dict):
+    key = json.dumps([dict(context.node_config), settings], sort_keys=True, default=str)
+    if key in _SITE_CACHE:
+        return _SITE_CACHE[key]
+    import torch
+
+    from fl_crew_reddit.config import FLCrewRedditConfig
+    from fl_crew_reddit.site import Site
+    from fl_crew_reddit.training.model_loading import load_base_model, pick_device
+    from fl_crew_reddit.training.peft_setup import build_peft_model
+
+    threads = int(context.node_config.get("threads", 0) or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    config = FLCrewRedditConfig(_env_file=None, **settings)
+    device = pick_device(config.device)
+    base, tokenizer = load_base_model(config, device)
+    torch.manual_seed(config.seed)  # the starting adapter; every message overwrites it with the received one
+    model = build_peft_model(base, config)
+    site = Site.from_folder(str(context.node_config["site"]), Path(str(context.node_config["data-dir"])), model,
+                            tokenizer, device, max_seq_length=config.max_seq_length,
+                            mixed_precision=config.mixed_precision, show_progress=False)
+    _SITE_CACHE.clear()
+    _SITE_CACHE[key] = site
+    return site
+
+
+def _settings(message: Message) -> dict:
+    settings = dict(message.content["model"])
+    settings["lora_target_modules"] = list(settings["lora_target_modules"])
+    return settings
+
+
+@client_app.query()
+def _query(message: Message, context: Context) -> Message:
+    """Which site this SuperNode serves (its --node-config `site`)."""
+    return Message(RecordDict({"site": ConfigRecord({"name": str(context.node_config["site"])})}), reply_to=message)
+
+
+@client_app.train()
+def _train(message: Message, context: Context) -> Message:
+    site = _site_for(context, _settings(message))
+    result = site.fit(from_array_record(message.content["arrays"]), dict(message.content["config"]))
+    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    metrics["num-examples"] = int(result.num_examples)
+    return Message(RecordDict({"arrays": to_array_record(result.state), "metrics": MetricRecord(metrics)}),
+                   reply_to=message)
+
+
+@client_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    site = _site_for(context, _settings(message))
+    splits = tuple(message.content["config"]["splits"])
+    sums = site.evaluate(from_array_record(message.content["arrays"]), splits)
+    metrics = {}
+    for split, value in sums.items():
+        metrics[f"{split}.nll_sum"] = float(value.nll_sum)
+        metrics[f"{split}.num_tokens"] = int(value.num_tokens)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+# --- the ServerApp ---------------------------------------------------------------------------------------------------
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    job_dir = Path(str(context.run_config["job-dir"]))
+    try:
+        result = run_server_round(grid, job_dir)
+    except Exception as error:
+        _write_json_atomic(job_dir / "server_error.json", {"error": f"{type(error).__name__}: {error}"})
+        raise
+    _write_json_atomic(job_dir / RESULT_FILE, result)
+
+
+def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) -> dict[str, int]:
+    """{site: node id}: asked once with a query message (the answer is kept while the same nodes are connected)."""
+    deadline = time.monotonic() + timeout_s
+    node_ids: list[int] = []
+    while time.monotonic() < deadline:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= len(names):
+            break
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(f"only {len(node_ids)} of {len(names)} SuperNodes connected within {timeout_s:.0f}s")
+    cache = work_dir / NODES_FILE
+    if cache.is_file():
+        known = {name: int(node) for name, node in json.loads(cache.read_text()).items()}
+        if set(known) == set(names) and set(known.values()) <= set(node_ids):
+            return known
+    queries = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=node,
+                       message_type=MessageType.QUERY) for node in node_ids]
+    found = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout_s):
+        if not reply.has_error():
+            found[str(reply.content["site"]["name"])] = reply.metadata.src_node_id
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise RuntimeError(f"no SuperNode serves {', '.join(missing)} (connected sites: {sorted(found)})")
+    mapping = {name: found[name] for name in names}
+    _write_json_atomic(cache, mapping)
+    return mapping
+
+
+def run_server_round(grid: Grid, job_dir: Path) -> dict:
+    """One round on the SuperNodes with the strategy the job describes; returns the result record (and writes the
+    new global adapter, the accepted updates and the server-optimizer state next to it)."""
+    from safetensors.torch import load_file, save_file
+
+    from fl_crew_reddit.aggregation import NotEnoughClientsError
+    from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
+
+    job = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    round_number, names = int(job["round"]), list(job["sites"])
+    strategy = FederatedStrategy(StrategySettings.from_dict(job["strategy"]))
+    strategy.load_state_dict(_load_strategy_state(job.get("strategy_state"), job_dir / OPTIMIZER_IN))
+    global_adapter = load_file(str(job_dir / GLOBAL_IN), device="cpu")
+    timeout_s = float(job.get("timeout_s", 1800))
+    nodes = _site_nodes(grid, names, job_dir.parent, timeout_s=min(timeout_s, 180.0))
+    site_of = {node: name for name, node in nodes.items()}
+    model = ConfigRecord(job["model"])
+
+    # 1. train: the global adapter and the fit config to each sampled site
+    selected = strategy.sample_clients(round_number, names)
+    config = ConfigRecord(strategy.fit_config(round_number))
+    sent = {name: Message(RecordDict({"arrays": to_array_record(global_adapter), "config": config, "model": model}),
+                          dst_node_id=nodes[name], message_type=MessageType.TRAIN, group_id=str(round_number))
+            for name in selected}
+    bytes_down = {name: serialized_bytes(message) for name, message in sent.items()}
+    replies = {site_of.get(reply.metadata.src_node_id): reply
+               for reply in grid.send_and_receive(list(sent.values()), timeout=timeout_s)}
+    failed: dict[str, str] = {}
+    clients: dict[str, dict] = {}
+    updates = []
+    updates_dir = job_dir / "updates"
+    updates_dir.mkdir(exist_ok=True)
+    for name in selected:
+        reply = replies.get(name)
+        if reply is None:
+            failed[name] = f"no reply from its SuperNode within {timeout_s:.0f}s"
+            continue
+        if reply.has_error():
+            failed[name] = f"ClientApp error {reply.error.code}: {(reply.error.reason or '').strip()[-1500:]}"
+            continue
+        try:
+            state = from_array_record(reply.content["arrays"])
+            metrics = dict(reply.content["metrics"])
+            num_examples = int(metrics.pop("num-examples"))
+        except (KeyError, TypeError, ValueError) as error:
+            failed[name] = f"the reply could not be read as an update: {type(error).__name__}: {error}"
+            continue
+        updates.append(ClientUpdate(name, state, num_examples))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(updates_dir / f"{name}.safetensors"))
+        clients[name] = {"num_examples": num_examples, "metrics": metrics, "bytes_down": bytes_down[name],
+                         "bytes_up": serialized_bytes(reply)}
+
+    # 2. screen and aggregate (the same strategy object as in-process)
+    result: dict = {"round": round_number, "selected": selected, "failed": failed, "clients": clients}
+    try:
+        outcome = strategy.aggregate(global_adapter, updates, num_failed=len(failed))
+    except NotEnoughClientsError as error:
+        result["error"] = str(error)
+        return result
+    save_file({k: v.contiguous() for k, v in outcome.new_global.items()}, str(job_dir / GLOBAL_OUT))
+    result["aggregation"] = {"method": outcome.method, "accepted": outcome.accepted, "rejected": outcome.rejected,
+                             "update_norms": outcome.update_norms}
+    result["strategy_state"] = _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_OUT)
+
+    # 3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts)
+    evaluate = ConfigRecord({"splits": list(SPLITS_EVALUATED)})
+    messages = [Message(RecordDict({"arrays": to_array_record(outcome.new_global), "config": evaluate,
+                                    "model": model}),
+                        dst_node_id=nodes[name], message_type=MessageType.EVALUATE, group_id=str(round_number))
+                for name in names]
+    evaluation: dict[str, dict[str, list]] = {split: {} for split in SPLITS_EVALUATED}
+    evaluation_failed = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        name = site_of.get(reply.metadata.src_node_id)
+        if reply.has_error():
+            evaluation_failed[name] = (reply.error.reason or "").strip()[-1500:]
+            continue
+        metrics = reply.content["metrics"]
+        for split in SPLITS_EVALUATED:
+            evaluation[split][name] = [float(metrics[f"{split}.nll_sum"]), int(metrics[f"{split}.num_tokens"])]
+    missing = [name for name in names if name not in evaluation["test"]]
+    if missing:
+        raise RuntimeError(f"evaluation failed at {', '.join(missing)}: {evaluation_failed}")
+    result["evaluation"] = evaluation
+    return result
+
+
+# --- what the workspace gets back -------------------------------------------------------------------------------------
+@dataclass
+class SiteResult:
+    state: dict
+    num_examples: int
+    metrics: dict
+
+
+@dataclass
+class FlowerRoundOutcome:
+    round: int
+    selected: list[str]
+    failed: dict[str, str]
+    results: dict[str, SiteResult]
+    aggregation: AggregationOutcome | None
+    error: str | None
+    evaluation: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
+    strategy_state: dict | None = None
+
+    def take_aggregation(self, method: str) -> AggregationOutcome:
+        """The ServerApp's aggregation; NotEnoughClientsError when it had too few accepted updates."""
+        from fl_crew_reddit.aggregation import NotEnoughClientsError
+
+        if self.error is not None:
+            raise NotEnoughClientsError(self.error)
+        if method != self.aggregation.method:
+            log.warning("Round %d: the ServerApp aggregated with %s; switching a Flower round to %s is not supported "
+                        "yet", self.round, self.aggregation.method, method)
+        return self.aggregation
+
+
+def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
+    from safetensors.torch import load_file
+
+    from fl_crew_reddit.server.strategy import AggregationOutcome
+
+    result = json.loads((job_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    results = {}
+    for name, entry in result["clients"].items():
+        metrics = {**entry["metrics"], "bytes_down": entry["bytes_down"], "bytes_up": entry["bytes_up"]}
+        results[name] = SiteResult(load_file(str(job_dir / "updates" / f"{name}.safetensors"), device="cpu"),
+                                   entry["num_examples"], metrics)
+    aggregation = None
+    if "aggregation" in result:
+        entry = result["aggregation"]
+        aggregation = AggregationOutcome(method=entry["method"],
+                                         new_global=load_file(str(job_dir / GLOBAL_OUT), device="cpu"),
+                                         accepted=entry["accepted"], rejected=entry["rejected"],
+                                         update_norms=entry["update_norms"])
+    evaluation = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
+                  for split, sums in result.get("evaluation", {}).items()}
+    return FlowerRoundOutcome(
+        round=result["round"], selected=result["selected"], failed=result["failed"], results=results,
+        aggregation=aggregation, error=result.get("error"), evaluation=evaluation,
+        strategy_state=_load_strategy_state(result.get("strategy_state"), job_dir / OPTIMIZER_OUT))
+
+
+# --- the local deployment: SuperLink + SuperNodes on 127.0.0.1 --------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise FlowerRunFailed(f"{name} is not installed next to {sys.executable}: pip install flwr==1.39.0")
+    return found
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-limit:]
+    except OSError:
+        return "(no log)"
+
+
+class LocalFlowerFederation:
+    """A SuperLink and one SuperNode per site on 127.0.0.1 (insecure: loopback only), as child process groups."""
+
+    def __init__(self, sites: dict[str, Path], work_dir: Path, *, host: str = "127.0.0.1",
+                 threads_per_site: int | None = None, round_timeout_s: float = 1800.0):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the local federation runs without TLS: it binds to the loopback interface only")
+        self.sites = {name: Path(folder).resolve() for name, folder in sites.items()}
+        self.work_dir = Path(work_dir).resolve()
+        self.host = host
+        self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
+        self.round_timeout_s = round_timeout_s
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.control_port = self.fleet_port = None
+
+    @property
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_HOME": str(self.work_dir / "flwr-home"), "PYTHONUNBUFFERED": "1",
+                    # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
+                    "PATH": os.pathsep.join([str(Path(_executable("flower-superlink")).parent), env.get("PATH", "")]),
+                    "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
+                                                              env.get("PYTHONPATH")) if p)})
+        return env
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log_path = self.work_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.logs[name] = log_path
+        with log_path.open("ab") as out:
+            # a process group of its own, so stop() also ends the superexec and app processes it starts
+            self.processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                    cwd=self.work_dir, start_new_session=True)
+
+    def start(self) -> LocalFlowerFederation:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        home = self.work_dir / "flwr-home"
+        home.mkdir(exist_ok=True)
+        self.control_port, self.fleet_port = free_port(self.host), free_port(self.host)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.host}:{self.control_port}"\n'
+            "insecure = true\n", encoding="utf-8")
+        try:
+            self._spawn("superlink", [_executable("flower-superlink"), "--insecure",
+                                      "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host", self.host,
+                                      "--port", str(self.control_port), "--disable-runtime-dependency-installation"])
+            self._wait_for_port(self.control_port, "superlink")
+            for name, folder in self.sites.items():
+                node_config = f'site="{name}" data-dir="{folder}" threads={self.threads}'
+                self._spawn(f"supernode-{name}", [
+                    _executable("flower-supernode"), "--insecure", "--superlink", f"{self.host}:{self.fleet_port}",
+                    "--node-config", node_config, "--host", self.host, "--port", str(free_port(self.host))])
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Flower federation: SuperLink on %s:%d (fleet %d), %d SuperNodes; logs in %s", self.host,
+                 self.control_port, self.fleet_port, len(self.sites), self.work_dir / "logs")
+        return self
+
+    def _wait_for_port(self, port: int, name: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise FlowerRunFailed(f"{name} exited with {self.processes[name].returncode}:\n"
+                                      f"{_tail(self.logs[name])}")
+            try:
+                with socket.create_connection((self.host, port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise FlowerRunFailed(f"{name} did not listen on {self.host}:{port} within {timeout_s:.0f}s:\n"
+                              f"{_tail(self.logs[name])}")
+
+    def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
+                  model: dict) -> FlowerRoundOutcome:
+        """Submit one round (`flwr run ... --stream`) and read its outcome; FlowerRunFailed with the logs otherwise."""
+        from safetensors.torch import save_file
+
+        dead = {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
+        if dead or not self.processes:
+            raise FlowerRunFailed(f"the federation is not running (exited: {dead})\n" + self.log_tails())
+        job_dir = self.work_dir / f"round-{round_number}"
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(job_dir / GLOBAL_IN))
+        job = {"round": round_number, "sites": list(self.sites), "strategy": strategy.settings.to_dict(),
+               "strategy_state": _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_IN),
+               "model": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()},
+               "timeout_s": self.round_timeout_s}
+        _write_json_atomic(job_dir / JOB_FILE, job)
+        command = [_executable("flwr"), "run", str(APP_DIR), "local", "--stream",
+                   "--run-config", f'job-dir="{job_dir}"']
+        started = time.perf_counter()
+        run_log = job_dir / "flwr-run.log"
+        with run_log.open("wb") as out:
+            submit = subprocess.Popen(command, env=self.env, cwd=self.work_dir, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        problem = None
+        while submit.poll() is None:  # watch the deployment while the round runs: a dead node fails it at once
+            dead = {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
+            if dead:
+                problem = f"exited during the round: {dead}"
+            elif time.perf_counter() - started > self.round_timeout_s + 120:
+                problem = f"flwr run still running after {self.round_timeout_s + 120:.0f}s"
+            if problem:
+                os.killpg(submit.pid, signal.SIGKILL)
+                submit.wait()
+                break
+            time.sleep(0.2)
+        output = _tail(run_log, 4000)
+        if not (job_dir / RESULT_FILE).is_file():
+            server_error = job_dir / "server_error.json"
+            reason = json.loads(server_error.read_text())["error"] if server_error.is_file() else "no result"
+            raise FlowerRunFailed(f"round {round_number} on Flower failed ({problem or reason}).\n--- flwr run:\n"
+                                  f"{output}\n{self.log_tails()}")
+        log.info("Round %d ran on Flower in %.1fs", round_number, time.perf_counter() - started)
+        return read_outcome(job_dir)
+
+    def log_tails(self, limit: int = 3000) -> str:
+        return "\n".join(f"--- {name} ({path}):\n{_tail(path, limit)}" for name, path in self.logs.items())
+
+    def stop(self) -> None:
+        """Stop every process group this federation started (SIGTERM, then SIGKILL after 10 s)."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the group may hold children (superexec, app processes) after its leader is gone
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.processes = {}
+
+    def __enter__(self) -> LocalFlowerFederation:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

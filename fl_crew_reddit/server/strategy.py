@@ -1,0 +1,166 @@
+"""The server side of a federated round, pure: which clients train (seeded sampling), what they are told (the fit
+config), which updates are let in (screening: keys, shapes, dtypes, finite values, norm) and how the accepted ones
+become the new global adapter (the aggregation rule, with its options and the server optimizer's state).
+
+No model, no files, no network: tensors in, tensors out. The in-process workspace and the Flower ServerApp
+(fl_crew_reddit/federation/flower.py) call the same object, so both engines give the same global adapter.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torch import Tensor
+
+from fl_crew_reddit.aggregation import SERVER_OPTIMIZERS, aggregate, make_server_optimizer, screen_updates
+from fl_crew_reddit.aggregation.checks import update_norm
+from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
+from fl_crew_reddit.aggregation.server_optimizers import ServerOptimizer
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """The settings the server side needs (plain values: they travel to a Flower ServerApp as JSON)."""
+
+    seed: int = 42
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 2
+    aggregation_method: str = "weighted_average"
+    max_update_norm: float | None = 100.0
+    num_byzantine: int = 0
+    trimmed_mean_beta: float = 0.2
+    ffa_lora: bool = False
+    local_epochs: int = 3
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    max_local_steps: int = 0
+    fedprox_mu: float = 0.01
+    client_timeout: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> StrategySettings:
+        """From an FLCrewRedditConfig (or anything with these attributes)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StrategySettings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown strategy settings {sorted(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sent back from a fit: its adapter arrays (all of them, or only B under FFA-LoRA)."""
+
+    name: str
+    state: StateDict
+    num_examples: int
+
+
+@dataclass
+class AggregationOutcome:
+    method: str
+    new_global: StateDict
+    accepted: list[str]
+    rejected: dict[str, list[str]]
+    update_norms: dict[str, float] = field(default_factory=dict)
+
+
+class FederatedStrategy:
+    """Sampling, fit config, screening and aggregation of one federation; holds the server optimizer's state."""
+
+    def __init__(self, settings: StrategySettings):
+        self.settings = settings
+        self.server_optimizer: ServerOptimizer | None = (
+            make_server_optimizer(settings.aggregation_method)
+            if settings.aggregation_method in SERVER_OPTIMIZERS else None)
+
+    # --- configure ------------------------------------------------------------------------------------------------
+    def sample_clients(self, round_number: int, names: list[str]) -> list[str]:
+        """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume and
+        in every engine. All clients (in their given order) when that is all of them; else sorted by name."""
+        s = self.settings
+        names = list(names)
+        wanted = max(math.ceil(s.fraction_fit * len(names)), min(s.min_fit_clients, len(names)))
+        if wanted >= len(names):
+            return names
+        return sorted(random.Random(f"{s.seed}-select-{round_number}").sample(names, wanted))
+
+    def fit_config(self, round_number: int) -> dict:
+        """What the server sends each trainer with the global adapter (Flower's `config` of a train message)."""
+        s = self.settings
+        return {"round": round_number, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
+                "learning_rate": s.learning_rate, "max_steps": s.max_local_steps, "seed": s.seed,
+                "proximal_mu": s.fedprox_mu if s.aggregation_method == "fedprox" else 0.0,
+                "timeout_s": s.client_timeout, "train_lora_a": not s.ffa_lora}
+
+    # --- screen and aggregate -------------------------------------------------------------------------------------
+    def expected_update(self, global_adapter: StateDict) -> StateDict:
+        """The part of the global adapter a client trains and sends: all of it, or under FFA-LoRA only the B factors
+        (A stays global). Updates are screened against it."""
+        if not self.settings.ffa_lora:
+            return global_adapter
+        return {key: value for key, value in global_adapter.items() if ffa_lora_trainable(key)}
+
+    def screen(self, global_adapter: StateDict, updates: list[ClientUpdate],
+               min_clients: int = 0) -> tuple[list[int], dict[str, list[str]]]:
+        """(indices of accepted updates, {client: reasons} for rejected ones); NotEnoughClientsError when fewer than
+        `min_clients` pass."""
+        return screen_updates(self.expected_update(global_adapter), [u.state for u in updates],
+                              [u.name for u in updates], max_norm=self.settings.max_update_norm,
+                              min_clients=min_clients)
+
+    def aggregate(self, global_adapter: StateDict, updates: list[ClientUpdate], *, num_failed: int = 0,
+                  method: str | None = None) -> AggregationOutcome:
+        """Screen the round's updates (in client-name order), combine the accepted ones with the rule, and return the
+        new global adapter (in the global adapter's dtypes; keys clients do not send stay as they were).
+
+        The round needs min(MIN_FIT_CLIENTS, clients that were asked) accepted updates, where those asked are the
+        updates here plus `num_failed` clients whose training failed."""
+        method = method or self.settings.aggregation_method
+        updates = sorted(updates, key=lambda u: u.name)
+        sent = self.expected_update(global_adapter)
+        accepted, rejected = self.screen(global_adapter, updates,
+                                         min_clients=min(self.settings.min_fit_clients, len(updates) + num_failed))
+        norms = {updates[i].name: update_norm(sent, updates[i].state) for i in accepted}
+        combined = aggregate(method, [updates[i].state for i in accepted], [updates[i].num_examples for i in accepted],
+                             **self.aggregation_options(method, sent))
+        new_global = {k: combined[k].to(v.dtype) if k in combined else v for k, v in global_adapter.items()}
+        return AggregationOutcome(method=method, new_global=new_global, accepted=[updates[i].name for i in accepted],
+                                  rejected=rejected, update_norms=norms)
+
+    def aggregation_options(self, method: str, global_state: StateDict) -> dict:
+        """Keyword options of `aggregation.aggregate` for `method`. A server-optimizer rule other than
+        AGGREGATION_METHOD (an agent switching one round) gets a fresh optimizer and leaves the run's state alone."""
+        s = self.settings
+        if method in ("krum", "multi_krum", "bulyan"):
+            return {"num_byzantine": s.num_byzantine}
+        if method == "trimmed_mean":
+            return {"beta": s.trimmed_mean_beta}
+        if method in SERVER_OPTIMIZERS:
+            if method != s.aggregation_method:
+                return {"global_state": global_state, "server_optimizer": make_server_optimizer(method)}
+            if self.server_optimizer is None:
+                self.server_optimizer = make_server_optimizer(method)
+            return {"global_state": global_state, "server_optimizer": self.server_optimizer}
+        return {}
+
+    # --- state (for resume and for handing the strategy to another process) ---------------------------------------
+    def state_dict(self) -> dict | None:
+        return self.server_optimizer.state_dict() if self.server_optimizer is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            return
+        self.server_optimizer = make_server_optimizer(state["name"])
+        self.server_optimizer.load_state_dict(state)

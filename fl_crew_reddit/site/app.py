@@ -1,0 +1,69 @@
+"""A site's two jobs: fit the received global adapter on its train split, and score a received adapter on one of
+its held-out splits as NLL sums and token counts (sums combine across sites; perplexities do not)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fl_crew_reddit.evaluation.evaluator import held_out_nll
+from fl_crew_reddit.site.data import SiteData
+from fl_crew_reddit.training.trainer import LocalTrainer
+
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass
+class SiteFitResult:
+    state: AdapterState  # what the site sends: the whole adapter, or only the B factors under FFA-LoRA
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    nll_sum: float
+    num_tokens: int
+
+
+class Site:
+    """One client. `model` is a PEFT model (in-process: the one model every site shares)."""
+
+    def __init__(self, name: str, data: SiteData, model, tokenizer, device: torch.device,
+                 mixed_precision: str = "auto", show_progress: bool = True):
+        self.name = name
+        self.data = data
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.mixed_precision = mixed_precision
+        self.show_progress = show_progress
+
+    @classmethod
+    def from_folder(cls, name: str, folder: Path, model, tokenizer, device: torch.device, *, max_seq_length: int,
+                    mixed_precision: str = "auto", show_progress: bool = True) -> Site:
+        return cls(name, SiteData(folder, tokenizer, max_seq_length), model, tokenizer, device,
+                   mixed_precision=mixed_precision, show_progress=show_progress)
+
+    def fit(self, global_adapter: AdapterState, fit_config: dict) -> SiteFitResult:
+        """Local training from the global adapter (LocalTrainer), as the fit config says."""
+        trainer = LocalTrainer(self.name, self.model, self.tokenizer, self.data.rows("train"), self.device,
+                               mixed_precision=self.mixed_precision, show_progress=self.show_progress)
+        result = trainer.fit(global_adapter, fit_config)
+        return SiteFitResult(state=result.state, num_examples=result.num_examples, metrics=dict(result.metrics))
+
+    def evaluate(self, global_adapter: AdapterState | None, splits: tuple[str, ...] = ("test",)) -> dict[str, EvalSums]:
+        """Summed reply-token NLL and token count of each split, with `global_adapter` loaded (None: the model as it
+        is). The same computation, batch by batch, as the in-process evaluator's, so combined sums are equal."""
+        if global_adapter is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, global_adapter)
+        sums = {}
+        for split in splits:
+            rows = self.data.rows(split)
+            total, count = (held_out_nll(self.model, rows, self.tokenizer.pad_token_id, self.device,
+                                         mixed_precision=self.mixed_precision) if rows else (0.0, 0))
+            sums[split] = EvalSums(nll_sum=float(total), num_tokens=int(count))
+        return sums

@@ -1,0 +1,93 @@
+"""FEDERATION=local-flower on Flower's real Deployment Engine (a SuperLink and three SuperNodes on 127.0.0.1) gives
+the same global adapter and the same per-round perplexities as the in-process engine, with the same SEED."""
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_run_config
+from fl_crew_reddit import FLCrewRedditManager
+
+ROUNDS = 2
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Ids of live processes whose command line mentions `text` (this test's folder: its SuperLink / SuperNodes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture()
+def flower_dir(tmp_path):
+    """The Flower run's folder; whatever the test leaves running there (SuperLink, SuperNodes) is killed at the end."""
+    folder = tmp_path / "flower"
+    folder.mkdir()
+    yield folder
+    for pid in _processes_mentioning(str(folder)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _global_adapters(result) -> list[dict[str, torch.Tensor]]:
+    return [load_file(str(Path(r["aggregation"]["adapter_path"]) / "adapter_model.safetensors"))
+            for r in result.history["rounds"]]
+
+
+@pytest.mark.e2e
+def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, monkeypatch):
+    # Prepare: the same tiny settings and SEED for both engines, each in its own folder.
+    monkeypatch.chdir(tmp_path)
+    settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3)
+    inprocess_config = tiny_run_config(tiny_model_dir, tmp_path / "inprocess", **settings)
+    flower_config = tiny_run_config(tiny_model_dir, flower_dir, federation="local-flower", **settings)
+
+    # Execute
+    inprocess = FLCrewRedditManager(inprocess_config).run_federated_learning(num_rounds=ROUNDS, run_id="run-a")
+    flower = FLCrewRedditManager(flower_config).run_federated_learning(num_rounds=ROUNDS, run_id="run-b")
+
+    # Assert: the same global adapter after every round (max abs difference <= 1e-6) ...
+    assert [r["clients"] and [c["name"] for c in r["clients"]] for r in flower.history["rounds"]] == [
+        ["client-0", "client-1", "client-2"]] * ROUNDS
+    differences = []
+    for expected, actual in zip(_global_adapters(inprocess), _global_adapters(flower), strict=True):
+        assert expected.keys() == actual.keys()
+        differences.append(max(float((expected[k] - actual[k]).abs().max()) for k in expected))
+    print(f"\nmax abs difference of the global adapter per round: {differences}")
+    assert all(d <= 1e-6 for d in differences), differences
+    assert any(not torch.equal(a, b) for a, b in zip(_global_adapters(flower)[0].values(),
+                                                     _global_adapters(flower)[1].values()))  # training moved it
+    # ... and the same perplexities, overall and per client, on test and on validation.
+    for expected, actual in zip(inprocess.history["rounds"], flower.history["rounds"], strict=True):
+        e, a = expected["global"], actual["global"]
+        print(f"round {expected['round']}: test perplexity in-process {e['perplexity']!r}, Flower {a['perplexity']!r}; "
+              f"validation {e['validation_perplexity']!r} / {a['validation_perplexity']!r}")
+        assert a["perplexity"] == pytest.approx(e["perplexity"], rel=1e-6)
+        assert a["num_tokens"] == e["num_tokens"]
+        assert a["validation_perplexity"] == pytest.approx(e["validation_perplexity"], rel=1e-6)
+        assert a["per_client"] == pytest.approx(e["per_client"], rel=1e-6)
+        assert a["validation_per_client"] == pytest.approx(e["validation_per_client"], rel=1e-6)
+        for client_e, client_a in zip(expected["clients"], actual["clients"], strict=True):
+            assert client_a["num_examples"] == client_e["num_examples"]
+            assert client_a["train_loss"] == pytest.approx(client_e["train_loss"], rel=1e-5)
+            # communication: serialized bytes of the train message down and of the reply up, per client and round
+            assert client_a["metrics"]["bytes_down"] > client_a["metrics"]["update_bytes"] * 0.5
+            assert client_a["metrics"]["bytes_up"] > client_a["metrics"]["update_bytes"] * 0.5
+    assert flower.best_round == inprocess.best_round
+    # The SuperLink and SuperNodes are gone once the run returns.
+    assert _processes_mentioning(str(flower_dir)) == []
+    logs = flower_dir / "results" / "run-b" / "flower" / "logs"
+    assert {"superlink.log", "supernode-client-0.log"} <= {p.name for p in logs.iterdir()}
