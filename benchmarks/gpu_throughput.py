@@ -107,6 +107,8 @@ def materialise(size: str, tokenizer_dir: Path, work: Path, device: torch.device
         f"{time.perf_counter() - started:.1f} s")
     del model
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # this (parent) process keeps no GPU memory from the children
     return folder
 
 
@@ -243,7 +245,9 @@ def correctness(config, device, rows) -> dict:
             nll_packed, _ = reply_token_nll(model, pack(batch_rows, device), backend=backend)
             grad_packed = torch.autograd.grad(nll_packed, params)
     grad_error = max(float((a - b).norm() / (b.norm() + 1e-12)) for a, b in zip(grad_packed, grad_padded))
-    out = {"padded_loss": round(float(nll_padded) / count, 5), "packed_loss": round(float(nll_packed) / count, 5),
+    from fl_crew_reddit.training.packing import default_backend
+
+    out = {"packed_attention": default_backend(device), "padded_loss": round(float(nll_padded) / count, 5), "packed_loss": round(float(nll_packed) / count, 5),
            "max_relative_grad_error": round(grad_error, 5)}
     model.train()
     if device.type == "cuda":

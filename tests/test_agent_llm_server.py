@@ -57,8 +57,10 @@ def served_agent_model(tmp_path_factory):
         prepare_embedded_model()
     port = _free_port()
     log_path = tmp_path_factory.mktemp("agent-llm-server") / "serve.log"
+    # Offline: no hub, no version check. One OpenMP thread: on a busy 2-core machine (CI, the tests' own process)
+    # a second thread made each request 5-10x slower (measured: ~10 s vs 45-100 s for 680 prompt + 32 new tokens).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--host", "127.0.0.1",
                "--port", str(port), "--device", "cpu", "--dtype", "float32", "--log-level", "info",
                "--default-seed", "0", "--format", "quiet"]
@@ -83,7 +85,7 @@ def test_one_round_with_a_served_agent_llm(tiny_config, served_agent_model):
     base_url, model, server_log = served_agent_model
     config = tiny_config.model_copy(update={
         "agent_mode": "llm", "agent_llm_base_url": base_url, "agent_llm_model": model,  # the server's pinned model
-        "agent_llm_max_tokens": 64, "agent_max_iter": 2, "agent_collect_allowlist": SUBREDDITS,
+        "agent_llm_max_tokens": 48, "agent_max_iter": 2, "agent_collect_allowlist": SUBREDDITS,
         "eval_samples": 0, "local_epochs": 1, "max_examples_per_client": 8})
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=1)
     log_text = Path(result.log_path).read_text()

@@ -170,25 +170,60 @@ def _query(message: Message, context: Context) -> Message:
     return Message(RecordDict({"site": ConfigRecord({"name": str(context.node_config["site"])})}), reply_to=message)
 
 
+def _numpy_arrays(record: ArrayRecord) -> bytes:
+    """An ArrayRecord as safetensors bytes, through numpy only (np.load with allow_pickle=False, no torch)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    arrays = {}
+    for key, array in record.items():
+        values = array.numpy()
+        if values.dtype == np.dtype(object):
+            raise TypeError(f"{key!r} holds Python objects, not numbers")
+        arrays[key] = np.ascontiguousarray(values)
+    return save(arrays)
+
+
 @client_app.train()
 def _train(message: Message, context: Context) -> Message:
-    site = _site_for(context, _settings(message))
-    result = site.fit(from_array_record(message.content["arrays"]), dict(message.content["config"]))
-    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
-    metrics["num-examples"] = int(result.num_examples)
-    return Message(RecordDict({"arrays": to_array_record(result.state), "metrics": MetricRecord(metrics)}),
-                   reply_to=message)
+    worker = str(context.node_config.get("worker", "") or "")
+    if worker:  # the site's long-lived worker (federation/site_worker.py) holds the model: hand it the arrays
+        from safetensors.numpy import load
+
+        from fl_crew_reddit.federation.site_worker import call_worker
+
+        reply, body = call_worker(worker, {"op": "train", "settings": _settings(message),
+                                           "config": dict(message.content["config"])},
+                                  _numpy_arrays(message.content["arrays"]))
+        arrays = ArrayRecord({key: Array(value) for key, value in load(body).items()})
+        metrics, num_examples = reply["metrics"], reply["num_examples"]
+    else:
+        site = _site_for(context, _settings(message))
+        result = site.fit(from_array_record(message.content["arrays"]), dict(message.content["config"]))
+        arrays, num_examples = to_array_record(result.state), result.num_examples
+        metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    metrics = {**metrics, "num-examples": int(num_examples)}
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
 @client_app.evaluate()
 def _evaluate(message: Message, context: Context) -> Message:
-    site = _site_for(context, _settings(message))
-    splits = tuple(message.content["config"]["splits"])
-    sums = site.evaluate(from_array_record(message.content["arrays"]), splits)
+    splits = [str(split) for split in message.content["config"]["splits"]]
+    worker = str(context.node_config.get("worker", "") or "")
+    if worker:
+        from fl_crew_reddit.federation.site_worker import call_worker
+
+        reply, _ = call_worker(worker, {"op": "evaluate", "settings": _settings(message), "splits": splits},
+                               _numpy_arrays(message.content["arrays"]))
+        sums = {split: (float(t), int(n)) for split, (t, n) in reply["sums"].items()}
+    else:
+        site = _site_for(context, _settings(message))
+        sums = {split: (value.nll_sum, value.num_tokens)
+                for split, value in site.evaluate(from_array_record(message.content["arrays"]), tuple(splits)).items()}
     metrics = {}
-    for split, value in sums.items():
-        metrics[f"{split}.nll_sum"] = float(value.nll_sum)
-        metrics[f"{split}.num_tokens"] = int(value.num_tokens)
+    for split, (total, count) in sums.items():
+        metrics[f"{split}.nll_sum"] = float(total)
+        metrics[f"{split}.num_tokens"] = int(count)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
 
@@ -407,7 +442,7 @@ class LocalFlowerFederation:
     """A SuperLink and one SuperNode per site on 127.0.0.1 (insecure: loopback only), as child process groups."""
 
     def __init__(self, sites: dict[str, Path], work_dir: Path, *, host: str = "127.0.0.1",
-                 threads_per_site: int | None = None, round_timeout_s: float = 1800.0):
+                 threads_per_site: int | None = None, round_timeout_s: float = 1800.0, site_workers: bool = True):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the local federation runs without TLS: it binds to the loopback interface only")
         self.sites = {name: Path(folder).resolve() for name, folder in sites.items()}
@@ -415,15 +450,18 @@ class LocalFlowerFederation:
         self.host = host
         self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
         self.round_timeout_s = round_timeout_s
+        self.site_workers = site_workers  # a long-lived compute process per site (site_worker.py); else per message
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.control_port = self.fleet_port = None
+        self._socket_dir: Path | None = None
 
     @property
     def env(self) -> dict:
         env = dict(os.environ)
         env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_HOME": str(self.work_dir / "flwr-home"), "PYTHONUNBUFFERED": "1",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # start app processes sooner (default: 1 s)
                     # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
                     "PATH": os.pathsep.join([str(Path(_executable("flower-superlink")).parent), env.get("PATH", "")]),
                     "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
@@ -452,8 +490,18 @@ class LocalFlowerFederation:
                                       "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host", self.host,
                                       "--port", str(self.control_port), "--disable-runtime-dependency-installation"])
             self._wait_for_port(self.control_port, "superlink")
-            for name, folder in self.sites.items():
+            for index, (name, folder) in enumerate(self.sites.items()):
                 node_config = f'site="{name}" data-dir="{folder}" threads={self.threads}'
+                if self.site_workers:
+                    if self._socket_dir is None:  # short: a Unix socket path has at most 107 bytes
+                        import tempfile
+
+                        self._socket_dir = Path(tempfile.mkdtemp(prefix="flcrew-"))  # mode 0700
+                    sock = self._socket_dir / f"site-{index}.sock"
+                    self._spawn(f"site-{name}", [sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
+                                                 "--name", name, "--data-dir", str(folder), "--socket", str(sock),
+                                                 "--threads", str(self.threads)])
+                    node_config += f' worker="{sock}"'
                 self._spawn(f"supernode-{name}", [
                     _executable("flower-supernode"), "--insecure", "--superlink", f"{self.host}:{self.fleet_port}",
                     "--node-config", node_config, "--host", self.host, "--port", str(free_port(self.host))])
@@ -550,6 +598,9 @@ class LocalFlowerFederation:
             except subprocess.TimeoutExpired:
                 pass
         self.processes = {}
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
     def __enter__(self) -> LocalFlowerFederation:
         return self.start()

@@ -100,10 +100,10 @@ def collate(batch: list[dict], pad_id: int, device: torch.device, pad_side: str 
         input_ids[i, span] = torch.tensor(row["input_ids"])
         attention[i, span] = 1
         reply[i, span] = torch.tensor(row["reply_mask"], dtype=torch.bool)
-        # position p (flat, in the batch × (width − 1) grid of "next token" slots) predicts token p + 1
+        # flat position (in the batch × width grid) of each token whose next token is a reply token
         for j in range(n - 1):
             if row["reply_mask"][j + 1]:
-                index.append(i * (width - 1) + offset + j)
+                index.append(i * width + offset + j)
                 targets.append(row["input_ids"][j + 1])
     tensors = {"input_ids": input_ids, "attention_mask": attention, "reply_mask": reply,
                "target_index": torch.tensor(index, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long)}
@@ -242,12 +242,12 @@ def reply_token_nll(model, batch: dict, chunk_rows: int | None = None,
         mask = batch["attention_mask"]
         attention_mask = None if is_right_padded(mask) else mask
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        flat = hidden.reshape(-1, hidden.shape[-1])
     if "target_index" in batch:
         selected, targets, count = flat.index_select(0, batch["target_index"]), batch["targets"], batch["count"]
     else:  # a batch built elsewhere: find the reply positions on the device
-        targets_mask = batch["reply_mask"][:, 1:].reshape(-1)
-        selected, targets = flat[targets_mask], batch["input_ids"][:, 1:].reshape(-1)[targets_mask]
+        targets_mask = batch["reply_mask"][:, 1:]
+        selected, targets = hidden[:, :-1][targets_mask], batch["input_ids"][:, 1:][targets_mask]
         count = int(targets.numel())
     nll = linear_cross_entropy(selected, causal_lm.get_output_embeddings(), targets, chunk_rows)
     return nll, count

@@ -224,9 +224,10 @@ def auto_tokens_per_batch(model, device: torch.device, longest_row: int) -> int:
 
 
 def resolve_compile(mode: str, device: torch.device, packed: bool) -> bool:
-    """COMPILE=on compiles each decoder layer (regional compilation: one compile serves every layer). auto: off,
-    as measured on an H200 (docs/training.md): the packed steps are long enough that compiling gained nothing
-    worth its start-up time."""
+    """COMPILE=on compiles each decoder layer (regional compilation: one compile serves every layer) and pads packed
+    batches to the token budget, so every step has the same shape. auto: off, because the gain has not been
+    measured yet (benchmarks/gpu_throughput.py measures it: the `auto_compiled` run); packed steps of thousands of
+    tokens already keep the GPU busy, and compiling costs start-up time in every client process."""
     if mode == "on":
         return True
     return False
