@@ -26,7 +26,6 @@ from fl_crew_reddit.training.model_loading import load_base_model  # noqa: E402
 from fl_crew_reddit.training.peft_setup import build_peft_model  # noqa: E402
 from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter  # noqa: E402
 
-
 MODES = {"lora_bf16": None, "qlora_4bit": 4, "qlora_8bit": 8}
 
 
@@ -40,7 +39,8 @@ def materialise_random(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def measure(model_dir: Path, examples: list[dict], steps: int, batch_size: int, quant_bits: int | None) -> dict:
+def measure(model_dir: Path, examples: list[dict], steps: int, batch_size: int, quant_bits: int | None,
+            tokens_per_batch: int = 0) -> dict:
     config = FLCrewRedditConfig(base_llm_model=str(model_dir), use_quantization=quant_bits is not None,
                                 quantization_bits=quant_bits or 4, device="cuda", batch_size=batch_size)
     torch.cuda.reset_peak_memory_stats()
@@ -50,14 +50,19 @@ def measure(model_dir: Path, examples: list[dict], steps: int, batch_size: int, 
     load_s = time.perf_counter() - started
     rows = tokenize_all(tokenizer, examples, config.max_seq_length)
     trainer = LocalTrainer("gpu", model, tokenizer, rows, torch.device("cuda"), show_progress=False)
-    fit = {"local_epochs": 100, "batch_size": batch_size, "learning_rate": 2e-4, "seed": 0, "round": 1}
+    # tokens_per_batch 0: the trainer's CUDA default (a token budget from free memory, packed); batch_size × 160
+    # tokens would match a batch of `batch_size` reddit examples
+    fit = {"local_epochs": 100, "batch_size": batch_size, "learning_rate": 2e-4, "seed": 0, "round": 1,
+           "tokens_per_batch": tokens_per_batch}
     trainer.fit(snapshot_adapter(model), {**fit, "max_steps": 3})  # warm-up (kernels, allocator)
     torch.cuda.synchronize()
     result = trainer.fit(snapshot_adapter(model), {**fit, "max_steps": steps})
     torch.cuda.synchronize()
     label = "lora_bf16" if quant_bits is None else f"qlora_{quant_bits}bit"
     return {"mode": label, "load_s": round(load_s, 2), "steps": result.metrics["steps"],
-            "tokens_per_s": round(result.metrics["tokens_per_s"], 1), "train_loss": round(result.metrics["train_loss"], 4),
+            "tokens_per_s": round(result.metrics["tokens_per_s"], 1),
+            "tokens_per_step": result.metrics["tokens"] // max(1, result.metrics["steps"]),
+            "train_loss": round(result.metrics["train_loss"], 4),
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
@@ -68,13 +73,14 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens-per-batch", type=int, default=0, help="0: the trainer's automatic budget")
     parser.add_argument("--only", choices=list(MODES), help="measure one mode in this process (used internally)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU")
     if args.only:  # child process: one mode, so peak memory is that mode's alone
         print(json.dumps(measure(args.model_dir, read_jsonl(args.examples), args.steps, args.batch_size,
-                                 MODES[args.only])))
+                                 MODES[args.only], args.tokens_per_batch)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = materialise_random(args.model_dir, Path(tmp) / "model") if args.random_init else args.model_dir
@@ -82,7 +88,8 @@ def main() -> None:
         for mode in MODES:
             child = subprocess.run([sys.executable, __file__, "--model-dir", str(model_dir), "--examples",
                                     str(args.examples), "--steps", str(args.steps), "--batch-size",
-                                    str(args.batch_size), "--only", mode], capture_output=True, text=True)
+                                    str(args.batch_size), "--tokens-per-batch", str(args.tokens_per_batch),
+                                    "--only", mode], capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
             results.append(json.loads(lines[-1]) if child.returncode == 0 and lines else
                            {"mode": mode, "error": child.stderr.strip()[-500:]})

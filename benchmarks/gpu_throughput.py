@@ -20,6 +20,7 @@ counted (the usual convention), nor the cheaper backward of frozen weights.
 
     python3 benchmarks/gpu_throughput.py --rows rows.json --tokenizer tok/ --work /tmp/models --out results/
     python3 benchmarks/gpu_throughput.py ... --smoke      # 135M only, few steps, plus correctness checks
+    .venv/bin/python benchmarks/gpu_throughput.py --make-rows  # first, on the CPU machine: .gpu/rows.json
     .venv/bin/python benchmarks/gpu_throughput.py --dry-run   # tiny shapes on the CPU: checks the script itself
 
 The last stdout line is one JSON object with every figure.
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fl_crew_reddit.config import FLCrewRedditConfig  # noqa: E402
 from fl_crew_reddit.training.batching import collate, pack, reply_token_nll  # noqa: E402
 from fl_crew_reddit.training.model_loading import load_base_model  # noqa: E402
-from fl_crew_reddit.training.packing import packed_attention_enabled  # noqa: E402
+from fl_crew_reddit.training.packing import default_backend, packed_attention_enabled  # noqa: E402
 from fl_crew_reddit.training.peft_setup import build_peft_model  # noqa: E402
 from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter  # noqa: E402
 
@@ -245,9 +246,8 @@ def correctness(config, device, rows) -> dict:
             nll_packed, _ = reply_token_nll(model, pack(batch_rows, device), backend=backend)
             grad_packed = torch.autograd.grad(nll_packed, params)
     grad_error = max(float((a - b).norm() / (b.norm() + 1e-12)) for a, b in zip(grad_packed, grad_padded))
-    from fl_crew_reddit.training.packing import default_backend
-
-    out = {"packed_attention": default_backend(device), "padded_loss": round(float(nll_padded) / count, 5), "packed_loss": round(float(nll_packed) / count, 5),
+    out = {"packed_attention": default_backend(device), "padded_loss": round(float(nll_padded) / count, 5),
+           "packed_loss": round(float(nll_packed) / count, 5),
            "max_relative_grad_error": round(grad_error, 5)}
     model.train()
     if device.type == "cuda":
@@ -327,6 +327,27 @@ def child(args) -> None:
         emit({"batch_size": extra, "ours": ours})
 
 
+def make_rows(out: Path) -> None:
+    """On the CPU machine: reddit-2015 chat examples tokenised with SmolLM2's tokenizer → out/rows.json and
+    out/tokenizer (what the GPU run reads; the data and the model cache do not travel)."""
+    import random
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_throughput import DATA_ROOT, load_rows
+    from transformers import AutoTokenizer
+
+    from fl_crew_reddit.training.model_loading import prepare_embedded_model
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model())
+    rows = load_rows(DATA_ROOT, ["books", "history", "programming", "gadgets"], 150, tokenizer, 512)
+    random.Random(0).shuffle(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    (out / "rows.json").write_text(json.dumps([{"input_ids": r["input_ids"], "reply_mask": r["reply_mask"]}
+                                               for r in rows]))
+    say(f"{len(rows)} rows, mean {sum(len(r['input_ids']) for r in rows) / len(rows):.0f} tokens → {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=Path, default=Path(".gpu/rows.json"), help="tokenised rows (JSON list)")
@@ -342,7 +363,11 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=520, help="seconds: start no child after this")
     parser.add_argument("--check", action="store_true", help="correctness and sync checks first")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # index into PLAN, in a child process
+    parser.add_argument("--make-rows", action="store_true", help="write --rows and --tokenizer here (CPU) and stop")
     args = parser.parse_args()
+    if args.make_rows:
+        make_rows(args.rows.parent)
+        return
     if args.only:
         child(args)
         return

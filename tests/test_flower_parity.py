@@ -51,7 +51,9 @@ def _global_adapters(result) -> list[dict[str, torch.Tensor]]:
 def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, monkeypatch):
     # Prepare: the same tiny settings and SEED for both engines, each in its own folder.
     monkeypatch.chdir(tmp_path)
-    settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3)
+    # fedavgm: the server optimizer's momentum travels to the ServerApp and back between the two rounds
+    settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3,
+                    aggregation_method="fedavgm")
     inprocess_config = tiny_run_config(tiny_model_dir, tmp_path / "inprocess", **settings)
     flower_config = tiny_run_config(tiny_model_dir, flower_dir, federation="local-flower", **settings)
 

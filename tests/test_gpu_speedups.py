@@ -7,8 +7,15 @@ import random
 import pytest
 import torch
 
-from fl_crew_reddit.training.batching import (batch_counts, collate, linear_cross_entropy, pack, reply_token_nll,
-                                              token_budget_batches, tokenize_all)
+from fl_crew_reddit.training.batching import (
+    batch_counts,
+    collate,
+    linear_cross_entropy,
+    pack,
+    reply_token_nll,
+    token_budget_batches,
+    tokenize_all,
+)
 from fl_crew_reddit.training.packing import PackInfo, packed_attention_enabled
 from fl_crew_reddit.training.trainer import LocalTrainer, activation_bytes_per_token, snapshot_adapter
 
@@ -230,3 +237,24 @@ def test_auto_gradient_checkpointing_and_memory_estimate(tiny_model_dir):
     plain = activation_bytes_per_token(model)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert 0 < activation_bytes_per_token(model) < plain
+
+
+def test_compiled_layers_train_the_same_adapter(tiny_model_dir, monkeypatch):
+    """COMPILE=on: every decoder layer compiled (here with the aot_eager backend: dynamo and autograd tracing
+    without a C++ compiler), packed batches padded to the budget; the adapter equals the eager one."""
+    from fl_crew_reddit.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "COMPILE_BACKEND", "aot_eager")
+    results = {}
+    for mode in ("off", "on"):
+        model, tokenizer = _model(tiny_model_dir)
+        start = snapshot_adapter(model)
+        trainer = LocalTrainer("c", model, tokenizer, _rows(tokenizer), CPU, mixed_precision="no", show_progress=False)
+        config = _fit_config(packing="on", compile=mode, tokens_per_batch=256)
+        assert trainer.plan(config)[3] == (256 if mode == "on" else 0)  # compiled: one fixed shape
+        results[mode] = trainer.fit(start, config)
+        layers = model.get_base_model().get_decoder().layers
+        assert all(layer._compiled_call_impl is None for layer in layers)  # eager again after the fit
+    assert abs(results["on"].metrics["train_loss"] - results["off"].metrics["train_loss"]) < 1e-5
+    for key, value in results["off"].state.items():
+        torch.testing.assert_close(results["on"].state[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -280,6 +280,11 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     from fl_crew_reddit.aggregation import NotEnoughClientsError
     from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
 
+    started = time.perf_counter()
+
+    def say(text: str) -> None:  # shows in `flwr run --stream`, so in the round's flwr-run.log
+        print(f"[fl_crew_reddit ServerApp +{time.perf_counter() - started:.1f}s] {text}", flush=True)
+
     job = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
     round_number, names = int(job["round"]), list(job["sites"])
     strategy = FederatedStrategy(StrategySettings.from_dict(job["strategy"]))
@@ -288,6 +293,7 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     timeout_s = float(job.get("timeout_s", 1800))
     nodes = _site_nodes(grid, names, job_dir.parent, timeout_s=min(timeout_s, 180.0))
     site_of = {node: name for name, node in nodes.items()}
+    say(f"round {round_number}: sites on nodes {nodes}")
     model = ConfigRecord(job["model"])
 
     # 1. train: the global adapter and the fit config to each sampled site
@@ -299,6 +305,7 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     bytes_down = {name: serialized_bytes(message) for name, message in sent.items()}
     replies = {site_of.get(reply.metadata.src_node_id): reply
                for reply in grid.send_and_receive(list(sent.values()), timeout=timeout_s)}
+    say(f"train replies from {sorted(n for n in replies if n)}")
     failed: dict[str, str] = {}
     clients: dict[str, dict] = {}
     updates = []
@@ -352,6 +359,8 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
         metrics = reply.content["metrics"]
         for split in SPLITS_EVALUATED:
             evaluation[split][name] = [float(metrics[f"{split}.nll_sum"]), int(metrics[f"{split}.num_tokens"])]
+    say(f"aggregated ({outcome.method}: accepted {outcome.accepted}, rejected {sorted(outcome.rejected)}, "
+        f"failed {sorted(failed)}); evaluated on {sorted(evaluation['test'])}")
     missing = [name for name in names if name not in evaluation["test"]]
     if missing:
         raise RuntimeError(f"evaluation failed at {', '.join(missing)}: {evaluation_failed}")
@@ -490,18 +499,19 @@ class LocalFlowerFederation:
                                       "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host", self.host,
                                       "--port", str(self.control_port), "--disable-runtime-dependency-installation"])
             self._wait_for_port(self.control_port, "superlink")
-            for index, (name, folder) in enumerate(self.sites.items()):
-                node_config = f'site="{name}" data-dir="{folder}" threads={self.threads}'
-                if self.site_workers:
-                    if self._socket_dir is None:  # short: a Unix socket path has at most 107 bytes
-                        import tempfile
+            sockets = {}
+            if self.site_workers:  # one process per site, forked from one that imported torch & co. once
+                import tempfile
 
-                        self._socket_dir = Path(tempfile.mkdtemp(prefix="flcrew-"))  # mode 0700
-                    sock = self._socket_dir / f"site-{index}.sock"
-                    self._spawn(f"site-{name}", [sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
-                                                 "--name", name, "--data-dir", str(folder), "--socket", str(sock),
-                                                 "--threads", str(self.threads)])
-                    node_config += f' worker="{sock}"'
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="flcrew-"))  # short (sockets: <108 bytes), 0700
+                sockets = {name: self._socket_dir / f"site-{index}.sock" for index, name in enumerate(self.sites)}
+                self._spawn("sites", [sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
+                                      "--threads", str(self.threads)]
+                            + [f"--site={name}={folder}={sockets[name]}" for name, folder in self.sites.items()])
+            for name, folder in self.sites.items():
+                node_config = f'site="{name}" data-dir="{folder}" threads={self.threads}'
+                if name in sockets:
+                    node_config += f' worker="{sockets[name]}"'
                 self._spawn(f"supernode-{name}", [
                     _executable("flower-supernode"), "--insecure", "--superlink", f"{self.host}:{self.fleet_port}",
                     "--node-config", node_config, "--host", self.host, "--port", str(free_port(self.host))])

@@ -136,9 +136,6 @@ class SiteWorker:
         finally:
             os.umask(old_umask)
         server.listen(4)
-        import fl_crew_reddit.site  # noqa: F401  (torch, transformers, PEFT: once, while the federation starts)
-        import fl_crew_reddit.training.peft_setup  # noqa: F401
-
         log.info("site %s: serving %s", self.name, path)
         while True:
             connection, _ = server.accept()
@@ -156,18 +153,45 @@ class SiteWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve one federated site's training and evaluation.")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--data-dir", required=True, type=Path)
-    parser.add_argument("--socket", required=True, type=Path)
+    """Serve one or more sites: `--site NAME=DATA_DIR=SOCKET` (repeatable). torch, transformers and PEFT are
+    imported once, then each site is forked into a process of its own (its own model, data and socket)."""
+    parser = argparse.ArgumentParser(description="Serve federated sites' training and evaluation.")
+    parser.add_argument("--site", action="append", required=True, metavar="NAME=DATA_DIR=SOCKET")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     import fl_crew_reddit._quiet  # noqa: F401
+    import fl_crew_reddit.site  # noqa: F401  (torch, transformers, PEFT: once, before forking)
+    import fl_crew_reddit.training.peft_setup  # noqa: F401
 
-    SiteWorker(args.name, args.data_dir, args.threads).serve(args.socket)
-    return 0
+    sites = []
+    for entry in args.site:
+        name, _, rest = entry.partition("=")
+        data_dir, _, path = rest.rpartition("=")
+        if not (name and data_dir and path):
+            parser.error(f"--site takes NAME=DATA_DIR=SOCKET, not {entry!r}")
+        sites.append((name, data_dir, path))
+    children = []
+    for name, data_dir, path in sites:
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the site's own process
+            try:
+                SiteWorker(name, Path(data_dir), args.threads).serve(Path(path))
+            finally:
+                os._exit(1)
+        children.append(pid)
+    # The parent only watches: when one site's process ends, it ends the others and exits (the launcher sees it).
+    try:
+        os.wait()
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+    return 1
 
 
 if __name__ == "__main__":

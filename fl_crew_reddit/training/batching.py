@@ -10,7 +10,6 @@ loss never indexes with a boolean mask on the device (that would wait for the GP
 """
 from __future__ import annotations
 
-import math
 import random
 
 import torch
@@ -106,7 +105,8 @@ def collate(batch: list[dict], pad_id: int, device: torch.device, pad_side: str 
                 index.append(i * width + offset + j)
                 targets.append(row["input_ids"][j + 1])
     tensors = {"input_ids": input_ids, "attention_mask": attention, "reply_mask": reply,
-               "target_index": torch.tensor(index, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long)}
+               "target_index": torch.tensor(index, dtype=torch.long),
+               "targets": torch.tensor(targets, dtype=torch.long)}
     out = _to_device(tensors, device)
     out.update(count=len(targets), tokens=int(sum(len(r["input_ids"]) for r in batch)), positions=input_ids.numel())
     return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -35,7 +35,7 @@ class PackInfo:
     mask: object = None  # sdpa: (1, 1, T, T) bool; flex: a BlockMask
 
 
-@lru_cache(maxsize=None)
+@cache
 def _varlen():
     """varlen_attn and the keyword names this torch version takes (its signature changed between releases)."""
     try:
@@ -45,14 +45,14 @@ def _varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
 
 
-@lru_cache(maxsize=None)
+@cache
 def varlen_works(device: torch.device) -> bool:
     """One tiny forward and backward of varlen_attn (2 examples, GQA) against sdpa run per example: the kernel
     exists in this torch build, takes these arguments, and computes causal attention. Checked once per device."""

@@ -9,17 +9,23 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
-from fl_crew_reddit.training.batching import (batch_counts, collate, length_grouped_batches, pack, reply_token_nll,
-                                              token_budget_batches)
+from fl_crew_reddit.training.batching import (
+    batch_counts,
+    collate,
+    length_grouped_batches,
+    pack,
+    reply_token_nll,
+    token_budget_batches,
+)
 from fl_crew_reddit.training.packing import packed_attention_enabled
 
 AdapterState = dict[str, torch.Tensor]
@@ -202,6 +208,7 @@ def snapshot_adapter(model) -> AdapterState:
 # to half the free memory, so an estimate off by 2× still fits.
 MAX_AUTO_TOKENS = 32768  # past this a step is long enough that launch overhead is amortised; more only costs steps
 LOG_EVERY_CUDA = 32  # steps between host reads of the losses on CUDA (each read waits for the GPU)
+COMPILE_BACKEND = "inductor"  # torch.compile backend of COMPILE=on (tests use aot_eager: no C++ compiler needed)
 
 
 def activation_bytes_per_token(model) -> int:
@@ -242,7 +249,7 @@ def compiled_layers(model, enabled: bool):
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = list(causal_lm.get_decoder().layers)
         for layer in layers:
-            layer.compile()
+            layer.compile(backend=COMPILE_BACKEND)
     try:
         yield
     finally:
@@ -285,7 +292,10 @@ class LocalTrainer:
         tokens_per_batch = int(config.get("tokens_per_batch") or 0)
         longest = max((len(r["input_ids"]) for r in self.train_rows), default=1)
         if tokens_per_batch == 0 and self.device.type == "cuda":
-            tokens_per_batch = auto_tokens_per_batch(self.model, self.device, longest)
+            # sized once per model (while its memory is that of a fresh fit), so later rounds batch the same way
+            if getattr(self.model, "_fl_auto_tokens_per_batch", None) is None:
+                self.model._fl_auto_tokens_per_batch = auto_tokens_per_batch(self.model, self.device, longest)
+            tokens_per_batch = max(self.model._fl_auto_tokens_per_batch, longest)
         if tokens_per_batch:
             tokens_per_batch = max(tokens_per_batch, longest)
         rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}")
