@@ -45,6 +45,7 @@ JOB_FILE, RESULT_FILE = "job.json", "result.json"
 GLOBAL_IN, GLOBAL_OUT = "global.safetensors", "new_global.safetensors"
 OPTIMIZER_IN, OPTIMIZER_OUT = "server_optimizer.safetensors", "server_optimizer_after.safetensors"
 NODES_FILE = "nodes.json"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SPLITS_EVALUATED = ("test", "validation")
 MODEL_SETTINGS = ("base_llm_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_quantization",
                   "quantization_bits", "gradient_checkpointing", "max_seq_length", "mixed_precision", "device", "seed")
@@ -465,17 +466,16 @@ class LocalFlowerFederation:
         self.control_port = self.fleet_port = None
         self._socket_dir: Path | None = None
 
-    @property
-    def env(self) -> dict:
-        env = dict(os.environ)
-        env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                    "FLWR_HOME": str(self.work_dir / "flwr-home"), "PYTHONUNBUFFERED": "1",
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # start app processes sooner (default: 1 s)
-                    # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
-                    "PATH": os.pathsep.join([str(Path(_executable("flower-superlink")).parent), env.get("PATH", "")]),
-                    "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
-                                                              env.get("PYTHONPATH")) if p)})
-        return env
+    def _with_env(self, command: list[str]) -> list[str]:
+        """`command` run through `env` with the variables the Flower processes need added to the inherited
+        environment (only config.py reads the environment: nothing here copies it)."""
+        variables = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                     "FLWR_HOME": str(self.work_dir / "flwr-home"), "PYTHONUNBUFFERED": "1",
+                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # start app processes sooner (default: 1 s)
+                     # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
+                     "PATH": os.pathsep.join([str(Path(_executable("flower-superlink")).parent), SYSTEM_PATH]),
+                     "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # fl_crew_reddit, for the apps
+        return [shutil.which("env") or "/usr/bin/env", *(f"{k}={v}" for k, v in variables.items()), *command]
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log_path = self.work_dir / "logs" / f"{name}.log"
@@ -483,7 +483,7 @@ class LocalFlowerFederation:
         self.logs[name] = log_path
         with log_path.open("ab") as out:
             # a process group of its own, so stop() also ends the superexec and app processes it starts
-            self.processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+            self.processes[name] = subprocess.Popen(self._with_env(command), stdout=out, stderr=subprocess.STDOUT,
                                                     cwd=self.work_dir, start_new_session=True)
 
     def start(self) -> LocalFlowerFederation:
@@ -559,7 +559,7 @@ class LocalFlowerFederation:
         started = time.perf_counter()
         run_log = job_dir / "flwr-run.log"
         with run_log.open("wb") as out:
-            submit = subprocess.Popen(command, env=self.env, cwd=self.work_dir, stdout=out, stderr=subprocess.STDOUT,
+            submit = subprocess.Popen(self._with_env(command), cwd=self.work_dir, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         problem = None
         while submit.poll() is None:  # watch the deployment while the round runs: a dead node fails it at once
