@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flwr.server.strategy import aggregate as flower  # noqa: E402
 
 from fl_crew_reddit.aggregation import (  # noqa: E402
+    _kernels,  # noqa: E402
     aggregate,
     lora_product_error,
     svd_exact,
     weighted_average,
 )
-from fl_crew_reddit.aggregation import _kernels  # noqa: E402
 from fl_crew_reddit.aggregation.rules import bulyan_select  # noqa: E402
 
 if _kernels.AVAILABLE:

@@ -33,9 +33,10 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_crew_reddit.reddit.dump_files import MonthlyFile, ZSTD_MAX_WINDOW  # noqa: E402
+from fl_crew_reddit.reddit.dump_files import ZSTD_MAX_WINDOW, MonthlyFile  # noqa: E402
 
-SAMPLE = Path(os.environ.get("REDDIT_2015_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit-2015"))
+SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit-2015"
+SAMPLE = Path(os.environ.get("REDDIT_2015_DIR", SHARED_SAMPLE))
 
 # A fresh process that loads dump_files alone (not the package, which imports torch) and scans the file: its
 # peak RSS is the reader's, not the rest of the project's.

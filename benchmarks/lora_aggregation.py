@@ -32,9 +32,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fl_crew_reddit._quiet  # noqa: E402,F401  (CrewAI / Flower / HF offline defaults, before they load)
 from safetensors.torch import load_file  # noqa: E402
 
+import fl_crew_reddit._quiet  # noqa: E402,F401  (CrewAI / Flower / HF offline defaults, before they load)
 from fl_crew_reddit import FLCrewRedditManager  # noqa: E402
 from fl_crew_reddit import workspace as workspace_module  # noqa: E402
 from fl_crew_reddit.aggregation import lora_product_error  # noqa: E402

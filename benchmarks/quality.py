@@ -54,7 +54,8 @@ def one_run(seed: int, args, workdir: Path) -> dict:
 
 def goals(run: dict) -> dict:
     worst = max(v["fl"] / v["local"] for v in run["per_client"].values())
-    return {"fl_vs_central": run["fl_ppl"] / run["central_ppl"], "fl_vs_local_mean": run["fl_ppl"] / run["local_ppl_mean"],
+    return {"fl_vs_central": run["fl_ppl"] / run["central_ppl"],
+            "fl_vs_local_mean": run["fl_ppl"] / run["local_ppl_mean"],
             "worst_client_fl_vs_local": worst,
             "met": {"fl <= 1.02 x central": run["fl_ppl"] <= 1.02 * run["central_ppl"],
                     "fl <= 0.97 x local mean": run["fl_ppl"] <= 0.97 * run["local_ppl_mean"],

@@ -235,7 +235,8 @@ def main(argv=None) -> dict:
             settings["base_llm_model"] = args.model
         base = FLCrewRedditConfig(_env_file=None, **settings)
         say(f"model {base.base_llm_model}, {NUM_TRAINERS} clients (Byzantine: {', '.join(ATTACKERS)}, "
-            f"update x {args.attack_scale:g}), {rounds} round(s), {examples} examples/client, lr {args.learning_rate:g}")
+            f"update x {args.attack_scale:g}), {rounds} round(s), {examples} examples/client, "
+            f"lr {args.learning_rate:g}")
         for name in names:
             say(f"run {name} ...")
             results[name] = run_one(name, base, rounds, args.attack_scale)

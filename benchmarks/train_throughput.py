@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fl_crew_reddit.config import EMBEDDED_MODEL, FLCrewRedditConfig  # noqa: E402
 from fl_crew_reddit.preprocessing.pipeline import build_examples  # noqa: E402
 from fl_crew_reddit.reddit.backends import DumpBackend  # noqa: E402
+from fl_crew_reddit.training import batching as batching_module  # noqa: E402
+from fl_crew_reddit.training import trainer as trainer_module  # noqa: E402
 from fl_crew_reddit.training.batching import collate, reply_token_nll, tokenize_all  # noqa: E402
 from fl_crew_reddit.training.model_loading import load_base_model  # noqa: E402
 from fl_crew_reddit.training.peft_setup import build_peft_model  # noqa: E402
-from fl_crew_reddit.training import batching as batching_module  # noqa: E402
-from fl_crew_reddit.training import trainer as trainer_module  # noqa: E402
 from fl_crew_reddit.training.trainer import LocalTrainer, bf16_autocast_supported, snapshot_adapter  # noqa: E402
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "reddit-2015"
@@ -245,7 +245,8 @@ def run_ablations(model, tokenizer, rows, steps: int, mixed_precision: str, init
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="24 steps each (fewer give a noisy ratio: the batches differ in length)")
+    parser.add_argument("--quick", action="store_true",
+                        help="24 steps each (fewer give a noisy ratio: the batches differ in length)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps for each trainer (default 60)")
     parser.add_argument("--data", type=Path, default=DATA_ROOT, help="reddit dump root (Pushshift layout)")
     parser.add_argument("--subreddits", default="books,history,programming")

@@ -5,6 +5,7 @@
 
 Heavy modules (torch, crewai) load on first use, so `python -m fl_crew_reddit.main serve-mcp` starts fast.
 """
+import fl_crew_reddit._quiet  # noqa: F401  (offline / no-telemetry defaults, before any module loads crewai or flwr)
 from fl_crew_reddit.config import FLCrewRedditConfig, load_config
 
 __all__ = ["FLCrewRedditConfig", "FLCrewRedditManager", "FLRunResult", "load_config"]

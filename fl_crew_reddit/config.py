@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 from fl_crew_reddit.hub import DEFAULT_ENDPOINT, HubAccess
 from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT
@@ -132,8 +132,9 @@ class FLCrewRedditConfig(BaseSettings):
     # --- preprocessing quality rules (each drop and each change is counted by reason in history.json)
     scrub_personal_data: bool = Field(True, description="Replace u/ and @ handles, e-mail addresses and phone numbers "
                                                         "in prompts and replies with placeholders.")
-    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Drop a reply whose word-3-gram Jaccard "
-                                                                         "similarity to an earlier one is at least this.")
+    near_duplicate_threshold: float = Field(
+        0.8, gt=0, le=1, description="Drop a reply whose word-3-gram Jaccard similarity to an earlier one is at least "
+                                     "this.")
     min_reply_tokens: int = Field(3, ge=0, le=32_768, description="Replies with fewer tokens are dropped.")
     max_reply_tokens: int = Field(512, ge=1, le=32_768, description="Replies with more tokens are dropped.")
     long_examples: Literal["truncate", "drop"] = Field(
@@ -289,7 +290,7 @@ class FLCrewRedditConfig(BaseSettings):
             return value
         if isinstance(value, str) and not value.strip():
             return None
-        from datetime import date, datetime, timezone
+        from datetime import date, datetime
 
         if isinstance(value, date) and not isinstance(value, datetime):
             value = datetime(value.year, value.month, value.day)
@@ -303,7 +304,7 @@ class FLCrewRedditConfig(BaseSettings):
                 raise ValueError("must be a date (2015-03-01), an ISO time (2015-03-01T12:00:00Z) or epoch "
                                  "seconds (1425168000)") from None
         if isinstance(value, datetime):
-            return int((value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp())
+            return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
         return value
 
     @field_validator("languages")
@@ -325,8 +326,8 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError("USE_LORA=false is not supported: only LoRA adapter weights may leave a client, so "
                              "full fine-tuning has no mode here; remove USE_LORA or set it to true")
         if self.ffa_lora and self.aggregation_method == "svd_exact":
-            raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B is "
-                             "already exact and svd_exact needs both factors; use fedavg (or any other rule)")
+            raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B "
+                             "is already exact and svd_exact needs both factors; use fedavg (or any other rule)")
         if self.test_fraction + self.validation_fraction >= 0.9:
             raise ValueError(f"TEST_FRACTION={self.test_fraction:g} + VALIDATION_FRACTION={self.validation_fraction:g} "
                              "must stay below 0.9: most threads must be left for training")
@@ -338,7 +339,6 @@ class FLCrewRedditConfig(BaseSettings):
                              "REDDIT_MCP_URL or REDDIT_MCP_COMMAND to that server too")
         if self.reddit_mcp_tool_map and not self.subreddits:
             from fl_crew_reddit.reddit.tool_map import load_tool_map
-
             from fl_crew_reddit.reddit.tool_names import RedditTool
 
             if RedditTool.LIST_SUBREDDITS not in load_tool_map(self.reddit_mcp_tool_map).tools:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from fl_crew_reddit.config import FLCrewRedditConfig, process_environment
 from fl_crew_reddit.reddit.settings import LiveCredentials, RedditSourceSettings
@@ -41,7 +42,7 @@ def reddit_source_settings(config: FLCrewRedditConfig) -> RedditSourceSettings:
         timeout_s=config.reddit_timeout_s)
 
 
-def make_source_backend(config: FLCrewRedditConfig) -> "RedditBackend":
+def make_source_backend(config: FLCrewRedditConfig) -> RedditBackend:
     """The backend REDDIT_BACKEND names, built from `config` (live: the credentials are checked here)."""
     from fl_crew_reddit.reddit.backends import make_backend
 
@@ -75,7 +76,7 @@ def server_environment(config: FLCrewRedditConfig, base: Mapping[str, str] | Non
     return with_project_path(env)
 
 
-def open_mcp_client(config: FLCrewRedditConfig, timeout_s: float | None = None, **kwargs) -> "RedditMCPClient":
+def open_mcp_client(config: FLCrewRedditConfig, timeout_s: float | None = None, **kwargs) -> RedditMCPClient:
     """The MCP client the settings ask for: REDDIT_MCP_URL, else REDDIT_MCP_COMMAND, else this package's server
     with the backend and dump folder of `config`; REDDIT_MCP_TOOL_MAP adapts a third-party server.
 

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     serve.add_argument("server_args", nargs=argparse.REMAINDER,
                        help="passed on (--backend, --dump-dir, --transport, --host, --port; see serve-mcp --help)")
-    collect = commands.add_parser("collect", help="only collect Reddit data through the MCP server into data/collected/")
+    collect = commands.add_parser("collect",
+                                  help="only collect Reddit data through the MCP server into data/collected/")
     collect.add_argument("--subreddits", help="comma-separated (default: SUBREDDITS, else all the backend has)")
     collect.add_argument("--posts", type=int, help="posts per subreddit (default: POSTS_PER_SUBREDDIT)")
     collect.add_argument("--query", action="append", default=[],
@@ -128,6 +129,8 @@ def _stop_cleanly_on_ctrl_c(run_id: str) -> None:
     def stop(signum, frame):
         print(f"\nStopped. Completed rounds are saved; continue with: python -m fl_crew_reddit.main --resume {run_id}",
               file=sys.stderr, flush=True)
+        if "fl_crew_reddit.federation.flower" in sys.modules:  # FEDERATION=local-flower: its SuperLink and nodes
+            sys.modules["fl_crew_reddit.federation.flower"].stop_all()
         logging.shutdown()
         sys.stdout.flush()
         os._exit(130)

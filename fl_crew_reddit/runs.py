@@ -58,7 +58,7 @@ class RunPaths:
     def log_file(self) -> Path:
         return self.base / "logs" / f"{self.run_id}.log"
 
-    def create(self) -> "RunPaths":
+    def create(self) -> RunPaths:
         for folder in (self.collected, self.results, self.log_file.parent):
             folder.mkdir(parents=True, exist_ok=True)
         return self

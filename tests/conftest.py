@@ -77,10 +77,11 @@ def tiny_config(tiny_model_dir, tmp_path, monkeypatch):
 @pytest.fixture()
 def tiny_model(tiny_model_dir):
     """(peft model, tokenizer) for training tests."""
+    import torch
+
     from fl_crew_reddit.config import FLCrewRedditConfig
     from fl_crew_reddit.training.model_loading import load_base_model
     from fl_crew_reddit.training.peft_setup import build_peft_model
-    import torch
 
     config = FLCrewRedditConfig(base_llm_model=str(tiny_model_dir), lora_r=4, lora_alpha=8, device="cpu")
     base, tokenizer = load_base_model(config, torch.device("cpu"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +33,7 @@ def _post(record: dict) -> dict:
     text = bool(record.get("selftext"))
     return {"id": record["id"], "title": record["title"], "author": record.get("author") or "[deleted]",
             "score": record["score"], "subreddit": record["subreddit"], "url": permalink,
-            "created_at": datetime.fromtimestamp(record["created_utc"], timezone.utc).astimezone().isoformat(),
+            "created_at": datetime.fromtimestamp(record["created_utc"], UTC).astimezone().isoformat(),
             "comment_count": record["num_comments"], "post_type": "text" if text else "link",
             "content": record["selftext"] if text else permalink}
 

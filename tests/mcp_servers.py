@@ -7,9 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT = ROOT / "fl_crew_reddit" / "reddit" / "snapshot"
@@ -47,7 +47,7 @@ def http_server(log_path: Path, *server_args: str) -> Iterator[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the HTTP server did not listen on {port}:\n{log_path.read_text()}")
+                    raise RuntimeError(f"the HTTP server did not listen on {port}:\n{log_path.read_text()}") from None
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:

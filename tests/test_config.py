@@ -1,7 +1,7 @@
 """Settings: defaults of the design, environment parsing, one clear message for bad values, secrets kept out."""
 import pytest
 
-from fl_crew_reddit.config import ConfigError, EMBEDDED_MODEL, load_config
+from fl_crew_reddit.config import EMBEDDED_MODEL, ConfigError, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,8 @@ def test_defaults_match_the_design():
     assert (config.federation_rounds, config.local_epochs, config.batch_size) == (10, 3, 4)
     assert config.learning_rate == 2e-4
     assert config.aggregation_method == "weighted_average"
-    assert (config.support_multimodal, config.image_processor, config.max_image_size) == (True, "clip-vit-base-patch32", 224)
+    assert (config.support_multimodal, config.image_processor, config.max_image_size) == (
+        True, "clip-vit-base-patch32", 224)
     assert config.agent_llm_model == "gpt-4"
     assert (config.reddit_backend, config.num_trainers, config.partition) == ("snapshot", 3, "subreddit")
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_run_config
 
 CLIENTS = ["client-0", "client-1", "client-2"]

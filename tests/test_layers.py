@@ -28,9 +28,9 @@ Rules (each is one entry of RULES or one check below):
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import fl_crew_reddit
 from fl_crew_reddit.reddit.tool_names import RedditTool

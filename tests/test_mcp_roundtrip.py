@@ -21,8 +21,8 @@ from fl_crew_reddit.data_source import PROJECT_ROOT, open_mcp_client, server_com
 from fl_crew_reddit.main import serve_mcp_command
 from fl_crew_reddit.reddit.backends import DumpBackend
 from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
-from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 from fl_crew_reddit.reddit.collector import collect
+from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 from fl_crew_reddit.reddit.server import MAX_LIMIT, build_server
 
 REDDIT_2015 = Path(os.environ.get("REDDIT_2015_DIR", "/work/shared/data/reddit-2015"))

@@ -35,7 +35,8 @@ def test_robust_rules_keep_perplexity_under_sign_flipped_scaled_clients(tiny_con
     base = tiny_config.model_copy(update={
         "num_trainers": 8, "partition": "iid", "eval_samples": 0, "local_epochs": 1, "max_examples_per_client": 32,
         "learning_rate": 1e-3, "lora_alpha": 64,
-        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]})
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "lm_head"]})
     results = {name: bench.run_one(name, base, rounds=1)
                for name in ("clean_fedavg", "fedavg", "krum", "median", "trimmed_mean")}
     goals = bench.judge(results)

@@ -14,8 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from fl_crew_reddit import FLCrewRedditManager
 from fl_crew_reddit.config import ConfigError, load_config
-from fl_crew_reddit.training.device_pool import (TrainerDevicesUnavailable, TrainerJobFailed, TrainerPool,
-                                                 TrainingJob, trainer_devices)
+from fl_crew_reddit.training.device_pool import (
+    TrainerDevicesUnavailable,
+    TrainerJobFailed,
+    TrainerPool,
+    TrainingJob,
+    trainer_devices,
+)
 
 TWO_CPU_WORKERS = ["cpu", "cpu"]
 

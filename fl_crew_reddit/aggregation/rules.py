@@ -78,7 +78,8 @@ def _weighted_average(
 def pairwise_sq_distances(states: Sequence[StateDict]) -> Tensor:
     """(n, n) float64 squared Euclidean distances between flattened states.
 
-    With numba: summed differences (`_kernels.pairwise_sq_distances`), one pass over the inputs. Without: computed from a Gram matrix after subtracting the per-coordinate mean of each column chunk (distances are
+    With numba: summed differences (`_kernels.pairwise_sq_distances`), one pass over the inputs. Without: computed
+    from a Gram matrix after subtracting the per-coordinate mean of each column chunk (distances are
     translation invariant). Centring removes the large shared part of the clients' adapters, which is what makes
     ||a||^2 + ||b||^2 - 2ab cancel badly; after it the float32 Gram of each chunk (one BLAS call) is accurate to
     about 1e-7 relative, and the chunks are summed in float64. Twice as fast as a float64 Gram.

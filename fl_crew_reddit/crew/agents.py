@@ -9,8 +9,6 @@ import logging
 from pathlib import Path
 
 import yaml
-
-import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai import Agent
 from crewai.llms.base_llm import BaseLLM
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
-import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai.flow.flow import Flow, listen, or_, router, start
 from pydantic import BaseModel, Field
 
 from fl_crew_reddit.crew.agents import FLCrew
-from fl_crew_reddit.evaluation.selection import best_round_record
 from fl_crew_reddit.crew.llm_mode import run_step
+from fl_crew_reddit.evaluation.selection import best_round_record
 from fl_crew_reddit.history import AgentStep
 
 log = logging.getLogger(__name__)

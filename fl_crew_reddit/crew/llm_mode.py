@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai import LLM, Task
 from crewai.llm import SUPPORTED_NATIVE_PROVIDERS
 from crewai.llms.base_llm import BaseLLM

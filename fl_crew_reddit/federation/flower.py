@@ -16,6 +16,7 @@ shapes, dtypes, finite values and norm before the aggregation rule sees it. Noth
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -448,6 +449,18 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return "(no log)"
 
 
+_RUNNING: set[LocalFlowerFederation] = set()
+
+
+def stop_all() -> None:
+    """Stop every federation this process started (Ctrl+C, interpreter exit)."""
+    for federation in list(_RUNNING):
+        federation.stop()
+
+
+atexit.register(stop_all)
+
+
 class LocalFlowerFederation:
     """A SuperLink and one SuperNode per site on 127.0.0.1 (insecure: loopback only), as child process groups."""
 
@@ -488,6 +501,7 @@ class LocalFlowerFederation:
 
     def start(self) -> LocalFlowerFederation:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        _RUNNING.add(self)
         home = self.work_dir / "flwr-home"
         home.mkdir(exist_ok=True)
         self.control_port, self.fleet_port = free_port(self.host), free_port(self.host)
@@ -608,6 +622,7 @@ class LocalFlowerFederation:
             except subprocess.TimeoutExpired:
                 pass
         self.processes = {}
+        _RUNNING.discard(self)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None

@@ -9,8 +9,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fl_crew_reddit.preprocessing.cleaning import (clean_text, drop_reason, has_quote, normalise_for_dedupe,
-                                                   scrub_personal_data)
+from fl_crew_reddit.preprocessing.cleaning import (
+    clean_text,
+    drop_reason,
+    has_quote,
+    normalise_for_dedupe,
+    scrub_personal_data,
+)
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
 
 PLAIN_TEMPLATE_PROMPT = "### Reddit post\n{prompt}\n\n### Reply\n"

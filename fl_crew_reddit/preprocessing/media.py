@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 from fl_crew_reddit.preprocessing.images import (
@@ -49,7 +49,7 @@ class MediaSettings:
     fetch_timeout_s: float = 15.0
 
     @classmethod
-    def from_settings(cls, settings) -> "MediaSettings":
+    def from_settings(cls, settings) -> MediaSettings:
         """From any object with the FLCrewRedditConfig field names (the config itself)."""
         return cls(max_image_size=settings.max_image_size, video_keyframes=settings.video_keyframes,
                    fetch_max_bytes=settings.max_image_bytes, fetch_timeout_s=settings.image_fetch_timeout_s)

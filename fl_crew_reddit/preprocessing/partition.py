@@ -10,7 +10,6 @@ import random
 from collections import defaultdict
 from typing import NamedTuple
 
-
 PARTITIONS = ("subreddit", "iid", "dirichlet", "author")
 MIN_THREADS_PER_CLIENT = 2  # a client's test split and its training split each need at least one whole thread
 DIRICHLET_REDRAWS = 100  # draws tried before the repair step gives threads to the clients left short
@@ -41,7 +40,8 @@ def partition_examples(examples: list[dict], num_clients: int, mode: str, seed: 
     if len(by_subreddit) < num_clients:
         raise ValueError(
             f"PARTITION=subreddit needs at least NUM_TRAINERS={num_clients} subreddits with examples, "
-            f"got {len(by_subreddit)} ({', '.join(sorted(by_subreddit)) or 'none'}): add SUBREDDITS or use PARTITION=iid")
+            f"got {len(by_subreddit)} ({', '.join(sorted(by_subreddit)) or 'none'}): add SUBREDDITS or use "
+            "PARTITION=iid")
     # Largest subreddits first, each to the client with the fewest examples so far: balanced, still one topic each
     # when the counts match.
     return _greedy_balance([by_subreddit[s] for s in sorted(by_subreddit, key=lambda s: (-len(by_subreddit[s]), s))],

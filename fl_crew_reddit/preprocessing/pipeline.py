@@ -16,9 +16,9 @@ from pydantic import BaseModel, Field
 
 from fl_crew_reddit.preprocessing.cleaning import language_drop_reason
 from fl_crew_reddit.preprocessing.examples import render_chat, thread_examples, tokenize_example
-from fl_crew_reddit.preprocessing.near_duplicates import near_duplicates
 from fl_crew_reddit.preprocessing.image_features import ImageFeatureReport, encode_stored_images
 from fl_crew_reddit.preprocessing.media import MediaSettings, MediaStore
+from fl_crew_reddit.preprocessing.near_duplicates import near_duplicates
 from fl_crew_reddit.preprocessing.partition import partition_examples, split_by_thread
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
 
@@ -82,7 +82,7 @@ class QualityRules:
     languages: frozenset[str] = frozenset({"en"})
 
     @classmethod
-    def from_settings(cls, settings) -> "QualityRules":
+    def from_settings(cls, settings) -> QualityRules:
         """From any object with the FLCrewRedditConfig field names (the config itself)."""
         return cls(scrub_personal_data=settings.scrub_personal_data,
                    near_duplicate_threshold=settings.near_duplicate_threshold,

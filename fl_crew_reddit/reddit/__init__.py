@@ -11,8 +11,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from fl_crew_reddit.reddit.backends import DumpBackend, RedditBackend, SnapshotBackend, make_backend
     from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
-    from fl_crew_reddit.reddit.schemas import (PostComments, RedditComment, RedditPost, SearchResults,
-                                               SubredditInfo, SubredditPosts, UserData)
+    from fl_crew_reddit.reddit.schemas import (
+        PostComments,
+        RedditComment,
+        RedditPost,
+        SearchResults,
+        SubredditInfo,
+        SubredditPosts,
+        UserData,
+    )
     from fl_crew_reddit.reddit.server import build_server
     from fl_crew_reddit.reddit.settings import RedditSourceSettings
     from fl_crew_reddit.reddit.tool_names import RedditTool

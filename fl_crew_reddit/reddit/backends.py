@@ -1,4 +1,5 @@
-"""Where Reddit records come from: Reddit dump files (Pushshift / Arctic Shift), or the snapshot embedded in the package.
+"""Where Reddit records come from: Reddit dump files (Pushshift / Arctic Shift), or the snapshot embedded in the
+package.
 
 `DumpBackend` reads a folder holding any mix of these layouts; each file may be plain JSON lines, `.gz` or `.zst`
 (zstandard with the long window the dumps use), and is streamed, never loaded whole (see `dump_files`)::
@@ -33,9 +34,10 @@ import math
 import re
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ValidationError
@@ -647,7 +649,8 @@ class DumpBackend(RedditBackend):
             stack.extend(reversed(children.get(f"t1_{comment.id}", [])))
         # replies whose parent is not in the dump come last, oldest first
         ordered.extend(sorted((c for c in comments if c.id not in visited), key=lambda c: (c.created_utc, c.id)))
-        return PostComments(post=post.model_copy(deep=True), comments=[c.model_copy(deep=True) for c in ordered[:max(limit, 0)]])
+        kept = [c.model_copy(deep=True) for c in ordered[:max(limit, 0)]]
+        return PostComments(post=post.model_copy(deep=True), comments=kept)
 
     def user_data(self, username: str, limit: int = 25) -> UserData:
         key = username.strip().removeprefix("/u/").removeprefix("u/").lower()

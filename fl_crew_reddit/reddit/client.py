@@ -20,11 +20,12 @@ import os
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -255,7 +256,7 @@ class RedditMCPClient:
         if self._errlog is not None:
             self._errlog.close()
 
-    def __enter__(self) -> "RedditMCPClient":
+    def __enter__(self) -> RedditMCPClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,8 +22,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlparse
 
 import praw
@@ -316,7 +317,7 @@ class LiveRedditBackend(RedditBackend):
             core._retry_strategy_class = _NoInnerRetry  # noqa: SLF001 (see the module docstring)
 
     @classmethod
-    def from_settings(cls, settings: RedditSourceSettings, **kwargs: Any) -> "LiveRedditBackend":
+    def from_settings(cls, settings: RedditSourceSettings, **kwargs: Any) -> LiveRedditBackend:
         """The backend `settings` describe; `kwargs` (sleep, rng) pass through, for tests."""
         return cls(settings.credentials.client_id, settings.credentials.client_secret,
                    subreddits=list(settings.subreddits), user_agent=settings.user_agent,

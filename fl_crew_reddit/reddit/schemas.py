@@ -24,8 +24,9 @@ class RedditPost(BaseModel):
     permalink: str | None = None
     is_video: bool = False
     image_paths: list[str] = Field(default_factory=list)
-    image_urls: list[str] = Field(default_factory=list, description="remote images of a live post, in order: the "
-                                  "image, each gallery item, or a video's preview; fetched with media_fetch.fetch_image")
+    image_urls: list[str] = Field(
+        default_factory=list, description="remote images of a live post, in order: the image, each gallery item, or "
+                                          "a video's preview; fetched with media_fetch.fetch_image")
     video_url: str | None = Field(None, description="a live Reddit-hosted video (v.redd.it fallback MP4)")
 
 

@@ -15,12 +15,11 @@ import logging
 import os
 import sys
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 from mcp.server.fastmcp import FastMCP
 from mcp.types import ToolAnnotations
 from pydantic import Field
-from typing_extensions import Annotated
 
 from fl_crew_reddit.reddit.backends import RedditBackend
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData

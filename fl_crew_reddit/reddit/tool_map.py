@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -329,7 +329,7 @@ def _epoch(value: Any) -> int | None:
         except ValueError:
             return None
         if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=timezone.utc)
+            stamp = stamp.replace(tzinfo=UTC)
         return int(stamp.timestamp())
     return None
 

@@ -376,7 +376,8 @@ class LocalTrainer:
                     batch = (pack(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
                              else collate(rows, self.pad_id, self.device))
                     with autocast_context(self.device, self.mixed_precision):
-                        nll, _ = reply_token_nll(self.model, batch, backend=backend)
+                        nll, _ = (reply_token_nll(self.model, batch, backend=backend) if packed
+                                  else reply_token_nll(self.model, batch))  # (benchmarks swap in other losses)
                     loss = nll / max(step_targets, 1)
                     if mu > 0 and index == 0:
                         loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
-import fl_crew_reddit._quiet  # noqa: F401  (before crewai)
 from crewai.tools import BaseTool
 from pydantic import BaseModel, PrivateAttr
 
