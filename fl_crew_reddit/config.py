@@ -325,6 +325,9 @@ class FLCrewRedditConfig(BaseSettings):
         if not self.use_lora:
             raise ValueError("USE_LORA=false is not supported: only LoRA adapter weights may leave a client, so "
                              "full fine-tuning has no mode here; remove USE_LORA or set it to true")
+        if self.federation == "local-flower" and self.trainer_devices != ["auto"]:
+            raise ValueError("FEDERATION=local-flower trains each client on its own SuperNode: leave TRAINER_DEVICES "
+                             "at auto (trainer processes are for FEDERATION=inprocess)")
         if self.ffa_lora and self.aggregation_method == "svd_exact":
             raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B "
                              "is already exact and svd_exact needs both factors; use fedavg (or any other rule)")
