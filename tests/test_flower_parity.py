@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_config
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
 from fl_crew_reddit import FLCrewRedditManager
 
 ROUNDS = 2
