@@ -12,19 +12,36 @@ import time
 from pathlib import Path
 
 import torch
+
 from fl_crew_reddit.aggregation import make_server_optimizer
 from fl_crew_reddit.config import FLCrewRedditConfig
 from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate, image_text_scores, split_perplexities
 from fl_crew_reddit.evaluation.selection import argmin_round, best_round_record
 from fl_crew_reddit.evaluation.tensorboard_scalars import RunScalars, baseline_scalars, metrics_scalars, round_scalars
-from fl_crew_reddit.history import (AgentStep, BaselineRecord, ClientRoundResult, RoundAggregate, RoundRecord,
-                                    RunHistory, parse_run_history)
+from fl_crew_reddit.history import (
+    AgentStep,
+    BaselineRecord,
+    ClientRoundResult,
+    RoundAggregate,
+    RoundRecord,
+    RunHistory,
+    parse_run_history,
+)
 from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
+from fl_crew_reddit.runs import (
+    RunPaths,
+    load_client_update,
+    load_round_state,
+    point_latest,
+    save_adapter,
+    save_client_update,
+    save_round_state,
+    update_file,
+    write_json_atomic,
+)
 from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
-from fl_crew_reddit.runs import (RunPaths, load_client_update, load_round_state, point_latest, save_adapter,
-                                 save_client_update, save_round_state, update_file, write_json_atomic)
 from fl_crew_reddit.training.batching import tokenize_all
 from fl_crew_reddit.training.device_pool import TrainerPool, TrainingJob, trainer_devices
 from fl_crew_reddit.training.model_loading import load_base_model, pick_device

@@ -37,10 +37,12 @@ def test_sampling_is_seeded_stable_and_at_least_min_fit_clients():
 
 def test_fit_config_carries_the_round_and_the_local_training_settings():
     strategy = FederatedStrategy(StrategySettings(seed=5, local_epochs=2, batch_size=8, learning_rate=1e-3,
-                                                  max_local_steps=10, client_timeout=30.0, fedprox_mu=0.5))
+                                                  max_local_steps=10, client_timeout=30.0, fedprox_mu=0.5,
+                                                  tokens_per_batch=4096, gradient_accumulation_steps=2))
     assert strategy.fit_config(4) == {"round": 4, "local_epochs": 2, "batch_size": 8, "learning_rate": 1e-3,
                                       "max_steps": 10, "seed": 5, "proximal_mu": 0.0, "timeout_s": 30.0,
-                                      "train_lora_a": True}
+                                      "train_lora_a": True, "tokens_per_batch": 4096, "grad_accum_steps": 2,
+                                      "compile": "auto"}
     prox = FederatedStrategy(StrategySettings(aggregation_method="fedprox", fedprox_mu=0.5, ffa_lora=True))
     assert prox.fit_config(1)["proximal_mu"] == 0.5 and prox.fit_config(1)["train_lora_a"] is False
 

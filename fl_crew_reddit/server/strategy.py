@@ -40,6 +40,9 @@ class StrategySettings:
     max_local_steps: int = 0
     fedprox_mu: float = 0.01
     client_timeout: float = 0.0
+    tokens_per_batch: int = 0  # 0: BATCH_SIZE examples on a CPU, a budget from free memory on CUDA
+    gradient_accumulation_steps: int = 1
+    compile: str = "auto"
 
     @classmethod
     def from_config(cls, config: Any) -> StrategySettings:
@@ -102,7 +105,9 @@ class FederatedStrategy:
         return {"round": round_number, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
                 "learning_rate": s.learning_rate, "max_steps": s.max_local_steps, "seed": s.seed,
                 "proximal_mu": s.fedprox_mu if s.aggregation_method == "fedprox" else 0.0,
-                "timeout_s": s.client_timeout, "train_lora_a": not s.ffa_lora}
+                "timeout_s": s.client_timeout, "train_lora_a": not s.ffa_lora,
+                "tokens_per_batch": s.tokens_per_batch, "grad_accum_steps": s.gradient_accumulation_steps,
+                "compile": s.compile}
 
     # --- screen and aggregate -------------------------------------------------------------------------------------
     def expected_update(self, global_adapter: StateDict) -> StateDict:

@@ -198,7 +198,8 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> flo
 
 
 def snapshot_adapter(model) -> AdapterState:
-    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model)
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
 # Auto token budget (TOKENS_PER_BATCH=0 on CUDA): activation bytes per token of one decoder layer with LoRA on all
