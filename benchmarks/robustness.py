@@ -120,7 +120,7 @@ def byzantine_clients(attackers=ATTACKERS, scale: float = ATTACK_SCALE, log: lis
                             "sent_norm": update_norm(global_adapter, result.state) if byzantine else honest})
             return result
 
-    with mock.patch("fl_crew_reddit.workspace.LocalTrainer", ByzantineTrainer):
+    with mock.patch("fl_crew_reddit.site.app.LocalTrainer", ByzantineTrainer):  # the sites train the clients
         yield
 
 
