@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fl_crew_reddit.aggregation import NotEnoughClientsError
+from fl_crew_reddit.aggregation import SUPPORTED_METHODS, NotEnoughClientsError
 from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
 
 KEYS = ("layer.0.lora_A.weight", "layer.0.lora_B.weight")
@@ -121,3 +121,31 @@ def test_settings_travel_as_plain_values():
     with pytest.raises(ValueError, match="unknown"):
         StrategySettings.from_dict({"seed": 1, "bogus": 2})
     assert FederatedStrategy(settings).aggregation_options("krum", _global()) == {"num_byzantine": 1}
+
+
+@pytest.mark.parametrize("method", SUPPORTED_METHODS)
+def test_every_method_aggregates_lora_updates_into_a_finite_global_adapter_of_the_same_shape(method):
+    # Prepare: a global adapter of two LoRA pairs and 5 clients' updates around it.
+    torch.manual_seed(0)
+    global_adapter = {"q.lora_A.weight": torch.randn(4, 16), "q.lora_B.weight": torch.zeros(16, 4),
+                      "v.lora_A.weight": torch.randn(4, 16), "v.lora_B.weight": torch.zeros(16, 4)}
+    updates = [ClientUpdate(f"client-{i}", {k: v + 0.01 * torch.randn_like(v) for k, v in global_adapter.items()},
+                            num_examples=10 + i) for i in range(7)]  # Bulyan needs 4f + 3
+    strategy = FederatedStrategy(StrategySettings(aggregation_method=method, num_byzantine=1, max_update_norm=100.0))
+    # Execute: two rounds, so the server optimizers also take a step from their saved state.
+    first = strategy.aggregate(global_adapter, updates)
+    second = strategy.aggregate(first.new_global, updates)
+    # Assert
+    for outcome in (first, second):
+        assert outcome.method == method and outcome.rejected == {}
+        assert set(outcome.new_global) == set(global_adapter)
+        for key, value in outcome.new_global.items():
+            assert value.shape == global_adapter[key].shape and torch.isfinite(value).all(), key
+    # The rule moved the adapter's updates B·A by about the clients' size (svd_exact re-factors A and B, so compare
+    # the products, not the factors).
+    def product(state, layer):
+        return state[f"{layer}.lora_B.weight"] @ state[f"{layer}.lora_A.weight"]
+
+    moved = max((product(first.new_global, layer) - product(global_adapter, layer)).abs().max().item()
+                for layer in ("q", "v"))
+    assert 0 < moved < 1

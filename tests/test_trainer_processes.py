@@ -157,3 +157,42 @@ def test_trainer_devices_setting(monkeypatch, tmp_path):
         trainer_devices(["cuda:0", "cuda:2"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert trainer_devices(["auto"], "auto") == []
+
+
+def test_a_worker_that_dies_while_starting_is_started_once_more_then_fails(monkeypatch, caplog):
+    from fl_crew_reddit.training import device_pool
+
+    pool = TrainerPool.__new__(TrainerPool)  # no processes: only the start policy is under test
+    attempts = []
+
+    def dies(worker):
+        attempts.append(worker)
+        raise device_pool.WorkerDiedWhileStarting("trainer process 1 on cpu died while starting (exit code -9)")
+
+    monkeypatch.setattr(pool, "_start_once", dies, raising=False)
+    with pytest.raises(device_pool.WorkerDiedWhileStarting):
+        pool._start("worker")
+    assert attempts == ["worker", "worker"] and "starting it once more" in caplog.text
+
+    attempts.clear()
+    outcomes = iter([device_pool.WorkerDiedWhileStarting("died while starting"), None])
+
+    def dies_once(worker):
+        attempts.append(worker)
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(pool, "_start_once", dies_once, raising=False)
+    pool._start("worker")
+    assert attempts == ["worker", "worker"]
+
+    def load_error(worker):  # the model cannot load: retrying would fail the same way
+        attempts.append(worker)
+        raise TrainerJobFailed("trainer process 1 on cpu could not load the model: OSError: no weights")
+
+    attempts.clear()
+    monkeypatch.setattr(pool, "_start_once", load_error, raising=False)
+    with pytest.raises(TrainerJobFailed, match="could not load"):
+        pool._start("worker")
+    assert attempts == ["worker"]

@@ -45,6 +45,10 @@ class TrainerJobFailed(RuntimeError):
     """One client's training in a worker process failed: the worker raised, died or ran past CLIENT_TIMEOUT."""
 
 
+class WorkerDiedWhileStarting(TrainerJobFailed):
+    """A worker process ended (killed or crashed) before it reported that its model was loaded."""
+
+
 def trainer_devices(setting: list[str], device: str = "auto") -> list[str]:
     """The devices of the trainer processes for TRAINER_DEVICES, or [] for in-process training one after another.
 
@@ -294,6 +298,18 @@ class TrainerPool:
             shared.worker_left()
 
     def _start(self, worker: _Worker) -> None:
+        """Start the worker process and wait until it has loaded the model. A process that dies while starting
+        (seen rarely on a loaded 2-core machine: SIGKILL from outside while it imports and loads) is started once
+        more before its jobs fail; a process that reports a load error is not retried (it would fail the same way)."""
+        for attempt in (1, 2):
+            try:
+                return self._start_once(worker)
+            except WorkerDiedWhileStarting as error:
+                if attempt == 2:
+                    raise
+                log.warning("%s; starting it once more", error)
+
+    def _start_once(self, worker: _Worker) -> None:
         self._stop(worker)
         started = time.perf_counter()
         parent_end, child_end = self._context.Pipe()
@@ -342,7 +358,8 @@ class TrainerPool:
         worker.process.join(5)
         code = worker.process.exitcode
         self._stop(worker)
-        raise TrainerJobFailed(f"{worker.name} died while {doing} (exit code {code})")
+        died = WorkerDiedWhileStarting if doing == "starting" else TrainerJobFailed
+        raise died(f"{worker.name} died while {doing} (exit code {code})")
 
     @staticmethod
     def _stop(worker: _Worker) -> None:
