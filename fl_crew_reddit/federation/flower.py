@@ -34,6 +34,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fl_crew_reddit.runs import write_json_atomic  # light: it loads torch only to move tensors
+
 if TYPE_CHECKING:
     import torch
 
@@ -120,12 +122,6 @@ def _load_strategy_state(meta: dict | None, tensors_path: Path) -> dict | None:
             buffer, key = flat_key.split("::", 1)
             state["buffers"].setdefault(buffer, {})[key] = tensor
     return state
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --- the ClientApp ---------------------------------------------------------------------------------------------------
@@ -239,9 +235,9 @@ def _server_main(grid: Grid, context: Context) -> None:
     try:
         result = run_server_round(grid, job_dir)
     except Exception as error:
-        _write_json_atomic(job_dir / "server_error.json", {"error": f"{type(error).__name__}: {error}"})
+        write_json_atomic(job_dir / "server_error.json", {"error": f"{type(error).__name__}: {error}"})
         raise
-    _write_json_atomic(job_dir / RESULT_FILE, result)
+    write_json_atomic(job_dir / RESULT_FILE, result)
 
 
 def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) -> dict[str, int]:
@@ -270,7 +266,7 @@ def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) 
     if missing:
         raise RuntimeError(f"no SuperNode serves {', '.join(missing)} (connected sites: {sorted(found)})")
     mapping = {name: found[name] for name in names}
-    _write_json_atomic(cache, mapping)
+    write_json_atomic(cache, mapping)
     return mapping
 
 
@@ -567,7 +563,7 @@ class LocalFlowerFederation:
                "strategy_state": _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_IN),
                "model": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()},
                "timeout_s": self.round_timeout_s}
-        _write_json_atomic(job_dir / JOB_FILE, job)
+        write_json_atomic(job_dir / JOB_FILE, job)
         command = [_executable("flwr"), "run", str(APP_DIR), "local", "--stream",
                    "--run-config", f'job-dir="{job_dir}"']
         started = time.perf_counter()
