@@ -165,7 +165,7 @@ def run_ours(config, device, rows, steps: int, tokens_per_batch: int, compile_mo
     began = time.perf_counter()
     trainer.fit(start, {**fit, "max_steps": WARMUP_STEPS})  # kernels, allocator, compilation
     warm_s = time.perf_counter() - began
-    plan, _, packed, _ = trainer.plan({**fit, "max_steps": steps})
+    plan, _, packed, _, _ = trainer.plan({**fit, "max_steps": steps})
     result = trainer.fit(start, {**fit, "max_steps": steps})
     metrics = result.metrics
     out = {"tokens_per_s": round(metrics["tokens_per_s"], 1), "peak_gib": peak_gib(device),
@@ -362,6 +362,7 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=int, default=240)
     parser.add_argument("--deadline", type=float, default=520, help="seconds: start no child after this")
     parser.add_argument("--check", action="store_true", help="correctness and sync checks first")
+    parser.add_argument("--plan", help="comma-separated indices into PLAN: run just those (a rerun of what was cut)")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # index into PLAN, in a child process
     parser.add_argument("--make-rows", action="store_true", help="write --rows and --tokenizer here (CPU) and stop")
     args = parser.parse_args()
@@ -384,7 +385,7 @@ def main() -> None:
         (args.out / "results.jsonl").write_text("")
     made: dict[str, str | None] = {}
     for index, (size, mode, *_rest) in enumerate(PLAN):
-        if size not in sizes or mode not in modes:
+        if size not in sizes or mode not in modes or (args.plan and str(index) not in args.plan.split(",")):
             continue
         left = args.deadline - (time.perf_counter() - began)
         if left < 30:

@@ -27,6 +27,7 @@ from fl_crew_reddit.training.batching import (
     token_budget_batches,
 )
 from fl_crew_reddit.training.packing import packed_attention_enabled
+from fl_crew_reddit.training.peft_setup import parameter_count
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -231,14 +232,28 @@ def auto_tokens_per_batch(model, device: torch.device, longest_row: int) -> int:
     return max(longest_row, min(MAX_AUTO_TOKENS, budget))
 
 
-def resolve_compile(mode: str, device: torch.device, packed: bool) -> bool:
+COMPILE_AUTO_MAX_PARAMS = 1_000_000_000  # measured to pay at 135M (1.57x on an H200); not measured above 1B
+COMPILE_AUTO_MIN_TOKENS = 4_000_000  # per fit: ~35 s eager at 135M, so the ~33 s compile pays back within 3 rounds
+
+
+def resolve_compile(mode: str, device: torch.device, packed: bool, params: int = 0, fit_tokens: int = 0) -> bool:
     """COMPILE=on compiles each decoder layer (regional compilation: one compile serves every layer) and pads packed
-    batches to the token budget, so every step has the same shape. auto: off, because the gain has not been
-    measured yet (benchmarks/gpu_throughput.py measures it: the `auto_compiled` run); packed steps of thousands of
-    tokens already keep the GPU busy, and compiling costs start-up time in every client process."""
+    batches to the token budget, so every step has the same shape. auto: on only where it was measured to pay:
+    CUDA, packed batches, a model under 1B parameters and a fit of at least 4M tokens. On an H200 (2026-12-01,
+    benchmarks/gpu_throughput.py) the 135M shape ran 182,644 vs 115,998 tokens/s compiled (1.57x) after a 33 s
+    compile; the compiled code stays cached in the worker, so later rounds do not pay it again."""
     if mode == "on":
         return True
-    return False
+    if mode == "off" or device.type != "cuda" or not packed:
+        return False
+    return 0 < params < COMPILE_AUTO_MAX_PARAMS and fit_tokens >= COMPILE_AUTO_MIN_TOKENS
+
+
+def cached_parameter_count(model) -> int:
+    """peft_setup.parameter_count, counted once per model (plan() runs every round)."""
+    if getattr(model, "_fl_parameter_count", None) is None:
+        model._fl_parameter_count = parameter_count(model)
+    return model._fl_parameter_count
 
 
 @contextmanager
@@ -285,9 +300,9 @@ class LocalTrainer:
         with frozen_lora_a(self.model, frozen=not config.get("train_lora_a", True)):
             return self._fit(global_adapter, config)
 
-    def plan(self, config: dict) -> tuple[list[list[list[dict]]], int, bool, int]:
+    def plan(self, config: dict) -> tuple[list[list[list[dict]]], int, bool, int, bool]:
         """(optimizer steps, each a list of micro-batches of rows; micro-batches in the last epoch; packed?;
-        pad_to). Token budget on CUDA, BATCH_SIZE examples length-grouped on the CPU unless TOKENS_PER_BATCH is set."""
+        pad_to; compiled?). Token budget on CUDA, BATCH_SIZE examples length-grouped on the CPU unless TOKENS_PER_BATCH is set."""
         packing = config.get("packing", "auto")
         packed = packing == "on" or (packing == "auto" and self.device.type == "cuda")
         tokens_per_batch = int(config.get("tokens_per_batch") or 0)
@@ -309,9 +324,11 @@ class LocalTrainer:
         steps = [micro[i:i + accumulate] for i in range(0, len(micro), accumulate)]
         if config.get("max_steps"):
             steps = steps[: int(config["max_steps"])]
-        pad_to = tokens_per_batch if packed and tokens_per_batch and resolve_compile(
-            config.get("compile", "auto"), self.device, packed) else 0
-        return steps, len(epochs[-1]) if epochs else 0, packed, pad_to
+        fit_tokens = sum(len(row["input_ids"]) for step in steps for batch in step for row in batch)
+        compiled = resolve_compile(config.get("compile", "auto"), self.device, packed, cached_parameter_count(self.model),
+                                   fit_tokens)
+        pad_to = tokens_per_batch if packed and tokens_per_batch and compiled else 0
+        return steps, len(epochs[-1]) if epochs else 0, packed, pad_to, compiled
 
     def _fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         started = time.perf_counter()
@@ -323,7 +340,7 @@ class LocalTrainer:
         anchors = [p.detach().clone() for p in params] if mu > 0 else []
 
         # 2. Batches for every epoch, then optimizer and schedule sized to them.
-        steps, last_epoch_batches, packed, pad_to = self.plan(config)
+        steps, last_epoch_batches, packed, pad_to, compile_layers = self.plan(config)
         accumulate = max(1, int(config.get("grad_accum_steps") or 1))
         total = len(steps)
         # fused: one kernel for all adapter tensors instead of ~10 small ops per tensor (420 tensors here)
@@ -332,7 +349,6 @@ class LocalTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total, warmup=max(1, total // 10)))
         torch.manual_seed(int(config.get("seed", 0)) + int(config.get("round", 0)))
-        compile_layers = resolve_compile(config.get("compile", "auto"), self.device, packed)
         log_every = int(config.get("log_every") or 0) or (LOG_EVERY_CUDA if self.device.type == "cuda" else 1)
         backend = config.get("packed_attention")
 
