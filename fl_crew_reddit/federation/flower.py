@@ -240,34 +240,33 @@ def _server_main(grid: Grid, context: Context) -> None:
     write_json_atomic(job_dir / RESULT_FILE, result)
 
 
-def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) -> dict[str, int]:
-    """{site: node id}: asked once with a query message (the answer is kept while the same nodes are connected)."""
+def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) -> tuple[dict[str, int], dict]:
+    """({site: node id} of the sites connected now, {site: why it is unavailable}). Waits up to `timeout_s` for every
+    site's SuperNode, then goes on with those connected. A node's site is asked once with a query message and kept
+    (a SuperNode with node authentication keeps its id across restarts; one without gets a new id and is asked
+    again)."""
     deadline = time.monotonic() + timeout_s
-    node_ids: list[int] = []
-    while time.monotonic() < deadline:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= len(names):
+    cache = work_dir / NODES_FILE
+    known = ({name: int(node) for name, node in json.loads(cache.read_text()).items()} if cache.is_file() else {})
+    found: dict[str, int] = {}
+    while True:
+        node_ids = set(grid.get_node_ids())
+        found = {name: node for name, node in known.items() if node in node_ids}
+        unknown = sorted(node_ids - set(found.values()))
+        if unknown:
+            queries = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=node,
+                               message_type=MessageType.QUERY) for node in unknown]
+            for reply in grid.send_and_receive(queries, timeout=max(5.0, deadline - time.monotonic())):
+                if not reply.has_error():
+                    found[str(reply.content["site"]["name"])] = reply.metadata.src_node_id
+            known.update(found)
+            write_json_atomic(cache, known)
+        if set(names) <= set(found) or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
-    else:
-        raise RuntimeError(f"only {len(node_ids)} of {len(names)} SuperNodes connected within {timeout_s:.0f}s")
-    cache = work_dir / NODES_FILE
-    if cache.is_file():
-        known = {name: int(node) for name, node in json.loads(cache.read_text()).items()}
-        if set(known) == set(names) and set(known.values()) <= set(node_ids):
-            return known
-    queries = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=node,
-                       message_type=MessageType.QUERY) for node in node_ids]
-    found = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout_s):
-        if not reply.has_error():
-            found[str(reply.content["site"]["name"])] = reply.metadata.src_node_id
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise RuntimeError(f"no SuperNode serves {', '.join(missing)} (connected sites: {sorted(found)})")
-    mapping = {name: found[name] for name in names}
-    write_json_atomic(cache, mapping)
-    return mapping
+    missing = {name: f"its SuperNode is not connected to the SuperLink (waited {timeout_s:.0f}s)"
+               for name in names if name not in found}
+    return {name: found[name] for name in names if name in found}, missing
 
 
 def run_server_round(grid: Grid, job_dir: Path) -> dict:
@@ -289,27 +288,28 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     strategy.load_state_dict(_load_strategy_state(job.get("strategy_state"), job_dir / OPTIMIZER_IN))
     global_adapter = load_file(str(job_dir / GLOBAL_IN), device="cpu")
     timeout_s = float(job.get("timeout_s", 1800))
-    nodes = _site_nodes(grid, names, job_dir.parent, timeout_s=min(timeout_s, 180.0))
+    nodes, unavailable = _site_nodes(grid, names, job_dir.parent,
+                                     timeout_s=float(job.get("connect_timeout_s", min(timeout_s, 180.0))))
     site_of = {node: name for name, node in nodes.items()}
-    say(f"round {round_number}: sites on nodes {nodes}")
+    say(f"round {round_number}: sites on nodes {nodes}" + (f"; unavailable: {unavailable}" if unavailable else ""))
     model = ConfigRecord(job["model"])
 
     # 1. train: the global adapter and the fit config to each sampled site
     selected = strategy.sample_clients(round_number, names)
     config = ConfigRecord(strategy.fit_config(round_number))
+    failed: dict[str, str] = {name: unavailable[name] for name in selected if name in unavailable}
     sent = {name: Message(RecordDict({"arrays": to_array_record(global_adapter), "config": config, "model": model}),
                           dst_node_id=nodes[name], message_type=MessageType.TRAIN, group_id=str(round_number))
-            for name in selected}
+            for name in selected if name in nodes}
     bytes_down = {name: serialized_bytes(message) for name, message in sent.items()}
     replies = {site_of.get(reply.metadata.src_node_id): reply
                for reply in grid.send_and_receive(list(sent.values()), timeout=timeout_s)}
     say(f"train replies from {sorted(n for n in replies if n)}")
-    failed: dict[str, str] = {}
     clients: dict[str, dict] = {}
     updates = []
     updates_dir = job_dir / "updates"
     updates_dir.mkdir(exist_ok=True)
-    for name in selected:
+    for name in sent:
         reply = replies.get(name)
         if reply is None:
             failed[name] = f"no reply from its SuperNode within {timeout_s:.0f}s"
@@ -346,9 +346,9 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     messages = [Message(RecordDict({"arrays": to_array_record(outcome.new_global), "config": evaluate,
                                     "model": model}),
                         dst_node_id=nodes[name], message_type=MessageType.EVALUATE, group_id=str(round_number))
-                for name in names]
+                for name in names if name in nodes]
     evaluation: dict[str, dict[str, list]] = {split: {} for split in SPLITS_EVALUATED}
-    evaluation_failed = {}
+    evaluation_failed = dict(unavailable)
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         name = site_of.get(reply.metadata.src_node_id)
         if reply.has_error():
@@ -359,10 +359,13 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
             evaluation[split][name] = [float(metrics[f"{split}.nll_sum"]), int(metrics[f"{split}.num_tokens"])]
     say(f"aggregated ({outcome.method}: accepted {outcome.accepted}, rejected {sorted(outcome.rejected)}, "
         f"failed {sorted(failed)}); evaluated on {sorted(evaluation['test'])}")
-    missing = [name for name in names if name not in evaluation["test"]]
-    if missing:
-        raise RuntimeError(f"evaluation failed at {', '.join(missing)}: {evaluation_failed}")
+    for name in names:
+        if name not in evaluation["test"] and name not in evaluation_failed:
+            evaluation_failed[name] = f"no evaluation reply from its SuperNode within {timeout_s:.0f}s"
+    if not evaluation["test"]:
+        raise RuntimeError(f"no site evaluated the new global adapter: {evaluation_failed}")
     result["evaluation"] = evaluation
+    result["evaluation_failed"] = evaluation_failed
     return result
 
 
@@ -384,6 +387,7 @@ class FlowerRoundOutcome:
     error: str | None
     evaluation: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
     strategy_state: dict | None = None
+    evaluation_failed: dict[str, str] = field(default_factory=dict)  # sites left out of this round's evaluation
 
     def take_aggregation(self, method: str) -> AggregationOutcome:
         """The ServerApp's aggregation; NotEnoughClientsError when it had too few accepted updates."""
@@ -420,6 +424,7 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
     return FlowerRoundOutcome(
         round=result["round"], selected=result["selected"], failed=result["failed"], results=results,
         aggregation=aggregation, error=result.get("error"), evaluation=evaluation,
+        evaluation_failed=result.get("evaluation_failed", {}),
         strategy_state=_load_strategy_state(result.get("strategy_state"), job_dir / OPTIMIZER_OUT))
 
 
@@ -457,34 +462,110 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-class LocalFlowerFederation:
-    """A SuperLink and one SuperNode per site on 127.0.0.1 (insecure: loopback only), as child process groups."""
+def explain_supernode_failure(log_text: str, superlink: str) -> str | None:
+    """One clear sentence for the ways a SuperNode fails to join, read from its log (None: not one of them)."""
+    text = log_text[-20000:]
+    if "handshake" in text.lower() or "CERTIFICATE_VERIFY_FAILED" in text or "BAD_SIGNATURE" in text:
+        return (f"TLS handshake with the SuperLink at {superlink} failed: its certificate is not signed by this "
+                "site's CA (ca.crt of --certs / FLOWER_CERTS) or does not name that host; use the certificate "
+                "folder made for this federation")
+    if "Failed to activate SuperNode" in text or "code: 2004" in text:
+        return (f"the SuperLink at {superlink} refused this node: its public key is not registered (register the "
+                "site's <site>.pub on the SuperLink side: `flwr supernode register <site>.pub`, or put it in the "
+                "SuperLink's --certs folder before `superlink` starts)")
+    if "failed to connect to all addresses" in text or "Connection refused" in text:
+        return f"no SuperLink answers at {superlink} (is it running, and is that its Fleet API address?)"
+    return None
 
-    def __init__(self, sites: dict[str, Path], work_dir: Path, *, host: str = "127.0.0.1",
-                 threads_per_site: int | None = None, round_timeout_s: float = 1800.0, site_workers: bool = True):
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError("the local federation runs without TLS: it binds to the loopback interface only")
-        self.sites = {name: Path(folder).resolve() for name, folder in sites.items()}
+
+def flwr_environment(home: Path) -> dict[str, str]:
+    """Variables the Flower processes need on top of the inherited environment (only config.py reads it)."""
+    return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
+            "PYTHONUNBUFFERED": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # start app processes sooner
+            # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
+            "PATH": os.pathsep.join([str(Path(_executable("flower-superlink")).parent), SYSTEM_PATH]),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # fl_crew_reddit, for the apps
+
+
+def with_env(command: list[str], home: Path) -> list[str]:
+    """`command` run through `env` with `flwr_environment` added to the inherited environment."""
+    return [shutil.which("env") or "/usr/bin/env", *(f"{k}={v}" for k, v in flwr_environment(home).items()),
+            *command]
+
+
+def write_flwr_config(home: Path, control_address: str, root_certificates: Path | None) -> None:
+    """FLWR_HOME/config.toml naming the SuperLink (`local`) that `flwr run` / `flwr supernode` talk to."""
+    home.mkdir(parents=True, exist_ok=True)
+    security = (f'root-certificates = "{Path(root_certificates).resolve()}"\n' if root_certificates
+                else "insecure = true\n")
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "{control_address}"\n{security}', encoding="utf-8")
+
+
+def register_site_key(home: Path, public_key: Path, name: str, timeout_s: float = 60.0) -> str:
+    """`flwr supernode register` one site's public key with the SuperLink of FLWR_HOME; returns its node id."""
+    done = subprocess.run(with_env([_executable("flwr"), "supernode", "register", str(public_key), "local",
+                                    "--name", name, "--format", "json"], home),
+                          capture_output=True, text=True, timeout=timeout_s)
+    output = (done.stdout or "") + (done.stderr or "")
+    if done.returncode != 0 or "error" in output.lower() and "success" not in output.lower():
+        if "already" in output.lower():
+            return ""
+        raise FlowerRunFailed(f"registering {name}'s key {public_key} with the SuperLink failed:\n{output[-2000:]}")
+    try:
+        return str(json.loads(output[output.index("{"):]).get("node-id", ""))
+    except ValueError:
+        return ""
+
+
+class FlowerFederation:
+    """A Flower federation this process submits rounds to: a SuperLink's Control API at `control_address`,
+    verified with `root_certificates` (the federation's ca.crt), or insecure on loopback only.
+
+    `flwr run` starts the ServerApp inside the SuperLink's process tree, and it reads the round's job folder
+    (`work_dir/round-N`) from disk: the submitting process and the SuperLink share that folder (the same machine,
+    or the same volume mounted at the same path; deploy/compose.yaml)."""
+
+    def __init__(self, sites: list[str] | dict[str, Path], work_dir: Path, *, control_address: str = "",
+                 root_certificates: Path | None = None, round_timeout_s: float = 1800.0,
+                 connect_timeout_s: float | None = None):
+        self.sites = ({name: Path(folder).resolve() for name, folder in sites.items()} if isinstance(sites, dict)
+                      else {name: None for name in sites})
         self.work_dir = Path(work_dir).resolve()
-        self.host = host
-        self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
+        self.control_address = control_address
+        self.root_certificates = Path(root_certificates) if root_certificates else None
         self.round_timeout_s = round_timeout_s
-        self.site_workers = site_workers  # a long-lived compute process per site (site_worker.py); else per message
+        self.connect_timeout_s = connect_timeout_s
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self.control_port = self.fleet_port = None
-        self._socket_dir: Path | None = None
+        self.home = self.work_dir / "flwr-home"
+        self.essential = ("superlink",)  # processes whose death ends the run (a dead SuperNode loses one client)
+
+    def connect(self) -> FlowerFederation:
+        """Check the Control API answers (TLS with the given CA, else insecure on loopback)."""
+        host, _, port = self.control_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise FlowerRunFailed(f"SUPERLINK_ADDRESS={self.control_address!r} is not host:port of the SuperLink's "
+                                  "Control API (default port 9093)")
+        if self.root_certificates is None and host not in ("127.0.0.1", "localhost", "::1"):
+            raise FlowerRunFailed(f"an insecure connection to {self.control_address} is refused: only loopback may "
+                                  "go without TLS (set FLOWER_CERTS to the federation's certificate folder)")
+        if self.root_certificates is not None and not self.root_certificates.is_file():
+            raise FlowerRunFailed(f"the federation's CA certificate {self.root_certificates} does not exist")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=10.0):
+                pass
+        except OSError as error:
+            raise FlowerRunFailed(f"no SuperLink Control API answers at {self.control_address}: {error}") from error
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        write_flwr_config(self.home, self.control_address, self.root_certificates)
+        return self
+
+    def start(self) -> FlowerFederation:
+        return self.connect()
 
     def _with_env(self, command: list[str]) -> list[str]:
-        """`command` run through `env` with the variables the Flower processes need added to the inherited
-        environment (only config.py reads the environment: nothing here copies it)."""
-        variables = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                     "FLWR_HOME": str(self.work_dir / "flwr-home"), "PYTHONUNBUFFERED": "1",
-                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # start app processes sooner (default: 1 s)
-                     # the SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name
-                     "PATH": os.pathsep.join([str(Path(_executable("flower-superlink")).parent), SYSTEM_PATH]),
-                     "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # fl_crew_reddit, for the apps
-        return [shutil.which("env") or "/usr/bin/env", *(f"{k}={v}" for k, v in variables.items()), *command]
+        return with_env(command, self.home)
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log_path = self.work_dir / "logs" / f"{name}.log"
@@ -495,64 +576,17 @@ class LocalFlowerFederation:
             self.processes[name] = subprocess.Popen(self._with_env(command), stdout=out, stderr=subprocess.STDOUT,
                                                     cwd=self.work_dir, start_new_session=True)
 
-    def start(self) -> LocalFlowerFederation:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        _RUNNING.add(self)
-        home = self.work_dir / "flwr-home"
-        home.mkdir(exist_ok=True)
-        self.control_port, self.fleet_port = free_port(self.host), free_port(self.host)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.host}:{self.control_port}"\n'
-            "insecure = true\n", encoding="utf-8")
-        try:
-            self._spawn("superlink", [_executable("flower-superlink"), "--insecure",
-                                      "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host", self.host,
-                                      "--port", str(self.control_port), "--disable-runtime-dependency-installation"])
-            self._wait_for_port(self.control_port, "superlink")
-            sockets = {}
-            if self.site_workers:  # one process per site, forked from one that imported torch & co. once
-                import tempfile
-
-                self._socket_dir = Path(tempfile.mkdtemp(prefix="flcrew-"))  # short (sockets: <108 bytes), 0700
-                sockets = {name: self._socket_dir / f"site-{index}.sock" for index, name in enumerate(self.sites)}
-                self._spawn("sites", [sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
-                                      "--threads", str(self.threads)]
-                            + [f"--site={name}={folder}={sockets[name]}" for name, folder in self.sites.items()])
-            for name, folder in self.sites.items():
-                node_config = f'site="{name}" data-dir="{folder}" threads={self.threads}'
-                if name in sockets:
-                    node_config += f' worker="{sockets[name]}"'
-                self._spawn(f"supernode-{name}", [
-                    _executable("flower-supernode"), "--insecure", "--superlink", f"{self.host}:{self.fleet_port}",
-                    "--node-config", node_config, "--host", self.host, "--port", str(free_port(self.host))])
-        except BaseException:
-            self.stop()
-            raise
-        log.info("Flower federation: SuperLink on %s:%d (fleet %d), %d SuperNodes; logs in %s", self.host,
-                 self.control_port, self.fleet_port, len(self.sites), self.work_dir / "logs")
-        return self
-
-    def _wait_for_port(self, port: int, name: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.processes[name].poll() is not None:
-                raise FlowerRunFailed(f"{name} exited with {self.processes[name].returncode}:\n"
-                                      f"{_tail(self.logs[name])}")
-            try:
-                with socket.create_connection((self.host, port), timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise FlowerRunFailed(f"{name} did not listen on {self.host}:{port} within {timeout_s:.0f}s:\n"
-                              f"{_tail(self.logs[name])}")
+    def _dead_essentials(self) -> dict[str, int]:
+        return {name: p.returncode for name, p in self.processes.items()
+                if name in self.essential and p.poll() is not None}
 
     def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
                   model: dict) -> FlowerRoundOutcome:
         """Submit one round (`flwr run ... --stream`) and read its outcome; FlowerRunFailed with the logs otherwise."""
         from safetensors.torch import save_file
 
-        dead = {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
-        if dead or not self.processes:
+        dead = self._dead_essentials()
+        if dead:
             raise FlowerRunFailed(f"the federation is not running (exited: {dead})\n" + self.log_tails())
         job_dir = self.work_dir / f"round-{round_number}"
         if job_dir.exists():
@@ -562,7 +596,8 @@ class LocalFlowerFederation:
         job = {"round": round_number, "sites": list(self.sites), "strategy": strategy.settings.to_dict(),
                "strategy_state": _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_IN),
                "model": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()},
-               "timeout_s": self.round_timeout_s}
+               "timeout_s": self.round_timeout_s,
+               **({"connect_timeout_s": self.connect_timeout_s} if self.connect_timeout_s is not None else {})}
         write_json_atomic(job_dir / JOB_FILE, job)
         command = [_executable("flwr"), "run", str(APP_DIR), "local", "--stream",
                    "--run-config", f'job-dir="{job_dir}"']
@@ -573,7 +608,7 @@ class LocalFlowerFederation:
                                       start_new_session=True)
         problem = None
         while submit.poll() is None:  # watch the deployment while the round runs: a dead node fails it at once
-            dead = {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
+            dead = self._dead_essentials()
             if dead:
                 problem = f"exited during the round: {dead}"
             elif time.perf_counter() - started > self.round_timeout_s + 120:
@@ -619,12 +654,135 @@ class LocalFlowerFederation:
                 pass
         self.processes = {}
         _RUNNING.discard(self)
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
 
-    def __enter__(self) -> LocalFlowerFederation:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LocalFlowerFederation(FlowerFederation):
+    """A SuperLink and one SuperNode per site on 127.0.0.1, as child process groups. TLS with SuperNode
+    authentication by default (a CA, the SuperLink's certificate and one key pair per site made in
+    `work_dir/certs`; each site's public key registered before its node starts); `insecure=True` runs without TLS
+    (loopback only)."""
+
+    def __init__(self, sites: dict[str, Path], work_dir: Path, *, host: str = "127.0.0.1",
+                 threads_per_site: int | None = None, round_timeout_s: float = 1800.0, site_workers: bool = True,
+                 insecure: bool = False, connect_timeout_s: float | None = None):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the local federation binds to the loopback interface only")
+        super().__init__(sites, work_dir, round_timeout_s=round_timeout_s, connect_timeout_s=connect_timeout_s)
+        self.host = host
+        self.insecure = insecure
+        self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
+        self.site_workers = site_workers  # a long-lived compute process per site (site_worker.py); else per message
+        self.certs = self.work_dir / "certs"
+        self.control_port = self.fleet_port = None
+        self._socket_dir: Path | None = None
+        self._sockets: dict[str, Path] = {}
+
+    def start(self) -> LocalFlowerFederation:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        _RUNNING.add(self)
+        self.control_port, self.fleet_port = free_port(self.host), free_port(self.host)
+        self.control_address = f"{self.host}:{self.control_port}"
+        try:
+            security = ["--insecure"]
+            if not self.insecure:
+                from fl_crew_reddit.federation.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs
+
+                make_certs(self.certs, list(self.sites), [self.host], overwrite=True)
+                self.root_certificates = self.certs / CA_CERT
+                security = ["--ssl-ca-certfile", str(self.certs / CA_CERT), "--ssl-certfile",
+                            str(self.certs / SERVER_CERT), "--ssl-keyfile", str(self.certs / SERVER_KEY),
+                            "--enable-supernode-auth"]
+            write_flwr_config(self.home, self.control_address, self.root_certificates)
+            self._spawn("superlink", [_executable("flower-superlink"), *security,
+                                      "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host", self.host,
+                                      "--port", str(self.control_port), "--disable-runtime-dependency-installation"])
+            self._wait_for_port(self.control_port, "superlink")
+            if self.site_workers:  # one process per site, forked from one that imported torch & co. once
+                import tempfile
+
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="flcrew-"))  # short (sockets: <108 bytes), 0700
+                self._sockets = {name: self._socket_dir / f"site-{index}.sock"
+                                 for index, name in enumerate(self.sites)}
+                self._spawn("sites", [sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
+                                      "--threads", str(self.threads)]
+                            + [f"--site={name}={folder}={self._sockets[name]}" for name, folder in self.sites.items()])
+            for name in self.sites:
+                if not self.insecure:
+                    register_site_key(self.home, self.certs / f"{name}.pub", name)
+                self.start_node(name)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Flower federation: SuperLink on %s:%d (fleet %d, %s), %d SuperNodes; logs in %s", self.host,
+                 self.control_port, self.fleet_port, "insecure" if self.insecure else "TLS + node authentication",
+                 len(self.sites), self.work_dir / "logs")
+        return self
+
+    def node_command(self, name: str, folder: Path, *, key: Path | None = None, ca: Path | None = None) -> list[str]:
+        """flower-supernode for site `name` (its data folder, its worker socket, its key and the CA)."""
+        node_config = f'site="{name}" data-dir="{folder}" threads={self.threads}'
+        if name in self._sockets:
+            node_config += f' worker="{self._sockets[name]}"'
+        security = ["--insecure"] if self.insecure else [
+            "--root-certificates", str(ca or self.certs / "ca.crt"),
+            "--auth-supernode-private-key", str(key or self.certs / f"{name}.key")]
+        return [_executable("flower-supernode"), *security, "--superlink", f"{self.host}:{self.fleet_port}",
+                "--node-config", node_config, "--host", self.host, "--port", str(free_port(self.host)),
+                "--max-retries", "3", "--max-wait-time", "30"]
+
+    def start_node(self, name: str, **keys) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of site `name`; returns its process."""
+        self._spawn(f"supernode-{name}", self.node_command(name, self.sites[name], **keys))
+        return self.processes[f"supernode-{name}"]
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a site's SuperNode and the processes it started (a node lost mid-round)."""
+        process = self.processes[f"supernode-{name}"]
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+
+    def restart_dead_nodes(self) -> list[str]:
+        """Start again every site whose SuperNode died (between rounds: the node rejoins the next round)."""
+        restarted = []
+        for name in self.sites:
+            process = self.processes.get(f"supernode-{name}")
+            if process is not None and process.poll() is not None:
+                log.warning("SuperNode of %s had exited (%s); starting it again", name, process.returncode)
+                self.start_node(name)
+                restarted.append(name)
+        return restarted
+
+    def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
+                  model: dict) -> FlowerRoundOutcome:
+        self.restart_dead_nodes()  # a node lost in an earlier round rejoins this one
+        return super().run_round(round_number, strategy, global_adapter, model)
+
+    def stop(self) -> None:
+        super().stop()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def _wait_for_port(self, port: int, name: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise FlowerRunFailed(f"{name} exited with {self.processes[name].returncode}:\n"
+                                      f"{_tail(self.logs[name])}")
+            try:
+                with socket.create_connection((self.host, port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise FlowerRunFailed(f"{name} did not listen on {self.host}:{port} within {timeout_s:.0f}s:\n"
+                              f"{_tail(self.logs[name])}")
+
