@@ -83,10 +83,23 @@ class FLCrewRedditConfig(BaseSettings):
     max_update_norm: float = Field(100.0, gt=0, description="Largest accepted L2 norm of (update - global adapter).")
     num_byzantine: int = Field(0, ge=0, description="Clients assumed faulty, for krum / multi_krum / bulyan.")
     trimmed_mean_beta: float = Field(0.2, ge=0, lt=0.5, description="Fraction cut from each end by trimmed_mean.")
-    federation: Literal["inprocess", "local-flower"] = Field(
+    federation: Literal["inprocess", "local-flower", "flower"] = Field(
         "inprocess", description="How rounds reach the clients: inprocess (every client in this process, one shared "
-                                 "model) or local-flower (a Flower SuperLink and one SuperNode per client on "
-                                 "127.0.0.1, started and stopped by the run; the ServerApp drives each round).")
+                                 "model), local-flower (a Flower SuperLink and one SuperNode per client on "
+                                 "127.0.0.1, started and stopped by the run; the ServerApp drives each round) or "
+                                 "flower (an existing SuperLink at SUPERLINK_ADDRESS and the sites connected to it).")
+    superlink_address: str = Field("", description="FEDERATION=flower: host:port of the SuperLink's Control API "
+                                                   "(its --control-port, 9093 by default).")
+    flower_certs: Path | None = Field(None, description="The federation's certificate folder (`certs` command): its "
+                                                        "ca.crt verifies the SuperLink. Required by FEDERATION=flower "
+                                                        "unless FLOWER_INSECURE on loopback.")
+    flower_insecure: bool = Field(False, description="Flower without TLS and node authentication: allowed on "
+                                                     "127.0.0.1 only (local-flower, or flower at a loopback address).")
+    round_timeout: float = Field(1800.0, gt=0, description="Seconds the ServerApp waits for the sites' replies in a "
+                                                           "round; a site that has not answered is left out of it.")
+    site_connect_timeout: float = Field(180.0, gt=0, description="Seconds a Flower round waits for every site's "
+                                                                 "SuperNode to connect before it goes on without "
+                                                                 "the missing ones.")
 
     # --- data
     reddit_backend: Literal["snapshot", "dump", "live"] = "snapshot"
@@ -325,9 +338,20 @@ class FLCrewRedditConfig(BaseSettings):
         if not self.use_lora:
             raise ValueError("USE_LORA=false is not supported: only LoRA adapter weights may leave a client, so "
                              "full fine-tuning has no mode here; remove USE_LORA or set it to true")
-        if self.federation == "local-flower" and self.trainer_devices != ["auto"]:
-            raise ValueError("FEDERATION=local-flower trains each client on its own SuperNode: leave TRAINER_DEVICES "
-                             "at auto (trainer processes are for FEDERATION=inprocess)")
+        if self.federation != "inprocess" and self.trainer_devices != ["auto"]:
+            raise ValueError(f"FEDERATION={self.federation} trains each client on its own SuperNode: leave "
+                             "TRAINER_DEVICES at auto (trainer processes are for FEDERATION=inprocess)")
+        if self.federation == "flower":
+            host = self.superlink_address.rpartition(":")[0].strip("[]")
+            if not host or not self.superlink_address.rpartition(":")[2].isdigit():
+                raise ValueError(f"FEDERATION=flower needs SUPERLINK_ADDRESS=host:port of the SuperLink's Control "
+                                 f"API (got {self.superlink_address!r})")
+            if self.flower_insecure and host not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError(f"FLOWER_INSECURE=true with SUPERLINK_ADDRESS={self.superlink_address}: only a "
+                                 "loopback SuperLink may be reached without TLS; set FLOWER_CERTS instead")
+            if not self.flower_insecure and self.flower_certs is None:
+                raise ValueError("FEDERATION=flower needs FLOWER_CERTS (the folder the `certs` command made; its "
+                                 "ca.crt verifies the SuperLink), or FLOWER_INSECURE=true on loopback")
         if self.ffa_lora and self.aggregation_method == "svd_exact":
             raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B "
                              "is already exact and svd_exact needs both factors; use fedavg (or any other rule)")

@@ -1,5 +1,6 @@
 """Command line: `python -m fl_crew_reddit.main [run] [--rounds N] [--resume [RUN]]`, `resume [RUN]`, `collect`,
-`serve-mcp`, `prepare-model`, `report [RUN]`.
+`serve-mcp`, `prepare-model`, `report [RUN]`, and for a deployment on several machines `certs`, `superlink`,
+`prepare-site`, `site` (fl_crew_reddit/federation/deploy.py).
 
 Settings come from the environment and `.env` (see .env.example); an invalid value stops here with one message.
 """
@@ -62,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("prepare-model", help="prepare the embedded base model once (set-up does this)")
     report = commands.add_parser("report", help="write report.md, report.html and convergence.png for a run")
     report.add_argument("run", nargs="?", help="a run id under results/ or a run folder (default: results/latest)")
+    from pathlib import Path
+
+    certs = commands.add_parser("certs", help="make a federation's CA, SuperLink certificate and site keys")
+    certs.add_argument("--out", type=Path, required=True, help="folder to write (ca.key stays with the operator)")
+    certs.add_argument("--sites", required=True, help="comma-separated site names, one key pair each")
+    certs.add_argument("--hosts", default="", help="comma-separated names / IPs of the SuperLink (its certificate)")
+    certs.add_argument("--overwrite", action="store_true", help="replace an existing CA (every site needs the new one)")
+    superlink = commands.add_parser("superlink", help="run the federation's SuperLink (TLS + node authentication)")
+    superlink.add_argument("--certs", type=Path, help="the `certs` folder; its <site>.pub files are registered")
+    superlink.add_argument("--listen", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    superlink.add_argument("--fleet-port", type=int, default=9092, help="Fleet API, for the sites (default 9092)")
+    superlink.add_argument("--control-port", type=int, default=9093, help="Control API, for `run` (default 9093)")
+    superlink.add_argument("--state", type=Path, default=Path("flower-state"), help="its database and CLI config")
+    superlink.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback only")
+    site = commands.add_parser("site", help="run this machine's site: a SuperNode serving its own data folder")
+    site.add_argument("--name", required=True, help="the site's name (its key is <certs>/<name>.key)")
+    site.add_argument("--data-dir", type=Path, required=True, help="its prepared data (prepare-site)")
+    site.add_argument("--superlink", required=True, help="host:port of the SuperLink's Fleet API (port 9092)")
+    site.add_argument("--certs", type=Path, help="folder with ca.crt and this site's <name>.key")
+    site.add_argument("--threads", type=int, default=0, help="CPU threads for training (0: torch's default)")
+    site.add_argument("--insecure", action="store_true", help="no TLS: only with a loopback SuperLink")
+    prepare = commands.add_parser("prepare-site", help="collect and preprocess this site's own data (its .env)")
+    prepare.add_argument("--data-dir", type=Path, required=True, help="where the site's splits are written")
     return parser
 
 
@@ -270,7 +294,33 @@ def report_command(run: str | None) -> int:
     return 0
 
 
-COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report")
+def deployment_command(args) -> int:
+    from fl_crew_reddit.federation import deploy
+
+    def names(text: str) -> list[str]:
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    if args.command == "certs":
+        return deploy.certs_command(args.out, names(args.sites), names(args.hosts), overwrite=args.overwrite)
+    if args.command == "superlink":
+        return deploy.superlink_command(args.certs, args.listen, args.fleet_port, args.control_port, args.state,
+                                        insecure=args.insecure)
+    if args.command == "site":
+        return deploy.site_command(args.name, args.data_dir, args.superlink, args.certs, insecure=args.insecure,
+                                   threads=args.threads)
+    from fl_crew_reddit.config import ConfigError, load_config
+
+    _console_logging(False)
+    try:
+        config = load_config()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return deploy.prepare_site_command(args.data_dir, config)
+
+
+COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report", "certs", "superlink", "site",
+            "prepare-site")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_command(args.run)
     if args.command == "collect":
         return collect_command(args.subreddits, args.posts, args.query)
+    if args.command in ("certs", "superlink", "site", "prepare-site"):
+        return deployment_command(args)
     if args.command == "resume":
         return run_command(args.rounds, args.verbose, resume=args.run)
     return run_command(args.rounds, args.verbose, resume=args.resume)

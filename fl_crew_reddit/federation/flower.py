@@ -341,14 +341,16 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
                              "update_norms": outcome.update_norms}
     result["strategy_state"] = _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_OUT)
 
-    # 3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts)
+    # 3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts); a site that did
+    # not answer its train message in time is not waited for again
+    silent = [name for name in sent if name not in replies]
     evaluate = ConfigRecord({"splits": list(SPLITS_EVALUATED)})
     messages = [Message(RecordDict({"arrays": to_array_record(outcome.new_global), "config": evaluate,
                                     "model": model}),
                         dst_node_id=nodes[name], message_type=MessageType.EVALUATE, group_id=str(round_number))
-                for name in names if name in nodes]
+                for name in names if name in nodes and name not in silent]
     evaluation: dict[str, dict[str, list]] = {split: {} for split in SPLITS_EVALUATED}
-    evaluation_failed = dict(unavailable)
+    evaluation_failed = {**unavailable, **{name: f"not asked: {failed[name]}" for name in silent}}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         name = site_of.get(reply.metadata.src_node_id)
         if reply.has_error():
@@ -472,7 +474,8 @@ def explain_supernode_failure(log_text: str, superlink: str) -> str | None:
     if "Failed to activate SuperNode" in text or "code: 2004" in text:
         return (f"the SuperLink at {superlink} refused this node: its public key is not registered (register the "
                 "site's <site>.pub on the SuperLink side: `flwr supernode register <site>.pub`, or put it in the "
-                "SuperLink's --certs folder before `superlink` starts)")
+                "SuperLink's --certs folder before `superlink` starts), or a node with this key is still online "
+                "(a restarted node is let in once the old one has missed two 30-second heartbeats)")
     if "failed to connect to all addresses" in text or "Connection refused" in text:
         return f"no SuperLink answers at {superlink} (is it running, and is that its Fleet API address?)"
     return None
@@ -736,9 +739,9 @@ class LocalFlowerFederation(FlowerFederation):
                 "--node-config", node_config, "--host", self.host, "--port", str(free_port(self.host)),
                 "--max-retries", "3", "--max-wait-time", "30"]
 
-    def start_node(self, name: str, **keys) -> subprocess.Popen:
+    def start_node(self, name: str, **options) -> subprocess.Popen:
         """Start (or restart) the SuperNode of site `name`; returns its process."""
-        self._spawn(f"supernode-{name}", self.node_command(name, self.sites[name], **keys))
+        self._spawn(f"supernode-{name}", self.node_command(name, self.sites[name], **options))
         return self.processes[f"supernode-{name}"]
 
     def kill_node(self, name: str) -> None:
@@ -750,16 +753,34 @@ class LocalFlowerFederation(FlowerFederation):
             pass
         process.wait(timeout=10)
 
-    def restart_dead_nodes(self) -> list[str]:
-        """Start again every site whose SuperNode died (between rounds: the node rejoins the next round)."""
-        restarted = []
-        for name in self.sites:
-            process = self.processes.get(f"supernode-{name}")
-            if process is not None and process.poll() is not None:
-                log.warning("SuperNode of %s had exited (%s); starting it again", name, process.returncode)
-                self.start_node(name)
-                restarted.append(name)
-        return restarted
+    def restart_dead_nodes(self, timeout_s: float = 200.0) -> list[str]:
+        """Start again every site whose SuperNode died and wait until each has joined (its log says "SuperNode
+        ID"), so the next round reaches it. With node authentication the SuperLink refuses a second activation of
+        the same key until the old session has missed two 30-second heartbeats: a refused start is tried again
+        every 5 s, for up to `timeout_s`."""
+        dead = [name for name in self.sites
+                if (p := self.processes.get(f"supernode-{name}")) is not None and p.poll() is not None]
+        deadline = time.monotonic() + timeout_s
+        for name in dead:
+            log.warning("SuperNode of %s had exited (%s); starting it again", name,
+                        self.processes[f"supernode-{name}"].returncode)
+            while True:
+                log_path = self.logs[f"supernode-{name}"]
+                offset = log_path.stat().st_size if log_path.is_file() else 0
+                process = self.start_node(name)
+                while process.poll() is None and time.monotonic() < deadline:
+                    with log_path.open("rb") as handle:
+                        handle.seek(offset)
+                        if b"SuperNode ID" in handle.read():
+                            break
+                    time.sleep(0.2)
+                if process.poll() is None or time.monotonic() >= deadline:
+                    break
+                time.sleep(5.0)
+            if process.poll() is not None:
+                log.warning("SuperNode of %s could not rejoin: %s", name, explain_supernode_failure(
+                    _tail(self.logs[f"supernode-{name}"]), f"{self.host}:{self.fleet_port}") or "see its log")
+        return dead
 
     def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
                   model: dict) -> FlowerRoundOutcome:

@@ -302,7 +302,8 @@ class LocalTrainer:
 
     def plan(self, config: dict) -> tuple[list[list[list[dict]]], int, bool, int, bool]:
         """(optimizer steps, each a list of micro-batches of rows; micro-batches in the last epoch; packed?;
-        pad_to; compiled?). Token budget on CUDA, BATCH_SIZE examples length-grouped on the CPU unless TOKENS_PER_BATCH is set."""
+        pad_to; compiled?). Token budget on CUDA, BATCH_SIZE examples length-grouped on the CPU unless
+        TOKENS_PER_BATCH is set."""
         packing = config.get("packing", "auto")
         packed = packing == "on" or (packing == "auto" and self.device.type == "cuda")
         tokens_per_batch = int(config.get("tokens_per_batch") or 0)
@@ -325,8 +326,8 @@ class LocalTrainer:
         if config.get("max_steps"):
             steps = steps[: int(config["max_steps"])]
         fit_tokens = sum(len(row["input_ids"]) for step in steps for batch in step for row in batch)
-        compiled = resolve_compile(config.get("compile", "auto"), self.device, packed, cached_parameter_count(self.model),
-                                   fit_tokens)
+        compiled = resolve_compile(config.get("compile", "auto"), self.device, packed,
+                                   cached_parameter_count(self.model), fit_tokens)
         pad_to = tokens_per_batch if packed and tokens_per_batch and compiled else 0
         return steps, len(epochs[-1]) if epochs else 0, packed, pad_to, compiled
 
