@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--insecure", action="store_true", help="no TLS: only with a loopback SuperLink")
     prepare = commands.add_parser("prepare-site", help="collect and preprocess this site's own data (its .env)")
     prepare.add_argument("--data-dir", type=Path, required=True, help="where the site's splits are written")
+    prepare.add_argument("--subreddits", help="comma-separated (default: SUBREDDITS of this site's settings)")
+    prepare.add_argument("--posts", type=int, help="posts per subreddit (default: POSTS_PER_SUBREDDIT)")
+    prepare.add_argument("--query", action="append", default=[], help="search query collected first (repeatable)")
     return parser
 
 
@@ -316,7 +319,48 @@ def deployment_command(args) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    return deploy.prepare_site_command(args.data_dir, config)
+    return prepare_site_command(args.data_dir, config, names(args.subreddits or ""), args.posts, args.query)
+
+
+def prepare_site_command(data_dir, config, subreddits: list[str] | None = None, posts: int | None = None,
+                         queries: list[str] | None = None) -> int:
+    """Collect through this site's own data source (its .env: REDDIT_BACKEND, dump folder, subreddits) and
+    preprocess into one client's splits in `data_dir` ({train,validation,test}.jsonl + prepared.json with the
+    counts, what was dropped and why). Nothing leaves the machine."""
+    import json
+    import shutil
+
+    from fl_crew_reddit.runs import RunPaths, write_json_atomic
+    from fl_crew_reddit.workspace import FederatedWorkspace
+
+    site_config = config.model_copy(update={"num_clients": 1, "num_trainers": 1, "federation": "inprocess"})
+    paths = RunPaths(data_dir.resolve() / "work", "site").create()
+    workspace = FederatedWorkspace(site_config, paths)
+    try:
+        collection = workspace.collect(subreddits or None, posts, queries=queries or None)
+        report = workspace.preprocess()
+    except Exception as error:  # the data source's own message (unknown subreddit, unreachable server, ...)
+        print(f"prepare-site: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        workspace.close()
+    if not report.clients or not report.clients[0].num_train:
+        print(f"prepare-site: no training examples came out of this site's data ({report.dropped})", file=sys.stderr)
+        return 1
+    shard = report.clients[0]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, source in (("train", shard.train_path), ("test", shard.test_path),
+                          ("validation", shard.validation_path)):
+        if source:
+            shutil.copyfile(source, data_dir / f"{split}.jsonl")
+    summary = {"examples": {"train": shard.num_train, "validation": shard.num_validation, "test": shard.num_test},
+               "train_tokens": shard.train_tokens, "subreddits": shard.subreddits,
+               "dropped": report.dropped,
+               "collected": {c.subreddit: {"posts": c.num_posts, "comments": c.num_comments, "skipped": c.skipped}
+                             for c in collection.subreddits}}
+    write_json_atomic(data_dir / "prepared.json", summary)
+    print(json.dumps(summary))
+    return 0
 
 
 COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report", "certs", "superlink", "site",

@@ -2,7 +2,7 @@
 
     certs --out certs/ --sites site-0,site-1,site-2 --hosts superlink.example.org   # once, by the federation's operator
     superlink --certs certs/                                      # the server machine: TLS + node authentication
-    prepare-site --data-dir /data/site-0                          # each site: collect + preprocess its own data
+    prepare-site --data-dir /data/site-0                          # each site: collects + preprocesses its own data
     site --name site-0 --data-dir /data/site-0 --superlink superlink.example.org:9092 --certs certs/
     FEDERATION=flower SUPERLINK_ADDRESS=127.0.0.1:9093 FLOWER_CERTS=certs/ python -m fl_crew_reddit.main run
 
@@ -148,9 +148,13 @@ def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, 
         return _fail(f"site: --superlink {superlink!r} is not host:port of the SuperLink's Fleet API (port 9092)")
     if insecure and host not in LOOPBACK:
         return _fail(f"site: --insecure is allowed with a loopback SuperLink only, not {superlink}")
+    if data_dir.exists() and not data_dir.is_dir():
+        return _fail(f"site {name}: --data-dir {data_dir} is a file, not a folder")
+    data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "train.jsonl").is_file():
-        return _fail(f"site {name}: {data_dir} is not a site data folder (train.jsonl is missing); prepare it with "
-                     f"`python -m fl_crew_reddit.main prepare-site --data-dir {data_dir}`")
+        print(f"site {name}: {data_dir} has no prepared data yet (train.jsonl); it is prepared with this machine's "
+              "settings when the server asks (or run `python -m fl_crew_reddit.main prepare-site --data-dir "
+              f"{data_dir}` first)", flush=True)
     if insecure:
         security = ["--insecure"]
     else:
@@ -180,36 +184,3 @@ def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, 
         except subprocess.TimeoutExpired:
             worker.kill()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def prepare_site_command(data_dir: Path, config) -> int:
-    """Collect through this site's own data source (its .env: REDDIT_BACKEND, dump folder, subreddits) and
-    preprocess into one client's splits in `data_dir` ({train,validation,test}.jsonl + prepared.json with the
-    counts, what was dropped and why). Nothing leaves the machine."""
-    import json
-
-    from fl_crew_reddit.runs import RunPaths, write_json_atomic
-    from fl_crew_reddit.workspace import FederatedWorkspace
-
-    site_config = config.model_copy(update={"num_clients": 1, "num_trainers": 1, "federation": "inprocess"})
-    paths = RunPaths(data_dir.resolve() / "work", "site").create()
-    workspace = FederatedWorkspace(site_config, paths)
-    try:
-        collection = workspace.collect()
-        report = workspace.preprocess()
-    finally:
-        workspace.close()
-    shard = report.clients[0]
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for split, source in (("train", shard.train_path), ("test", shard.test_path),
-                          ("validation", shard.validation_path)):
-        if source:
-            shutil.copyfile(source, data_dir / f"{split}.jsonl")
-    summary = {"examples": {"train": shard.num_train, "validation": shard.num_validation, "test": shard.num_test},
-               "train_tokens": shard.train_tokens, "subreddits": shard.subreddits,
-               "dropped": report.dropped,
-               "collected": {c.subreddit: {"posts": c.num_posts, "comments": c.num_comments, "skipped": c.skipped}
-                             for c in collection.subreddits}}
-    write_json_atomic(data_dir / "prepared.json", summary)
-    print(json.dumps(summary))
-    return 0

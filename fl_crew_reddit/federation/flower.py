@@ -62,6 +62,11 @@ class FlowerRunFailed(RuntimeError):
     """The SuperLink, a SuperNode or the ServerApp failed; the message carries their logs' tails."""
 
 
+def _plain(model: dict) -> dict:
+    """Model settings as JSON values (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()}
+
+
 def model_settings(config) -> dict:
     """What a site needs to build the same model as the server (base model, LoRA, precision): sent with each message."""
     return {name: getattr(config, name) for name in MODEL_SETTINGS}
@@ -164,8 +169,43 @@ def _settings(message: Message) -> dict:
 
 @client_app.query()
 def _query(message: Message, context: Context) -> Message:
-    """Which site this SuperNode serves (its --node-config `site`)."""
-    return Message(RecordDict({"site": ConfigRecord({"name": str(context.node_config["site"])})}), reply_to=message)
+    """`ask: site`: which site this SuperNode serves (its --node-config `site`). `ask: prepare-data`: also the
+    counts of its data (examples per split, training tokens, what was dropped and why), preparing the data first
+    if its folder has none: the site's own `prepare-site` (its own settings and data source) with the server's
+    non-secret choices (subreddits, posts per subreddit, search queries). Counts only: no text leaves the site."""
+    name = str(context.node_config["site"])
+    config = message.content["config"] if "config" in message.content else ConfigRecord({})
+    content = RecordDict({"site": ConfigRecord({"name": name})})
+    if str(config.get("ask", "site")) == "prepare-data":
+        summary = site_data_summary(Path(str(context.node_config["data-dir"])), dict(config))
+        content["data"] = ConfigRecord({"summary": json.dumps(summary)})
+    return Message(content, reply_to=message)
+
+
+def _count_rows(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open(encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def site_data_summary(folder: Path, request: dict) -> dict:
+    """What a site reports of its data folder, running `prepare-site` there first when it has no train split."""
+    if not (folder / "train.jsonl").is_file():
+        command = [sys.executable, "-m", "fl_crew_reddit.main", "prepare-site", "--data-dir", str(folder)]
+        if request.get("subreddits"):
+            command += ["--subreddits", ",".join(str(s) for s in request["subreddits"])]
+        if int(request.get("posts_per_subreddit", 0) or 0):
+            command += ["--posts", str(int(request["posts_per_subreddit"]))]
+        for query in request.get("queries", []) or []:
+            command += ["--query", str(query)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=float(request.get("timeout_s", 3600)))
+        if done.returncode != 0:
+            raise RuntimeError(f"prepare-site failed in {folder}: {(done.stderr or done.stdout).strip()[-1500:]}")
+    prepared = folder / "prepared.json"
+    summary = json.loads(prepared.read_text(encoding="utf-8")) if prepared.is_file() else {}
+    summary["examples"] = {split: _count_rows(folder / f"{split}.jsonl") for split in SPLITS_EVALUATED + ("train",)}
+    return summary
 
 
 def _numpy_arrays(record: ArrayRecord) -> bytes:
@@ -233,7 +273,9 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     job_dir = Path(str(context.run_config["job-dir"]))
     try:
-        result = run_server_round(grid, job_dir)
+        kind = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8")).get("kind", "round")
+        result = {"round": run_server_round, "prepare": run_server_prepare,
+                  "evaluate": run_server_evaluate}[kind](grid, job_dir)
     except Exception as error:
         write_json_atomic(job_dir / "server_error.json", {"error": f"{type(error).__name__}: {error}"})
         raise
@@ -267,6 +309,68 @@ def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) 
     missing = {name: f"its SuperNode is not connected to the SuperLink (waited {timeout_s:.0f}s)"
                for name in names if name not in found}
     return {name: found[name] for name in names if name in found}, missing
+
+
+def run_server_prepare(grid: Grid, job_dir: Path) -> dict:
+    """Which sites are connected and what data each holds: a prepare-data query to every SuperNode (a site without
+    data prepares it now, with its own data source). Waits until `min_sites` have connected (or the timeout)."""
+    job = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    timeout_s = float(job.get("timeout_s", 1800))
+    deadline = time.monotonic() + float(job.get("connect_timeout_s", 180))
+    while len(grid.get_node_ids()) < int(job.get("min_sites", 1)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    request = ConfigRecord({"ask": "prepare-data", **job.get("request", {})})
+    queries = [Message(RecordDict({"config": request}), dst_node_id=node, message_type=MessageType.QUERY)
+               for node in sorted(grid.get_node_ids())]
+    sites, failed, nodes = {}, {}, {}
+    for reply in grid.send_and_receive(queries, timeout=timeout_s):
+        if reply.has_error():
+            failed[str(reply.metadata.src_node_id)] = (reply.error.reason or "").strip()[-1500:]
+            continue
+        name = str(reply.content["site"]["name"])
+        summary = json.loads(str(reply.content["data"]["summary"]))
+        if name in sites:
+            failed[name] = f"two SuperNodes serve {name} (nodes {nodes[name]} and {reply.metadata.src_node_id})"
+            continue
+        sites[name], nodes[name] = summary, reply.metadata.src_node_id
+    write_json_atomic(job_dir.parent / NODES_FILE, nodes)
+    return {"sites": sites, "failed": failed}
+
+
+def run_server_evaluate(grid: Grid, job_dir: Path) -> dict:
+    """The held-out NLL sums and token counts of one adapter (the job's global.safetensors) on every site."""
+    from safetensors.torch import load_file
+
+    job = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    names, timeout_s = list(job["sites"]), float(job.get("timeout_s", 1800))
+    nodes, unavailable = _site_nodes(grid, names, job_dir.parent, float(job.get("connect_timeout_s", 180)))
+    adapter = load_file(str(job_dir / GLOBAL_IN), device="cpu")
+    evaluation, failed = _evaluate_on_sites(grid, nodes, adapter, ConfigRecord(job["model"]), job.get("round", 0),
+                                            timeout_s)
+    return {"evaluation": evaluation, "evaluation_failed": {**unavailable, **failed}}
+
+
+def _evaluate_on_sites(grid: Grid, nodes: dict[str, int], adapter: dict, model: ConfigRecord, group: int,
+                       timeout_s: float) -> tuple[dict[str, dict[str, list]], dict[str, str]]:
+    site_of = {node: name for name, node in nodes.items()}
+    evaluate = ConfigRecord({"splits": list(SPLITS_EVALUATED)})
+    messages = [Message(RecordDict({"arrays": to_array_record(adapter), "config": evaluate, "model": model}),
+                        dst_node_id=node, message_type=MessageType.EVALUATE, group_id=str(group))
+                for node in nodes.values()]
+    evaluation: dict[str, dict[str, list]] = {split: {} for split in SPLITS_EVALUATED}
+    failed = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        name = site_of.get(reply.metadata.src_node_id)
+        if reply.has_error():
+            failed[name] = (reply.error.reason or "").strip()[-1500:]
+            continue
+        metrics = reply.content["metrics"]
+        for split in SPLITS_EVALUATED:
+            evaluation[split][name] = [float(metrics[f"{split}.nll_sum"]), int(metrics[f"{split}.num_tokens"])]
+    for name in nodes:
+        if name not in evaluation["test"] and name not in failed:
+            failed[name] = f"no evaluation reply from its SuperNode within {timeout_s:.0f}s"
+    return evaluation, failed
 
 
 def run_server_round(grid: Grid, job_dir: Path) -> dict:
@@ -344,26 +448,12 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     # 3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts); a site that did
     # not answer its train message in time is not waited for again
     silent = [name for name in sent if name not in replies]
-    evaluate = ConfigRecord({"splits": list(SPLITS_EVALUATED)})
-    messages = [Message(RecordDict({"arrays": to_array_record(outcome.new_global), "config": evaluate,
-                                    "model": model}),
-                        dst_node_id=nodes[name], message_type=MessageType.EVALUATE, group_id=str(round_number))
-                for name in names if name in nodes and name not in silent]
-    evaluation: dict[str, dict[str, list]] = {split: {} for split in SPLITS_EVALUATED}
-    evaluation_failed = {**unavailable, **{name: f"not asked: {failed[name]}" for name in silent}}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        name = site_of.get(reply.metadata.src_node_id)
-        if reply.has_error():
-            evaluation_failed[name] = (reply.error.reason or "").strip()[-1500:]
-            continue
-        metrics = reply.content["metrics"]
-        for split in SPLITS_EVALUATED:
-            evaluation[split][name] = [float(metrics[f"{split}.nll_sum"]), int(metrics[f"{split}.num_tokens"])]
+    asked = {name: node for name, node in nodes.items() if name not in silent}
+    evaluation, evaluation_failed = _evaluate_on_sites(grid, asked, outcome.new_global, model, round_number,
+                                                       timeout_s)
+    evaluation_failed.update({**unavailable, **{name: f"not asked: {failed[name]}" for name in silent}})
     say(f"aggregated ({outcome.method}: accepted {outcome.accepted}, rejected {sorted(outcome.rejected)}, "
         f"failed {sorted(failed)}); evaluated on {sorted(evaluation['test'])}")
-    for name in names:
-        if name not in evaluation["test"] and name not in evaluation_failed:
-            evaluation_failed[name] = f"no evaluation reply from its SuperNode within {timeout_s:.0f}s"
     if not evaluation["test"]:
         raise RuntimeError(f"no site evaluated the new global adapter: {evaluation_failed}")
     result["evaluation"] = evaluation
@@ -583,52 +673,91 @@ class FlowerFederation:
         return {name: p.returncode for name, p in self.processes.items()
                 if name in self.essential and p.poll() is not None}
 
-    def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
-                  model: dict) -> FlowerRoundOutcome:
-        """Submit one round (`flwr run ... --stream`) and read its outcome; FlowerRunFailed with the logs otherwise."""
-        from safetensors.torch import save_file
-
+    def _job_dir(self, name: str) -> Path:
         dead = self._dead_essentials()
         if dead:
             raise FlowerRunFailed(f"the federation is not running (exited: {dead})\n" + self.log_tails())
-        job_dir = self.work_dir / f"round-{round_number}"
+        job_dir = self.work_dir / name
         if job_dir.exists():
             shutil.rmtree(job_dir)
         job_dir.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(job_dir / GLOBAL_IN))
-        job = {"round": round_number, "sites": list(self.sites), "strategy": strategy.settings.to_dict(),
-               "strategy_state": _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_IN),
-               "model": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()},
-               "timeout_s": self.round_timeout_s,
-               **({"connect_timeout_s": self.connect_timeout_s} if self.connect_timeout_s is not None else {})}
+        return job_dir
+
+    def _timeouts(self) -> dict:
+        return {"timeout_s": self.round_timeout_s,
+                **({"connect_timeout_s": self.connect_timeout_s} if self.connect_timeout_s is not None else {})}
+
+    def _submit(self, job_dir: Path, job: dict, label: str) -> dict:
+        """Write the job, run the ServerApp on it (`flwr run ... --stream`) and return its result; FlowerRunFailed
+        with the logs of the SuperLink, the SuperNodes and `flwr run` otherwise."""
         write_json_atomic(job_dir / JOB_FILE, job)
         command = [_executable("flwr"), "run", str(APP_DIR), "local", "--stream",
                    "--run-config", f'job-dir="{job_dir}"']
+        limit_s = 2 * self.round_timeout_s + (self.connect_timeout_s or 180.0) + 300
         started = time.perf_counter()
         run_log = job_dir / "flwr-run.log"
         with run_log.open("wb") as out:
             submit = subprocess.Popen(self._with_env(command), cwd=self.work_dir, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         problem = None
-        while submit.poll() is None:  # watch the deployment while the round runs: a dead node fails it at once
+        while submit.poll() is None:  # watch the deployment while it runs: a dead SuperLink fails it at once
             dead = self._dead_essentials()
             if dead:
-                problem = f"exited during the round: {dead}"
-            elif time.perf_counter() - started > self.round_timeout_s + 120:
-                problem = f"flwr run still running after {self.round_timeout_s + 120:.0f}s"
+                problem = f"exited during the {label}: {dead}"
+            elif time.perf_counter() - started > limit_s:
+                problem = f"flwr run still running after {limit_s:.0f}s"
             if problem:
                 os.killpg(submit.pid, signal.SIGKILL)
                 submit.wait()
                 break
             time.sleep(0.2)
-        output = _tail(run_log, 4000)
         if not (job_dir / RESULT_FILE).is_file():
             server_error = job_dir / "server_error.json"
             reason = json.loads(server_error.read_text())["error"] if server_error.is_file() else "no result"
-            raise FlowerRunFailed(f"round {round_number} on Flower failed ({problem or reason}).\n--- flwr run:\n"
-                                  f"{output}\n{self.log_tails()}")
-        log.info("Round %d ran on Flower in %.1fs", round_number, time.perf_counter() - started)
+            raise FlowerRunFailed(f"{label} on Flower failed ({problem or reason}).\n--- flwr run:\n"
+                                  f"{_tail(run_log, 4000)}\n{self.log_tails()}")
+        log.info("The %s ran on Flower in %.1fs", label, time.perf_counter() - started)
+        return json.loads((job_dir / RESULT_FILE).read_text(encoding="utf-8"))
+
+    def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
+                  model: dict) -> FlowerRoundOutcome:
+        """One federated round on the SuperNodes (train, screen and aggregate, evaluate); its outcome."""
+        from safetensors.torch import save_file
+
+        job_dir = self._job_dir(f"round-{round_number}")
+        save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(job_dir / GLOBAL_IN))
+        job = {"kind": "round", "round": round_number, "sites": list(self.sites),
+               "strategy": strategy.settings.to_dict(),
+               "strategy_state": _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_IN),
+               "model": _plain(model), **self._timeouts()}
+        self._submit(job_dir, job, f"round {round_number}")
         return read_outcome(job_dir)
+
+    def prepare(self, request: dict, min_sites: int = 1) -> dict[str, dict]:
+        """{site: what it reports of its data} from every connected site (a site without data prepares it now);
+        the sites found become this federation's sites. FlowerRunFailed when none answers."""
+        job_dir = self._job_dir("prepare")
+        result = self._submit(job_dir, {"kind": "prepare", "request": request, "min_sites": min_sites,
+                                        **self._timeouts()}, "data preparation")
+        for node, reason in result["failed"].items():
+            log.warning("Data preparation failed at %s: %s", node, reason)
+        if not result["sites"]:
+            raise FlowerRunFailed(f"no site reported data (failures: {result['failed'] or 'none'}); are the sites "
+                                  "connected to the SuperLink?\n" + self.log_tails())
+        self.sites = {name: self.sites.get(name) for name in sorted(result["sites"])}
+        return {name: result["sites"][name] for name in sorted(result["sites"])}
+
+    def evaluate(self, adapter: dict, model: dict, label: str = "base") -> tuple[dict, dict[str, str]]:
+        """(the sites' NLL sums and token counts per split, {site: why it did not evaluate}) for one adapter."""
+        from safetensors.torch import save_file
+
+        job_dir = self._job_dir(f"evaluate-{label}")
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(job_dir / GLOBAL_IN))
+        result = self._submit(job_dir, {"kind": "evaluate", "sites": list(self.sites), "model": _plain(model),
+                                        **self._timeouts()}, f"evaluation ({label})")
+        evaluation = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
+                      for split, sums in result["evaluation"].items()}
+        return evaluation, result["evaluation_failed"]
 
     def log_tails(self, limit: int = 3000) -> str:
         return "\n".join(f"--- {name} ({path}):\n{_tail(path, limit)}" for name, path in self.logs.items())
