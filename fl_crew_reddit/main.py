@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--superlink", required=True, help="host:port of the SuperLink's Fleet API (port 9092)")
     site.add_argument("--certs", type=Path, help="folder with ca.crt and this site's <name>.key")
     site.add_argument("--threads", type=int, default=0, help="CPU threads for training (0: torch's default)")
+    site.add_argument("--port", type=int, default=9094,
+                      help="the SuperNode's local API on 127.0.0.1 (default 9094; one per site on a machine)")
     site.add_argument("--insecure", action="store_true", help="no TLS: only with a loopback SuperLink")
     prepare = commands.add_parser("prepare-site", help="collect and preprocess this site's own data (its .env)")
     prepare.add_argument("--data-dir", type=Path, required=True, help="where the site's splits are written")
@@ -310,7 +312,7 @@ def deployment_command(args) -> int:
                                         insecure=args.insecure)
     if args.command == "site":
         return deploy.site_command(args.name, args.data_dir, args.superlink, args.certs, insecure=args.insecure,
-                                   threads=args.threads)
+                                   threads=args.threads, port=args.port)
     from fl_crew_reddit.config import ConfigError, load_config
 
     _console_logging(False)

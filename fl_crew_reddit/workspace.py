@@ -6,9 +6,13 @@ and records what happened. Client updates travel between trainer and aggregator 
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import random
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ from fl_crew_reddit.history import (
     parse_run_history,
 )
 from fl_crew_reddit.preprocessing.media import MediaSettings
-from fl_crew_reddit.preprocessing.pipeline import PreprocessReport, QualityRules, preprocess, read_jsonl
+from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
 from fl_crew_reddit.runs import (
     RunPaths,
@@ -42,13 +46,40 @@ from fl_crew_reddit.runs import (
     write_json_atomic,
 )
 from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
-from fl_crew_reddit.training.batching import tokenize_all
+from fl_crew_reddit.site import Site, SiteData
 from fl_crew_reddit.training.device_pool import TrainerPool, TrainingJob, trainer_devices
 from fl_crew_reddit.training.model_loading import load_base_model, pick_device
 from fl_crew_reddit.training.peft_setup import build_peft_model
 from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
 
 log = logging.getLogger(__name__)
+
+CACHED_SITES = 8  # clients whose tokenized rows stay in memory (least recently used go first)
+
+
+class ClientRows(Mapping):
+    """{client: tokenized rows of one split}, each client's rows read from its files when looked up and not kept
+    here: a pass over all clients (`items()`) holds one client's rows at a time, so memory does not grow with the
+    number of clients."""
+
+    def __init__(self, names: list[str], rows_of: Callable[[str], list[dict]]):
+        self._names = list(names)
+        self._known = set(self._names)
+        self._rows_of = rows_of
+
+    def __getitem__(self, name: str) -> list[dict]:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._rows_of(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
 
 
 class FederatedWorkspace:
@@ -65,13 +96,15 @@ class FederatedWorkspace:
         self.global_adapter: dict[str, torch.Tensor] | None = None
         # The server side (sampling, fit config, screening, aggregation, server-optimizer state): server/strategy.py
         self.strategy = FederatedStrategy(StrategySettings.from_config(config))
+        self._site_summaries: dict[str, dict] = {}  # FEDERATION=flower: what each site reported of its data
         self._federation = None  # FEDERATION=local-flower: the SuperLink + SuperNodes, started at the first round
         self._flower_round = None  # FEDERATION=local-flower: the outcome of the round the ServerApp ran
         self._model = None
         self._tokenizer = None
-        self._train_rows: dict[str, list[dict]] = {}
-        self._test_rows: dict[str, list[dict]] = {}
-        self._validation_rows: dict[str, list[dict]] = {}
+        # Client data stays on disk: each client's shard files, and the tokenized rows of the CACHED_SITES clients
+        # used last (`_site_data`); a client never sampled is never tokenized for training.
+        self._shards: dict[str, ClientShard] = {}
+        self._site_cache: OrderedDict[str, SiteData] = OrderedDict()
         self._scalars: RunScalars | None = None
         self._sample: list[dict] = []
         self._image_examples: list[dict] = []  # held-out replies to image posts, for the CLIP score
@@ -111,6 +144,8 @@ class FederatedWorkspace:
     # --- Data Collector ----------------------------------------------------------------------------------------
     def collect(self, subreddits: list[str] | None = None, posts_per_subreddit: int | None = None,
                 queries: list[str] | None = None) -> CollectionReport:
+        if self.config.federation == "flower":
+            return self._collect_on_sites(subreddits, posts_per_subreddit, queries)
         from fl_crew_reddit.data_source import open_mcp_client
 
         with open_mcp_client(self.config) as client:
@@ -123,6 +158,8 @@ class FederatedWorkspace:
     def preprocess(self) -> PreprocessReport:
         if self.collection is None:
             raise RuntimeError("preprocess needs collected data: run the collector first")
+        if self.config.federation == "flower":
+            return self._preprocessed_on_sites()
         cfg = self.config
         cap, why = cfg.training_cap(self.device.type)
         logging.getLogger("fl_crew_reddit.progress").info("Training examples per client: %s", why)
@@ -137,22 +174,119 @@ class FederatedWorkspace:
         self._load_client_data()
         return self.data
 
+    # --- FEDERATION=flower: the sites collect and preprocess; the server learns counts only -------------------------
+    def _collect_on_sites(self, subreddits, posts_per_subreddit, queries) -> CollectionReport:
+        """Ask every connected site to prepare its data (a site without any runs its own `prepare-site`, with its own
+        data source and these non-secret choices) and keep what they report: counts, no text."""
+        from fl_crew_reddit.reddit.collector import SubredditCollection
+
+        cfg = self.config
+        if self._federation is None:
+            self._federation = self._start_federation()
+        request = {"subreddits": list(subreddits if subreddits is not None else cfg.subreddits),
+                   "posts_per_subreddit": int(posts_per_subreddit or cfg.posts_per_subreddit),
+                   "queries": list(queries or [])}
+        self._site_summaries = self._federation.prepare(request, min_sites=min(cfg.min_fit_clients,
+                                                                                cfg.clients_count))
+        totals: dict[str, dict] = {}
+        for summary in self._site_summaries.values():
+            for name, counts in (summary.get("collected") or {}).items():
+                entry = totals.setdefault(name, {"posts": 0, "comments": 0, "skipped": {}})
+                entry["posts"] += int(counts.get("posts", 0))
+                entry["comments"] += int(counts.get("comments", 0))
+                for reason, count in (counts.get("skipped") or {}).items():
+                    entry["skipped"][reason] = entry["skipped"].get(reason, 0) + int(count)
+        self.collection = CollectionReport(
+            subreddits=[SubredditCollection(subreddit=name, num_posts=t["posts"], num_comments=t["comments"],
+                                            path="(kept on the sites)", skipped=t["skipped"])
+                        for name, t in sorted(totals.items())],
+            server=f"{len(self._site_summaries)} Flower sites: {', '.join(self._site_summaries)}")
+        return self.collection
+
+    def _preprocessed_on_sites(self) -> PreprocessReport:
+        """The sites' splits as client shards with counts and no paths (their files never leave the sites)."""
+        clients, dropped = [], {}
+        for name, summary in self._site_summaries.items():
+            examples = summary.get("examples", {})
+            clients.append(ClientShard(name=name, subreddits=summary.get("subreddits") or {},
+                                       num_train=int(examples.get("train", 0)), num_test=int(examples.get("test", 0)),
+                                       num_validation=int(examples.get("validation", 0)), train_path="",
+                                       test_path="", train_tokens=int(summary.get("train_tokens") or 0)))
+            for reason, count in (summary.get("dropped") or {}).items():
+                dropped[reason] = dropped.get(reason, 0) + int(count)
+        self.data = PreprocessReport(num_comments=sum(c.num_comments for c in self.collection.subreddits),
+                                     num_examples=sum(c.num_train + c.num_test + c.num_validation for c in clients),
+                                     dropped=dropped, clients=clients, examples_path="(kept on the sites)",
+                                     partition="one client per site")
+        self._index_remote_sites()
+        return self.data
+
+    def _index_remote_sites(self) -> None:
+        self._shards = {shard.name: shard for shard in self.data.clients}
+        self._sample, self._image_examples = [], []  # generated replies need text the server does not have
+
+    def use_data(self, report: PreprocessReport) -> None:
+        """Train on client shards already on disk (`report.clients`: their files), as `preprocess` would leave them."""
+        self.data = report
+        self._load_client_data()
+
     def _load_client_data(self) -> None:
-        """Tokenize each client's shard once (read back from its files, so a resumed run sees the same rows in the
-        same order); the union of test splits is the evaluation set, the union of validation splits chooses rounds."""
-        test_examples = []
+        """Index the clients' shard files; nothing is tokenized here. A client's rows are read back from its files
+        (so a resumed run sees the same rows in the same order) and tokenized when they are used: train rows when
+        the client is sampled, test and validation rows by each held-out evaluation, which streams over the clients
+        (`_client_split`), keeping only NLL sums and token counts per client. Memory therefore does not grow with
+        NUM_CLIENTS; the price is tokenizing the held-out splits again at each evaluation.
+
+        The union of the test splits is the evaluation set and the union of the validation splits chooses rounds.
+        The BLEU sample (EVAL_SAMPLES test examples drawn with SEED from that union, in client order) and the image
+        examples are picked in two passes over the test files, keeping only the picked examples: the same examples
+        as drawing from the whole list, since `random.sample` draws positions from the length alone."""
+        self._shards = {shard.name: shard for shard in self.data.clients}
+        self._site_cache.clear()
+        wanted_images = self.config.eval_samples
+        counts, self._image_examples = [], []
         for shard in self.data.clients:
-            self._train_rows[shard.name] = tokenize_all(self.tokenizer, read_jsonl(Path(shard.train_path)),
-                                                        self.config.max_seq_length)
-            client_test = read_jsonl(Path(shard.test_path))
-            self._test_rows[shard.name] = tokenize_all(self.tokenizer, client_test, self.config.max_seq_length)
-            self._validation_rows[shard.name] = (  # none in runs made before validation splits
-                tokenize_all(self.tokenizer, read_jsonl(Path(shard.validation_path)), self.config.max_seq_length)
-                if shard.validation_path else [])
-            test_examples.extend(client_test)
+            path = Path(shard.test_path)
+            if len(self._image_examples) < wanted_images:
+                examples = read_jsonl(path)
+                self._image_examples.extend(e for e in examples if e.get("image_paths"))
+                counts.append(len(examples))
+            else:  # rows only counted, as read_jsonl reads them (blank lines skipped)
+                with path.open(encoding="utf-8") as handle:
+                    counts.append(sum(1 for line in handle if line.strip()))
+        del self._image_examples[wanted_images:]
         rng = random.Random(self.config.seed)
-        self._sample = rng.sample(test_examples, min(self.config.eval_samples, len(test_examples)))
-        self._image_examples = [e for e in test_examples if e.get("image_paths")][:self.config.eval_samples]
+        positions = rng.sample(range(sum(counts)), min(self.config.eval_samples, sum(counts)))
+        starts = list(itertools.accumulate(counts, initial=0))  # the first position of each client's test rows
+        by_client: dict[int, list[int]] = {}
+        for position in positions:
+            by_client.setdefault(bisect.bisect_right(starts, position) - 1, []).append(position)
+        picked: dict[int, dict] = {}
+        for index, mine in by_client.items():
+            examples = read_jsonl(Path(self.data.clients[index].test_path))
+            picked.update((p, examples[p - starts[index]]) for p in mine)
+        self._sample = [picked[p] for p in positions]
+
+    def _site_data(self, client: str) -> SiteData:
+        """Client `client`'s rows, tokenized on first use of each split; the CACHED_SITES clients used last are kept."""
+        data = self._site_cache.pop(client, None)
+        if data is None:
+            shard = self._shards[client]
+            data = SiteData(None, self.tokenizer, self.config.max_seq_length,
+                            files={"train": shard.train_path, "test": shard.test_path,
+                                   "validation": shard.validation_path})  # none in runs made before validation
+        self._site_cache[client] = data
+        while len(self._site_cache) > CACHED_SITES:
+            self._site_cache.popitem(last=False)
+        return data
+
+    def _client_split(self, split: str) -> ClientRows:
+        """{client: tokenized rows of `split`} over all clients, in client order, tokenized as it is read."""
+        return ClientRows(self.client_names, lambda name: self._site_data(name).rows(split))
+
+    def _has_validation(self, client: str) -> bool:
+        shard = self._shards[client]
+        return (bool(shard.validation_path) or self.config.federation == "flower") and shard.num_validation > 0
 
     # --- Model Trainer -----------------------------------------------------------------------------------------
     def fit_config(self, round_number: int) -> dict:
@@ -172,18 +306,14 @@ class FederatedWorkspace:
     def server_optimizer(self, optimizer) -> None:
         self.strategy.server_optimizer = optimizer
 
-    def site(self, client: str):
-        """Client `client` as a site on the shared model, with its already tokenized rows."""
-        from fl_crew_reddit.site import Site, SiteData
-
-        rows = {"train": self._train_rows[client], "validation": self._validation_rows.get(client, []),
-                "test": self._test_rows.get(client, [])}
-        return Site(client, SiteData(None, self.tokenizer, self.config.max_seq_length, rows=rows), self.model,
-                    self.tokenizer, self.device, mixed_precision=self.config.mixed_precision)
+    def site(self, client: str) -> Site:
+        """Client `client` as a site on the shared model; its rows are read from its files when first used."""
+        return Site(client, self._site_data(client), self.model, self.tokenizer, self.device,
+                    mixed_precision=self.config.mixed_precision)
 
     def train_client(self, client: str, round_number: int) -> ClientRoundResult:
-        if client not in self._train_rows:
-            raise KeyError(f"unknown client {client!r}; clients are {', '.join(self._train_rows)}")
+        if client not in self._shards:
+            raise KeyError(f"unknown client {client!r}; clients are {', '.join(self._shards)}")
         if self._flower_round is not None:
             return self._train_on_flower(client, round_number)
         if self._trainer_pool is not None:
@@ -225,7 +355,7 @@ class FederatedWorkspace:
         FEDERATION=local-flower: the ServerApp runs the whole round on the SuperNodes now (train, screen and
         aggregate, evaluate); the next steps read its outcome."""
         self._flower_round = None
-        if self.config.federation == "local-flower":
+        if self.config.federation != "inprocess":
             self._run_flower_round(round_number, clients)
             return
         if self._trainer_pool is None:
@@ -253,17 +383,37 @@ class FederatedWorkspace:
         return record
 
     def _run_flower_round(self, round_number: int, clients: list[str]) -> None:
-        from fl_crew_reddit.federation.flower import LocalFlowerFederation, model_settings
+        from fl_crew_reddit.federation.flower import model_settings
 
         if self._federation is None:
-            sites = {shard.name: Path(shard.train_path).parent for shard in self.data.clients}
-            self._federation = LocalFlowerFederation(sites, self.paths.results / "flower")
-            self._federation.start()
+            self._federation = self._start_federation()
         outcome = self._federation.run_round(round_number, self.strategy, self.global_adapter,
                                              model_settings(self.config))
         if outcome.selected != list(clients):
             log.warning("Round %d: the ServerApp sampled %s, the Flow %s", round_number, outcome.selected, clients)
+        for name, reason in outcome.evaluation_failed.items():
+            log.warning("Round %d: %s is left out of the held-out evaluation: %s", round_number, name, reason)
         self._flower_round = outcome
+
+    def _start_federation(self):
+        """FEDERATION=local-flower: a SuperLink and one SuperNode per client here (TLS + node authentication unless
+        FLOWER_INSECURE); flower: the SuperLink at SUPERLINK_ADDRESS, verified with FLOWER_CERTS/ca.crt."""
+        from fl_crew_reddit.federation.flower import FlowerFederation, LocalFlowerFederation
+
+        cfg = self.config
+        timeouts = dict(round_timeout_s=cfg.round_timeout, connect_timeout_s=cfg.site_connect_timeout)
+        if cfg.federation == "local-flower":
+            sites = {shard.name: Path(shard.train_path).parent for shard in self.data.clients}
+            return LocalFlowerFederation(sites, self.paths.results / "flower", insecure=cfg.flower_insecure,
+                                         **timeouts).start()
+        from fl_crew_reddit.federation.certs import CA_CERT, check_certs
+
+        if cfg.flower_certs is not None:
+            check_certs(cfg.flower_certs)
+        return FlowerFederation(self.client_names, self.paths.results / "flower",
+                                control_address=cfg.superlink_address,
+                                root_certificates=None if cfg.flower_insecure else cfg.flower_certs / CA_CERT,
+                                **timeouts).connect()
 
     def record_client_failure(self, client: str, reason: str) -> None:
         self._current_round().skipped[client] = [reason]
@@ -299,7 +449,16 @@ class FederatedWorkspace:
 
     # --- Evaluator ---------------------------------------------------------------------------------------------
     def evaluate_base(self) -> EvalMetrics:
-        self.base_metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
+        if self.config.federation == "flower":  # on the sites: the starting adapter (LoRA B = 0) is the base model
+            from fl_crew_reddit.federation.flower import model_settings
+
+            _ = self.model
+            evaluation, failed = self._federation.evaluate(self.initial_adapter, model_settings(self.config))
+            for name, reason in failed.items():
+                log.warning("Base model: %s is left out of the held-out evaluation: %s", name, reason)
+            self.base_metrics = self._flower_metrics(evaluation)
+            return self.base_metrics
+        self.base_metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), self._sample, self.device,
                                      use_adapter=False, mixed_precision=self.config.mixed_precision)
         self.base_metrics.validation_perplexity, self.base_metrics.validation_per_client = self._validation(
             use_adapter=False)
@@ -313,7 +472,7 @@ class FederatedWorkspace:
         if self._flower_round is not None:  # FEDERATION=local-flower: perplexities from the sites' NLL sums
             metrics = self._flower_metrics(self._flower_round.evaluation)
         else:
-            metrics = evaluate(self.model, self.tokenizer, self._test_rows, self._sample, self.device,
+            metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), self._sample, self.device,
                                mixed_precision=self.config.mixed_precision)
             metrics.validation_perplexity, metrics.validation_per_client = self._validation()
         self._score_images(metrics)
@@ -334,7 +493,7 @@ class FederatedWorkspace:
         if perplexity is None:
             raise ValueError("the sites returned no held-out reply tokens: perplexity needs at least one")
         validation = {name: evaluation["validation"][name] for name in order
-                      if name in evaluation.get("validation", {}) and self._validation_rows.get(name)}
+                      if name in evaluation.get("validation", {}) and self._has_validation(name)}
         validation_ppl, validation_per_client, _ = combine_split(validation)
         prompts = [example["prompt"] for example in self._sample]
         references = [example["messages"][-1]["content"] for example in self._sample]
@@ -356,10 +515,10 @@ class FederatedWorkspace:
         for name, value in scores.items():
             setattr(metrics, name, value)
 
-    def _validation(self, rows: dict[str, list[dict]] | None = None,
+    def _validation(self, rows: Mapping[str, list[dict]] | None = None,
                     use_adapter: bool = True) -> tuple[float | None, dict[str, float]]:
-        """Perplexity on the validation splits (default: all clients'), overall and per client."""
-        return split_perplexities(self.model, self._validation_rows if rows is None else rows,
+        """Perplexity on the validation splits (default: all clients', streamed), overall and per client."""
+        return split_perplexities(self.model, self._client_split("validation") if rows is None else rows,
                                   self.tokenizer.pad_token_id, self.device, use_adapter=use_adapter,
                                   mixed_precision=self.config.mixed_precision)
 
@@ -377,9 +536,11 @@ class FederatedWorkspace:
             raise ValueError(f"baseline {kind!r} needs a completed federated round: its step budget is the run's")
         if kind == "local_only":
             per_client, unions = {}, []
-            for client, rows in self._train_rows.items():
+            for client in self.client_names:  # one client's rows in memory at a time
+                data = self._site_data(client)
                 fits = [{**self.fit_config(r.round), "proximal_mu": 0.0} for r in trained]
-                run = self._train_in_chunks(f"{client}-alone", rows, fits, {client: self._validation_rows[client]})
+                run = self._train_in_chunks(f"{client}-alone", data.rows("train"), fits,
+                                            {client: data.rows("validation")})
                 metrics = self._test_metrics(run["state"])
                 per_client[client] = {"own": metrics.per_client.get(client, metrics.perplexity),
                                       "union": metrics.perplexity, "steps": run["steps"],
@@ -392,11 +553,11 @@ class FederatedWorkspace:
                                     "read at its best chunk on its own validation split; perplexity = mean over "
                                     "clients on all held-out test replies"}
         elif kind == "centralized":
-            pooled = [row for rows in self._train_rows.values() for row in rows]
-            epochs = self.config.local_epochs * len(self._train_rows) + 1  # enough batches; the step cap binds
+            pooled = [row for rows in self._client_split("train").values() for row in rows]  # all data, by design
+            epochs = self.config.local_epochs * len(self.client_names) + 1  # enough batches; the step cap binds
             fits = [{**self.fit_config(r.round), "proximal_mu": 0.0, "local_epochs": epochs,
                      "max_steps": sum(c.metrics["steps"] for c in r.clients)} for r in trained]
-            run = self._train_in_chunks("centralized", pooled, fits, self._validation_rows)
+            run = self._train_in_chunks("centralized", pooled, fits, self._client_split("validation"))
             metrics = self._test_metrics(run["state"])
             entry = {"perplexity": metrics.perplexity,
                      "per_client": {k: {"own": v} for k, v in metrics.per_client.items()},
@@ -418,7 +579,7 @@ class FederatedWorkspace:
         return entry
 
     def _train_in_chunks(self, name: str, rows: list[dict], fits: list[dict],
-                         validation_rows: dict[str, list[dict]]) -> dict:
+                         validation_rows: Mapping[str, list[dict]]) -> dict:
         """Fit chunk after chunk from the initial adapter, scoring validation after each; keep the best chunk's
         adapter (lowest validation perplexity; the last one where there is no validation split)."""
         state, steps, scores = self.initial_adapter, 0, []
@@ -441,7 +602,7 @@ class FederatedWorkspace:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, state)
-        return evaluate(self.model, self.tokenizer, self._test_rows, [], self.device,
+        return evaluate(self.model, self.tokenizer, self._client_split("test"), [], self.device,
                         mixed_precision=self.config.mixed_precision)
 
     # --- history -----------------------------------------------------------------------------------------------
@@ -486,7 +647,10 @@ class FederatedWorkspace:
         self.collection, self.data, self.base_metrics = history.collection, history.data, history.base
         self.rounds, self.agent_steps = history.rounds, history.agent_steps
         _ = self.model  # load the base model and build the adapter before overwriting its weights
-        self._load_client_data()
+        if self.config.federation == "flower":
+            self._index_remote_sites()
+        else:
+            self._load_client_data()
         self.global_adapter = global_adapter
         if optimizer is not None:
             self.server_optimizer = make_server_optimizer(optimizer["name"])

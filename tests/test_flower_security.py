@@ -112,12 +112,14 @@ def test_insecure_only_on_loopback_and_certs_checked(tmp_path):
 
 
 def test_a_site_killed_in_a_round_is_left_out_and_rejoins(tiny_model_dir, tmp_path, work, monkeypatch):
-    # Prepare: three sites on a TLS + node-auth federation; client-1's SuperNode is killed in round 1, right after
+    # Prepare: two sites on a Flower federation; client-1's SuperNode is killed in round 1, right after
     # the ServerApp has sent the train messages (it logs the sites first, then sends; training takes seconds).
     monkeypatch.chdir(tmp_path)
+    # Without node authentication, so the restarted node joins at once under a new node id (with it, Flower lets
+    # the same key in again only after two missed 30-second heartbeats: restart_dead_nodes waits for that).
     config = tiny_run_config(tiny_model_dir, work, federation="local-flower", eval_samples=0, local_epochs=1,
-                             max_examples_per_client=8, num_trainers=3, min_fit_clients=2, round_timeout=25,
-                             site_connect_timeout=60)
+                             max_examples_per_client=8, num_trainers=2, min_fit_clients=1, round_timeout=20,
+                             site_connect_timeout=60, flower_insecure=True)
     round_log = work / "results" / "faults" / "flower" / "round-1" / "flwr-run.log"
     killed = []
 
@@ -138,13 +140,13 @@ def test_a_site_killed_in_a_round_is_left_out_and_rejoins(tiny_model_dir, tmp_pa
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="faults")
     watcher.join(timeout=5)
 
-    # Assert: round 1 completed with the two others, client-1 out with its reason; it rejoined round 2
+    # Assert: round 1 completed with client-0 (MIN_FIT_CLIENTS=1), client-1 out with its reason; it rejoined round 2
     assert killed == [-signal.SIGKILL]
     first, second = result.history["rounds"]
-    assert sorted(c["name"] for c in first["clients"]) == ["client-0", "client-2"]
+    assert [c["name"] for c in first["clients"]] == ["client-0"]
     reason = " ".join(first["skipped"]["client-1"])
     assert "SuperNode" in reason or "ClientApp error" in reason, reason
-    assert first["aggregation"]["accepted"] == ["client-0", "client-2"]
-    assert set(first["global"]["per_client"]) == {"client-0", "client-2"}  # not waited for again in evaluation
-    assert sorted(c["name"] for c in second["clients"]) == ["client-0", "client-1", "client-2"]
-    assert set(second["global"]["per_client"]) == {"client-0", "client-1", "client-2"}
+    assert first["aggregation"]["accepted"] == ["client-0"]
+    assert set(first["global"]["per_client"]) == {"client-0"}  # not waited for again in evaluation
+    assert sorted(c["name"] for c in second["clients"]) == ["client-0", "client-1"]
+    assert set(second["global"]["per_client"]) == {"client-0", "client-1"}

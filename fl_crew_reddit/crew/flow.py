@@ -137,7 +137,12 @@ class FederatedFlow(Flow[FLState]):
     def run_baselines(self):
         best = best_round_record(self.workspace.rounds)
         federated = f"{best.global_.perplexity:.2f} at round {best.round}" if best else "—"
-        for baseline in self.workspace.config.baselines:
+        baselines = self.workspace.config.baselines
+        if baselines and self.workspace.config.federation == "flower":
+            progress.info("Baselines %s skipped: they train on all clients' data in one place, and in "
+                          "FEDERATION=flower that data never leaves the sites", ", ".join(baselines))
+            baselines = []
+        for baseline in baselines:
             result = self._call(self.crew.evaluator, "train_and_evaluate_baseline", baseline=baseline)
             progress.info("Baseline %s: test perplexity %.2f at its best checkpoint on validation (federated %s)",
                           baseline, result.perplexity, federated)

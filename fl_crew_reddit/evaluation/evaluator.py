@@ -1,6 +1,7 @@
 """The Evaluator's model-side work: held-out reply perplexity and generated replies scored against real ones."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
@@ -42,7 +43,7 @@ def held_out_perplexity(model, rows: list[dict], pad_id: int, device: torch.devi
 
 
 @torch.no_grad()
-def split_perplexities(model, rows_by_client: dict[str, list[dict]], pad_id: int, device: torch.device,
+def split_perplexities(model, rows_by_client: Mapping[str, list[dict]], pad_id: int, device: torch.device,
                        use_adapter: bool = True,
                        mixed_precision: str = "auto") -> tuple[float | None, dict[str, float]]:
     """Perplexity only (no generation: cheap enough to run every round) on the union of the clients' rows and on
@@ -95,11 +96,11 @@ def generate_replies(model, tokenizer, prompts: list[str], device: torch.device,
     return replies
 
 
-def evaluate(model, tokenizer, test_rows: list[dict] | dict[str, list[dict]], sample_examples: list[dict],
+def evaluate(model, tokenizer, test_rows: list[dict] | Mapping[str, list[dict]], sample_examples: list[dict],
              device: torch.device, use_adapter: bool = True, mixed_precision: str = "auto") -> EvalMetrics:
-    """Perplexity on every held-out reply (overall and per client when `test_rows` is a dict by client);
-    BLEU / ROUGE-L on a fixed sample of generated replies."""
-    test_sets = test_rows if isinstance(test_rows, dict) else {"all": test_rows}
+    """Perplexity on every held-out reply (overall and per client when `test_rows` is a mapping by client, read
+    one client at a time); BLEU / ROUGE-L on a fixed sample of generated replies."""
+    test_sets = test_rows if isinstance(test_rows, Mapping) else {"all": test_rows}
     context = nullcontext() if use_adapter else model.disable_adapter()
     with context:
         sums = {name: held_out_nll(model, rows, tokenizer.pad_token_id, device, mixed_precision=mixed_precision)

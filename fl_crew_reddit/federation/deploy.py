@@ -137,7 +137,7 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
 
 
 def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, insecure: bool = False,
-                 threads: int = 0) -> int:
+                 threads: int = 0, port: int = 9094) -> int:
     """This machine's site: its compute worker (model and data loaded once) and a flower-supernode that connects to
     the SuperLink's Fleet API with TLS and the site's key."""
     from fl_crew_reddit.federation.certs import CA_CERT, CertsError, check_certs, site_key_paths
@@ -173,7 +173,8 @@ def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, 
                                "--threads", str(threads), f"--site={name}={data_dir.resolve()}={socket_path}"],
                               start_new_session=True)
     node_config = f'site="{name}" data-dir="{data_dir.resolve()}" threads={threads} worker="{socket_path}"'
-    command = [_executable("flower-supernode"), *security, "--superlink", superlink, "--node-config", node_config]
+    command = [_executable("flower-supernode"), *security, "--superlink", superlink, "--node-config", node_config,
+               "--host", "127.0.0.1", "--port", str(port)]  # the node's own local API (its apps talk to it)
     try:
         return _run_foreground(command, folder / "flwr-home",
                                lambda text: explain_supernode_failure(text, superlink), label=f"site {name}")

@@ -554,6 +554,23 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
+def _descendants(roots: list[int]) -> list[int]:
+    """Every live process below `roots` (read from /proc; [] where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def explain_supernode_failure(log_text: str, superlink: str) -> str | None:
     """One clear sentence for the ways a SuperNode fails to join, read from its log (None: not one of them)."""
     text = log_text[-20000:]
@@ -763,7 +780,9 @@ class FlowerFederation:
         return "\n".join(f"--- {name} ({path}):\n{_tail(path, limit)}" for name, path in self.logs.items())
 
     def stop(self) -> None:
-        """Stop every process group this federation started (SIGTERM, then SIGKILL after 10 s)."""
+        """Stop every process group this federation started (SIGTERM, then SIGKILL after 10 s), and any process
+        they started that left its group (Flower's app processes may run in sessions of their own)."""
+        descendants = _descendants([p.pid for p in self.processes.values() if p.poll() is None])
         for process in self.processes.values():
             if process.poll() is None:
                 try:
@@ -783,6 +802,11 @@ class FlowerFederation:
             try:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
+                pass
+        for pid in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
         self.processes = {}
         _RUNNING.discard(self)

@@ -11,23 +11,41 @@ SPLITS = ("train", "validation", "test")
 
 
 class SiteData:
-    """Tokenized rows of one client's splits, read from its own folder (or given, in-process, already tokenized)."""
+    """Tokenized rows of one client's splits, read from its own files on first use of each split (or given,
+    in-process, already tokenized).
+
+    The files are `folder`/<split>.jsonl (a split without its file: no rows), or `files` ({split: path, or None
+    for a split the client does not have; a named file that is missing is an error}) where they lie elsewhere.
+    Nothing is read before a split is asked for: a site that only trains never tokenizes its held-out splits."""
 
     def __init__(self, folder: Path | None, tokenizer, max_seq_length: int,
-                 rows: dict[str, list[dict]] | None = None):
+                 rows: dict[str, list[dict]] | None = None, files: dict[str, Path | str | None] | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self._rows: dict[str, list[dict]] = dict(rows or {})
+        unknown = set(files or {}) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown splits {sorted(unknown)}; splits are {', '.join(SPLITS)}")
+        self._files: dict[str, Path | None] = {split: Path(path) if path else None
+                                               for split, path in (files or {}).items()}
         if self.folder is not None and not (self.folder / "train.jsonl").is_file():
             raise FileNotFoundError(f"{self.folder} is not a site data folder: train.jsonl is missing")
 
+    def path(self, split: str) -> Path | None:
+        """The file `split` is read from (None: no such file)."""
+        if split in self._files:
+            return self._files[split]
+        return self.folder / f"{split}.jsonl" if self.folder is not None else None
+
     def rows(self, split: str) -> list[dict]:
-        """Tokenized rows of `split`; [] for a split the folder does not have (a run made before validation)."""
+        """Tokenized rows of `split`; [] for a split the site does not have (a run made before validation)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
         if split not in self._rows:
-            path = self.folder / f"{split}.jsonl" if self.folder is not None else None
+            path = self.path(split)
+            # a file named in `files` must be there; a folder may lack a split
+            present = path is not None and (split in self._files or path.is_file())
             self._rows[split] = (tokenize_all(self.tokenizer, read_jsonl(path), self.max_seq_length)
-                                 if path is not None and path.is_file() else [])
+                                 if present else [])
         return self._rows[split]
