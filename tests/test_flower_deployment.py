@@ -33,6 +33,19 @@ def _start(command: list[str], log: Path, env: dict | None = None) -> subprocess
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=log.parent)
 
 
+def _processes_under(folder: Path) -> list[int]:
+    """Live processes whose command line names `folder` (this test's SuperLink, SuperNodes, workers)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != os.getpid() and str(folder) in (entry / "cmdline").read_bytes().decode(
+                    errors="replace").replace("\0", " "):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -82,12 +95,30 @@ def test_three_machines_on_loopback(tiny_model_dir, tmp_path, monkeypatch, capsy
                                  site_connect_timeout=120)
         result = FLCrewRedditManager(config).run_federated_learning(num_rounds=ROUNDS, run_id="deployed")
     finally:
-        for process in processes:  # each command's whole process group: SuperNode, worker, app processes
+        for process in processes:  # as `docker stop` does: SIGTERM to the command, SIGKILL to its group later
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            process.wait(timeout=30)
+    time.sleep(2)  # processes still exiting
+    leftovers = {}
+    for pid in _processes_under(tmp_path):
+        try:
+            leftovers[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")[:200]
+        except OSError:
+            continue
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert leftovers == {}, "a deployment command left processes behind when its group was killed"
 
     # Assert: both sites trained in every round and the held-out perplexity is combined from both
     history = result.history

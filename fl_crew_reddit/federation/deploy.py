@@ -11,6 +11,7 @@ sites' public keys. Each function returns a process exit status and prints one c
 """
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -48,24 +49,41 @@ def certs_command(out: Path, sites: list[str], hosts: list[str], overwrite: bool
 def _run_foreground(command: list[str], home: Path, explain=None, label: str = "") -> int:
     """Run a Flower process in the foreground with its output on the console; Ctrl+C / SIGTERM stop it. On a failed
     exit, `explain(last_lines)` may turn its log into one clear line."""
-    from fl_crew_reddit.federation.flower import with_env
+    from fl_crew_reddit.federation.flower import _descendants, with_env
 
-    process = subprocess.Popen(with_env(command, home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    # the same process group as this command: whoever stops the group (Ctrl+C, a container runtime, a test) stops
+    # the Flower process too; a SIGTERM sent to this process alone is passed on
+    process = subprocess.Popen(with_env(command, home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = deque(maxlen=400)
 
     def forward(signum, _frame):
         process.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}  # the group's Ctrl+C reaches it too
+    helpers: set[int] = set()
     try:
         for line in process.stdout:
             last.append(line)
             print(line, end="", flush=True)
+            if "SuperExec" in line:  # flower-supernode started its superexec (a session of its own)
+                helpers.update(_descendants([process.pid]))
         code = process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        helpers.update(_descendants([process.pid]) if process.poll() is None else [])
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     if code not in (0, -signal.SIGINT, -signal.SIGTERM) and explain is not None:
         reason = explain("".join(last))
         if reason:
@@ -85,7 +103,13 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
         check_certs,
         registered_sites,
     )
-    from fl_crew_reddit.federation.flower import _executable, register_site_key, with_env, write_flwr_config
+    from fl_crew_reddit.federation.flower import (
+        _descendants,
+        _executable,
+        register_site_key,
+        with_env,
+        write_flwr_config,
+    )
 
     if insecure and listen not in LOOPBACK:
         return _fail(f"superlink: --insecure is allowed on loopback only, not on --listen {listen}")
@@ -107,7 +131,8 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
     command = [_executable("flower-superlink"), *security, "--fleet-api-address", f"{listen}:{fleet_port}",
                "--host", listen, "--port", str(control_port), "--database", str(state / "superlink.db"),
                "--disable-runtime-dependency-installation"]
-    process = subprocess.Popen(with_env(command, home), start_new_session=True)
+    process = subprocess.Popen(with_env(command, home))  # in this command's process group (see _run_foreground)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: process.send_signal(signum))
     try:
         import socket
 
@@ -127,13 +152,22 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
         print(f"SuperLink: Fleet API on {listen}:{fleet_port} for the sites, Control API on {listen}:{control_port} "
               f"for `run` ({'insecure' if insecure else 'TLS + node authentication'}); Ctrl+C stops it", flush=True)
         return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
+    except KeyboardInterrupt:  # the group's Ctrl+C reached flower-superlink as well
         return process.wait()
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        helpers = _descendants([process.pid])  # flower-superexec and app processes run in sessions of their own
         if process.poll() is None:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, insecure: bool = False,
@@ -170,8 +204,7 @@ def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, 
     folder = Path(tempfile.mkdtemp(prefix="flcrew-site-"))
     socket_path = folder / "site.sock"
     worker = subprocess.Popen([sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
-                               "--threads", str(threads), f"--site={name}={data_dir.resolve()}={socket_path}"],
-                              start_new_session=True)
+                               "--threads", str(threads), f"--site={name}={data_dir.resolve()}={socket_path}"])
     node_config = f'site="{name}" data-dir="{data_dir.resolve()}" threads={threads} worker="{socket_path}"'
     command = [_executable("flower-supernode"), *security, "--superlink", superlink, "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(port)]  # the node's own local API (its apps talk to it)
