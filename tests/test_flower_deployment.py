@@ -1,6 +1,6 @@
 """FEDERATION=flower end to end with the deployment commands, each as its own process on 127.0.0.1, as on three
-machines: `certs`, `superlink` (TLS + node authentication), two `site`s (site-a prepared its data with
-`prepare-site` beforehand, site-b prepares it when the server asks), and the crew's run connected to the SuperLink.
+machines: `certs`, `superlink` (TLS + node authentication), two `site`s (each prepares its own data with its own
+settings, through its own `prepare-site`, when the server asks), and the crew's run connected to the SuperLink.
 The server never holds a client's text: it learns counts and NLL sums only."""
 import os
 import signal
@@ -69,16 +69,12 @@ def test_three_machines_on_loopback(tiny_model_dir, tmp_path, monkeypatch, capsy
         processes.append(superlink)
         _wait_for(lambda: "Registered site site-b" in (server_root / "superlink.log").read_text(errors="replace"),
                   90, "the SuperLink to register the sites")
-        # each site machine: its own folder and settings; site-a prepares its data itself first
+        # each site machine: its own folder and settings (its own subreddits)
         sites = {}
         for name, subreddits in (("site-a", "cooking"), ("site-b", "gardening")):
             root = tmp_path / name
             root.mkdir()
             sites[name] = (root, _site_environment(tiny_model_dir, root, subreddits))
-        root, env = sites["site-a"]
-        assert subprocess.run([sys.executable, "-m", "fl_crew_reddit.main", "prepare-site", "--data-dir",
-                               str(root / "data")], env=env, cwd=root, capture_output=True, timeout=300).returncode == 0
-        assert (root / "data" / "train.jsonl").is_file()
         for name, (root, env) in sites.items():
             processes.append(_start(["site", "--name", name, "--data-dir", str(root / "data"), "--superlink",
                                      f"127.0.0.1:{fleet}", "--certs", str(certs), "--threads", "1",
@@ -125,7 +121,8 @@ def test_three_machines_on_loopback(tiny_model_dir, tmp_path, monkeypatch, capsy
     assert [sorted(c.name for c in r.clients) for r in history.rounds] == [["site-a", "site-b"]] * ROUNDS
     assert set(history.base.per_client) == {"site-a", "site-b"}
     assert history.rounds[-1].global_.perplexity < history.base.perplexity
-    assert {c.name: c.num_train for c in history.data.clients}["site-b"] > 0  # prepared on the server's request
+    assert all(c.num_train > 0 for c in history.data.clients)  # prepared on the server's request, on each site
+    assert {s.subreddit for s in history.collection.subreddits} == {"cooking", "gardening"}  # each site's own
     assert all(c.metrics["bytes_down"] > 0 and c.metrics["bytes_up"] > 0 for r in history.rounds for c in r.clients)
     # the server holds no client text: no split files, no collected posts under its folder
     assert not [p for p in server_root.rglob("*.jsonl") if "flower-state" not in str(p)]
