@@ -46,6 +46,21 @@ def certs_command(out: Path, sites: list[str], hosts: list[str], overwrite: bool
     return 0
 
 
+def _stop(process: subprocess.Popen, helpers) -> None:
+    """End a Flower process (SIGTERM, SIGKILL after 30 s) and the helper processes it started in other sessions."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    for pid in helpers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _run_foreground(command: list[str], home: Path, explain=None, label: str = "") -> int:
     """Run a Flower process in the foreground with its output on the console; Ctrl+C / SIGTERM stop it. On a failed
     exit, `explain(last_lines)` may turn its log into one clear line."""
@@ -73,17 +88,7 @@ def _run_foreground(command: list[str], home: Path, explain=None, label: str = "
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         helpers.update(_descendants([process.pid]) if process.poll() is None else [])
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for pid in helpers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _stop(process, helpers)
     if code not in (0, -signal.SIGINT, -signal.SIGTERM) and explain is not None:
         reason = explain("".join(last))
         if reason:
@@ -156,18 +161,7 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
         return process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        helpers = _descendants([process.pid])  # flower-superexec and app processes run in sessions of their own
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for pid in helpers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _stop(process, _descendants([process.pid]))  # superexec and app processes run in sessions of their own
 
 
 def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, insecure: bool = False,
