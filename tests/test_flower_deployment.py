@@ -1,7 +1,9 @@
 """FEDERATION=flower end to end with the deployment commands, each as its own process on 127.0.0.1, as on three
 machines: `certs`, `superlink` (TLS + node authentication), two `site`s (each prepares its own data with its own
 settings, through its own `prepare-site`, when the server asks), and the crew's run connected to the SuperLink.
-The server never holds a client's text: it learns counts and NLL sums only."""
+The crew's process is killed in round 2 and `resume` finishes the run while the SuperLink and sites stay up. The
+server never holds a client's text: it learns counts and NLL sums only."""
+import json
 import os
 import signal
 import subprocess
@@ -10,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_config
 
-from fl_crew_reddit import FLCrewRedditManager
 from fl_crew_reddit.federation.flower import free_port
+from fl_crew_reddit.history import load_run_history
 from fl_crew_reddit.main import main
 
 pytestmark = pytest.mark.e2e
-ROUNDS = 1
+ROUNDS = 2
 
 
 def _site_environment(model_dir: Path, root: Path, subreddits: str) -> dict[str, str]:
@@ -83,13 +84,27 @@ def test_three_machines_on_loopback(tiny_model_dir, tmp_path, monkeypatch, capsy
             _wait_for(lambda root=root: "SuperNode ID" in (root / "site.log").read_text(errors="replace"), 90,
                       f"{name} to join the SuperLink")
 
-        # Execute: the crew on the server machine, connected to the SuperLink
-        monkeypatch.chdir(server_root)
-        config = tiny_run_config(tiny_model_dir, server_root, federation="flower",
-                                 superlink_address=f"127.0.0.1:{control}", flower_certs=certs, eval_samples=2,
-                                 local_epochs=1, num_trainers=2, min_fit_clients=2, round_timeout=120,
-                                 site_connect_timeout=120)
-        result = FLCrewRedditManager(config).run_federated_learning(num_rounds=ROUNDS, run_id="deployed")
+        # Execute: the crew on the server machine, connected to the SuperLink, as `python -m fl_crew_reddit.main`;
+        # its process is killed once round 1 is saved (round 2 is under way) and `resume` finishes the run.
+        crew_env = {**os.environ, "FL_CREW_REDDIT_DIR": str(server_root), "BASE_LLM_MODEL": str(tiny_model_dir),
+                    "FEDERATION": "flower", "SUPERLINK_ADDRESS": f"127.0.0.1:{control}", "FLOWER_CERTS": str(certs),
+                    "EVAL_SAMPLES": "2", "LOCAL_EPOCHS": "1", "NUM_TRAINERS": "2", "MIN_FIT_CLIENTS": "2",
+                    "ROUND_TIMEOUT": "120", "SITE_CONNECT_TIMEOUT": "120", "MAX_SEQ_LENGTH": "128", "LORA_R": "4",
+                    "LORA_ALPHA": "8", "SEED": "7", "MIXED_PRECISION": "no", "BATCH_SIZE": "4",
+                    "LEARNING_RATE": "3e-3"}
+        crew = _start(["run", "--rounds", str(ROUNDS)], server_root / "crew.log", crew_env)
+        processes.append(crew)
+        _wait_for(lambda: any("State saved after round 1" in log.read_text(errors="replace")
+                              for log in server_root.glob("logs/run-*.log")), 300, "the crew to save round 1")
+        os.killpg(crew.pid, signal.SIGKILL)  # the server machine's crew dies mid-run; SuperLink and sites stay up
+        crew.wait(timeout=30)
+        round_one = json.loads(next(server_root.glob("results/run-*/history.json")).read_text())["rounds"]
+        resumed = subprocess.run([sys.executable, "-m", "fl_crew_reddit.main", "resume"], env=crew_env,
+                                 cwd=server_root, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        run_dir = next(server_root.glob("results/run-*/history.json")).parent
+        history = load_run_history(run_dir / "history.json")
+        assert superlink.poll() is None and all(p.poll() is None for p in processes[1:3])  # stayed up throughout
     finally:
         for process in processes:  # as `docker stop` does: SIGTERM to the command, SIGKILL to its group later
             process.send_signal(signal.SIGTERM)
@@ -116,8 +131,15 @@ def test_three_machines_on_loopback(tiny_model_dir, tmp_path, monkeypatch, capsy
             pass
     assert leftovers == {}, "a deployment command left processes behind when its group was killed"
 
-    # Assert: both sites trained in every round and the held-out perplexity is combined from both
-    history = result.history
+    # Assert: the resumed run kept round 1 as it was saved, stopped the killed crew's ServerApp session and ran
+    # round 2 in a session of its own
+    assert len(round_one) == 1 and history.rounds[0].global_.perplexity == round_one[0]["global"]["perplexity"]
+    assert [c.train_loss for c in history.rounds[0].clients] == [c["train_loss"] for c in round_one[0]["clients"]]
+    assert sorted(p.name for p in (run_dir / "flower" / "sessions").iterdir()) == ["1", "2"]
+    run_log = next(server_root.glob("logs/run-*.log")).read_text()
+    assert "Stopped the ServerApp run" in run_log and "left by an earlier process" in run_log
+    assert "session stopped by its submitter" in (run_dir / "flower" / "sessions" / "2" / "flwr-run.log").read_text()
+    # both sites trained in every round and the held-out perplexity is combined from both
     assert [sorted(c.name for c in r.clients) for r in history.rounds] == [["site-a", "site-b"]] * ROUNDS
     assert set(history.base.per_client) == {"site-a", "site-b"}
     assert history.rounds[-1].global_.perplexity < history.base.perplexity

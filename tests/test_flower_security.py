@@ -121,7 +121,7 @@ def test_a_site_killed_in_a_round_is_left_out_and_rejoins(tiny_model_dir, tmp_pa
     config = tiny_run_config(tiny_model_dir, work, federation="local-flower", eval_samples=0, local_epochs=1,
                              max_examples_per_client=8, num_trainers=2, min_fit_clients=1, round_timeout=20,
                              site_connect_timeout=60, flower_insecure=True)
-    round_log = work / "results" / "faults" / "flower" / "round-1" / "flwr-run.log"
+    round_log = work / "results" / "faults" / "flower" / "sessions" / "1" / "flwr-run.log"  # the ServerApp's
     killed = []
 
     def kill_in_round_one():

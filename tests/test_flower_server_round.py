@@ -50,12 +50,16 @@ class SitesGrid(Grid):
         return list(NODES.values())
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        self.pending = {reply.metadata.reply_to_message_id: reply for reply in self._answer(messages)}
+        return list(self.pending)
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        return [self.pending.pop(message_id) for message_id in list(message_ids) if message_id in self.pending]
 
     def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("the ServerApp exchanges messages with push_messages / pull_messages")
+
+    def _answer(self, messages):
         replies = []
         site_of = {node: name for name, node in NODES.items()}
         for message in messages:
@@ -77,8 +81,8 @@ class SitesGrid(Grid):
 
 
 def _reply_with(state, num_examples, message):
-    content = RecordDict({"arrays": flower.to_array_record(state) if isinstance(state, dict) else state,
-                          "metrics": MetricRecord({"train_loss": 1.5, "num-examples": num_examples})})
+    content = flower.pack_adapter(state) if isinstance(state, dict) else state
+    content["metrics"] = MetricRecord({"train_loss": 1.5, "num-examples": num_examples})
     return Message(content, reply_to=message)
 
 
@@ -93,7 +97,7 @@ def test_server_round_screens_what_arrives_and_aggregates_the_rest(tmp_path):
         "model": {"base_llm_model": "unused"}, "timeout_s": 5}))
 
     def train_reply(name, message):
-        received = flower.from_array_record(message.content["arrays"])
+        received = flower.to_torch(flower.unpack_adapter(message.content))
         assert all(torch.equal(received[k], _state(0.0)[k]) for k in KEYS)  # the global adapter went down
         assert message.content["config"]["round"] == 1
         if name == "client-1":
@@ -101,8 +105,9 @@ def test_server_round_screens_what_arrives_and_aggregates_the_rest(tmp_path):
         if name == "client-2":
             return _reply_with({k: v * float("nan") for k, v in _state(1.0).items()}, 4, message)
         if name == "client-3":
-            forged = ArrayRecord({k: Array(dtype="float32", shape=(1,), stype="torch.pickle", data=b"\x80\x04.")
-                                  for k in KEYS})
+            forged = flower.pack_adapter(_state(1.0))  # the float32 array replaced by a pickle
+            forged["arrays"] = ArrayRecord({"float32": Array(dtype="float32", shape=(12,), stype="torch.pickle",
+                                                             data=b"\x80\x04.")})
             return _reply_with(forged, 4, message)
         return _reply_with(_state(1.0 if name == "client-0" else 4.0), 1 if name == "client-0" else 3, message)
 

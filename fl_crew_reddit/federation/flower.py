@@ -4,15 +4,17 @@
   SuperNode's `--node-config` (its data folder), fits the received global adapter with the received fit config and
   replies with the update arrays, num_examples and metrics; `evaluate` replies with NLL sums and token counts of the
   requested splits. Site code: fl_crew_reddit/site/.
-- `server_app` (ServerApp): one federated round per `flwr run`, with the same `FederatedStrategy` the in-process
-  engine uses: sample → train messages → decode and screen → aggregate → evaluate messages → write the outcome.
-  The round's inputs (strategy settings and server-optimizer state, global adapter) and outputs sit in a job folder
-  on the server's disk, named by the run config `job-dir`.
+- `server_app` (ServerApp): one `flwr run` per federation session. It serves the jobs the crew's process queues in
+  the session folder (run config `job-dir`): a round runs the same `FederatedStrategy` the in-process engine uses
+  (sample → train messages → decode and screen → aggregate → evaluate messages → write the outcome); the round's
+  inputs (strategy settings and server-optimizer state, global adapter) and outputs sit in a job folder on the
+  server's disk.
 - `LocalFlowerFederation`: starts `flower-superlink` and the SuperNodes on 127.0.0.1 (`--insecure`: loopback only),
-  submits each round with `flwr run <app> local --stream`, shows their logs when something fails, stops them.
+  starts the session with `flwr run <app> local --stream`, shows their logs when something fails, stops them.
 
-Arrays travel as ArrayRecords (numpy `.npy` bytes, read with allow_pickle=False); every update is checked for keys,
-shapes, dtypes, finite values and norm before the aggregation rule sees it. Nothing is unpickled.
+Adapters travel as one flat numpy Array per dtype plus a layout (`pack_adapter`; `.npy` bytes read with
+allow_pickle=False); every update is checked for keys, shapes, dtypes, finite values and norm before the aggregation
+rule sees it. Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ JOB_FILE, RESULT_FILE = "job.json", "result.json"
 GLOBAL_IN, GLOBAL_OUT = "global.safetensors", "new_global.safetensors"
 OPTIMIZER_IN, OPTIMIZER_OUT = "server_optimizer.safetensors", "server_optimizer_after.safetensors"
 NODES_FILE = "nodes.json"
+SESSION_FILE, HEARTBEAT_FILE = "session.json", "heartbeat"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SPLITS_EVALUATED = ("test", "validation")
 MODEL_SETTINGS = ("base_llm_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_quantization",
@@ -73,25 +76,82 @@ def model_settings(config) -> dict:
 
 
 # --- arrays ------------------------------------------------------------------------------------------------------
-def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """Adapter tensors as an ArrayRecord of numpy arrays (no pickle)."""
-    return ArrayRecord({key: Array(value.detach().to("cpu").contiguous().numpy()) for key, value in state.items()})
+# An adapter crosses the wire as one flat numpy Array per dtype ("float32": every float32 tensor, concatenated in key
+# order) and a ConfigRecord naming each tensor's key, dtype and shape. Flower stores and moves every Array of a
+# message as objects of its own (one per array, plus 5 MB chunks): an all-linear LoRA adapter of the 135M model is
+# 420 tensors, 842 objects, each one RPC per hop; packed it is 5 objects, and a round on loopback costs seconds
+# less per message (docs/federation.md).
+WIRE_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int32", "int64")
 
 
-def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord back to CPU tensors: numpy arrays only (np.load, allow_pickle=False); anything else is refused."""
+def pack_adapter(state: dict) -> RecordDict:
+    """{"arrays": one flat Array per dtype, "layout": keys, dtypes, shapes} of adapter tensors (torch or numpy)."""
+    import numpy as np
+
+    keys, dtypes, shapes, groups = [], [], [], {}
+    for key, value in state.items():
+        values = value.detach().to("cpu").contiguous().numpy() if hasattr(value, "detach") else np.asarray(value)
+        if values.dtype.name not in WIRE_DTYPES:
+            raise TypeError(f"{key!r}: dtype {values.dtype} cannot travel (one of {', '.join(WIRE_DTYPES)})")
+        keys.append(key)
+        dtypes.append(values.dtype.name)
+        shapes.append(list(values.shape))
+        groups.setdefault(values.dtype.name, []).append(values.reshape(-1))
+    arrays = ArrayRecord({dtype: Array(np.concatenate(parts) if parts else np.zeros(0, dtype))
+                          for dtype, parts in groups.items()})
+    layout = ConfigRecord({"keys": keys, "dtypes": dtypes, "shapes": json.dumps(shapes)})
+    return RecordDict({"arrays": arrays, "layout": layout})
+
+
+def unpack_adapter(content: RecordDict) -> dict:
+    """The numpy tensors of a packed adapter (`pack_adapter`). Numbers only: an Array serialized any other way than
+    numpy `.npy` (read with allow_pickle=False) is refused, and so is a layout that does not account for every
+    element exactly (ValueError / TypeError saying what is wrong)."""
+    import numpy as np
+
+    arrays, layout = content["arrays"], content["layout"]
+    if not isinstance(arrays, ArrayRecord) or not isinstance(layout, ConfigRecord):
+        raise TypeError("expected an ArrayRecord `arrays` and a ConfigRecord `layout`")
+    keys, dtypes, shapes = list(layout["keys"]), list(layout["dtypes"]), json.loads(str(layout["shapes"]))
+    if not (len(keys) == len(dtypes) == len(shapes)) or len(set(keys)) != len(keys):
+        raise ValueError("the layout's keys, dtypes and shapes do not match one to one")
+    flat = {}
+    for dtype, array in arrays.items():
+        values = array.numpy()  # TypeError for a serialization other than numpy's
+        if values.dtype.name != dtype or dtype not in WIRE_DTYPES or values.ndim != 1:
+            raise TypeError(f"array {dtype!r} holds {values.dtype} of shape {values.shape}, not a flat {dtype}")
+        flat[dtype] = values
+    offsets = dict.fromkeys(flat, 0)
+    state = {}
+    for key, dtype, shape in zip(keys, dtypes, shapes, strict=True):
+        if dtype not in flat:
+            raise ValueError(f"{key!r}: no {dtype} array came with the layout")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"{key!r}: shape {shape!r} is not a list of sizes")
+        size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        start = offsets[dtype]
+        if start + size > flat[dtype].size:
+            raise ValueError(f"{key!r}: the {dtype} array ends before this tensor")
+        state[key] = flat[dtype][start:start + size].reshape(shape)
+        offsets[dtype] = start + size
+    unused = {dtype: flat[dtype].size - offset for dtype, offset in offsets.items() if offset != flat[dtype].size}
+    if unused:
+        raise ValueError(f"the arrays hold elements no key accounts for: {unused}")
+    return state
+
+
+def _with(content: RecordDict, **records) -> RecordDict:
+    for name, record in records.items():
+        content[name] = record
+    return content
+
+
+def to_torch(state: dict) -> dict[str, torch.Tensor]:
+    """Numpy tensors to (writable, owned) CPU torch tensors."""
     import numpy as np
     import torch
 
-    if not isinstance(record, ArrayRecord):
-        raise TypeError(f"expected an ArrayRecord, got {type(record).__name__}")
-    state = {}
-    for key, array in record.items():
-        values = array.numpy()  # raises TypeError for a non-numpy serialization
-        if values.dtype == np.dtype(object):
-            raise TypeError(f"{key!r} holds Python objects, not numbers")
-        state[key] = torch.from_numpy(np.array(values, copy=True))
-    return state
+    return {key: torch.from_numpy(np.array(value, copy=True)) for key, value in state.items()}
 
 
 def serialized_bytes(obj) -> int:
@@ -208,18 +268,12 @@ def site_data_summary(folder: Path, request: dict) -> dict:
     return summary
 
 
-def _numpy_arrays(record: ArrayRecord) -> bytes:
-    """An ArrayRecord as safetensors bytes, through numpy only (np.load with allow_pickle=False, no torch)."""
+def _adapter_bytes(content: RecordDict) -> bytes:
+    """A received packed adapter as safetensors bytes for the site's worker, through numpy only (no torch)."""
     import numpy as np
     from safetensors.numpy import save
 
-    arrays = {}
-    for key, array in record.items():
-        values = array.numpy()
-        if values.dtype == np.dtype(object):
-            raise TypeError(f"{key!r} holds Python objects, not numbers")
-        arrays[key] = np.ascontiguousarray(values)
-    return save(arrays)
+    return save({key: np.ascontiguousarray(value) for key, value in unpack_adapter(content).items()})
 
 
 @client_app.train()
@@ -232,16 +286,16 @@ def _train(message: Message, context: Context) -> Message:
 
         reply, body = call_worker(worker, {"op": "train", "settings": _settings(message),
                                            "config": dict(message.content["config"])},
-                                  _numpy_arrays(message.content["arrays"]))
-        arrays = ArrayRecord({key: Array(value) for key, value in load(body).items()})
+                                  _adapter_bytes(message.content))
+        content = pack_adapter(load(body))
         metrics, num_examples = reply["metrics"], reply["num_examples"]
     else:
         site = _site_for(context, _settings(message))
-        result = site.fit(from_array_record(message.content["arrays"]), dict(message.content["config"]))
-        arrays, num_examples = to_array_record(result.state), result.num_examples
+        result = site.fit(to_torch(unpack_adapter(message.content)), dict(message.content["config"]))
+        content, num_examples = pack_adapter(result.state), result.num_examples
         metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
-    metrics = {**metrics, "num-examples": int(num_examples)}
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+    content["metrics"] = MetricRecord({**metrics, "num-examples": int(num_examples)})
+    return Message(content, reply_to=message)
 
 
 @client_app.evaluate()
@@ -252,12 +306,12 @@ def _evaluate(message: Message, context: Context) -> Message:
         from fl_crew_reddit.federation.site_worker import call_worker
 
         reply, _ = call_worker(worker, {"op": "evaluate", "settings": _settings(message), "splits": splits},
-                               _numpy_arrays(message.content["arrays"]))
+                               _adapter_bytes(message.content))
         sums = {split: (float(t), int(n)) for split, (t, n) in reply["sums"].items()}
     else:
         site = _site_for(context, _settings(message))
         sums = {split: (value.nll_sum, value.num_tokens)
-                for split, value in site.evaluate(from_array_record(message.content["arrays"]), tuple(splits)).items()}
+                for split, value in site.evaluate(to_torch(unpack_adapter(message.content)), tuple(splits)).items()}
     metrics = {}
     for split, (total, count) in sums.items():
         metrics[f"{split}.nll_sum"] = float(total)
@@ -271,15 +325,79 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    job_dir = Path(str(context.run_config["job-dir"]))
+    """One ServerApp run per federation session: it serves the jobs the crew's process queues in the session folder
+    (run config `job-dir`) until that process says stop or stops beating (`serve_session`)."""
+    serve_session(grid, Path(str(context.run_config["job-dir"])), run_id=int(context.run_id))
+
+
+def run_job(grid: Grid, job_dir: Path) -> None:
+    """Run the job in `job_dir` (a round, a data preparation or an evaluation); its result.json, or its
+    server_error.json with the reason."""
     try:
         kind = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8")).get("kind", "round")
         result = {"round": run_server_round, "prepare": run_server_prepare,
                   "evaluate": run_server_evaluate}[kind](grid, job_dir)
-    except Exception as error:
+    except Exception as error:  # the job fails, the session serves the next one
+        log.exception("job %s failed", job_dir.name)
         write_json_atomic(job_dir / "server_error.json", {"error": f"{type(error).__name__}: {error}"})
-        raise
+        return
     write_json_atomic(job_dir / RESULT_FILE, result)
+
+
+def serve_session(grid: Grid, session_dir: Path, *, run_id: int = 0, poll_s: float = 0.1) -> None:
+    """Serve queued jobs in order: `queue/<n>.json` names a job folder, `queue/<n>.stop` ends the session. It also
+    ends when the submitting process has not touched `heartbeat` for `heartbeat_timeout_s` (session.json): a
+    crashed crew leaves no ServerApp behind for long, and one resumed later starts a session of its own.
+
+    Starting the ServerApp (a process that imports torch & co.) and submitting with `flwr run` took seconds per
+    round on 2 cores; a session pays them once."""
+    settings = json.loads((session_dir / SESSION_FILE).read_text(encoding="utf-8"))
+    timeout_s = float(settings.get("heartbeat_timeout_s", 300.0))
+    write_json_atomic(session_dir / "run.json", {"run_id": run_id, "pid": os.getpid()})
+    queue = session_dir / "queue"
+    beat, last_change = None, time.monotonic()
+    print(f"[fl_crew_reddit ServerApp] session {session_dir.name} (run {run_id}) is serving jobs", flush=True)
+    while True:
+        tickets = sorted(queue.glob("*.json")) + sorted(queue.glob("*.stop"))
+        if tickets:
+            ticket = tickets[0]
+            if ticket.suffix == ".stop":
+                print("[fl_crew_reddit ServerApp] session stopped by its submitter", flush=True)
+                return
+            job_dir = Path(json.loads(ticket.read_text(encoding="utf-8"))["job_dir"])
+            print(f"[fl_crew_reddit ServerApp] job {job_dir.name}", flush=True)
+            run_job(grid, job_dir)
+            ticket.unlink()
+            last_change = time.monotonic()
+            continue
+        try:
+            now_beat = (session_dir / HEARTBEAT_FILE).read_text(encoding="utf-8")
+        except OSError:
+            now_beat = None
+        if now_beat != beat:
+            beat, last_change = now_beat, time.monotonic()
+        elif time.monotonic() - last_change > timeout_s:
+            print(f"[fl_crew_reddit ServerApp] no heartbeat from the submitter for {timeout_s:.0f}s: session ends",
+                  flush=True)
+            return
+        time.sleep(poll_s)
+
+
+def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: float = 0.2) -> list[Message]:
+    """Send `messages` and collect their replies until all have come or `timeout_s` has passed. Grid's own
+    send_and_receive asks for replies every 3 s; a round waits on two such exchanges, so this one asks every
+    `poll_s` (a cheap call to the SuperLink on the same host or network)."""
+    waiting = {message_id for message_id in grid.push_messages(messages) if message_id}
+    deadline = time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(list(waiting)))
+        replies.extend(pulled)
+        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return replies
 
 
 def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) -> tuple[dict[str, int], dict]:
@@ -298,7 +416,7 @@ def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) 
         if unknown:
             queries = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=node,
                                message_type=MessageType.QUERY) for node in unknown]
-            for reply in grid.send_and_receive(queries, timeout=max(5.0, deadline - time.monotonic())):
+            for reply in exchange(grid, queries, max(5.0, deadline - time.monotonic())):
                 if not reply.has_error():
                     found[str(reply.content["site"]["name"])] = reply.metadata.src_node_id
             known.update(found)
@@ -323,7 +441,7 @@ def run_server_prepare(grid: Grid, job_dir: Path) -> dict:
     queries = [Message(RecordDict({"config": request}), dst_node_id=node, message_type=MessageType.QUERY)
                for node in sorted(grid.get_node_ids())]
     sites, failed, nodes = {}, {}, {}
-    for reply in grid.send_and_receive(queries, timeout=timeout_s):
+    for reply in exchange(grid, queries, timeout_s):
         if reply.has_error():
             failed[str(reply.metadata.src_node_id)] = (reply.error.reason or "").strip()[-1500:]
             continue
@@ -354,12 +472,12 @@ def _evaluate_on_sites(grid: Grid, nodes: dict[str, int], adapter: dict, model: 
                        timeout_s: float) -> tuple[dict[str, dict[str, list]], dict[str, str]]:
     site_of = {node: name for name, node in nodes.items()}
     evaluate = ConfigRecord({"splits": list(SPLITS_EVALUATED)})
-    messages = [Message(RecordDict({"arrays": to_array_record(adapter), "config": evaluate, "model": model}),
+    messages = [Message(_with(pack_adapter(adapter), config=evaluate, model=model),
                         dst_node_id=node, message_type=MessageType.EVALUATE, group_id=str(group))
                 for node in nodes.values()]
     evaluation: dict[str, dict[str, list]] = {split: {} for split in SPLITS_EVALUATED}
     failed = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+    for reply in exchange(grid, messages, timeout_s):
         name = site_of.get(reply.metadata.src_node_id)
         if reply.has_error():
             failed[name] = (reply.error.reason or "").strip()[-1500:]
@@ -402,12 +520,12 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     selected = strategy.sample_clients(round_number, names)
     config = ConfigRecord(strategy.fit_config(round_number))
     failed: dict[str, str] = {name: unavailable[name] for name in selected if name in unavailable}
-    sent = {name: Message(RecordDict({"arrays": to_array_record(global_adapter), "config": config, "model": model}),
+    sent = {name: Message(_with(pack_adapter(global_adapter), config=config, model=model),
                           dst_node_id=nodes[name], message_type=MessageType.TRAIN, group_id=str(round_number))
             for name in selected if name in nodes}
     bytes_down = {name: serialized_bytes(message) for name, message in sent.items()}
     replies = {site_of.get(reply.metadata.src_node_id): reply
-               for reply in grid.send_and_receive(list(sent.values()), timeout=timeout_s)}
+               for reply in exchange(grid, list(sent.values()), timeout_s)}
     say(f"train replies from {sorted(n for n in replies if n)}")
     clients: dict[str, dict] = {}
     updates = []
@@ -422,7 +540,7 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
             failed[name] = f"ClientApp error {reply.error.code}: {(reply.error.reason or '').strip()[-1500:]}"
             continue
         try:
-            state = from_array_record(reply.content["arrays"])
+            state = to_torch(unpack_adapter(reply.content))
             metrics = dict(reply.content["metrics"])
             num_examples = int(metrics.pop("num-examples"))
         except (KeyError, TypeError, ValueError) as error:
@@ -650,6 +768,11 @@ class FlowerFederation:
         self.logs: dict[str, Path] = {}
         self.home = self.work_dir / "flwr-home"
         self.essential = ("superlink",)  # processes whose death ends the run (a dead SuperNode loses one client)
+        self.heartbeat_timeout_s = 300.0  # a session whose submitter went silent this long ends itself
+        self._session: subprocess.Popen | None = None
+        self._session_dir: Path | None = None
+        self._beating = None
+        self._beats = self._tickets = 0
 
     def connect(self) -> FlowerFederation:
         """Check the Control API answers (TLS with the given CA, else insecure on loopback)."""
@@ -704,37 +827,111 @@ class FlowerFederation:
         return {"timeout_s": self.round_timeout_s,
                 **({"connect_timeout_s": self.connect_timeout_s} if self.connect_timeout_s is not None else {})}
 
-    def _submit(self, job_dir: Path, job: dict, label: str) -> dict:
-        """Write the job, run the ServerApp on it (`flwr run ... --stream`) and return its result; FlowerRunFailed
-        with the logs of the SuperLink, the SuperNodes and `flwr run` otherwise."""
-        write_json_atomic(job_dir / JOB_FILE, job)
+    # --- the ServerApp session: one `flwr run` serving every job of this federation -----------------------------
+    def _session_alive(self) -> bool:
+        return self._session is not None and self._session.poll() is None
+
+    def _ensure_session(self) -> Path:
+        """The folder of a running ServerApp session, starting one (`flwr run <app> local --stream`) if none runs.
+        A session an earlier process of this work folder left (it crashed, or was killed) is stopped first."""
+        if self._session_alive():
+            return self._session_dir
+        if self._session is not None:
+            raise FlowerRunFailed(f"the ServerApp session ended (flwr run exited with {self._session.returncode}):\n"
+                                  f"{_tail(self._session_dir / 'flwr-run.log')}\n{self.log_tails()}")
+        self._stop_stale_session()
+        sessions = self.work_dir / "sessions"
+        number = 1 + max((int(p.name) for p in sessions.glob("[0-9]*") if p.name.isdigit()), default=0)
+        self._session_dir = sessions / str(number)
+        (self._session_dir / "queue").mkdir(parents=True)
+        write_json_atomic(self._session_dir / SESSION_FILE, {"heartbeat_timeout_s": self.heartbeat_timeout_s})
+        self._beat()
+        write_json_atomic(self.work_dir / "session.json", {"dir": str(self._session_dir)})
         command = [_executable("flwr"), "run", str(APP_DIR), "local", "--stream",
-                   "--run-config", f'job-dir="{job_dir}"']
+                   "--run-config", f'job-dir="{self._session_dir}"']
+        with (self._session_dir / "flwr-run.log").open("wb") as out:
+            self._session = subprocess.Popen(self._with_env(command), cwd=self.work_dir, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        import threading
+
+        self._beating = threading.Event()
+        threading.Thread(target=self._keep_beating, args=(self._beating,), daemon=True,
+                         name="flower-session-heartbeat").start()
+        return self._session_dir
+
+    def _beat(self) -> None:
+        self._beats += 1
+        (self._session_dir / HEARTBEAT_FILE).write_text(f"{os.getpid()}:{self._beats}", encoding="utf-8")
+
+    def _keep_beating(self, stop) -> None:
+        while not stop.wait(min(5.0, self.heartbeat_timeout_s / 4)):
+            try:
+                self._beat()
+            except OSError:
+                return
+
+    def _stop_stale_session(self) -> None:
+        """Stop the ServerApp run of a session an earlier process started here (`flwr stop <run id>`), so that it
+        does not keep sending messages to the sites next to this one's."""
+        marker = self.work_dir / "session.json"
+        if not marker.is_file():
+            return
+        run_file = Path(json.loads(marker.read_text(encoding="utf-8"))["dir"]) / "run.json"
+        if run_file.is_file():
+            run_id = json.loads(run_file.read_text(encoding="utf-8"))["run_id"]
+            done = subprocess.run(self._with_env([_executable("flwr"), "stop", str(run_id), "local"]),
+                                  capture_output=True, text=True, timeout=60)
+            log.info("Stopped the ServerApp run %s left by an earlier process (flwr stop: exit %d)", run_id,
+                     done.returncode)
+        marker.unlink()
+
+    def _stop_session(self) -> None:
+        """Ask the session's ServerApp to end (a stop ticket) and wait for `flwr run` to return; kill it after 20 s."""
+        if self._session is None:
+            return
+        self._beating.set()
+        if self._session.poll() is None:
+            write_json_atomic(self._session_dir / "queue" / f"{2**31:010d}.stop", {})
+            try:
+                self._session.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._session.pid, signal.SIGKILL)
+                self._session.wait()
+        marker = self.work_dir / "session.json"
+        if marker.is_file():
+            marker.unlink()
+        self._session = None
+
+    def _submit(self, job_dir: Path, job: dict, label: str) -> dict:
+        """Queue the job for the session's ServerApp and return its result; FlowerRunFailed with the logs of the
+        SuperLink, the SuperNodes and the session's `flwr run` otherwise."""
+        write_json_atomic(job_dir / JOB_FILE, job)
+        session = self._ensure_session()
+        self._tickets += 1
+        ticket = session / "queue" / f"{self._tickets:010d}.json"
+        write_json_atomic(ticket, {"job_dir": str(job_dir)})
         limit_s = 2 * self.round_timeout_s + (self.connect_timeout_s or 180.0) + 300
         started = time.perf_counter()
-        run_log = job_dir / "flwr-run.log"
-        with run_log.open("wb") as out:
-            submit = subprocess.Popen(self._with_env(command), cwd=self.work_dir, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
         problem = None
-        while submit.poll() is None:  # watch the deployment while it runs: a dead SuperLink fails it at once
+        result, error = job_dir / RESULT_FILE, job_dir / "server_error.json"
+        while not (result.is_file() or error.is_file()):  # watch the deployment meanwhile: a dead SuperLink fails it
             dead = self._dead_essentials()
             if dead:
                 problem = f"exited during the {label}: {dead}"
+            elif not self._session_alive():
+                problem = f"the ServerApp session ended (flwr run exited with {self._session.returncode})"
             elif time.perf_counter() - started > limit_s:
-                problem = f"flwr run still running after {limit_s:.0f}s"
+                problem = f"no result after {limit_s:.0f}s"
             if problem:
-                os.killpg(submit.pid, signal.SIGKILL)
-                submit.wait()
+                ticket.unlink(missing_ok=True)
                 break
-            time.sleep(0.2)
-        if not (job_dir / RESULT_FILE).is_file():
-            server_error = job_dir / "server_error.json"
-            reason = json.loads(server_error.read_text())["error"] if server_error.is_file() else "no result"
-            raise FlowerRunFailed(f"{label} on Flower failed ({problem or reason}).\n--- flwr run:\n"
-                                  f"{_tail(run_log, 4000)}\n{self.log_tails()}")
+            time.sleep(0.1)
+        if not result.is_file():
+            reason = json.loads(error.read_text())["error"] if error.is_file() else "no result"
+            raise FlowerRunFailed(f"{label} on Flower failed ({problem or reason}).\n--- flwr run (ServerApp):\n"
+                                  f"{_tail(session / 'flwr-run.log', 4000)}\n{self.log_tails()}")
         log.info("The %s ran on Flower in %.1fs", label, time.perf_counter() - started)
-        return json.loads((job_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        return json.loads(result.read_text(encoding="utf-8"))
 
     def run_round(self, round_number: int, strategy: FederatedStrategy, global_adapter: dict,
                   model: dict) -> FlowerRoundOutcome:
@@ -782,6 +979,10 @@ class FlowerFederation:
     def stop(self) -> None:
         """Stop every process group this federation started (SIGTERM, then SIGKILL after 10 s), and any process
         they started that left its group (Flower's app processes may run in sessions of their own)."""
+        try:
+            self._stop_session()
+        except OSError as error:
+            log.warning("Could not stop the ServerApp session cleanly: %s", error)
         descendants = _descendants([p.pid for p in self.processes.values() if p.poll() is None])
         for process in self.processes.values():
             if process.poll() is None:

@@ -110,18 +110,25 @@ class SiteWorker:
         return self._site
 
     def handle(self, header: dict, body: bytes) -> tuple[dict, bytes]:
+        import time
+
         from safetensors.torch import load as load_tensors
         from safetensors.torch import save as save_tensors
 
+        started = time.perf_counter()
         site = self.site(header["settings"])
         global_adapter = load_tensors(body)
         if header["op"] == "train":
             result = site.fit(global_adapter, header["config"])
             metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
             update = save_tensors({k: v.contiguous() for k, v in result.state.items()})
+            log.info("site %s: trained on %d examples in %.1fs", self.name, result.num_examples,
+                     time.perf_counter() - started)
             return {"ok": True, "num_examples": result.num_examples, "metrics": metrics}, update
         if header["op"] == "evaluate":
             sums = site.evaluate(global_adapter, tuple(header["splits"]))
+            log.info("site %s: evaluated %s in %.1fs", self.name, ",".join(header["splits"]),
+                     time.perf_counter() - started)
             return {"ok": True, "sums": {s: [v.nll_sum, v.num_tokens] for s, v in sums.items()}}, b""
         raise ValueError(f"unknown operation {header['op']!r}")
 
