@@ -106,9 +106,10 @@ def test_three_machines_on_loopback(tiny_model_dir, tmp_path, monkeypatch, capsy
         history = load_run_history(run_dir / "history.json")
         assert superlink.poll() is None and all(p.poll() is None for p in processes[1:3])  # stayed up throughout
     finally:
-        for process in processes:  # as `docker stop` does: SIGTERM to the command, SIGKILL to its group later
+        # as `docker compose down` does: the sites first, then the SuperLink; SIGTERM to each command, SIGKILL to
+        # its group later
+        for process in [*processes[1:], processes[0]] if processes else []:
             process.send_signal(signal.SIGTERM)
-        for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -218,3 +218,30 @@ def test_report_reads_every_method_at_its_best_round_on_validation(tmp_path):
     assert "| client-0 | 42.00 | 35.00 | 32.00 | 33.00 |" in text
     assert "| client-1 | 38.00 | 33.00 | 30.00 | 31.00 |" in text
     assert _png_size(build_report(_write(tmp_path, history)).png.read_bytes())[0] >= 800
+
+
+def test_bytes_per_round_and_the_total_are_reported_for_flower_and_in_process_runs():
+    from fl_crew_reddit.evaluation.tensorboard_scalars import round_scalars
+    from fl_crew_reddit.history import RunHistory
+
+    flower = copy.deepcopy(HISTORY)
+    for record, (down, up) in zip(flower["rounds"], [(9_800_000, 9_700_000), (4_900_000, 4_800_000)]):
+        for client in record["clients"]:
+            client["metrics"].update(bytes_down=down, bytes_up=up, update_bytes=9_000_000)
+    text = markdown_report(flower)
+    assert "Communication per round (serialized Flower messages" in text
+    assert "| 1 | 29.4 MB | 29.1 MB | 58.5 MB | 3 |" in text  # three clients in round 1
+    assert "| 2 | 9.8 MB | 9.6 MB | 19.4 MB | 2 |" in text
+    assert "| total | 39.2 MB | 38.7 MB | 77.9 MB |  |" in text
+    scalars = round_scalars(RunHistory.model_validate(flower).rounds[0])
+    assert scalars["communication/bytes_down"] == 29_400_000 and scalars["communication/bytes_up"] == 29_100_000
+
+    in_process = copy.deepcopy(HISTORY)
+    for record in in_process["rounds"]:
+        for client in record["clients"]:
+            client["metrics"]["update_bytes"] = 2_000_000
+    text = markdown_report(in_process)
+    assert "none over a network (in-process engine); the clients' updates were 10.0 MB of adapter files over " \
+           "2 round(s), 5.0 MB per round" in text
+    assert "communication/bytes_down" not in round_scalars(RunHistory.model_validate(in_process).rounds[0])
+    assert "Communication" not in markdown_report(HISTORY)  # an old history without sizes: no section

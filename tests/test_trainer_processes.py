@@ -34,11 +34,25 @@ def _adapter(folder: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.e2e
-def test_two_cpu_trainer_processes_give_the_same_global_adapter_as_one_after_another(tiny_config):
+def test_two_cpu_trainer_processes_match_one_after_another_and_a_raising_job_costs_only_its_client(tiny_config,
+                                                                                                   monkeypatch):
+    from fl_crew_reddit.workspace import FederatedWorkspace
+
     config = _fast(tiny_config)
     sequential = FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="run-sequential")
-    parallel = FLCrewRedditManager(config.model_copy(update={"trainer_devices": TWO_CPU_WORKERS})
-                                   ).run_federated_learning(num_rounds=1, run_id="run-parallel")
+    original = FederatedWorkspace.dispatch_training
+
+    def break_client_1_in_round_2(self, round_number, clients):  # its shard is unreadable: the worker's json fails
+        if round_number == 2:  # a new file: a worker keeps the rows of a path it has read
+            shard = next(s for s in self.data.clients if s.name == "client-1")
+            broken = Path(shard.train_path).with_name("broken-train.jsonl")
+            broken.write_text('{"messages": [\n', encoding="utf-8")
+            shard.train_path = str(broken)
+        return original(self, round_number, clients)
+
+    monkeypatch.setattr(FederatedWorkspace, "dispatch_training", break_client_1_in_round_2)
+    parallel = FLCrewRedditManager(config.model_copy(update={"trainer_devices": TWO_CPU_WORKERS, "min_fit_clients": 2})
+                                   ).run_federated_learning(num_rounds=2, run_id="run-parallel")
 
     # The workers did the training: both devices' processes started and trained the clients.
     log_text = Path(parallel.log_path).read_text()
@@ -46,43 +60,29 @@ def test_two_cpu_trainer_processes_give_the_same_global_adapter_as_one_after_ano
     assert all(f"Round 1: client-{i} trained on cpu" in log_text for i in range(3))
     assert "trained on cpu" not in Path(sequential.log_path).read_text()
 
-    # Same clients, same results, collected in client order; the global adapters are bit-identical.
-    [seq_round], [par_round] = sequential.history["rounds"], parallel.history["rounds"]
+    # Round 1: same clients, same results, collected in client order; the global adapters are bit-identical.
+    [seq_round], (par_round, broken_round) = sequential.history["rounds"], parallel.history["rounds"]
     assert [c["name"] for c in par_round["clients"]] == ["client-0", "client-1", "client-2"]
     assert par_round["skipped"] == {} and par_round["aggregation"]["accepted"] == ["client-0", "client-1", "client-2"]
     for seq_client, par_client in zip(seq_round["clients"], par_round["clients"]):
         assert par_client["num_examples"] == seq_client["num_examples"]
         assert par_client["train_loss"] == seq_client["train_loss"]
         assert par_client["metrics"]["update_bytes"] == seq_client["metrics"]["update_bytes"]
-    expected, actual = _adapter(sequential.final_adapter), _adapter(parallel.final_adapter)
+    expected = _adapter(sequential.final_adapter)
+    actual = _adapter(str(Path(par_round["aggregation"]["adapter_path"])))
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert par_round["global"]["perplexity"] == seq_round["global"]["perplexity"]
 
-
-@pytest.mark.e2e
-def test_a_worker_that_raises_leaves_only_its_client_out(tiny_config, monkeypatch):
-    from fl_crew_reddit.workspace import FederatedWorkspace
-
-    original = FederatedWorkspace.dispatch_training
-
-    def break_client_1(self, round_number, clients):  # its shard on disk is unreadable: the worker's json fails
-        shard = next(s for s in self.data.clients if s.name == "client-1")
-        Path(shard.train_path).write_text('{"messages": [\n', encoding="utf-8")
-        return original(self, round_number, clients)
-
-    monkeypatch.setattr(FederatedWorkspace, "dispatch_training", break_client_1)
-    config = _fast(tiny_config, trainer_devices=TWO_CPU_WORKERS, min_fit_clients=2)
-    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=1)
-
-    [record] = result.history["rounds"]
-    assert list(record["skipped"]) == ["client-1"]
-    [reason] = record["skipped"]["client-1"]
+    # Round 2: the job that raised left only its client out, with the worker's reason.
+    assert list(broken_round["skipped"]) == ["client-1"]
+    [reason] = broken_round["skipped"]["client-1"]
     assert reason.startswith("training failed: TrainerJobFailed: JSONDecodeError: ") and "on cpu)" in reason
-    assert [c["name"] for c in record["clients"]] == ["client-0", "client-2"]
-    assert record["aggregation"]["accepted"] == ["client-0", "client-2"] and record["global"]["perplexity"] > 0
-    assert result.skipped_clients == {1: {"client-1": [reason]}}
+    assert [c["name"] for c in broken_round["clients"]] == ["client-0", "client-2"]
+    assert broken_round["aggregation"]["accepted"] == ["client-0", "client-2"]
+    assert broken_round["global"]["perplexity"] > 0
+    assert parallel.skipped_clients == {2: {"client-1": [reason]}}
 
 
 def _shard_and_adapter(tmp_path: Path, tiny_model) -> tuple[Path, Path]:

@@ -47,6 +47,11 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
     tags["clients/rejected"] = len(aggregation.rejected) if aggregation else 0
     tags["clients/left_out"] = len(record.skipped)  # failed to train, or rejected
     tags["time/round_seconds"] = record.seconds
+    down, up, files = record.traffic()
+    if down or up:  # a Flower round: the serialized messages, down to and up from the clients
+        tags["communication/bytes_down"], tags["communication/bytes_up"] = down, up
+    if files:
+        tags["communication/update_file_bytes"] = files
     return _kept(tags)
 
 

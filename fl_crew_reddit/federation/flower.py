@@ -79,8 +79,8 @@ def model_settings(config) -> dict:
 # An adapter crosses the wire as one flat numpy Array per dtype ("float32": every float32 tensor, concatenated in key
 # order) and a ConfigRecord naming each tensor's key, dtype and shape. Flower stores and moves every Array of a
 # message as objects of its own (one per array, plus 5 MB chunks): an all-linear LoRA adapter of the 135M model is
-# 420 tensors, 842 objects, each one RPC per hop; packed it is 5 objects, and a round on loopback costs seconds
-# less per message (docs/federation.md).
+# 420 tensors, 842 objects, each one RPC per hop; packed it is 5 objects (a --quick round of
+# benchmarks/federation_overhead.py went from 134 s to 66 s on 2 cores; docs/results.md).
 WIRE_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int32", "int64")
 
 
@@ -1027,13 +1027,18 @@ class LocalFlowerFederation(FlowerFederation):
 
     def __init__(self, sites: dict[str, Path], work_dir: Path, *, host: str = "127.0.0.1",
                  threads_per_site: int | None = None, round_timeout_s: float = 1800.0, site_workers: bool = True,
+                 share_cores: bool | None = None,
                  insecure: bool = False, connect_timeout_s: float | None = None):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the local federation binds to the loopback interface only")
         super().__init__(sites, work_dir, round_timeout_s=round_timeout_s, connect_timeout_s=connect_timeout_s)
         self.host = host
         self.insecure = insecure
-        self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
+        # Sites on one machine: when they outnumber its cores, they take turns, each on all cores (the in-process
+        # engine's schedule); three 1-thread sites at once on 2 cores trained ~1.3x slower than that.
+        cores = os.cpu_count() or 1
+        self.share_cores = (site_workers and len(self.sites) > cores) if share_cores is None else share_cores
+        self.threads = threads_per_site or (cores if self.share_cores else max(1, cores // max(1, len(self.sites))))
         self.site_workers = site_workers  # a long-lived compute process per site (site_worker.py); else per message
         self.certs = self.work_dir / "certs"
         self.control_port = self.fleet_port = None
@@ -1068,6 +1073,7 @@ class LocalFlowerFederation(FlowerFederation):
                                  for index, name in enumerate(self.sites)}
                 self._spawn("sites", [sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
                                       "--threads", str(self.threads)]
+                            + (["--share-cores", str(self._socket_dir / "cores.lock")] if self.share_cores else [])
                             + [f"--site={name}={folder}={self._sockets[name]}" for name, folder in self.sites.items()])
             for name in self.sites:
                 if not self.insecure:

@@ -111,7 +111,31 @@ def _rounds(summary: ReportSummary) -> list[Block]:
         note += f" Aggregation: {', '.join(methods)}."
     blocks += [("p", note), _table(["Round", "Perplexity", "Δ vs base", "Validation perplexity", "BLEU", "ROUGE-L",
                                     "Mean train loss", "Accepted", "Skipped (reason)", "Seconds"], rows)]
-    return blocks + _per_client(summary) + _losses(summary) + _baselines(summary) + clip_section(summary)
+    return (blocks + _per_client(summary) + _losses(summary) + _communication(summary) + _baselines(summary)
+            + clip_section(summary))
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB"
+
+
+def _communication(summary: ReportSummary) -> list[Block]:
+    """Bytes per round and the run's total: the serialized Flower messages, or, in-process, the update files."""
+    rounds = [r for r in summary.rounds if r.bytes_down or r.bytes_up or r.update_file_bytes]
+    if not rounds:
+        return []
+    if not any(r.bytes_down or r.bytes_up for r in rounds):
+        total = sum(r.update_file_bytes for r in rounds)
+        return [("p", f"Communication: none over a network (in-process engine); the clients' updates were "
+                      f"{_megabytes(total)} of adapter files over {len(rounds)} round(s), "
+                      f"{_megabytes(total // len(rounds))} per round.")]
+    rows = [[r.number, _megabytes(r.bytes_down), _megabytes(r.bytes_up), _megabytes(r.bytes_down + r.bytes_up),
+             len(r.train_loss)] for r in rounds]
+    down, up = sum(r.bytes_down for r in rounds), sum(r.bytes_up for r in rounds)
+    rows.append(["total", _megabytes(down), _megabytes(up), _megabytes(down + up), ""])
+    return [("p", "Communication per round (serialized Flower messages: the global adapter down to each sampled "
+                  "client, its update up):"),
+            _table(["Round", "Sent down", "Sent up", "Both", "Clients"], rows)]
 
 
 def _per_client(summary: ReportSummary) -> list[Block]:

@@ -37,6 +37,9 @@ class RoundSummary(BaseModel):
     train_loss: dict[str, float | None]  # each client that trained
     seconds: float | None
     method: str | None
+    bytes_down: int = 0  # serialized messages to the clients (Flower); 0 in-process
+    bytes_up: int = 0  # serialized replies from the clients (Flower); 0 in-process
+    update_file_bytes: int = 0  # the clients' adapter files
 
 
 class Verdict(BaseModel):
@@ -156,7 +159,8 @@ def _round(record: RoundRecord, base: float | None, best: RoundRecord | None) ->
         is_best=record is best, mean_train_loss=sum(losses) / len(losses) if losses else None,
         accepted=accepted, left_out=left_out,
         train_loss={c.name: finite(c.train_loss) for c in record.clients},
-        seconds=finite(record.seconds), method=record.aggregation.method if record.aggregation else None)
+        seconds=finite(record.seconds), method=record.aggregation.method if record.aggregation else None,
+        **dict(zip(("bytes_down", "bytes_up", "update_file_bytes"), record.traffic(), strict=True)))
 
 
 def _baseline(name: str, entry: BaselineRecord, base: float | None) -> BaselineSummary:
