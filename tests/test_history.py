@@ -1,6 +1,7 @@
 """The typed run history: the report and TensorBoard scalars of a fixed history.json are exactly what the code
 before the typed history wrote (goldens in tests/fixtures/run_history*/, rendered by the dict-based report.py and
-tensorboard_scalars.py of commit fb96f88, plus the communication line and scalars added since), older files load, broken ones fail with one clear message, and agent
+tensorboard_scalars.py of commit fb96f88, plus the communication line and scalars added since), older files load,
+broken ones fail with one clear message, and agent
 steps are recorded and reported."""
 from __future__ import annotations
 
