@@ -52,10 +52,6 @@ POSTS_PER_SUBREDDIT = 300
 MAX_SEQ_LENGTH = 128
 PER_CLIENT = {"test": 2, "validation": 2, "train": 8}
 FRACTION_FIT = 0.01
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def say(message: str) -> None:
@@ -75,42 +71,6 @@ def peak_rss_mb() -> float:
 
 
 # --- parent: model, example pool, client shards ------------------------------------------------------------------
-def read_threads(root: Path) -> list[dict]:
-    from fl_crew_reddit.reddit.backends import DumpBackend
-
-    backend = DumpBackend(root)
-    collected = []
-    for name in SUBREDDITS:
-        posts = backend.subreddit_posts(name, limit=POSTS_PER_SUBREDDIT, sort="new").posts
-        comments = [c for post in posts for c in backend.post_comments(post.id, limit=500).comments]
-        collected.append({"posts": [p.model_dump() for p in posts], "comments": [c.model_dump() for c in comments]})
-    return collected
-
-
-def build_tiny_model(folder: Path, texts: list[str]) -> None:
-    """A tiny random Llama with a BPE tokenizer trained on `texts` and a ChatML template (as tests/conftest.py)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-
-
 def prepare(work: Path, model: str | None) -> tuple[Path, Path]:
     """(model folder, example pool file), made once per work folder."""
     from transformers import AutoTokenizer
@@ -122,10 +82,13 @@ def prepare(work: Path, model: str | None) -> tuple[Path, Path]:
     if pool.is_file() and (model_dir / "config.json").is_file():
         return model_dir, pool
     started = time.perf_counter()
-    collected = read_threads(DATA_ROOT)
+    from fl_crew_reddit.reddit.backends import DumpBackend
+    from fl_crew_reddit.training.tiny_model import build_tiny_llama
+
+    collected = DumpBackend(DATA_ROOT).threads(SUBREDDITS, POSTS_PER_SUBREDDIT)
     if not model:
         texts = [p["title"] + "\n" + (p.get("selftext") or "") for b in collected for p in b["posts"]]
-        build_tiny_model(model_dir, texts + [c["body"] for b in collected for c in b["comments"]])
+        build_tiny_llama(model_dir, texts + [c["body"] for b in collected for c in b["comments"]])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = build_examples(collected, tokenizer, MAX_SEQ_LENGTH, QualityRules(languages=frozenset())).examples
     examples.sort(key=lambda e: (e["post_id"], e["id"]))  # thread order: neighbours share a thread

@@ -63,12 +63,7 @@ def say(message: str) -> None:
 
 def load_rows(root: Path, subreddits: list[str], posts_per_subreddit: int, tokenizer, max_seq_length: int):
     """Reddit threads → chat examples (build_examples) → token rows (input_ids + reply_mask)."""
-    backend = DumpBackend(root)
-    collected = []
-    for name in subreddits:
-        posts = backend.subreddit_posts(name, limit=posts_per_subreddit, sort="new").posts
-        comments = [c for post in posts for c in backend.post_comments(post.id, limit=500).comments]
-        collected.append({"posts": [p.model_dump() for p in posts], "comments": [c.model_dump() for c in comments]})
+    collected = DumpBackend(root).threads(subreddits, posts_per_subreddit)
     examples = build_examples(collected, tokenizer, max_seq_length).examples
     return tokenize_all(tokenizer, examples, max_seq_length)
 

@@ -70,8 +70,9 @@ class RoundRecord(BaseModel):
     def traffic(self) -> tuple[int, int, int]:
         """(bytes sent down, bytes sent up, bytes of the clients' update files) this round: the serialized message
         sizes of a Flower round (0 in-process, where nothing crosses a network) and the adapters written."""
-        total = lambda key: sum(int(c.metrics.get(key, 0) or 0) for c in self.clients)  # noqa: E731
-        return total("bytes_down"), total("bytes_up"), total("update_bytes")
+        down, up, files = (sum(int(c.metrics.get(key, 0) or 0) for c in self.clients)
+                           for key in ("bytes_down", "bytes_up", "update_bytes"))
+        return down, up, files
 
     def left_out(self) -> dict[str, list[str]]:
         """Clients left out of the round with their reasons: failed before aggregation, or rejected by it."""

@@ -15,10 +15,6 @@ os.environ.setdefault("AGENT_MODE", "direct")  # an OPENAI_API_KEY on the machin
 
 SNAPSHOT = Path(__file__).resolve().parent.parent / "fl_crew_reddit" / "reddit" / "snapshot"
 REDDIT_2015 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "reddit-2015"
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _snapshot_text() -> list[str]:
@@ -33,28 +29,9 @@ def _snapshot_text() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A local model folder: LlamaConfig(hidden 64, 2 layers, vocab ~1k) with random weights and a BPE tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from fl_crew_reddit.training.tiny_model import build_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_snapshot_text(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _snapshot_text())
 
 
 def tiny_run_config(model_dir: Path, root: Path, **overrides):

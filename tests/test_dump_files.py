@@ -222,13 +222,7 @@ def test_a_run_on_monthly_zst_files_gives_the_same_examples(layouts, plain, tiny
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
 
     def examples(backend: DumpBackend) -> list[dict]:
-        collected = []
-        for name in SUBSET:
-            posts = backend.subreddit_posts(name, limit=40, sort="new").posts
-            comments = [c for post in posts for c in backend.post_comments(post.id, limit=500).comments]
-            collected.append({"posts": [p.model_dump() for p in posts],
-                              "comments": [c.model_dump() for c in comments]})
-        return build_examples(collected, tokenizer, 128)[0]
+        return build_examples(backend.threads(SUBSET, 40), tokenizer, 128)[0]
 
     monthly = make_source_backend(load_config(reddit_backend="dump", reddit_dump_dir=layouts["monthly"],
                                               fl_crew_reddit_dir=tmp_path))

@@ -170,6 +170,16 @@ class RedditBackend(abc.ABC):
     def subreddit_info(self, subreddit: str) -> SubredditInfo:
         """Counts and time span of a subreddit."""
 
+    def threads(self, subreddits: list[str], posts_per_subreddit: int, comments_per_post: int = 500) -> list[dict]:
+        """The newest posts of each subreddit and their comments, one {"posts", "comments"} dict per subreddit: the
+        shape of the collector's files, which `preprocessing.pipeline.build_examples` reads."""
+        collected = []
+        for name in subreddits:
+            posts = self.subreddit_posts(name, limit=posts_per_subreddit, sort="new").posts
+            comments = [c for post in posts for c in self.post_comments(post.id, limit=comments_per_post).comments]
+            collected.append({"posts": [p.model_dump() for p in posts], "comments": [c.model_dump() for c in comments]})
+        return collected
+
 
 @dataclass
 class _FileReport:
