@@ -7,9 +7,11 @@ Settings come from the environment and `.env` (see .env.example); an invalid val
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: serve-mcp and --help start fast
@@ -107,18 +109,22 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
         print(f"--rounds={rounds} is invalid: use a whole number of at least 1", file=sys.stderr)
         return 2
 
-    from fl_crew_reddit.aggregation import NotEnoughClientsError
+    from fl_crew_reddit.aggregation import GlobalAdapterError, NotEnoughClientsError
     from fl_crew_reddit.crew.manager import FLCrewRedditManager
-    from fl_crew_reddit.runs import find_run, new_run_id
+    from fl_crew_reddit.history import HistoryFileError
+    from fl_crew_reddit.run_state import NothingSaved, find_run
+    from fl_crew_reddit.runs import new_run_id
     from fl_crew_reddit.training.model_loading import BaseModelUnavailable
 
     manager = FLCrewRedditManager(config)
     try:
-        run_id = find_run(config.results_dir, resume or None) if resume is not None else new_run_id()
-    except FileNotFoundError as error:
+        run_id = find_run(config.fl_crew_reddit_dir.resolve(), resume or None, rounds)[0] if resume is not None \
+            else new_run_id()
+    except (NothingSaved, ValueError) as error:
         print(f"Cannot resume: {error}", file=sys.stderr)
         return 2
     _stop_cleanly_on_ctrl_c(run_id)
+    resume_hint = f"python -m fl_crew_reddit.main --resume {run_id}"
     try:
         if resume is not None:
             result = manager.resume(run_id, num_rounds=rounds)
@@ -127,9 +133,23 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     except BaseModelUnavailable as error:
         print(error, file=sys.stderr)
         return 2
+    except (NothingSaved, HistoryFileError) as error:
+        print(f"Cannot resume: {error}", file=sys.stderr)
+        return 2
     except NotEnoughClientsError as error:
-        print(f"Run stopped: {error}. Completed rounds are saved; fix the clients and continue with: "
-              f"python -m fl_crew_reddit.main --resume {run_id}", file=sys.stderr)
+        print(f"Run stopped: {error}. Completed rounds are saved; fix the clients and continue with: {resume_hint}",
+              file=sys.stderr)
+        return 1
+    except GlobalAdapterError as error:
+        print(f"Run stopped: {error}.", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        where = Path(error.filename).parent if error.filename else config.fl_crew_reddit_dir
+        logging.getLogger("fl_crew_reddit").exception("Run %s stopped: cannot write", run_id)
+        print(f"Run stopped: cannot write to {where}: {error.strerror}. The last saved state is intact: free space "
+              f"or fix the folder's permissions, then continue with: {resume_hint}", file=sys.stderr)
         return 1
     _write_report(result.history_path)
     _print_summary(result.history)
@@ -144,6 +164,9 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     print(f"  final adapter {result.final_adapter}")
     print(f"  log:          {result.log_path}")
     return 0
+
+
+STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 def _stop_cleanly_on_ctrl_c(run_id: str) -> None:

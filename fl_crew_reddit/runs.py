@@ -2,7 +2,7 @@
 
     data/{collected,preprocessed,training}/<run>/   models/local/<run>/<client>/round-<k>/
     models/aggregated/<run>/round-<k>/              results/<run>/history.json    logs/<run>.log
-    results/latest -> the newest run                results/<run>/state/LATEST -> its newest complete round
+    results/latest -> the newest run                results/<run>/state/  (run_state.py: crash-safe state)
 
 Finding a run (by id, by folder, `latest`, or the newest with saved state) lives here too, next to the code that
 writes those folders and pointers. torch, peft and safetensors load only in the functions that move tensors, so the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,24 @@ def new_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S")
 
 
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a name (letters, digits, '.', '_', '-'; no '..'), never a path: it is joined to several folders."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id) or ".." in run_id:
+        raise ValueError(f"run id {run_id!r} is not a name: use letters, digits, '.', '_' and '-' (no '/', no '..', "
+                         "at most 128 characters)")
+    return run_id
+
+
 @dataclass(frozen=True)
 class RunPaths:
     base: Path
     run_id: str
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
 
     @property
     def data(self) -> Path:
@@ -124,80 +139,6 @@ def point_latest(results_dir: Path, run_id: str) -> None:
         latest.write_text(run_id + "\n", encoding="utf-8")
 
 
-# --- crash-safe round state ---------------------------------------------------------------------------------------
-STATE_FILE = "state.json"
-GLOBAL_WEIGHTS = "global_adapter.safetensors"
-SERVER_OPTIMIZER_WEIGHTS = "server_optimizer.safetensors"
-
-
-def state_dir(paths: RunPaths) -> Path:
-    return paths.results / "state"
-
-
-def save_round_state(paths: RunPaths, round_number: int, state: dict, global_adapter: dict[str, torch.Tensor],
-                     server_optimizer: dict | None) -> Path:
-    """Write everything needed to continue after `round_number`, then flip the LATEST pointer atomically.
-
-    A kill at any moment leaves either the previous complete state or the new complete state, never a mix.
-    """
-    from safetensors.torch import save_file
-
-    root = state_dir(paths)
-    target = root / f"round-{round_number}"
-    staging = root / f".round-{round_number}.tmp"
-    if staging.exists():
-        import shutil
-
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(staging / GLOBAL_WEIGHTS))
-    payload = dict(state)
-    if server_optimizer is not None:
-        tensors = {f"{buffer}::{key}": t.contiguous() for buffer, keys in server_optimizer["buffers"].items()
-                   for key, t in keys.items()}
-        if tensors:
-            save_file(tensors, str(staging / SERVER_OPTIMIZER_WEIGHTS))
-        payload["server_optimizer"] = {k: v for k, v in server_optimizer.items() if k != "buffers"}
-        payload["server_optimizer"]["buffer_names"] = list(server_optimizer["buffers"])
-    write_json_atomic(staging / STATE_FILE, payload)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    pointer = root / "LATEST"
-    tmp = root / "LATEST.tmp"
-    tmp.write_text(target.name + "\n", encoding="utf-8")
-    os.replace(tmp, pointer)
-    for old in root.glob("round-*"):  # keep the newest two complete states
-        if old.is_dir() and int(old.name.split("-")[1]) < round_number - 1:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_round_state(paths: RunPaths) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
-    """(state, global adapter, server optimizer state_dict or None) of the newest complete round."""
-    from safetensors.torch import load_file
-
-    pointer = state_dir(paths) / "LATEST"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"{paths.results} has no saved round state to resume from (no completed round)")
-    folder = state_dir(paths) / pointer.read_text(encoding="utf-8").strip()
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    global_adapter = load_file(str(folder / GLOBAL_WEIGHTS), device="cpu")
-    optimizer = state.pop("server_optimizer", None)
-    if optimizer is not None:
-        buffers = {name: {} for name in optimizer.pop("buffer_names", [])}
-        if (folder / SERVER_OPTIMIZER_WEIGHTS).is_file():
-            for flat_key, tensor in load_file(str(folder / SERVER_OPTIMIZER_WEIGHTS), device="cpu").items():
-                buffer, key = flat_key.split("::", 1)
-                buffers.setdefault(buffer, {})[key] = tensor
-        optimizer["buffers"] = buffers
-    return state, global_adapter, optimizer
-
-
 def latest_run_dir(results_dir: Path) -> Path | None:
     """The folder `results/latest` points to (a symlink, or the text file `point_latest` writes where links are not
     allowed); None when there is none."""
@@ -208,18 +149,6 @@ def latest_run_dir(results_dir: Path) -> Path | None:
         name = latest.read_text(encoding="utf-8").strip()
         return Path(results_dir) / name if name and (Path(results_dir) / name).is_dir() else None
     return None
-
-
-def find_run(results_dir: Path, run: str | None) -> str:
-    """A run id to resume: the given one, or the newest run with saved state."""
-    if run:
-        if not (Path(results_dir) / run).is_dir():
-            raise FileNotFoundError(f"no run {run!r} under {results_dir}")
-        return run
-    candidates = sorted(p.parent.parent.name for p in Path(results_dir).glob("run-*/state/LATEST"))
-    if not candidates:
-        raise FileNotFoundError(f"no run with saved state under {results_dir}")
-    return candidates[-1]
 
 
 def resolve_run_dir(run: str | None, results_dir: Path) -> Path:

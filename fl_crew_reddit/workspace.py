@@ -34,14 +34,13 @@ from fl_crew_reddit.history import (
 from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
+from fl_crew_reddit.run_state import SavedState, load_state, save_state
 from fl_crew_reddit.runs import (
     RunPaths,
     load_client_update,
-    load_round_state,
     point_latest,
     save_adapter,
     save_client_update,
-    save_round_state,
     update_file,
     write_json_atomic,
 )
@@ -88,6 +87,8 @@ class FederatedWorkspace:
         self.paths = paths
         self.device = pick_device(config.device)
         self.collection: CollectionReport | None = None
+        self._partial_collection: CollectionReport | None = None  # the subreddits collected before a stop
+        self.planned_rounds = config.federation_rounds  # the Flow sets its own; saved with each stage's state
         self.data: PreprocessReport | None = None
         self.base_metrics: EvalMetrics | None = None
         self.rounds: list[RoundRecord] = []
@@ -149,10 +150,39 @@ class FederatedWorkspace:
         from fl_crew_reddit.data_source import open_mcp_client
 
         with open_mcp_client(self.config) as client:
-            self.collection = collect(client, subreddits if subreddits is not None else self.config.subreddits,
-                                      posts_per_subreddit or self.config.posts_per_subreddit, self.paths.collected,
-                                      queries=queries)
+            names = list(subreddits if subreddits is not None else self.config.subreddits) or client.list_subreddits()
+            done = self._collected_before_stop(names)
+            server = None
+            for index, name in enumerate(names[len(done):], start=len(done)):
+                report = collect(client, [name], posts_per_subreddit or self.config.posts_per_subreddit,
+                                 self.paths.collected, queries=queries)
+                done.extend(report.subreddits)
+                server = report.server
+                if index + 1 < len(names):  # a stop from here on keeps the subreddits collected so far
+                    self._partial_collection = CollectionReport(subreddits=done, server=server)
+                    self.save_state(0, stage="collecting", subreddits_done=index + 1)
+        self._partial_collection = None
+        self.collection = CollectionReport(subreddits=done, server=server or "mcp")
         return self.collection
+
+    def _collected_before_stop(self, names: list[str]) -> list:
+        """The subreddits a stopped run already collected, when it asked for the same ones first (else none)."""
+        partial = self._partial_collection
+        if partial is None:
+            return []
+        def key(name: str) -> str:
+            return name.strip().lower().removeprefix("/").removeprefix("r/")
+
+        kept = partial.subreddits
+        if [key(n) for n in names[:len(kept)]] != [key(s.subreddit) for s in kept] or \
+                not all(Path(s.path).is_file() for s in kept):
+            log.warning("Collection starts over: the stopped run collected %s, this one asks for %s",
+                        [s.subreddit for s in kept], names)
+            return []
+        logging.getLogger("fl_crew_reddit.progress").info(
+            "Collection continues after %d subreddits collected before the stop: %s", len(kept),
+            ", ".join(f"r/{s.subreddit}" for s in kept))
+        return list(kept)
 
     # --- Data Preprocessor -------------------------------------------------------------------------------------
     def preprocess(self) -> PreprocessReport:
@@ -453,6 +483,8 @@ class FederatedWorkspace:
             from fl_crew_reddit.federation.flower import model_settings
 
             _ = self.model
+            if self._federation is None:  # resumed after preprocessing: the sites kept their data
+                self._federation = self._start_federation()
             evaluation, failed = self._federation.evaluate(self.initial_adapter, model_settings(self.config))
             for name, reason in failed.items():
                 log.warning("Base model: %s is left out of the held-out evaluation: %s", name, reason)
@@ -633,31 +665,49 @@ class FederatedWorkspace:
         return self.run_history().as_json()
 
     # --- crash-safe state ----------------------------------------------------------------------------------------
-    def save_state(self, round_number: int, total_rounds: int) -> Path:
-        """After a completed round: everything `restore` needs to continue exactly where this left off."""
-        state = {"round": round_number, "total_rounds": total_rounds, "history": self.history(),
-                 "settings": self.config.public_settings()}
+    def save_state(self, round_number: int, total_rounds: int | None = None, *, stage: str = "round",
+                   subreddits_done: int = 0) -> Path:
+        """After a stage or a round: everything `restore` needs to continue exactly where this left off."""
+        total = total_rounds or self.planned_rounds
+        history = self.history()
+        if stage == "collecting":
+            history["collection"] = self._partial_collection.model_dump(mode="json")
+        state = SavedState(stage=stage, round=round_number, total_rounds=total, subreddits_done=subreddits_done,
+                           history=history, settings=self.config.public_settings())
         optimizer = self.server_optimizer.state_dict() if self.server_optimizer is not None else None
-        return save_round_state(self.paths, round_number, state, self.global_adapter, optimizer)
+        return save_state(self.paths, state, self.global_adapter, optimizer)
 
-    def restore(self) -> dict:
-        """Reload the newest saved round: data shards, history, global adapter, server-optimizer state."""
-        state, global_adapter, optimizer = load_round_state(self.paths)
-        history = parse_run_history(state["history"], f"the saved state of run {self.paths.run_id}")
-        self.collection, self.data, self.base_metrics = history.collection, history.data, history.base
-        self.rounds, self.agent_steps = history.rounds, history.agent_steps
-        _ = self.model  # load the base model and build the adapter before overwriting its weights
-        if self.config.federation == "flower":
-            self._index_remote_sites()
+    def restore(self) -> SavedState:
+        """Reload the newest usable saved state (see run_state.py for the checks): data shards, history, global
+        adapter, server-optimizer state."""
+        from fl_crew_reddit.aggregation import SERVER_OPTIMIZERS
+
+        _ = self.model  # load the base model and build the adapter: the reference the saved one is checked against
+        method = self.config.aggregation_method
+        state, global_adapter, optimizer = load_state(
+            self.paths, self.initial_adapter, max_norm=None if method in SERVER_OPTIMIZERS else
+            self.config.max_update_norm, optimizer_name=method if method in SERVER_OPTIMIZERS else None)
+        history = parse_run_history(state.history, f"the saved state of run {self.paths.run_id}")
+        if state.stage == "collecting":
+            self._partial_collection, self.collection = history.collection, None
         else:
-            self._load_client_data()
+            self.collection = history.collection
+        self.data, self.base_metrics = history.data, history.base
+        self.rounds, self.agent_steps, self.baselines = history.rounds, history.agent_steps, history.baselines
+        self.planned_rounds = state.total_rounds
+        if self.data is not None:
+            if self.config.federation == "flower":
+                self._index_remote_sites()
+            else:
+                self._load_client_data()
         self.global_adapter = global_adapter
         if optimizer is not None:
             self.server_optimizer = make_server_optimizer(optimizer["name"])
             self.server_optimizer.load_state_dict(optimizer)
-        log.info("Resumed run %s after round %d of %d", self.paths.run_id, state["round"], state["total_rounds"])
+        log.info("Resumed run %s %s", self.paths.run_id, state.describe())
         self._scalars = None  # a new writer (purge_step=0) replaces whatever the stopped session wrote
-        self.write_scalars(0)
+        if self.base_metrics is not None:
+            self.write_scalars(0)
         for record in self.rounds:
             self.write_scalars(record.round)
         return state

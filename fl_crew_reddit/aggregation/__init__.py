@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .checks import NotEnoughClientsError, check_update, screen_updates, update_norm
+from .checks import GlobalAdapterError, NotEnoughClientsError, check_global, check_update, screen_updates, update_norm
 from .lora_exact import ffa_lora_trainable, lora_pairs, lora_product_error, svd_exact
 from .rules import (
     bulyan,
@@ -102,10 +102,12 @@ __all__ = [
     "FedAdam",
     "FedAvgM",
     "FedYogi",
+    "GlobalAdapterError",
     "NotEnoughClientsError",
     "ServerOptimizer",
     "aggregate",
     "bulyan",
+    "check_global",
     "check_update",
     "fedavg",
     "fedprox",

@@ -21,6 +21,22 @@ class NotEnoughClientsError(RuntimeError):
     """Fewer accepted updates than the round needs."""
 
 
+class GlobalAdapterError(RuntimeError):
+    """The global adapter itself is unusable, so no client update can be judged against it: not the clients' fault."""
+
+
+def check_global(global_state: Mapping[str, Tensor]) -> list[str]:
+    """Reasons the global adapter cannot be used (non-tensors, non-finite values); empty when it is sound."""
+    reasons = []
+    for key, value in global_state.items():
+        if not isinstance(value, Tensor):
+            reasons.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            reasons.append(f"non-finite values at {key!r}: {count} of {value.numel()}")
+    return reasons
+
+
 def _preview(keys: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""

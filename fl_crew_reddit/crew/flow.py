@@ -26,21 +26,25 @@ class FLState(BaseModel):
     total_rounds: int = 1
     round: int = 0
     resumed: bool = Field(False, description="continue after the workspace's restored round")
+    resume_stage: str = Field("", description="the restored state's stage: collecting, collected, preprocessed, "
+                                              "round or finished")
     round_started: float = 0.0
     actions: list[str] = Field(default_factory=list, description="agent → tool calls, in order")
 
 
 class FederatedFlow(Flow[FLState]):
     def __init__(self, crew: FLCrew, num_rounds: int, on_round: Callable[[dict], None] | None = None,
-                 resume_after_round: int | None = None):
+                 resume_after_round: int | None = None, resume_stage: str = "round"):
         super().__init__()
         self.crew = crew
         self.workspace = crew.workspace
+        self.workspace.planned_rounds = num_rounds
         self.on_round = on_round
         self.state.total_rounds = num_rounds
         if resume_after_round is not None:
             self.state.resumed = True
             self.state.round = resume_after_round
+            self.state.resume_stage = resume_stage
 
     def _call(self, agent, tool_name: str, **arguments):
         """One agent step; recorded in the history as an AgentStep (direct, llm, or fallback and why)."""
@@ -59,32 +63,45 @@ class FederatedFlow(Flow[FLState]):
 
     @start()
     def begin(self):
-        log.info("Flow starts %s", f"after round {self.state.round}" if self.state.resumed else "a new run")
+        log.info("Flow starts %s", f"with the state saved {self.state.resume_stage} {self.state.round}"
+                 if self.state.resumed else "a new run")
 
     @router(begin)
     def choose_start(self):
-        return "resume_run" if self.state.resumed else "fresh_run"
+        """Where a run continues: the stage after the newest saved one (a stop while collecting collects the rest)."""
+        if not self.state.resumed or self.state.resume_stage == "collecting":
+            return "fresh_run"
+        if self.state.resume_stage in ("collected", "preprocessed"):
+            return f"resume_{self.state.resume_stage}"
+        return "resume_run" if self.state.round < self.state.total_rounds else "resume_finish"
 
     @listen("fresh_run")
     def collect_data(self):
         report = self._call(self.crew.data_collector, "collect_reddit_data")
         progress.info("Collected %s", ", ".join(f"r/{s.subreddit}: {s.num_posts} posts, {s.num_comments} comments"
                                                 for s in report.subreddits))
+        if self.workspace.config.federation != "flower":  # the sites collect and preprocess in one step
+            self.workspace.save_state(0, self.state.total_rounds, stage="collected")
 
-    @listen(collect_data)
+    @listen(or_(collect_data, "resume_collected"))
     def preprocess_data(self):
         report = self._call(self.crew.data_preprocessor, "preprocess_reddit_data")
         progress.info("Preprocessed %d examples for %d clients (%s); dropped %s", report.num_examples,
                       len(report.clients), ", ".join(f"{c.name}: {c.num_train} train/{c.num_validation} validation/"
                                                      f"{c.num_test} test" for c in report.clients),
                       report.dropped or "nothing")
+        self.workspace.save_state(0, self.state.total_rounds, stage="preprocessed")
+
+    @listen(or_(preprocess_data, "resume_preprocessed"))
+    def evaluate_base(self):
         base = self._call(self.crew.evaluator, "evaluate_model", round=0)
         progress.info("Base model: perplexity %.2f (validation %s), BLEU %.2f, ROUGE-L %.3f", base.perplexity,
                       _ppl(base.validation_perplexity), base.bleu, base.rouge_l)
+        self.workspace.save_state(0, self.state.total_rounds)
         self.workspace.save_history()
         self.workspace.write_scalars(0)
 
-    @listen(or_(preprocess_data, "next_round", "resume_run"))
+    @listen(or_(evaluate_base, "next_round", "resume_run"))
     def train_clients(self):
         self.state.round += 1
         self.state.round_started = time.perf_counter()
@@ -133,7 +150,7 @@ class FederatedFlow(Flow[FLState]):
                      self.state.round, self.workspace.paths.run_id)
         return "next_round" if self.state.round < self.state.total_rounds else "all_rounds_done"
 
-    @listen("all_rounds_done")
+    @listen(or_("all_rounds_done", "resume_finish"))
     def run_baselines(self):
         best = best_round_record(self.workspace.rounds)
         federated = f"{best.global_.perplexity:.2f} at round {best.round}" if best else "—"
@@ -143,6 +160,8 @@ class FederatedFlow(Flow[FLState]):
                           "FEDERATION=flower that data never leaves the sites", ", ".join(baselines))
             baselines = []
         for baseline in baselines:
+            if baseline in self.workspace.baselines:  # finished before a stop
+                continue
             result = self._call(self.crew.evaluator, "train_and_evaluate_baseline", baseline=baseline)
             progress.info("Baseline %s: test perplexity %.2f at its best checkpoint on validation (federated %s)",
                           baseline, result.perplexity, federated)
@@ -150,6 +169,7 @@ class FederatedFlow(Flow[FLState]):
 
     @listen(run_baselines)
     def finish(self):
+        self.workspace.save_state(self.state.total_rounds, self.state.total_rounds, stage="finished")
         return self.workspace.run_history()
 
 

@@ -72,9 +72,10 @@ class FLCrewRedditManager:
 
         Same SEED and settings give the same final global adapter as a run that was never stopped.
         """
-        from fl_crew_reddit.runs import find_run
+        from fl_crew_reddit.run_state import find_run
 
-        run_id = find_run(Path(self.config.fl_crew_reddit_dir).resolve() / "results", run_id)
+        run_id, why = find_run(Path(self.config.fl_crew_reddit_dir).resolve(), run_id, num_rounds)
+        logging.getLogger("fl_crew_reddit.progress").info("Resuming run %s: %s", run_id, why)
         return self._run(run_id, num_rounds, on_round, resume=True)
 
     def _run(self, run_id: str, num_rounds: int | None, on_round, resume: bool) -> FLRunResult:
@@ -91,16 +92,18 @@ class FLCrewRedditManager:
                      self.config.public_settings())
             workspace = FederatedWorkspace(self.config, paths)
             _ = workspace.model  # a base model that cannot load stops the run here, before any collection
-            after_round = None
+            after_round, stage = None, "round"
             if resume:
                 state = workspace.restore()
-                after_round = state["round"]
-                num_rounds = num_rounds or state["total_rounds"]
-                _warn_on_changed_settings(state["settings"], self.config.public_settings())
+                after_round, stage = state.round, state.stage
+                num_rounds = num_rounds or state.total_rounds
+                _warn_on_changed_settings(state.settings, self.config.public_settings())
+                if stage == "finished" and after_round < num_rounds:
+                    workspace.baselines = {}  # more rounds: the baselines get the longer run's budget
             flow = FederatedFlow(FLCrew(workspace, llm=self.agent_llm), num_rounds=num_rounds, on_round=on_round,
-                                 resume_after_round=after_round)
+                                 resume_after_round=after_round, resume_stage=stage)
             _silence_crewai_panels()
-            if after_round is None or after_round < num_rounds:
+            if stage != "finished" or after_round < num_rounds:
                 flow.kickoff()
             history = workspace.run_history()
         finally:

@@ -14,7 +14,14 @@ from typing import Any
 
 from torch import Tensor
 
-from fl_crew_reddit.aggregation import SERVER_OPTIMIZERS, aggregate, make_server_optimizer, screen_updates
+from fl_crew_reddit.aggregation import (
+    SERVER_OPTIMIZERS,
+    GlobalAdapterError,
+    aggregate,
+    check_global,
+    make_server_optimizer,
+    screen_updates,
+)
 from fl_crew_reddit.aggregation.checks import update_norm
 from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
 from fl_crew_reddit.aggregation.server_optimizers import ServerOptimizer
@@ -133,6 +140,11 @@ class FederatedStrategy:
         The round needs min(MIN_FIT_CLIENTS, clients that were asked) accepted updates, where those asked are the
         updates here plus `num_failed` clients whose training failed."""
         method = method or self.settings.aggregation_method
+        bad_global = check_global(global_adapter)
+        if bad_global:  # every update would be judged against it and fail: say whose fault it is
+            raise GlobalAdapterError(f"the global adapter itself is bad ({'; '.join(bad_global[:3])}): no client "
+                                     "update can be checked or combined against it, the clients are not at fault; "
+                                     "resume from an earlier saved state")
         updates = sorted(updates, key=lambda u: u.name)
         sent = self.expected_update(global_adapter)
         accepted, rejected = self.screen(global_adapter, updates,
@@ -141,6 +153,10 @@ class FederatedStrategy:
         combined = aggregate(method, [updates[i].state for i in accepted], [updates[i].num_examples for i in accepted],
                              **self.aggregation_options(method, sent))
         new_global = {k: combined[k].to(v.dtype) if k in combined else v for k, v in global_adapter.items()}
+        bad_new = check_global(new_global)
+        if bad_new:  # accepted updates are finite, so the rule or the server optimizer made it so
+            raise GlobalAdapterError(f"aggregating the accepted updates with {method} made the global adapter bad "
+                                     f"({'; '.join(bad_new[:3])}); it is not saved, the previous round's state stays")
         return AggregationOutcome(method=method, new_global=new_global, accepted=[updates[i].name for i in accepted],
                                   rejected=rejected, update_norms=norms)
 
