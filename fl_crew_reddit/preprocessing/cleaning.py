@@ -1,5 +1,6 @@
-"""Pure text cleaning for Reddit bodies: markdown to plain text, URLs out, removed/bot/moderator content recognised,
-personal data (user handles, e-mail addresses, phone numbers) replaced by placeholders, language checked.
+"""Pure text cleaning for Reddit bodies: control and invisible characters out, markdown to plain text, URLs out,
+removed/bot/moderator content recognised, personal data (user handles, e-mail addresses, phone numbers) replaced by
+placeholders, language checked.
 
 No I/O. Each rule that drops a comment returns a reason string, and each rule that changes a text counts what it
 changed, so the pipeline can report both.
@@ -7,6 +8,7 @@ changed, so the pipeline can report both.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 
 REMOVED_BODIES = {"[deleted]", "[removed]", "[deleted by user]", ""}
@@ -44,8 +46,67 @@ def is_bot(author: str | None, body: str, distinguished: str | None = None, stic
     return bool(BOT_BODY_PATTERN.search(body.strip()))
 
 
+# --- control and invisible characters -----------------------------------------------------------------------------
+# Characters nobody sees but a tokenizer does: they teach the model noise, and bidi overrides can make a text read
+# differently from what it says. Line ends (\r\n, \r) become \n; tabs and newlines stay.
+_INVISIBLE_KINDS = {
+    "control": "\x00-\x08\x0b-\x1f\x7f-\x9f",  # C0 and C1 controls (NUL, BEL, ESC, ...) and DEL
+    "bidi": "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069",  # direction marks, embeddings, overrides, isolates
+    "zero_width": "\u180e\u200b-\u200d\u2060-\u2064",  # zero-width space / (non-)joiner, word joiner, ...
+    "bom": "\ufeff",  # byte-order mark (zero-width no-break space)
+}
+_INVISIBLE = re.compile(f"[{''.join(_INVISIBLE_KINDS.values())}]")
+_ZWJ, _ZWNJ = "\u200d", "\u200c"
+_EMOJI_TAILS = {"\ufe0f", *map(chr, range(0x1F3FB, 0x1F400))}  # variation selector, skin tones
+
+
+_KIND_PATTERNS = [(kind, re.compile(f"[{chars}]")) for kind, chars in _INVISIBLE_KINDS.items()]
+
+
+def _invisible_kind(char: str) -> str:
+    return next(kind for kind, pattern in _KIND_PATTERNS if pattern.match(char))
+
+
+def _is_emoji(char: str) -> bool:
+    return unicodedata.category(char) == "So" or char in _EMOJI_TAILS
+
+
+def _joins(text: str, at: int) -> bool:
+    """A joiner that belongs to its text: a ZWJ inside an emoji sequence (👨‍👩‍👧), a ZWNJ between two letters of a
+    script that needs it (Persian, Indic). Those stay."""
+    before, after = text[at - 1] if at else "", text[at + 1] if at + 1 < len(text) else ""
+    if not before or not after:
+        return False
+    if text[at] == _ZWJ:
+        return _is_emoji(before) and _is_emoji(after)
+    return (text[at] == _ZWNJ and ord(before) > 0x2FF and ord(after) > 0x2FF
+            and unicodedata.category(before)[0] in "LM" and unicodedata.category(after)[0] in "LM")
+
+
+def strip_invisible(text: str) -> tuple[str, Counter]:
+    """`text` without control and invisible characters (NUL and other controls, bidi marks and overrides,
+    zero-width characters, byte-order marks), and how many of each kind went. Line ends become \n; tabs,
+    newlines and joiners that belong to an emoji sequence or a script stay."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not _INVISIBLE.search(text):
+        return text, Counter()
+    counts: Counter = Counter()
+
+    def drop(match: re.Match) -> str:
+        char = match.group(0)
+        if char in (_ZWJ, _ZWNJ) and _joins(match.string, match.start()):
+            return char
+        counts[_invisible_kind(char)] += 1
+        return ""
+
+    return _INVISIBLE.sub(drop, text), counts
+
+
 def clean_text(text: str) -> str:
-    """Markdown to plain text: links keep their words, bare URLs and quoted lines go, whitespace is tidied."""
+    """Markdown to plain text: invisible characters go (see `strip_invisible`), links keep their words, bare URLs
+    and quoted lines go, whitespace is tidied."""
+    text = strip_invisible(text)[0]
     for entity, char in _HTML_ENTITIES.items():
         text = text.replace(entity, char)
     text = _QUOTE_LINE.sub("", text)

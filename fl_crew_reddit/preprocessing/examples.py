@@ -2,7 +2,10 @@
 
 A top-level comment answers the post (title + body); a nested comment answers its parent comment, with the post
 title as context. The reply is what the model learns to write; the prompt is only context (its tokens carry no loss).
-Prompts and replies are cleaned and have personal data replaced by placeholders before they become examples.
+Prompts and replies are cleaned (control and invisible characters removed and counted) and have personal data
+replaced by placeholders before they become examples. A comment that is its own parent (`own_parent`), sits in a
+cycle of parents (`parent_cycle`) or hangs below one (`ancestor_cycle`) never becomes an example: its thread does
+not lead back to the post.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from fl_crew_reddit.preprocessing.cleaning import (
     has_quote,
     normalise_for_dedupe,
     scrub_personal_data,
+    strip_invisible,
 )
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
 
@@ -30,13 +34,16 @@ class ThreadExamples:
 
 
 class _TextCleaner:
-    """clean_text + personal-data scrubbing, once per distinct post or comment text, counting what changed."""
+    """clean_text + personal-data scrubbing, once per distinct post or comment text, counting what changed
+    (`invisible_<kind>`: characters removed; `personal_data_<kind>`: replacements; `quoted_text`: texts)."""
 
     def __init__(self, scrub: bool, counts: Counter):
         self.scrub, self.counts, self._done = scrub, counts, {}
 
     def __call__(self, key: str, text: str) -> str:
         if key not in self._done:
+            text, invisible = strip_invisible(text)
+            self.counts.update({f"invisible_{kind}": n for kind, n in invisible.items()})
             if has_quote(text):
                 self.counts["quoted_text"] += 1
             cleaned = clean_text(text)
@@ -73,7 +80,7 @@ def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replie
     by_id = {comment.id: comment for comment in comments}
     context = post_prompt(post, clean)
     for comment in comments:
-        reason = reason_for(comment)
+        reason = cycle_reason(comment, by_id) or reason_for(comment)
         if reason:
             out.dropped[reason] += 1
             continue
@@ -101,6 +108,24 @@ def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replie
             "reply_to_post": comment.parent_id.startswith("t3_"),  # replies to the post pair with its media
         })
     return out
+
+
+def cycle_reason(comment: RedditComment, by_id: dict[str, RedditComment]) -> str | None:
+    """`own_parent`, `parent_cycle` (following parents leads back to the comment) or `ancestor_cycle` (it leads into
+    a loop above the comment); None when the parents end at the post or at a comment not in `by_id`."""
+    if comment.parent_id == f"t1_{comment.id}":
+        return "own_parent"
+    seen = {comment.id}
+    parent_id = comment.parent_id
+    while parent_id.startswith("t1_"):
+        parent = by_id.get(parent_id[3:])
+        if parent is None:
+            return None
+        if parent.id in seen:
+            return "parent_cycle" if parent.id == comment.id else "ancestor_cycle"
+        seen.add(parent.id)
+        parent_id = parent.parent_id
+    return None
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from fl_crew_reddit.preprocessing.cleaning import language_drop_reason
 from fl_crew_reddit.preprocessing.examples import render_chat, thread_examples, tokenize_example
@@ -103,8 +103,10 @@ def build_examples(collected: list[dict], tokenizer, max_seq_length: int,
     """All threads of all subreddits → examples with rendered prompt/reply and token counts.
 
     Rules, in order; a comment is counted under the first rule that drops it:
-    1. per thread (`thread_examples`): removed, huge, bot / moderator, empty, orphaned and exact-duplicate replies
-       go; quotes are cut; personal data is replaced by placeholders;
+    0. a post or comment record of the wrong shape (a field missing or of the wrong type) is counted and left out;
+    1. per thread (`thread_examples`): comments in parent cycles, removed, huge, bot / moderator, empty, orphaned
+       and exact-duplicate replies go; control and invisible characters and quotes are cut; personal data is
+       replaced by placeholders;
     2. near-duplicate replies (MinHash LSH, Jaccard of word 3-grams >= NEAR_DUPLICATE_THRESHOLD);
     3. reply length in tokens outside [MIN_REPLY_TOKENS, MAX_REPLY_TOKENS];
     4. language: replies of 10+ words that langdetect places outside LANGUAGES;
@@ -119,11 +121,14 @@ def build_examples(collected: list[dict], tokenizer, max_seq_length: int,
     for bundle in collected:
         comments_by_post: dict[str, list[RedditComment]] = {}
         for raw in bundle["comments"]:
-            comment = RedditComment.model_validate(raw)
-            comments_by_post.setdefault(comment.link_id.removeprefix("t3_"), []).append(comment)
             num_comments += 1
+            comment = readable(RedditComment, raw, dropped, "invalid_comment_record")
+            if comment is not None:
+                comments_by_post.setdefault(comment.link_id.removeprefix("t3_"), []).append(comment)
         for raw in bundle["posts"]:
-            post = RedditPost.model_validate(raw)
+            post = readable(RedditPost, raw, dropped, "invalid_post_record")
+            if post is None:
+                continue  # its comments are counted below, as post_not_collected
             thread = thread_examples(post, comments_by_post.pop(post.id, []), seen_replies,
                                      max_chars=rules.max_text_chars, scrub_personal=rules.scrub_personal_data)
             dropped.update(thread.dropped)
@@ -166,6 +171,16 @@ def build_examples(collected: list[dict], tokenizer, max_seq_length: int,
     return BuiltExamples(kept, +dropped, num_comments, scrubbed)
 
 
+def readable(model, raw, dropped: Counter, reason: str):
+    """`raw` as a `model` record, or None, counted in `dropped` under `reason`, when it is not one."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        dropped[reason] += 1
+        log.warning("A collected record is left out (%s): %s", reason, error.errors()[0]["msg"])
+        return None
+
+
 def attach_images(examples: list[dict], posts: dict[str, RedditPost], store: MediaStore) -> list[dict]:
     """Replies to a post with media get the post's stored images (a picture, a gallery's items, a video's keyframes
     or preview; each post's media resolved once); returns one image–text pair per post that kept images."""
@@ -199,8 +214,8 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
     preprocessed_dir = data_dir / "preprocessed" / run_id
     image_pairs, image_features = [], None
     if support_multimodal:
-        posts = {post.id: post for post in (RedditPost.model_validate(raw) for bundle in collected
-                                            for raw in bundle["posts"])}
+        posts = {post.id: post for post in (readable(RedditPost, raw, Counter(), "invalid_post_record")
+                                            for bundle in collected for raw in bundle["posts"]) if post is not None}
         store = MediaStore(preprocessed_dir / "images", media or MediaSettings(max_image_size=max_image_size),
                            dropped)
         image_pairs = attach_images(examples, posts, store)

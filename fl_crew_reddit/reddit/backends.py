@@ -20,9 +20,10 @@ asked for into a small per-subreddit extract in the cache folder, which later qu
 instead. Only the subreddits asked for are held in memory.
 
 Reading is tolerant: a line that is not valid UTF-8 or JSON, longer than `max_line_bytes`, a record missing a
-required field or with a field of the wrong type, and a duplicate id are skipped and counted by reason in
-`backend.skipped`; each file with skipped lines is logged once, naming the first line of each reason. Nothing
-crashes, nothing is dropped silently.
+required field or with a field of the wrong type (an id that is not a string is refused, never turned into one),
+and a duplicate id are skipped and counted by reason in `backend.skipped`; a compressed file that is corrupt or cut
+short is counted once (`corrupt_file`) and its lines before the break are kept. Each file with skipped lines is
+logged once, naming the first line of each reason. Nothing crashes, nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from fl_crew_reddit.reddit.dump_files import (
     parse_line,
     read_lines,
     subreddit_file,
+    until_failure,
 )
 from fl_crew_reddit.reddit.schemas import (
     PostComments,
@@ -456,7 +458,8 @@ class DumpBackend(RedditBackend):
         rightly be empty). `report` defaults to the pending report of `path`."""
         report = report if report is not None else self._report_for(path)
         any_line = False
-        for line_no, raw in lines:
+        failures: list[tuple[str, int]] = []
+        for line_no, raw in until_failure(lines, path, failures):
             if raw is None:
                 any_line = True
                 report.skip(SKIP_LINE_TOO_LONG, line_no)
@@ -475,12 +478,17 @@ class DumpBackend(RedditBackend):
                 yield line_no, model.model_validate(self._clean(record, model, data))
             except (ValidationError, TypeError, ValueError, OverflowError):
                 report.skip(SKIP_INVALID_FIELDS, line_no)
+        for reason, line_no in failures:
+            any_line = True
+            report.skip(reason, line_no)
         if whole_file and not any_line:
             report.skip(SKIP_EMPTY_FILE, 0)
 
     @staticmethod
     def _clean(record: dict[str, Any], model: type[BaseModel], data: _Subreddit) -> dict[str, Any]:
-        """Fit a dump record to the model: nulls of defaulted fields dropped, ids as strings, prefixes added."""
+        """Fit a dump record to the model: nulls of defaulted fields dropped, timestamps and counts written as
+        numeric strings or floats (older dumps) made integers, prefixes added. Ids must be strings: one of another
+        type raises TypeError (counted as invalid_fields), never becomes a string."""
         fields = model.model_fields
         clean = {key: value for key, value in record.items()
                  if key in fields and not (value is None and fields[key].default is not None)}
@@ -490,11 +498,14 @@ class DumpBackend(RedditBackend):
                 clean[name] = int(float(value))  # "1424304000" / 1424304000.0 in older dumps
         if not clean.get("subreddit"):
             clean["subreddit"] = data.name
-        clean["id"] = str(clean["id"])
+        ids = ("id", "link_id", "parent_id") if model is RedditComment else ("id",)
+        wrong = [name for name in ids if clean.get(name) is not None and type(clean[name]) is not str]
+        if wrong:
+            raise TypeError(f"{', '.join(wrong)} must be a string")
         if model is RedditComment:
-            link_id = str(clean["link_id"])
+            link_id = clean["link_id"]
             clean["link_id"] = link_id if link_id.startswith("t3_") else f"t3_{link_id}"
-            parent = str(clean.get("parent_id") or clean["link_id"])
+            parent = clean.get("parent_id") or clean["link_id"]
             clean["parent_id"] = parent if parent[:3] in ("t1_", "t3_") else f"t1_{parent}"
         return clean
 
@@ -660,7 +671,7 @@ class DumpBackend(RedditBackend):
         # replies whose parent is not in the dump come last, oldest first
         ordered.extend(sorted((c for c in comments if c.id not in visited), key=lambda c: (c.created_utc, c.id)))
         kept = [c.model_copy(deep=True) for c in ordered[:max(limit, 0)]]
-        return PostComments(post=post.model_copy(deep=True), comments=kept)
+        return PostComments(post=post.model_copy(deep=True), comments=kept, total_comments=len(ordered))
 
     def user_data(self, username: str, limit: int = 25) -> UserData:
         key = username.strip().removeprefix("/u/").removeprefix("u/").lower()

@@ -12,6 +12,10 @@ scans one such file once and keeps, in a cache folder keyed by the file's path, 
     <subreddit>.lines.zst     the raw lines of each subreddit asked for so far, as `<line number>\\t<json>`
 
 so a later open (by this process or the next) reads only the small per-subreddit extract, never the monthly file.
+
+A compressed file that is corrupt or cut short (a garbage .gz, a truncated .zst: a stream that ends inside a frame)
+raises while it is read (`EOFError`, `zstandard.ZstdError`, `OSError`); `read_failure` names the skip reason
+(`corrupt_file`, `unreadable_file`), and the readers of this package keep the lines before the break and count it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import os
 import re
 import shutil
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +54,9 @@ SKIP_NOT_AN_OBJECT = "not_an_object"
 SKIP_MISSING_FIELDS = "missing_fields"
 SKIP_LINE_TOO_LONG = "line_too_long"
 SKIP_EMPTY_FILE = "empty_file"
+SKIP_CORRUPT_FILE = "corrupt_file"  # a compressed stream that is broken or ends early: lines before the break kept
+SKIP_UNREADABLE_FILE = "unreadable_file"  # the file cannot be opened or read at all (permissions, I/O error)
+ZSTD_INPUT_BYTES = 16 << 10  # compressed bytes fed at a time: Reddit JSON gives ~100-200 KB of lines per piece
 
 SUBMISSIONS, COMMENTS = "submissions", "comments"
 # the names a per-subreddit file may have, in order of preference: <folder>/<name> or <root>/<subreddit>_<name>
@@ -63,21 +71,127 @@ _SUBREDDIT_VALUE = re.compile(rb'"subreddit"\s*:\s*"([^"\\]+)"')
 
 
 # ---------------------------------------------------------------------------------------------- lines
+class TruncatedStreamError(EOFError):
+    """A zstandard stream ended inside a frame: the file was cut short (as gzip's EOFError says for .gz)."""
+
+
+class ZstdStream:
+    """The decompressed bytes of a .zst file, frame after frame (pzstd and appended files have several), read in
+    bounded pieces. Unlike zstandard's stream_reader, which ends quietly where a truncated file stops, a stream
+    that ends inside a frame raises TruncatedStreamError."""
+
+    def __init__(self, path: Path, *, input_bytes: int = ZSTD_INPUT_BYTES):
+        self.path = Path(path)
+        self._raw = self.path.open("rb")
+        self._context = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._frame = None  # the decompressor of the frame being read; None between frames
+        self._input_bytes = input_bytes
+        self._leftover = b""  # input after the end of the last frame: the start of the next one
+        self._buffer = bytearray()
+        self._ended = False
+        self._truncated = False  # raised once the bytes decoded before the cut have been read
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._ended and (size is None or size < 0 or len(self._buffer) < size):
+            self._feed()
+        if self._truncated and not self._buffer and size != 0:
+            raise TruncatedStreamError(f"{self.path}: the zstandard stream ends inside a frame (a cut file)")
+        if size is None or size < 0 or size >= len(self._buffer):
+            data, self._buffer = bytes(self._buffer), bytearray()
+        else:
+            data = bytes(self._buffer[:size])
+            del self._buffer[:size]
+        return data
+
+    def _feed(self) -> None:
+        data, self._leftover = self._leftover or self._raw.read(self._input_bytes), b""
+        if not data:
+            self._ended = True
+            self._truncated = self._frame is not None
+            return
+        if self._frame is None:
+            self._frame = self._context.decompressobj()
+        self._buffer += self._frame.decompress(data)
+        if self._frame.eof:
+            self._leftover, self._frame = self._frame.unused_data, None
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def __enter__(self) -> ZstdStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GzipStream:
+    """The decompressed bytes of a .gz file. A read that runs into a broken or cut stream first returns the bytes
+    decoded before the break; the next read raises (gzip's own read would drop them with the error)."""
+
+    def __init__(self, path: Path):
+        self._file = gzip.open(path, "rb")
+        self._error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if size is None or size < 0:
+            return self._file.read()
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            try:
+                part = self._file.read1(size - got)
+            except (EOFError, OSError, zlib.error) as error:
+                if not parts:
+                    raise
+                self._error = error
+                break
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def __enter__(self) -> GzipStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_decompressed(path: Path) -> IO[bytes]:
-    """A binary stream of the file's decompressed bytes, chosen by suffix (.zst, .gz, anything else plain)."""
+    """A binary stream of the file's decompressed bytes, chosen by suffix (.zst, .gz, anything else plain).
+    Reading a broken or cut compressed file raises (see `read_failure`)."""
     path = Path(path)
     if path.name.endswith(".zst"):
-        raw = path.open("rb")
-        try:
-            reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
-                raw, read_size=CHUNK_BYTES, read_across_frames=True, closefd=True)
-        except Exception:
-            raw.close()
-            raise
-        return reader
+        return ZstdStream(path)
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return GzipStream(path)
     return path.open("rb")
+
+
+def read_failure(error: BaseException) -> str | None:
+    """The skip reason of an error raised while reading a file (`corrupt_file` or `unreadable_file`), or None
+    when the error is not about the file (a bug: let it propagate)."""
+    if isinstance(error, (EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile)):
+        return SKIP_CORRUPT_FILE
+    if isinstance(error, OSError):
+        return SKIP_UNREADABLE_FILE
+    return None
 
 
 def iter_line_batches(stream: IO[bytes], *, chunk_bytes: int = CHUNK_BYTES,
@@ -154,6 +268,25 @@ def read_lines(path: Path, *, chunk_bytes: int = CHUNK_BYTES,
     """(line number, line) of a (possibly compressed) file; see `iter_line_batches`."""
     for first, batch in read_line_batches(path, chunk_bytes=chunk_bytes, max_line_bytes=max_line_bytes):
         yield from enumerate(batch, first)
+
+
+def until_failure(items: Iterable[tuple[int, list]] | Iterable[tuple[int, bytes | None]], path: Path,
+                  failures: list[tuple[str, int]], *, batches: bool = False) -> Iterator:
+    """`items` (numbered lines, or with `batches` numbered batches of lines) until reading `path` fails; the failure
+    is logged and appended to `failures` as (reason, number of the first line not read), and the items stop there.
+    An error that is not about the file propagates."""
+    next_line = 1
+    try:
+        for item in items:
+            yield item
+            next_line = item[0] + (len(item[1]) if batches else 1)
+    except Exception as error:  # noqa: BLE001 - read_failure decides; anything else is re-raised
+        reason = read_failure(error)
+        if reason is None:
+            raise
+        failures.append((reason, next_line))
+        logger.warning("%s: %s at line %d (%s: %s); the %d line(s) before it are kept, the rest of the file is "
+                       "skipped", path, reason, next_line, type(error).__name__, error, next_line - 1)
 
 
 def is_blank(line: bytes) -> bool:
@@ -388,9 +521,12 @@ class MonthlyFile:
         self.passes += 1
         logger.info("%s: scanning (%s)%s", self.path, "building the index" if full else "extracting",
                     f" for {', '.join(sorted(wanted))}" if wanted else "")
-        stats = scan_lines(read_line_batches(self.path, chunk_bytes=self.chunk_bytes,
-                                             max_line_bytes=self.max_line_bytes),
-                           wanted, writer_for, needles=needles, extract_all_up_to=self.extract_all_up_to if full else 0)
+        failures: list[tuple[str, int]] = []
+        batches = until_failure(read_line_batches(self.path, chunk_bytes=self.chunk_bytes,
+                                                  max_line_bytes=self.max_line_bytes),
+                                self.path, failures, batches=True)
+        stats = scan_lines(batches, wanted, writer_for, needles=needles,
+                           extract_all_up_to=self.extract_all_up_to if full else 0)
         extracted = dict(index["extracted"])
         for key, (final, handle) in writers.items():
             handle.close()
@@ -404,7 +540,9 @@ class MonthlyFile:
             index.update(lines=stats.lines, bytes=stats.bytes, subreddits=stats.subreddits,
                          skipped={reason: [count, stats.report.first_line[reason]]
                                   for reason, count in stats.report.counts.items()})
-            if stats.lines == 0:
+            for reason, line_no in failures:  # the lines before the break are indexed and served
+                index["skipped"][reason] = [1, line_no]
+            if stats.lines == 0 and not failures:
                 index["skipped"][SKIP_EMPTY_FILE] = [1, 0]
         index = {**index, "extracted": extracted}
         self._write_index(index)

@@ -93,6 +93,14 @@ def _subreddit(value: Any) -> str:
     return str(getattr(value, "display_name", value) or "")
 
 
+def _id(fields: Mapping[str, Any], name: str) -> str:
+    """An id field as the API gives it: a string; anything else is refused (TypeError), never turned into one."""
+    value = fields[name]
+    if type(value) is not str:
+        raise TypeError(f"{name} is a {type(value).__name__}, not a string")
+    return value
+
+
 def _epoch(value: Any) -> int:
     return int(float(value or 0))
 
@@ -165,7 +173,7 @@ def post_from_api(data: Any) -> tuple[RedditPost, Counter]:
     fields = _fields(data)
     images, video, skipped = media_from_api(fields)
     post = RedditPost(
-        id=str(fields["id"]), subreddit=_subreddit(fields.get("subreddit")), title=str(fields["title"]),
+        id=_id(fields, "id"), subreddit=_subreddit(fields.get("subreddit")), title=fields["title"],
         selftext=fields.get("selftext") or "", author=_author(fields.get("author")),
         created_utc=_epoch(fields.get("created_utc")), score=int(fields.get("score") or 0),
         num_comments=int(fields.get("num_comments") or 0), url=fields.get("url") or None,
@@ -178,7 +186,7 @@ def comment_from_api(data: Any) -> RedditComment:
     """A comment's API fields (dict or PRAW Comment) as a RedditComment; a deleted one keeps '[deleted]'."""
     fields = _fields(data)
     return RedditComment(
-        id=str(fields["id"]), link_id=str(fields["link_id"]), parent_id=str(fields["parent_id"]),
+        id=_id(fields, "id"), link_id=_id(fields, "link_id"), parent_id=_id(fields, "parent_id"),
         subreddit=_subreddit(fields.get("subreddit")), body=fields.get("body") or "",
         author=_author(fields.get("author")), created_utc=_epoch(fields.get("created_utc")),
         score=int(fields.get("score") or 0), distinguished=fields.get("distinguished") or None,
@@ -403,7 +411,9 @@ class LiveRedditBackend(RedditBackend):
                 getattr(listing, sort)(limit=limit)
             return self._posts(list(items), what)
 
-        return SubredditPosts(subreddit=name, posts=self._call(what, fetch) if limit else [])
+        before = Counter(self.skipped)
+        posts = self._call(what, fetch) if limit else []
+        return SubredditPosts(subreddit=name, posts=posts, skipped=dict(Counter(self.skipped) - before))
 
     def search_posts(self, query: str, subreddit: str | None = None, limit: int = 25) -> SearchResults:
         if not re.findall(r"\w+", query):
@@ -417,7 +427,9 @@ class LiveRedditBackend(RedditBackend):
                                                          limit=max(limit, 0))
             return self._posts(list(items), what)
 
-        return SearchResults(query=query, subreddit=name, posts=self._call(what, fetch) if limit > 0 else [])
+        before = Counter(self.skipped)
+        posts = self._call(what, fetch) if limit > 0 else []
+        return SearchResults(query=query, subreddit=name, posts=posts, skipped=dict(Counter(self.skipped) - before))
 
     def post_comments(self, post_id: str, limit: int = 100) -> PostComments:
         bare = _bare_id(post_id, "t3_")
@@ -439,8 +451,11 @@ class LiveRedditBackend(RedditBackend):
                 logger.info("Reddit API %s: %d comments behind 'load more' links not fetched", what, not_expanded)
             return posts[0], self._comments(thread_order(forest), what)
 
+        before = Counter(self.skipped)
         post, comments = self._call(what, fetch)
-        return PostComments(post=post, comments=comments[:max(limit, 0)])
+        # what this thread left out (unreadable comments, comments behind "load more" links) travels with it
+        return PostComments(post=post, comments=comments[:max(limit, 0)], total_comments=len(comments),
+                            skipped=dict(Counter(self.skipped) - before))
 
     def user_data(self, username: str, limit: int = 25) -> UserData:
         name = username.strip().removeprefix("/u/").removeprefix("u/")

@@ -22,7 +22,8 @@ A mapping file (YAML shown; JSON alike):
 `at` is a dotted path into the result ("" = the whole result; a bare JSON array arrives as `result`). A field source
 is a dotted path, or `{source: PATH, when: {FIELD: [values]}}` to read it only for some records. Comments may form
 a tree: `replies: FIELD` flattens it in thread order and derives each `parent_id`. Timestamps may be epoch seconds
-or ISO 8601 strings. Records a mapping cannot read (not an object, no id) are skipped and counted by reason.
+or ISO 8601 strings. Records a mapping cannot read (not an object, no id, an id that is not a string, a field of
+the wrong type) are skipped and counted by reason; an id is never turned into a string.
 """
 from __future__ import annotations
 
@@ -245,7 +246,7 @@ def map_result(route: ToolRoute, tool: str, arguments: dict[str, Any], data: Any
         if post is None:
             raise ToolMapError(f"{tool}: the server's result has no readable post at {parts['post'].at!r}")
         comments = _comments(_items(data, parts["comments"], tool), parts["comments"], post, skipped)
-        return PostComments(post=post, comments=comments[:limit])
+        return PostComments(post=post, comments=comments[:limit], total_comments=len(comments))
     if tool == RedditTool.COLLECT_USER_DATA:
         found = posts() if "posts" in parts else []
         comments = (_comments(_items(data, parts["comments"], tool), parts["comments"], None, skipped)[:limit]
@@ -341,10 +342,10 @@ def _bare_name(value: Any, prefix: str = "r/") -> str | None:
 
 
 def _bare_id(value: Any, prefix: str) -> str | None:
-    if value is None or isinstance(value, (dict, list, bool)):
+    """The id without its prefix; None unless it is a non-empty string (a number is refused, not converted)."""
+    if type(value) is not str:
         return None
-    text = str(value).strip()
-    return text.removeprefix(prefix) or None
+    return value.strip().removeprefix(prefix) or None
 
 
 def _normalise(values: dict[str, Any], kind: str, skipped: Counter) -> dict[str, Any] | None:
@@ -371,6 +372,9 @@ def _post(item: Any, spec: RecordSpec, subreddit: str | None, skipped: Counter) 
         skipped["post_not_an_object"] += 1
         return None
     values = _normalise(_read_fields(item, spec.fields), "post", skipped)
+    if values.get("id") is not None and type(values["id"]) is not str:
+        skipped["post_invalid_id"] += 1
+        return None
     values["id"] = _bare_id(values.get("id"), "t3_")
     values["subreddit"] = _bare_name(values.get("subreddit")) or subreddit
     for required in ("id", "subreddit", "title"):
@@ -399,7 +403,7 @@ def _comments(items: list[Any], spec: RecordSpec, post: RedditPost | None, skipp
         comment_id = _bare_id(values.get("id"), "t1_")
         replies = item.get(spec.replies) if spec.replies else None
         if comment_id is None:
-            skipped["comment_missing_id"] += 1
+            skipped["comment_missing_id" if values.get("id") in (None, "") else "comment_invalid_id"] += 1
             _skip_replies(skipped, replies, spec.replies)
             continue
         values["id"] = comment_id
