@@ -5,8 +5,11 @@ the run at start with one message naming the variable and what is allowed (see `
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
+import tempfile
 from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Literal
@@ -39,7 +42,7 @@ class FLCrewRedditConfig(BaseSettings):
     """All settings of a federated run. Field names map to upper-case environment variables."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
-                                      case_sensitive=False, validate_default=True)
+                                      case_sensitive=False, validate_default=True, allow_inf_nan=False)
 
     # --- base model and adapters
     base_llm_model: str = Field(EMBEDDED_MODEL, description="Hub id, local folder, or the embedded SmolLM2-135M.")
@@ -133,6 +136,9 @@ class FLCrewRedditConfig(BaseSettings):
                                                                                "or connect to it, and initialize.")
     reddit_mcp_max_restarts: int = Field(2, ge=0, le=20, description="Times a crashed stdio MCP server is restarted "
                                                                      "(or a broken HTTP session reopened) per run.")
+    reddit_mcp_token: SecretStr | None = Field(None, min_length=16, description="Bearer token of the HTTP MCP "
+                                               "server: serve-mcp requires it of every request (and --allow-remote "
+                                               "requires it to be set); the client sends it to REDDIT_MCP_URL.")
     subreddits: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                        description="Comma-separated; empty: all the backend has.")
     posts_per_subreddit: int = Field(200, ge=1, le=100_000)
@@ -166,7 +172,8 @@ class FLCrewRedditConfig(BaseSettings):
         0.1, gt=0, lt=1, description="Share of each client's threads held out (apart from test) to choose the best "
                                      "round of the federated model and of the baselines; at least 8 examples.")
     eval_samples: int = Field(8, ge=0, le=10_000, description="Replies generated for BLEU / ROUGE each round.")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds torch, numpy and Python's random (numpy takes "
+                                                          "0 to 2**32 - 1).")
     baselines: Annotated[list[Literal["local_only", "centralized"]], NoDecode] = Field(
         default_factory=list, description="Comma-separated baselines trained after the rounds on the same budget: "
                                           "local_only (each client alone), centralized (all data pooled).")
@@ -283,6 +290,18 @@ class FLCrewRedditConfig(BaseSettings):
                              "for one trainer process each")
         return names
 
+    @field_validator("fl_crew_reddit_dir")
+    @classmethod
+    def _a_folder(cls, value: Path) -> Path:
+        """An existing folder, or a path whose nearest existing part is a folder (it is created at the run's start);
+        whether it can be written is checked by the commands that write (`check_writable_folder`)."""
+        if value.exists() and not value.is_dir():
+            raise ValueError("is not a folder (it is a file): name the folder for data/, models/, results/, logs/")
+        existing = next((parent for parent in value.parents if parent.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"is not a folder: {existing} is a file")
+        return value
+
     @field_validator("quantization_bits")
     @classmethod
     def _four_or_eight(cls, value: int) -> int:
@@ -358,6 +377,7 @@ class FLCrewRedditConfig(BaseSettings):
         if self.test_fraction + self.validation_fraction >= 0.9:
             raise ValueError(f"TEST_FRACTION={self.test_fraction:g} + VALIDATION_FRACTION={self.validation_fraction:g} "
                              "must stay below 0.9: most threads must be left for training")
+        self._check_num_byzantine()
         if self.reddit_mcp_url and self.reddit_mcp_command:
             raise ValueError("set REDDIT_MCP_URL (a server to connect to) or REDDIT_MCP_COMMAND (a server to start), "
                              "not both")
@@ -393,6 +413,22 @@ class FLCrewRedditConfig(BaseSettings):
                              "AGENT_LLM_BASE_URL (an OpenAI-compatible server: vLLM, llama.cpp, Ollama), or use "
                              "AGENT_MODE=auto or direct")
         return self
+
+    def _check_num_byzantine(self) -> None:
+        """NUM_BYZANTINE must leave honest clients, and as many per round as the robust rule needs (Krum and
+        Multi-Krum: n >= 2f + 3, Bulyan: n >= 4f + 3, as aggregation/rules.py enforces each round)."""
+        f, clients = self.num_byzantine, self.clients_count
+        if f and f >= clients:
+            raise ValueError(f"NUM_BYZANTINE={f} must be below the number of clients ({clients}, from "
+                             f"{'NUM_CLIENTS' if self.num_clients else 'NUM_TRAINERS'}): some must be honest")
+        need = {"krum": 2 * f + 3, "multi_krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(self.aggregation_method)
+        per_round = max(math.ceil(self.fraction_fit * clients), min(self.min_fit_clients, clients))
+        if need is not None and per_round < need:
+            rule = "n >= 4f + 3" if self.aggregation_method == "bulyan" else "n >= 2f + 3"
+            sampled = f" with FRACTION_FIT={self.fraction_fit:g}" if per_round < clients else ""
+            raise ValueError(f"NUM_BYZANTINE={f} with AGGREGATION_METHOD={self.aggregation_method} needs at least "
+                             f"{need} clients per round ({rule}), but {clients} clients{sampled} give {per_round}: "
+                             "lower NUM_BYZANTINE, add clients, or choose another rule")
 
     @property
     def agent_llm_reachable(self) -> bool:
@@ -446,11 +482,15 @@ class FLCrewRedditConfig(BaseSettings):
             if isinstance(getattr(self, name), SecretStr) or name in SECRET_FIELDS:
                 public[name] = "set" if getattr(self, name) is not None else "not set"
             else:
-                public[name] = value
+                public[name] = _masked(value)  # the user:password part of any URL setting
         return public
 
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, _masked(value)
 
-SECRET_FIELDS = {"openai_api_key", "reddit_client_id", "reddit_client_secret"}
+
+SECRET_FIELDS = {"openai_api_key", "reddit_client_id", "reddit_client_secret", "reddit_mcp_token"}
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -466,7 +506,7 @@ def describe_validation_error(error: ValidationError) -> str:
             lines.append(f"{variable}={item.get('input')!r} is invalid: {message}")
         else:
             lines.append(message)
-    return "Invalid configuration: " + "; ".join(lines)
+    return mask_url_credentials("Invalid configuration: " + "; ".join(lines))
 
 
 def load_config(**overrides) -> FLCrewRedditConfig:
@@ -475,6 +515,111 @@ def load_config(**overrides) -> FLCrewRedditConfig:
         return FLCrewRedditConfig(**overrides)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
+    except (UnicodeDecodeError, OSError) as error:  # the .env file itself
+        env_file = Path(overrides.get("_env_file") or FLCrewRedditConfig.model_config["env_file"]).absolute()
+        raise ConfigError(_unreadable_env_file(env_file, error)) from error
+
+
+def _unreadable_env_file(path: Path, error: Exception) -> str:
+    if isinstance(error, OSError):
+        return f".env file {path} cannot be read: {error.strerror or error}"
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        line = data[:bad.start].count(b"\n") + 1
+        return (f".env file {path} is not UTF-8 text: byte 0x{data[bad.start]:02x} on line {line} cannot be read; "
+                "save the file as UTF-8")
+    except OSError:
+        pass
+    return f".env file {path} is not UTF-8 text ({error}); save the file as UTF-8"
+
+
+# --- secrets in URLs: one helper for every place a setting or a message could show one
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#\"'<>\\]+)@")
+
+
+def mask_url_credentials(text: str) -> str:
+    """`text` with the user:password part of every URL in it masked: http://***:***@host/... (a user alone:
+    http://***@host/...). Everything else is left as it is."""
+    if "@" not in text:
+        return text
+    return _URL_USERINFO.sub(
+        lambda match: match["scheme"] + ("***:***@" if ":" in match["userinfo"] else "***@"), text)
+
+
+def _masked(value):
+    """A setting's value (str, path, list, dict) with URL credentials masked in its strings."""
+    if isinstance(value, str):
+        return mask_url_credentials(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_masked(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    return value
+
+
+class MaskUrlCredentials(logging.Filter):
+    """A log handler's filter: masks URL credentials in each record's message and traceback (`mask_url_credentials`),
+    whatever logger the record comes from (our MCP client, CrewAI, LiteLLM, httpx)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+            masked = mask_url_credentials(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = mask_url_credentials(record.exc_text)
+            if record.stack_info:
+                record.stack_info = mask_url_credentials(record.stack_info)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is the handler's to report
+            pass
+        return True
+
+
+# --- checks of the commands that write, and where a failure at start is written in full
+def check_writable_folder(config: FLCrewRedditConfig) -> None:
+    """Raise ConfigError when FL_CREW_REDDIT_DIR (or the folder it would be created in) cannot be written."""
+    folder = Path(config.fl_crew_reddit_dir).expanduser().absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        where = "" if existing == folder else f" (it would be created in {existing})"
+        raise ConfigError(f"FL_CREW_REDDIT_DIR={config.fl_crew_reddit_dir} is not writable{where}: "
+                          f"{error.strerror or error}; choose a folder this user can write in") from None
+
+
+def error_log_file(config: FLCrewRedditConfig | None = None) -> Path | None:
+    """Where the full trace of a failure outside a run's own log goes: logs/errors.log under FL_CREW_REDDIT_DIR
+    (from `config`, else the environment or `.env`, else the working folder) when it can be written there, else
+    under the cache folder (`cache_root`); None when neither can be written."""
+    if config is not None:
+        base = Path(config.fl_crew_reddit_dir)
+    else:
+        base = Path(os.environ.get("FL_CREW_REDDIT_DIR") or _dotenv_value("FL_CREW_REDDIT_DIR") or Path.cwd())
+    for folder in (base.expanduser() / "logs", cache_root() / "logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError:
+            continue
+        return folder / "errors.log"
+    return None
+
+
+def _dotenv_value(name: str) -> str | None:
+    """One variable of `.env`, or None (no file, not readable, not UTF-8, not set)."""
+    try:
+        from dotenv import dotenv_values
+
+        values = dotenv_values(FLCrewRedditConfig.model_config["env_file"], encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return next((value for key, value in values.items() if key.upper() == name and value), None)
 
 
 # --- the environment outside FLCrewRedditConfig's fields; no other module of the package reads os.environ

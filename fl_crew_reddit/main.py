@@ -260,7 +260,13 @@ def serve_mcp_command(argv: list[str]) -> int:
     This is also the stdio server the collector starts (`data_source.server_command`), so the child reads its
     settings, secrets included, from the environment exactly as `run` does.
     """
-    from fl_crew_reddit.reddit.server import add_server_arguments, check_server_arguments, log_to_stderr, serve
+    from fl_crew_reddit.reddit.server import (
+        add_server_arguments,
+        check_server_arguments,
+        http_guard,
+        log_to_stderr,
+        serve,
+    )
 
     parser = add_server_arguments(argparse.ArgumentParser(
         prog="python -m fl_crew_reddit.main serve-mcp",
@@ -278,12 +284,13 @@ def serve_mcp_command(argv: list[str]) -> int:
         overrides["reddit_dump_dir"] = args.dump_dir
     try:
         config = load_config(**overrides)
+        guard = http_guard(parser, args, config.reddit_mcp_token)  # --allow-remote without a token: exit 2
         backend = make_source_backend(config)
     except (ConfigError, NotImplementedError, FileNotFoundError, ValueError) as error:
         print(f"serve-mcp: {error}", file=sys.stderr)
         return 2
     serve(backend, transport=args.transport, host=args.host, port=args.port,
-          open_world=config.reddit_backend == "live")
+          open_world=config.reddit_backend == "live", guard=guard)
     return 0
 
 

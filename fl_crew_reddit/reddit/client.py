@@ -6,9 +6,10 @@
 The asyncio loop of the MCP SDK runs in a background thread; every sync method submits a coroutine to it and waits
 at most `timeout_s` (connecting: `connect_timeout_s`). A stdio server that dies is started again, at most
 `max_restarts` times per client, and the call is retried (every tool is read-only, so a retry is safe); an HTTP
-session that breaks is reopened the same way. With a `tool_map` (see `tool_map.py`) the typed methods call a
-third-party server's tools and map its results into our schemas. A stdio server's stderr goes to a log file
-(`stderr_log`), never to the console.
+session that breaks is reopened the same way; with a `token` every HTTP request carries
+`Authorization: Bearer <token>` (the server's REDDIT_MCP_TOKEN). With a `tool_map` (see `tool_map.py`) the typed
+methods call a third-party server's tools and map its results into our schemas. A stdio server's stderr goes to a
+log file (`stderr_log`), never to the console.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import McpError
 from mcp.types import CONNECTION_CLOSED
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 from fl_crew_reddit.reddit.tool_map import ToolMap, ToolMapError, load_tool_map, map_result, translate_call
@@ -78,15 +79,20 @@ class RedditMCPClient:
     `command` is any MCP server command line (this package's: `fl_crew_reddit.data_source.server_command`). `env`
     is the child's whole environment, given by the caller so that settings and secrets travel by environment, never
     on the command line; None leaves it to the MCP SDK's safe default (PATH, HOME and the like, no secrets).
-    `tool_map` (a ToolMap, a preset name or a mapping file) adapts a third-party server.
+    `tool_map` (a ToolMap, a preset name or a mapping file) adapts a third-party server. `token` (str or SecretStr,
+    HTTP only) is sent as a bearer token and never logged.
     """
 
     def __init__(self, command: list[str] | None = None, env: Mapping[str, str] | None = None,
                  timeout_s: float = 60, *, url: str | None = None, connect_timeout_s: float | None = None,
                  max_restarts: int = 2, tool_map: ToolMap | str | Path | None = None,
-                 stderr_log: str | Path | None = None, cwd: str | Path | None = None):
+                 stderr_log: str | Path | None = None, cwd: str | Path | None = None,
+                 token: str | SecretStr | None = None):
         if command is not None and url is not None:
             raise ValueError("give a stdio command or an HTTP url, not both")
+        if token is not None and url is None:
+            raise ValueError("a bearer token is for an HTTP url, not a stdio command")
+        self._token = token if isinstance(token, SecretStr) or token is None else SecretStr(token)
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError(f"url {url!r} must start with http:// or https://")
         self.url = url
@@ -148,6 +154,9 @@ class RedditMCPClient:
                 reason = f"no answer to initialize within {self.connect_timeout_s:g} s"
             elif isinstance(cause, McpError) and cause.error.code in _SESSION_GONE_CODES:
                 reason = f"the server closed the connection before answering initialize: {cause.error.message}"
+            elif isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 401:
+                reason = ("401 Unauthorized: the server wants a bearer token; REDDIT_MCP_TOKEN is "
+                          + ("wrong" if self._token else "unset"))
             else:
                 reason = _describe(error)
             where = f"; server log {self.stderr_log}:\n{self._log_tail()}" if not self.url else ""
@@ -162,7 +171,8 @@ class RedditMCPClient:
     async def _transport(self) -> AsyncIterator[tuple[Any, Any]]:
         if self.url:
             timeout = httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
-            async with create_mcp_http_client(timeout=timeout) as http:
+            headers = {"Authorization": f"Bearer {self._token.get_secret_value()}"} if self._token else None
+            async with create_mcp_http_client(headers=headers, timeout=timeout) as http:
                 async with streamable_http_client(self.url, http_client=http) as (read, write, _session_id):
                     yield read, write
         else:
