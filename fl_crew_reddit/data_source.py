@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl_crew_reddit.config import FLCrewRedditConfig, process_environment
+from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig, process_environment
 from fl_crew_reddit.reddit.settings import LiveCredentials, RedditSourceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +47,40 @@ def make_source_backend(config: FLCrewRedditConfig) -> RedditBackend:
     from fl_crew_reddit.reddit.backends import make_backend
 
     return make_backend(reddit_source_settings(config))
+
+
+def check_subreddits(config: FLCrewRedditConfig, names: list[str] | None = None,
+                     variable: str = "SUBREDDITS") -> None:
+    """Raise ConfigError naming the subreddits the data source does not have, where it can list them at start
+    without connecting to anything or reading dump contents: the snapshot, or a dump of per-subreddit files.
+
+    `names` (named `variable` in the message) replaces SUBREDDITS and AGENT_COLLECT_ALLOWLIST. Not checked here:
+    a third-party MCP server (REDDIT_MCP_URL / REDDIT_MCP_COMMAND), Reddit's API (it cannot list subreddits),
+    monthly RS_/RC_ files (indexed on first use, which is the collection's work) and FEDERATION=flower (each site
+    has its own data); the collector reports an unknown name there.
+    """
+    if config.reddit_mcp_url or config.reddit_mcp_command or config.federation == "flower":
+        return
+    if config.reddit_backend not in ("snapshot", "dump"):
+        return
+    wanted = ({variable: names} if names is not None
+              else {"SUBREDDITS": config.subreddits, "AGENT_COLLECT_ALLOWLIST": config.agent_collect_allowlist})
+    if not any(wanted.values()):
+        return
+    backend = make_source_backend(config)
+    if config.reddit_backend == "dump":
+        from fl_crew_reddit.reddit.dump_files import find_monthly_files
+
+        if any(find_monthly_files(Path(config.reddit_dump_dir).expanduser())):
+            return
+    available = backend.list_subreddits()
+    known = {name.lower() for name in available}
+    for setting, values in wanted.items():
+        unknown = [name for name in values if name.removeprefix("r/").lower() not in known]
+        if unknown:
+            where = "the embedded snapshot" if config.reddit_backend == "snapshot" else str(config.reddit_dump_dir)
+            raise ConfigError(f"{setting}: no subreddit {', '.join(unknown)} in {where}; available: "
+                              f"{', '.join(available) or 'none'}")
 
 
 def server_command(backend: str | None = None, dump_dir: str | Path | None = None,

@@ -23,6 +23,9 @@ def _console_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(lambda record: verbose or record.name == "fl_crew_reddit.progress"
                       or record.levelno >= logging.WARNING)
+    from fl_crew_reddit.config import MaskUrlCredentials
+
+    handler.addFilter(MaskUrlCredentials())
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
@@ -37,6 +40,46 @@ def _console_logging(verbose: bool) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own bars cover the long work; model loading takes a second
+
+
+# The run's own log once a run has started: where `main` writes the trace of an error nothing else handled.
+_run_log: Path | None = None
+
+
+def _say(message) -> None:
+    """One line on stderr, URL credentials masked: what went wrong and what to do (traces go to a log file)."""
+    from fl_crew_reddit.config import mask_url_credentials
+
+    text = " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(mask_url_credentials(text), file=sys.stderr, flush=True)
+
+
+def _log_trace(error: BaseException, log_file: Path | None = None, config=None) -> Path | None:
+    """Append `error`'s full trace (URL credentials masked) to `log_file`, else to logs/errors.log
+    (`config.error_log_file`); return the file, or None if none could be written."""
+    import time
+    import traceback
+
+    from fl_crew_reddit.config import error_log_file, mask_url_credentials
+
+    target = log_file or error_log_file(config)
+    if target is None:
+        return None
+    trace = "".join(traceback.format_exception(error))
+    try:
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR python -m fl_crew_reddit.main "
+                      f"{mask_url_credentials(' '.join(sys.argv[1:]))}\n{mask_url_credentials(trace)}\n")
+    except OSError:
+        return None
+    return target
+
+
+def _stop(error: BaseException, code: int = 2, log_file: Path | None = None, config=None) -> int:
+    """A setting or input the user can fix: its one-line message on stderr, the trace in the log; exit `code`."""
+    _log_trace(error, log_file, config)
+    _say(error)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,14 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(rounds: int | None, verbose: bool, resume: str | None = None) -> int:
-    from fl_crew_reddit.config import ConfigError, load_config
+    from fl_crew_reddit.config import ConfigError, check_writable_folder, load_config
 
-    _console_logging(verbose)
-    try:
+    try:  # every setting is checked before anything heavy loads
         config = load_config()
+        check_writable_folder(config)
+        if resume is None:
+            from fl_crew_reddit.data_source import check_subreddits
+
+            check_subreddits(config)
     except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+        return _stop(error)
+    _console_logging(verbose)
     if rounds is not None and rounds < 1:
         print(f"--rounds={rounds} is invalid: use a whole number of at least 1", file=sys.stderr)
         return 2
@@ -123,6 +170,8 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
     except (NothingSaved, ValueError) as error:
         print(f"Cannot resume: {error}", file=sys.stderr)
         return 2
+    global _run_log
+    _run_log = config.fl_crew_reddit_dir.resolve() / "logs" / f"{run_id}.log"  # as RunPaths names it
     _stop_cleanly_on_ctrl_c(run_id)
     resume_hint = f"python -m fl_crew_reddit.main --resume {run_id}"
     try:
@@ -130,9 +179,8 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
             result = manager.resume(run_id, num_rounds=rounds)
         else:
             result = manager.run_federated_learning(num_rounds=rounds, run_id=run_id)
-    except BaseModelUnavailable as error:
-        print(error, file=sys.stderr)
-        return 2
+    except (BaseModelUnavailable, ConfigError) as error:  # e.g. LORA_TARGET_MODULES, checked on the loaded model
+        return _stop(error, log_file=_run_log)
     except (NothingSaved, HistoryFileError) as error:
         print(f"Cannot resume: {error}", file=sys.stderr)
         return 2
@@ -223,31 +271,38 @@ def _print_summary(history: RunHistory) -> None:
 
 
 def collect_command(subreddits: str | None, posts: int | None, queries: list[str] | None = None) -> int:
-    from fl_crew_reddit.config import ConfigError, load_config
+    from fl_crew_reddit.config import ConfigError, check_writable_folder, load_config
 
     _console_logging(False)
     queries = [q.strip() for q in queries or [] if q.strip()]
     if len(queries) > 5 or any(len(q) > 100 for q in queries):
         print("collect: at most 5 --query values of at most 100 characters each", file=sys.stderr)
         return 2
+    names = [s.strip().removeprefix("r/") for s in subreddits.split(",") if s.strip()] if subreddits else None
     try:
         config = load_config()
+        check_writable_folder(config)
+        from fl_crew_reddit.data_source import check_subreddits
+
+        if names:
+            check_subreddits(config, names, variable="--subreddits")
+        else:
+            check_subreddits(config)
     except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+        return _stop(error)
     from fl_crew_reddit.data_source import open_mcp_client
     from fl_crew_reddit.reddit.client import RedditMCPError
     from fl_crew_reddit.reddit.collector import collect
     from fl_crew_reddit.runs import RunPaths, new_run_id
 
     paths = RunPaths(config.fl_crew_reddit_dir.resolve(), new_run_id()).create()
-    names = [s.strip().removeprefix("r/") for s in subreddits.split(",") if s.strip()] if subreddits else None
     try:
         with open_mcp_client(config) as client:
             report = collect(client, names if names is not None else config.subreddits,
                              posts or config.posts_per_subreddit, paths.collected, queries=queries)
     except RedditMCPError as error:
-        print(f"Collection failed: {error}", file=sys.stderr)
+        _log_trace(error, config=config)
+        _say(f"Collection failed: {error}")
         return 1
     for item in report.subreddits:
         print(f"r/{item.subreddit}: {item.num_posts} posts, {item.num_comments} comments -> {item.path}")
@@ -349,8 +404,7 @@ def deployment_command(args) -> int:
     try:
         config = load_config()
     except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+        return _stop(error)
     return prepare_site_command(args.data_dir, config, names(args.subreddits or ""), args.posts, args.query)
 
 
@@ -400,6 +454,21 @@ COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report", 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error nothing else handled stops it with one line on stderr (URL credentials masked),
+    its full trace in the run's log or logs/errors.log: a traceback never reaches the console."""
+    try:
+        return _command(argv)
+    except Exception as error:  # noqa: BLE001 - the one place that turns any error into a line and a log entry
+        from fl_crew_reddit.config import ConfigError
+
+        if isinstance(error, ConfigError):
+            return _stop(error, log_file=_run_log)
+        where = _log_trace(error, _run_log)
+        _say(f"Stopped: {type(error).__name__}: {error}" + (f" (full trace in {where})" if where else ""))
+        return 1
+
+
+def _command(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # `run` is the default command: `main --rounds 3` means `main run --rounds 3`

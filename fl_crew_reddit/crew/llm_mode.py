@@ -20,7 +20,7 @@ from crewai.llm import SUPPORTED_NATIVE_PROVIDERS
 from crewai.llms.base_llm import BaseLLM
 from pydantic import BaseModel
 
-from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
+from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig, mask_url_credentials
 from fl_crew_reddit.crew.tools.aggregator_tools import ROBUST_RULES
 from fl_crew_reddit.crew.tools.base import WorkspaceTool
 from fl_crew_reddit.crew.tools.collector_tools import MAX_QUERIES, MAX_QUERY_CHARS, allowed_subreddits
@@ -53,9 +53,10 @@ def build_agent_llm(config: FLCrewRedditConfig, llm: BaseLLM | None = None) -> B
     try:
         return LLM(model=model, **options)
     except Exception as error:  # e.g. a provider whose SDK is not installed
+        reason = mask_url_credentials(str(error))  # AGENT_LLM_BASE_URL may carry user:password
         if config.agent_mode == "llm":
-            raise ConfigError(f"AGENT_LLM_MODEL={model!r} cannot be used: {error}") from None
-        log.warning("Agent LLM %s cannot be used (%s); the Flow calls the tools directly", model, error)
+            raise ConfigError(f"AGENT_LLM_MODEL={model!r} cannot be used: {reason}") from None
+        log.warning("Agent LLM %s cannot be used (%s); the Flow calls the tools directly", model, reason)
         return None
 
 
@@ -173,14 +174,15 @@ def run_step(crew, agent, tool_name: str, arguments: dict, round_number: int = 0
             each._llm_step = None
 
     def record(outcome: str, used: dict, reason: str | None = None) -> AgentStep:
-        step = AgentStep(round=round_number, role=agent.role, tool=tool_name, outcome=outcome, reason=reason,
-                         arguments=used)
+        step = AgentStep(round=round_number, role=agent.role, tool=tool_name, outcome=outcome,
+                         reason=mask_url_credentials(reason) if reason else None, arguments=used)
         crew.workspace.record_agent_step(step)
         return step
 
     if guard.result is not None:
         if agent_error:
-            log.warning("%s: %s after its tool call; the tool's result stands", agent.role, agent_error)
+            log.warning("%s: %s after its tool call; the tool's result stands", agent.role,
+                        mask_url_credentials(agent_error))
         step = record("llm", _shown(guard.arguments))
         return StepOutcome(guard.result, step, answer if not agent_error else None)
     if guard.error is not None:
@@ -192,7 +194,8 @@ def run_step(crew, agent, tool_name: str, arguments: dict, round_number: int = 0
         no_call = (f"its {tool_name} arguments failed the tool's schema" if task.tools_errors
                    else f"it made no call of {tool_name}{_answered(answer)}")
         reason = "; ".join(filter(None, [guard.refusals[-1] if guard.refusals else None, agent_error])) or no_call
-    log.warning("%s: LLM step failed (%s); falling back to the direct call", agent.role, reason)
+    log.warning("%s: LLM step failed (%s); falling back to the direct call", agent.role,
+                mask_url_credentials(reason))
     log.info("%s calls %s(%s)", agent.role, tool_name, arguments)
     step = record("fallback", arguments, reason)
     return StepOutcome(tool.invoke(**arguments), step)

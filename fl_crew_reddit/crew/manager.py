@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from fl_crew_reddit.config import FLCrewRedditConfig
+from fl_crew_reddit.config import FLCrewRedditConfig, MaskUrlCredentials
 from fl_crew_reddit.history import RunHistory
 from fl_crew_reddit.runs import RunPaths, new_run_id
 
@@ -119,6 +119,7 @@ class FLCrewRedditManager:
         handler = logging.FileHandler(path, encoding="utf-8")
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(MaskUrlCredentials())  # user:password of URL settings never reach the log
         package_logger = logging.getLogger("fl_crew_reddit")
         package_logger.setLevel(logging.INFO)
         package_logger.addHandler(handler)
