@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fl_crew_reddit.runs import RunPaths, check_run_id, write_json_atomic
+from fl_crew_reddit.runs import RunPaths, check_run_id, storage_errors, write_json_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -189,20 +189,40 @@ def local_paths(history: dict, paths: RunPaths, where: str) -> dict:
 
 
 # --- write ---------------------------------------------------------------------------------------------------------
-def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, torch.Tensor],
+def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, torch.Tensor] | None,
                server_optimizer: dict | None) -> Path:
     """Write `state` (history paths made relative) with its tensors to a staging folder, move it into place and flip
     the LATEST pointer: a kill at any moment leaves the previous complete state or the new one, never a mix.
     Keeps the newest two states."""
-    from safetensors.torch import save_file
-
     root = state_dir(paths)
     target = root / state.folder_name
     staging = root / f".{target.name}.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(staging / GLOBAL_WEIGHTS))
+    try:
+        with storage_errors(staging):
+            _save_tensors(paths, state, staging, global_adapter, server_optimizer)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half-written state took
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    tmp = root / f"{POINTER}.tmp"
+    tmp.write_text(target.name + "\n", encoding="utf-8")
+    os.replace(tmp, root / POINTER)
+    for old in sorted(_state_folders(root), key=lambda p: _order(p.name))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _save_tensors(paths: RunPaths, state: SavedState, staging: Path,
+                  global_adapter: Mapping[str, torch.Tensor] | None, server_optimizer: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    if global_adapter is not None:  # None before the model is loaded: a stage before round 1 starts from its init
+        save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(staging / GLOBAL_WEIGHTS))
     payload = state.model_copy(update={"history": portable_paths(state.history, paths), "saved_at": time.time()})
     if server_optimizer is not None:
         tensors = {f"{buffer}::{key}": t.contiguous() for buffer, keys in server_optimizer["buffers"].items()
@@ -213,15 +233,6 @@ def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, 
         payload.server_optimizer = {**meta, "buffer_names": list(server_optimizer["buffers"])}
     payload.files = {f.name: _sha256(f) for f in staging.glob("*.safetensors")}
     write_json_atomic(staging / STATE_FILE, payload.model_dump(mode="json"))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    tmp = root / f"{POINTER}.tmp"
-    tmp.write_text(target.name + "\n", encoding="utf-8")
-    os.replace(tmp, root / POINTER)
-    for old in sorted(_state_folders(root), key=lambda p: _order(p.name))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def _state_folders(root: Path) -> list[Path]:
@@ -316,12 +327,16 @@ def _load_folder(folder: Path, paths: RunPaths, reference: Mapping[str, torch.Te
     from safetensors.torch import load_file
 
     state = read_state(folder)
-    for name in (GLOBAL_WEIGHTS, *state.files):
+    before_training = state.stage in ("collecting", "collected", "preprocessed")
+    for name in ({*state.files} if before_training else {GLOBAL_WEIGHTS, *state.files}):
         file = folder / name
         if not file.is_file():
             raise StateError(f"{file} is missing")
         if name in state.files and _sha256(file) != state.files[name]:
             raise StateError(f"{file} does not match the sha256 in {folder / STATE_FILE}: the file is corrupt")
+    if before_training and GLOBAL_WEIGHTS not in state.files:  # saved before the model was loaded
+        return (state.model_copy(update={"history": local_paths(state.history, paths, str(folder / STATE_FILE))}),
+                {k: v.clone() for k, v in reference.items()}, None)
     try:
         global_adapter = load_file(str(folder / GLOBAL_WEIGHTS), device="cpu")
         buffers_file = folder / SERVER_OPTIMIZER_WEIGHTS

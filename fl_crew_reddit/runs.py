@@ -14,6 +14,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,13 +81,30 @@ class RunPaths:
         return self
 
 
+@contextmanager
+def storage_errors(folder: Path) -> Iterator[None]:
+    """safetensors reports a full or read-only disk as its own error: turn it back into the OSError it was (errno,
+    folder), so the run stops with one message naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(folder)) from error
+
+
 def save_adapter(peft_model, state: dict[str, torch.Tensor], folder: Path) -> Path:
     """Write `state` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(peft_model, state)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(folder, safe_serialization=True)
+    with storage_errors(folder):
+        peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -101,7 +120,8 @@ def save_client_update(peft_model, global_adapter: dict[str, torch.Tensor], sent
     if partial:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in sent.items()}, str(Path(folder) / UPDATE_WEIGHTS))
+        with storage_errors(folder):
+            save_file({k: v.contiguous() for k, v in sent.items()}, str(Path(folder) / UPDATE_WEIGHTS))
     return folder
 
 

@@ -25,7 +25,7 @@ def test_resume_without_saved_state_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FL_CREW_REDDIT_DIR", str(tmp_path))
     assert main(["--resume"]) == 2
-    assert "run with saved state" in capsys.readouterr().err
+    assert "no unfinished run with saved state" in capsys.readouterr().err
 
 
 def test_summary_table_lists_base_rounds_and_baselines(capsys):
