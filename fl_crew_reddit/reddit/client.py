@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -93,6 +95,9 @@ class RedditMCPClient:
         if token is not None and url is None:
             raise ValueError("a bearer token is for an HTTP url, not a stdio command")
         self._token = token if isinstance(token, SecretStr) or token is None else SecretStr(token)
+        if self._token is not None and url.startswith("http://") and not _is_loopback_url(url):
+            logger.warning("the bearer token goes to %s over plain HTTP: anyone on the way can read it (use https)",
+                           url)
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError(f"url {url!r} must start with http:// or https://")
         self.url = url
@@ -408,6 +413,16 @@ class RedditMCPClient:
 
     def collect_subreddit_info(self, subreddit: str) -> SubredditInfo:
         return self._call_model(RedditTool.COLLECT_SUBREDDIT_INFO, SubredditInfo, {"subreddit": subreddit})
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _unwrap(error: BaseException) -> BaseException:

@@ -34,6 +34,7 @@ import re
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -334,8 +335,9 @@ class GuardedMCPApp:
                 self.manager._session_owners.pop(session_id, None)
         return len(self._table)
 
-    def _hold(self, session_id: str) -> None:
-        self._busy[session_id] += 1
+    def _hold(self, session_id: str, count: int = 1) -> None:
+        """A request of `session_id` runs: no idle deadline until it ends (`_release`)."""
+        self._busy[session_id] += count
         transport = self._table.get(session_id)
         if transport is not None and transport.idle_scope is not None:
             transport.idle_scope.deadline = math.inf
@@ -388,7 +390,7 @@ class GuardedMCPApp:
         return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole body, or None when it is larger than the limit (or the client went away)."""
+        """The whole body, or None when it is larger than the limit; _ClientGone when the client went away."""
         limit = self.guard.max_request_bytes
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -397,7 +399,7 @@ class GuardedMCPApp:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return None
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -425,23 +427,25 @@ class GuardedMCPApp:
             return
         body = b""
         if method == "POST":
-            body = await self._read_body(scope, receive)
+            try:
+                body = await self._read_body(scope, receive)
+            except _ClientGone:
+                return
             if body is None:
                 self._refuse("size", f"body over {self.guard.max_request_bytes} bytes")
                 await _error(413, f"Content Too Large: a request body may have at most "
                                   f"{self.guard.max_request_bytes} bytes (--max-request-bytes)")(scope, receive, send)
                 return
-        replay = _replay(body, receive)
         session_id = headers.get(MCP_SESSION_ID_HEADER)
         if session_id is None:
-            await self._new_session(scope, replay, send, method, body)
+            await self._new_session(scope, _replay(body, receive), send, method, body)
             return
         if method == "GET":  # the long-lived event stream: not a use that keeps the session open
-            await self.app(scope, replay, send)
+            await self.app(scope, _replay(body, receive), send)
             return
         self._hold(session_id)
-        try:
-            await self.app(scope, replay, send)
+        try:  # the SDK sets the idle deadline when the request comes in; held again once it reads the body
+            await self.app(scope, _replay(body, receive, on_read=lambda: self._hold(session_id, 0)), send)
         finally:
             self._release(session_id)
 
@@ -472,12 +476,21 @@ class GuardedMCPApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives the already-read body once, then waits on the real one (for the disconnect)."""
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def _replay(body: bytes, receive: Receive, on_read: Callable[[], None] | None = None) -> Receive:
+    """A `receive` that gives the already-read body once (calling `on_read`), then waits on the real one (for the
+    disconnect)."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replayed() -> Message:
-        return pending.pop() if pending else await receive()
+        if not pending:
+            return await receive()
+        if on_read is not None:
+            on_read()
+        return pending.pop()
     return replayed
 
 
@@ -522,11 +535,10 @@ def serve(backend: RedditBackend, *, transport: str = "stdio", host: str = DEFAU
         logger.warning("!!! SERVING ON A NON-LOOPBACK ADDRESS (%s)%s: anyone who can reach it and has the token can "
                        "read this server's Reddit data; the token travels in clear unless TLS is in front. !!!",
                        host, "" if guard.token else " WITHOUT A TOKEN")
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logger.info("serving %d subreddits from %r over %s", len(backend.list_subreddits()), backend, where)
     logger.info("HTTP guard: %s", guard.describe())
     config = uvicorn.Config(guarded_http_app(server, guard), host=host.strip("[]"), port=port,
-                            log_level=logging.getLevelName(logger.getEffectiveLevel()).lower(),
+                            log_config=None, log_level=logger.getEffectiveLevel(), access_log=False,
                             limit_concurrency=4 * guard.max_sessions + 16, server_header=False)
     uvicorn.Server(config).run()
 
