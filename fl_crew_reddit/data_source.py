@@ -124,7 +124,8 @@ def open_mcp_client(config: FLCrewRedditConfig, timeout_s: float | None = None, 
     kwargs.setdefault("tool_map", config.reddit_mcp_tool_map)
     timeout_s = config.reddit_mcp_timeout_s if timeout_s is None else timeout_s
     if config.reddit_mcp_url:
-        return RedditMCPClient(url=config.reddit_mcp_url, timeout_s=timeout_s, **kwargs)
+        return RedditMCPClient(url=config.reddit_mcp_url, timeout_s=timeout_s, token=config.reddit_mcp_token,
+                               **kwargs)
     if config.reddit_mcp_command:  # a third-party server sees this process's environment, not our secrets
         return RedditMCPClient(shlex.split(config.reddit_mcp_command), process_environment(), timeout_s, **kwargs)
     dump_dir = config.reddit_dump_dir if config.reddit_backend == "dump" else None

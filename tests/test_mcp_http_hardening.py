@@ -21,6 +21,7 @@ import pytest
 from mcp_servers import ROOT, free_port, snapshot_env
 
 from fl_crew_reddit.config import load_config
+from fl_crew_reddit.data_source import open_mcp_client
 from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
 
 TOKEN = "tok-3f9a61c2-never-in-any-log"
@@ -208,7 +209,7 @@ def test_a_token_is_required_checked_and_sent_by_the_client(tmp_path, monkeypatc
         monkeypatch.setenv("REDDIT_MCP_TOKEN", TOKEN)
         config = load_config(reddit_mcp_url=server.url, fl_crew_reddit_dir=tmp_path)
         assert config.public_settings()["reddit_mcp_token"] == "set" and TOKEN not in repr(config)
-        with RedditMCPClient(url=config.reddit_mcp_url, token=config.reddit_mcp_token, timeout_s=30) as client:
+        with open_mcp_client(config) as client:  # the collector's own way in: REDDIT_MCP_URL + REDDIT_MCP_TOKEN
             assert client.collect_subreddit_info("cooking").num_posts == 32
         text = server.log.read_text()
     assert TOKEN not in text and "bearer token required" in text
