@@ -296,10 +296,10 @@ class FLCrewRedditConfig(BaseSettings):
         """An existing folder, or a path whose nearest existing part is a folder (it is created at the run's start);
         whether it can be written is checked by the commands that write (`check_writable_folder`)."""
         if value.exists() and not value.is_dir():
-            raise ValueError("is not a folder (it is a file): name the folder for data/, models/, results/, logs/")
+            raise ValueError("not a folder (it is a file): name a folder for data/, models/, results/, logs/")
         existing = next((parent for parent in value.parents if parent.exists()), None)
         if existing is not None and not existing.is_dir():
-            raise ValueError(f"is not a folder: {existing} is a file")
+            raise ValueError(f"not a folder: {existing} is a file")
         return value
 
     @field_validator("quantization_bits")

@@ -456,6 +456,8 @@ COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report", 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; an error nothing else handled stops it with one line on stderr (URL credentials masked),
     its full trace in the run's log or logs/errors.log: a traceback never reaches the console."""
+    global _run_log
+    _run_log = None  # set by run_command once the run has an id
     try:
         return _command(argv)
     except Exception as error:  # noqa: BLE001 - the one place that turns any error into a line and a log entry
