@@ -5,7 +5,6 @@ the run at start with one message naming the variable and what is allowed (see `
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -18,6 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fl_crew_reddit.hub import DEFAULT_ENDPOINT, HubAccess
+from fl_crew_reddit.redact import MaskUrlCredentials, mask_url_credentials  # noqa: F401  (re-exported)
 from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
@@ -535,19 +535,6 @@ def _unreadable_env_file(path: Path, error: Exception) -> str:
     return f".env file {path} is not UTF-8 text ({error}); save the file as UTF-8"
 
 
-# --- secrets in URLs: one helper for every place a setting or a message could show one
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#\"'<>\\]+)@")
-
-
-def mask_url_credentials(text: str) -> str:
-    """`text` with the user:password part of every URL in it masked: http://***:***@host/... (a user alone:
-    http://***@host/...). Everything else is left as it is."""
-    if "@" not in text:
-        return text
-    return _URL_USERINFO.sub(
-        lambda match: match["scheme"] + ("***:***@" if ":" in match["userinfo"] else "***@"), text)
-
-
 def _masked(value):
     """A setting's value (str, path, list, dict) with URL credentials masked in its strings."""
     if isinstance(value, str):
@@ -557,27 +544,6 @@ def _masked(value):
     if isinstance(value, dict):
         return {key: _masked(item) for key, item in value.items()}
     return value
-
-
-class MaskUrlCredentials(logging.Filter):
-    """A log handler's filter: masks URL credentials in each record's message and traceback (`mask_url_credentials`),
-    whatever logger the record comes from (our MCP client, CrewAI, LiteLLM, httpx)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-            masked = mask_url_credentials(message)
-            if masked != message:
-                record.msg, record.args = masked, None
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text:
-                record.exc_text = mask_url_credentials(record.exc_text)
-            if record.stack_info:
-                record.stack_info = mask_url_credentials(record.stack_info)
-        except Exception:  # noqa: BLE001 - a record that cannot be formatted is the handler's to report
-            pass
-        return True
 
 
 # --- checks of the commands that write, and where a failure at start is written in full

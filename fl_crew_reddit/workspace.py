@@ -446,7 +446,9 @@ class FederatedWorkspace:
                                 **timeouts).connect()
 
     def record_client_failure(self, client: str, reason: str) -> None:
-        self._current_round().skipped[client] = [reason]
+        from fl_crew_reddit.redact import mask_url_credentials
+
+        self._current_round().skipped[client] = [mask_url_credentials(reason)]  # history keeps no URL secret
 
     # --- Aggregator --------------------------------------------------------------------------------------------
     def aggregate(self, round_number: int, method: str | None = None) -> RoundAggregate:

@@ -325,3 +325,15 @@ def test_agent_failure_reasons_in_the_history_are_masked(caplog):
     assert outcome.step.outcome == "fallback"
     assert "https://***:***@llm.example" in outcome.step.reason
     assert SECRET not in repr(workspace.steps)
+
+
+def test_the_mcp_client_never_shows_the_password_of_its_url(caplog):
+    """Masked at the source too, for a library user's own log handlers (no MaskUrlCredentials filter there)."""
+    from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(RedditMCPError) as raised:
+        RedditMCPClient(url="http://alice:hunter2pw@127.0.0.1:9/mcp", timeout_s=5, connect_timeout_s=3,
+                        max_restarts=0)
+    assert "hunter2pw" not in str(raised.value) and "http://***:***@127.0.0.1:9/mcp" in str(raised.value)
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("fl_crew_reddit")]
+    assert not any("hunter2pw" in message for message in ours)

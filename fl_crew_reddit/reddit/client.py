@@ -40,6 +40,7 @@ from mcp.shared.exceptions import McpError
 from mcp.types import CONNECTION_CLOSED
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from fl_crew_reddit.redact import mask_url_credentials
 from fl_crew_reddit.reddit.schemas import PostComments, SearchResults, SubredditInfo, SubredditPosts, UserData
 from fl_crew_reddit.reddit.tool_map import ToolMap, ToolMapError, load_tool_map, map_result, translate_call
 from fl_crew_reddit.reddit.tool_names import RedditTool
@@ -130,7 +131,7 @@ class RedditMCPClient:
     @property
     def target(self) -> str:
         """What this client talks to, for messages (the URL, or the command line)."""
-        return self.url or " ".join(self.command)
+        return mask_url_credentials(self.url) if self.url else " ".join(self.command)
 
     def _start(self) -> None:
         self._errlog = open(self.stderr_log, "a", encoding="utf-8")
@@ -143,7 +144,7 @@ class RedditMCPClient:
             self.close()
             raise
         logger.info("MCP session open with %s at %s", self.server_info.serverInfo.name,
-                    self.url or f"stdio (log: {self.stderr_log})")
+                    self.target if self.url else f"stdio (log: {self.stderr_log})")
 
     def _connect(self) -> None:
         """Open a transport and a session; RedditMCPError says why when it cannot within `connect_timeout_s`."""
