@@ -19,14 +19,17 @@ if TYPE_CHECKING:  # heavy imports stay lazy: serve-mcp and --help start fast
 
 
 def _console_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "fl_crew_reddit_console", False)]:
+        root.removeHandler(old)  # an earlier command in this process (its stdout may be gone)
     handler = logging.StreamHandler(sys.stdout)
+    handler.fl_crew_reddit_console = True
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(lambda record: verbose or record.name == "fl_crew_reddit.progress"
                       or record.levelno >= logging.WARNING)
     from fl_crew_reddit.config import MaskUrlCredentials
 
     handler.addFilter(MaskUrlCredentials())
-    root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("fl_crew_reddit").setLevel(logging.INFO)
@@ -195,9 +198,9 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
         if error.errno not in STORAGE_ERRORS:
             raise
         where = Path(error.filename).parent if error.filename else config.fl_crew_reddit_dir
-        logging.getLogger("fl_crew_reddit").exception("Run %s stopped: cannot write", run_id)
-        print(f"Run stopped: cannot write to {where}: {error.strerror}. The last saved state is intact: free space "
-              f"or fix the folder's permissions, then continue with: {resume_hint}", file=sys.stderr)
+        _log_trace(error, _run_log)
+        _say(f"Run stopped: cannot write to {where}: {error.strerror}. The last saved state is intact: free space or "
+             f"fix the folder's permissions, then continue with: {resume_hint}")
         return 1
     _write_report(result.history_path)
     _print_summary(result.history)
