@@ -9,6 +9,7 @@ import torch
 
 from fl_crew_reddit.evaluation.evaluator import held_out_nll
 from fl_crew_reddit.site.data import SiteData
+from fl_crew_reddit.site.outgoing import outgoing_update
 from fl_crew_reddit.training.trainer import LocalTrainer
 
 AdapterState = dict[str, torch.Tensor]
@@ -47,11 +48,14 @@ class Site:
                    mixed_precision=mixed_precision, show_progress=show_progress)
 
     def fit(self, global_adapter: AdapterState, fit_config: dict) -> SiteFitResult:
-        """Local training from the global adapter (LocalTrainer), as the fit config says."""
+        """Local training from the global adapter (LocalTrainer), as the fit config says, then what the site does to
+        the update before it leaves (`outgoing_update`)."""
         trainer = LocalTrainer(self.name, self.model, self.tokenizer, self.data.rows("train"), self.device,
                                mixed_precision=self.mixed_precision, show_progress=self.show_progress)
         result = trainer.fit(global_adapter, fit_config)
-        return SiteFitResult(state=result.state, num_examples=result.num_examples, metrics=dict(result.metrics))
+        state, sent_metrics = outgoing_update(self.name, global_adapter, result.state, fit_config)
+        return SiteFitResult(state=state, num_examples=result.num_examples,
+                             metrics={**result.metrics, **sent_metrics})
 
     def evaluate(self, global_adapter: AdapterState | None, splits: tuple[str, ...] = ("test",)) -> dict[str, EvalSums]:
         """Summed reply-token NLL and token count of each split, with `global_adapter` loaded (None: the model as it

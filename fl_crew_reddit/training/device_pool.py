@@ -132,6 +132,7 @@ def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dic
 
     from fl_crew_reddit.preprocessing.pipeline import read_jsonl
     from fl_crew_reddit.runs import save_client_update, update_file
+    from fl_crew_reddit.site.outgoing import outgoing_update
     from fl_crew_reddit.training.batching import tokenize_all
     from fl_crew_reddit.training.trainer import LocalTrainer
 
@@ -142,7 +143,9 @@ def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dic
     trainer = LocalTrainer(job.client, model, tokenizer, rows_by_path[job.train_path], device,
                            mixed_precision=config.mixed_precision, show_progress=False)
     result = trainer.fit(global_adapter, job.fit_config)
-    folder = save_client_update(model, global_adapter, result.state, Path(job.output_dir))
+    state, sent_metrics = outgoing_update(job.client, global_adapter, result.state, job.fit_config)
+    result.metrics.update(sent_metrics)
+    folder = save_client_update(model, global_adapter, state, Path(job.output_dir))
     result.metrics["update_bytes"] = update_file(folder).stat().st_size
     return TrainingOutcome(client=job.client, round=job.round, adapter_path=str(folder),
                            num_examples=result.num_examples, metrics=result.metrics, device=str(device))
