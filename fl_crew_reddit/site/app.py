@@ -47,13 +47,29 @@ class Site:
         return cls(name, SiteData(folder, tokenizer, max_seq_length), model, tokenizer, device,
                    mixed_precision=mixed_precision, show_progress=show_progress)
 
-    def fit(self, global_adapter: AdapterState, fit_config: dict) -> SiteFitResult:
-        """Local training from the global adapter (LocalTrainer), as the fit config says, then what the site does to
-        the update before it leaves (`outgoing_update`)."""
-        trainer = LocalTrainer(self.name, self.model, self.tokenizer, self.data.rows("train"), self.device,
+    def fit(self, global_adapter: AdapterState, fit_config: dict,
+            error_feedback: dict[str, torch.Tensor] | None = None) -> SiteFitResult:
+        """Local training from the global adapter (LocalTrainer), as the fit config says, on the site's train rows
+        (poisoned first when the fit config makes it a simulated data attacker), then what the site does to the
+        update before it leaves (`outgoing_update`)."""
+        trainer = LocalTrainer(self.name, self.model, self.tokenizer,
+                               self.data.train_rows(self.name, fit_config), self.device,
                                mixed_precision=self.mixed_precision, show_progress=self.show_progress)
         result = trainer.fit(global_adapter, fit_config)
-        state, sent_metrics = outgoing_update(self.name, global_adapter, result.state, fit_config)
+        # UPDATE_COMPRESSION=topk: the residual the caller keeps (in-process: the workspace's), or else, on a site
+        # with its own folder (Flower), the one kept there (site/feedback.py)
+        in_folder = error_feedback is None and self.data.folder is not None and \
+            fit_config.get("update_compression") == "topk"
+        if in_folder:
+            from fl_crew_reddit.site.feedback import load_site_feedback
+
+            error_feedback = load_site_feedback(self.data.folder, int(fit_config.get("round", 0)))
+        state, sent_metrics = outgoing_update(self.name, global_adapter, result.state, fit_config,
+                                              error_feedback=error_feedback)
+        if in_folder:
+            from fl_crew_reddit.site.feedback import save_site_feedback
+
+            save_site_feedback(self.data.folder, int(fit_config.get("round", 0)), error_feedback)
         return SiteFitResult(state=state, num_examples=result.num_examples,
                              metrics={**result.metrics, **sent_metrics})
 

@@ -2,9 +2,11 @@
 (data/training/<run>/<client>/{train,validation,test}.jsonl), tokenized on first use."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from fl_crew_reddit.preprocessing.pipeline import read_jsonl
+from fl_crew_reddit.site.attacks import data_attack_key, poison_examples
 from fl_crew_reddit.training.batching import tokenize_all
 
 SPLITS = ("train", "validation", "test")
@@ -24,6 +26,7 @@ class SiteData:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self._rows: dict[str, list[dict]] = dict(rows or {})
+        self._poisoned: dict[str, list[dict]] = {}  # a simulated data attacker's train rows (ATTACK), by attack
         unknown = set(files or {}) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown splits {sorted(unknown)}; splits are {', '.join(SPLITS)}")
@@ -49,3 +52,18 @@ class SiteData:
             self._rows[split] = (tokenize_all(self.tokenizer, read_jsonl(path), self.max_seq_length)
                                  if present else [])
         return self._rows[split]
+
+    def train_rows(self, client: str, fit_config: Mapping) -> list[dict]:
+        """The rows `client` trains on this round: its train split, or, when the fit config makes it a data
+        attacker (ATTACK=label_flip / backdoor, `site.attacks`), its train examples poisoned before tokenizing."""
+        key = data_attack_key(client, fit_config)
+        if key is None:
+            return self.rows("train")
+        if key not in self._poisoned:
+            path = self.path("train")
+            if path is None:
+                raise ValueError(f"{client} has no train file to poison (ATTACK needs the examples, not only rows)")
+            examples = read_jsonl(path) if (path.is_file() or "train" in self._files) else []
+            self._poisoned = {key: tokenize_all(self.tokenizer, poison_examples(client, examples, fit_config),
+                                                self.max_seq_length)}
+        return self._poisoned[key]

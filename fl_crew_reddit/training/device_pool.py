@@ -77,6 +77,7 @@ class TrainingJob:
     global_adapter_path: str  # the round's starting global adapter, safetensors
     output_dir: str  # where the client's adapter folder goes
     fit_config: dict
+    error_feedback: bytes = b""  # UPDATE_COMPRESSION=topk: the client's residual (safetensors bytes; b"": none yet)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class TrainingOutcome:
     num_examples: int
     metrics: dict
     device: str
+    error_feedback: bytes = b""  # UPDATE_COMPRESSION=topk: the client's new residual, for the workspace to keep
 
 
 # --- the worker process -------------------------------------------------------------------------------------------
@@ -128,27 +130,39 @@ def _worker_main(config, device_name: str, connection, num_threads: int) -> None
 
 def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dict) -> TrainingOutcome:
     """What the workspace's in-process `train_client` does, on this worker's model: fit, then save the update."""
+    from safetensors.torch import load as load_tensors
     from safetensors.torch import load_file
+    from safetensors.torch import save as save_tensors
 
     from fl_crew_reddit.preprocessing.pipeline import read_jsonl
     from fl_crew_reddit.runs import save_client_update, update_file
+    from fl_crew_reddit.site.attacks import data_attack_key, poison_examples
     from fl_crew_reddit.site.outgoing import outgoing_update
     from fl_crew_reddit.training.batching import tokenize_all
     from fl_crew_reddit.training.trainer import LocalTrainer
 
-    if job.train_path not in rows_by_path:
-        rows_by_path[job.train_path] = tokenize_all(tokenizer, read_jsonl(Path(job.train_path)),
-                                                    config.max_seq_length)
+    # a simulated data attacker (ATTACK) trains on its poisoned examples; they are cached under their own key
+    attack_key = data_attack_key(job.client, job.fit_config)
+    rows_key = job.train_path if attack_key is None else f"{job.train_path}|{attack_key}"
+    if rows_key not in rows_by_path:
+        examples = read_jsonl(Path(job.train_path))
+        if attack_key is not None:
+            examples = poison_examples(job.client, examples, job.fit_config)
+        rows_by_path[rows_key] = tokenize_all(tokenizer, examples, config.max_seq_length)
     global_adapter = load_file(job.global_adapter_path, device="cpu")
-    trainer = LocalTrainer(job.client, model, tokenizer, rows_by_path[job.train_path], device,
+    trainer = LocalTrainer(job.client, model, tokenizer, rows_by_path[rows_key], device,
                            mixed_precision=config.mixed_precision, show_progress=False)
     result = trainer.fit(global_adapter, job.fit_config)
-    state, sent_metrics = outgoing_update(job.client, global_adapter, result.state, job.fit_config)
+    # top-k error feedback: the residual the workspace keeps for this client comes and goes as safetensors bytes
+    feedback = load_tensors(job.error_feedback) if job.error_feedback else {}
+    state, sent_metrics = outgoing_update(job.client, global_adapter, result.state, job.fit_config,
+                                          error_feedback=feedback)
     result.metrics.update(sent_metrics)
     folder = save_client_update(model, global_adapter, state, Path(job.output_dir))
     result.metrics["update_bytes"] = update_file(folder).stat().st_size
     return TrainingOutcome(client=job.client, round=job.round, adapter_path=str(folder),
-                           num_examples=result.num_examples, metrics=result.metrics, device=str(device))
+                           num_examples=result.num_examples, metrics=result.metrics, device=str(device),
+                           error_feedback=save_tensors(feedback) if feedback else b"")
 
 
 # --- the parent's side --------------------------------------------------------------------------------------------
