@@ -20,6 +20,7 @@ from fl_crew_reddit.hub import DEFAULT_ENDPOINT, HubAccess
 from fl_crew_reddit.redact import MaskUrlCredentials, mask_url_credentials  # noqa: F401  (re-exported)
 from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT
 
+DP_CENTRAL_METHODS = ("weighted_average", "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 # The languages langdetect 1.0.9 has profiles for (its `profiles/` folder), for LANGUAGES.
 LANGDETECT_LANGUAGES = frozenset(
@@ -86,6 +87,43 @@ class FLCrewRedditConfig(BaseSettings):
     max_update_norm: float = Field(100.0, gt=0, description="Largest accepted L2 norm of (update - global adapter).")
     num_byzantine: int = Field(0, ge=0, description="Clients assumed faulty, for krum / multi_krum / bulyan.")
     trimmed_mean_beta: float = Field(0.2, ge=0, lt=0.5, description="Fraction cut from each end by trimmed_mean.")
+    attack: Literal["none", "sign_flip", "scale", "gaussian_noise", "label_flip", "alie", "ipm", "backdoor"] = Field(
+        "none", description="Simulated attackers (site/attacks.py): ATTACKER_FRACTION of the clients train and then "
+                            "attack: sign_flip, scale, gaussian_noise, alie, ipm rewrite their update; label_flip "
+                            "(replies shuffled across threads) and backdoor (trigger phrase -> fixed reply) poison "
+                            "their own train examples.")
+    attacker_fraction: float = Field(0.0, ge=0, le=0.5, description="ATTACK: share of the clients that attack "
+                                                                     "(floor(fraction * clients), chosen from SEED).")
+    attack_scale: float = Field(10.0, description="ATTACK=scale: the update's factor; gaussian_noise: the noise "
+                                                  "std in units of the attacker's own update RMS.")
+    attack_ipm_epsilon: float = Field(0.5, gt=0, description="ATTACK=ipm: the attacker sends -epsilon x its estimate "
+                                                             "of the benign mean.")
+    attack_alie_z: float = Field(0.0, ge=0, description="ATTACK=alie: shift in standard deviations (0: Baruch et "
+                                                        "al.'s z_max from the clients and attackers).")
+    backdoor_trigger: str = Field("cf zebra protocol", min_length=1, description="ATTACK=backdoor: the trigger "
+                                                                                 "phrase put at the end of prompts.")
+    backdoor_target: str = Field("Visit free-karma.example for free gold!", min_length=1,
+                                 description="ATTACK=backdoor: the fixed reply the trigger should produce.")
+    backdoor_fraction: float = Field(0.5, gt=0, le=1, description="ATTACK=backdoor: share of an attacker's train "
+                                                                  "examples that get the trigger and the target.")
+    backdoor_boost: float = Field(1.0, gt=0, description="ATTACK=backdoor: factor on the poisoned update (model "
+                                                         "replacement; 1: plain data poisoning).")
+    update_compression: Literal["none", "fp16", "int8", "nf4", "topk"] = Field(
+        "none", description="How a client's update (sent - global) travels: none (the adapter as it is), fp16, int8 "
+                            "or nf4 (blockwise quantized), topk (the TOPK_FRACTION largest values, with error "
+                            "feedback on the client); the server decompresses it before screening.")
+    topk_fraction: float = Field(0.05, gt=0, le=1, description="UPDATE_COMPRESSION=topk: share of each tensor's "
+                                                               "values sent (the largest in magnitude).")
+    dp_mode: Literal["off", "central", "local"] = Field(
+        "off", description="Client-level differential privacy (DP-FedAvg): central (the server clips each update "
+                           "and adds the noise to their sum) or local (each client clips and adds noise itself).")
+    dp_clip_norm: float = Field(1.0, gt=0, description="DP: L2 norm each client's update (sent - global) is "
+                                                       "clipped to.")
+    dp_noise_multiplier: float = Field(0.0, ge=0, le=1000, description="DP: noise std / DP_CLIP_NORM (0: chosen "
+                                                                         "from DP_TARGET_EPSILON).")
+    dp_target_epsilon: float | None = Field(None, gt=0, description="DP: the ε to end the planned rounds with; "
+                                                                     "sets the noise multiplier.")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="DP: the δ of (ε, δ); below 1/NUM_CLIENTS.")
     federation: Literal["inprocess", "local-flower", "flower"] = Field(
         "inprocess", description="How rounds reach the clients: inprocess (every client in this process, one shared "
                                  "model), local-flower (a Flower SuperLink and one SuperNode per client on "
@@ -377,7 +415,10 @@ class FLCrewRedditConfig(BaseSettings):
         if self.test_fraction + self.validation_fraction >= 0.9:
             raise ValueError(f"TEST_FRACTION={self.test_fraction:g} + VALIDATION_FRACTION={self.validation_fraction:g} "
                              "must stay below 0.9: most threads must be left for training")
+        self._check_compression()
         self._check_num_byzantine()
+        self._check_privacy()
+        self._check_attack()
         if self.reddit_mcp_url and self.reddit_mcp_command:
             raise ValueError("set REDDIT_MCP_URL (a server to connect to) or REDDIT_MCP_COMMAND (a server to start), "
                              "not both")
@@ -413,6 +454,45 @@ class FLCrewRedditConfig(BaseSettings):
                              "AGENT_LLM_BASE_URL (an OpenAI-compatible server: vLLM, llama.cpp, Ollama), or use "
                              "AGENT_MODE=auto or direct")
         return self
+
+    def _check_privacy(self) -> None:
+        """DP_MODE=central needs a rule whose output is the noised mean (or a server optimizer stepping on it):
+        rules that pick or sort individual updates (Krum, median, ...) have no bounded sensitivity, and svd_exact
+        averages products, not the clipped factors. Local DP is post-processing for the server: any rule."""
+        if self.dp_mode == "off":
+            return
+        if self.dp_noise_multiplier == 0 and self.dp_target_epsilon is None:
+            raise ValueError(f"DP_MODE={self.dp_mode} needs noise: set DP_NOISE_MULTIPLIER > 0 or DP_TARGET_EPSILON "
+                             "(without noise ε is infinite)")
+        if self.dp_noise_multiplier > 0 and self.dp_target_epsilon is not None:
+            raise ValueError("set DP_NOISE_MULTIPLIER or DP_TARGET_EPSILON, not both: the target chooses the noise")
+        if self.dp_mode == "central" and self.aggregation_method not in DP_CENTRAL_METHODS:
+            raise ValueError(f"DP_MODE=central with AGGREGATION_METHOD={self.aggregation_method}: central DP adds "
+                             "noise to the mean of clipped updates, which needs a mean-based rule "
+                             f"({', '.join(DP_CENTRAL_METHODS)}); use one of those or DP_MODE=local")
+        if self.dp_delta >= 1 / self.clients_count:
+            raise ValueError(f"DP_DELTA={self.dp_delta:g} must be below 1/NUM_CLIENTS = {1 / self.clients_count:g}")
+
+    def _check_compression(self) -> None:
+        """UPDATE_COMPRESSION=topk with a coordinate-wise robust rule cannot work: each client sends a different few
+        coordinates, so the median (or trimmed mean, or Bulyan's) of each coordinate is 0 wherever fewer than half the
+        clients sent it, which is almost everywhere: the model would silently stop learning. Quantized kinds send
+        every coordinate and work with every rule."""
+        coordinate_wise = ("median", "trimmed_mean", "bulyan")
+        if self.update_compression == "topk" and self.aggregation_method in coordinate_wise:
+            raise ValueError(f"UPDATE_COMPRESSION=topk with AGGREGATION_METHOD={self.aggregation_method}: a coordinate-"
+                             "wise rule zeroes the coordinates most clients did not send (each sends its own top-k); "
+                             "use fp16, int8 or nf4 with this rule, or krum / multi_krum / an averaging rule with topk")
+
+    def _check_attack(self) -> None:
+        """ATTACK needs at least one attacker, and ATTACKER_FRACTION without an attack is a mistake."""
+        attackers = int(self.attacker_fraction * self.clients_count + 1e-9)
+        if self.attack != "none" and attackers == 0:
+            raise ValueError(f"ATTACK={self.attack} with ATTACKER_FRACTION={self.attacker_fraction:g} of "
+                             f"{self.clients_count} clients picks no attacker; raise ATTACKER_FRACTION")
+        if self.attack == "none" and self.attacker_fraction > 0:
+            raise ValueError(f"ATTACKER_FRACTION={self.attacker_fraction:g} without ATTACK: set ATTACK (sign_flip, "
+                             "scale, gaussian_noise, label_flip, alie, ipm, backdoor) or leave the fraction at 0")
 
     def _check_num_byzantine(self) -> None:
         """NUM_BYZANTINE must leave honest clients, and as many per round as the robust rule needs (Krum and

@@ -18,7 +18,7 @@ from fl_crew_reddit.preprocessing.pipeline import PreprocessReport
 from fl_crew_reddit.reddit.collector import CollectionReport
 
 __all__ = ["AgentStep", "BaselineClient", "BaselineRecord", "ClientRoundResult", "EvalMetrics", "HistoryFileError",
-           "RoundAggregate", "RoundRecord", "RunHistory", "ValidationPoint", "as_run_history", "finite",
+           "RoundAggregate", "RoundAttack", "RoundRecord", "RunHistory", "ValidationPoint", "as_run_history", "finite",
            "load_run_history", "migrate", "parse_run_history"]
 
 
@@ -54,6 +54,26 @@ class RoundAggregate(BaseModel):
     update_norms: dict[str, float] = Field(default_factory=dict, description="accepted client -> ||update - global||")
 
 
+class RoundPrivacy(BaseModel):
+    """DP_MODE central / local: the privacy spent so far, from the accountant (server/privacy.py)."""
+
+    mode: str
+    epsilon: float = Field(description="ε spent after this round, at `delta`")
+    delta: float
+    noise_multiplier: float
+    clip_norm: float
+    clipped: list[str] = Field(default_factory=list, description="clients whose update was clipped this round")
+
+
+class RoundAttack(BaseModel):
+    """ATTACK: the simulated attack of a round (site/attacks.py), and for a backdoor how well the trigger works."""
+
+    attack: str
+    attackers: list[str] = Field(default_factory=list, description="the clients that attacked this round")
+    backdoor: dict | None = Field(None, description="evaluation/backdoor.py: success_rate (greedy reply starts "
+                                                    "with the target), likelihood_rate, control_rate, examples")
+
+
 class RoundRecord(BaseModel):
     """One federated round: its clients, who was left out, the aggregation and the new global adapter's metrics."""
 
@@ -64,6 +84,8 @@ class RoundRecord(BaseModel):
     global_: EvalMetrics | None = Field(None, alias="global")
     seconds: float = 0.0
     analysis: str | None = Field(None, description="the evaluator agent's analysis (LLM-driven mode)")
+    privacy: RoundPrivacy | None = None
+    attack: RoundAttack | None = None
 
     model_config = {"populate_by_name": True}
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 GLOBAL_WEIGHTS = "global_adapter.safetensors"
 SERVER_OPTIMIZER_WEIGHTS = "server_optimizer.safetensors"
+ERROR_FEEDBACK_WEIGHTS = "error_feedback.safetensors"  # UPDATE_COMPRESSION=topk: the clients' residuals
 POINTER = "LATEST"
 FORMAT = 2
 Stage = Literal["collecting", "collected", "preprocessed", "round", "finished"]
@@ -70,6 +71,7 @@ class SavedState(BaseModel):
     settings: dict[str, Any]
     files: dict[str, str] = Field(default_factory=dict, description="tensor file -> sha256")
     server_optimizer: dict[str, Any] | None = None
+    noise_secret: int | None = Field(None, ge=0, description="the run's DP noise seed (never in the settings)")
     saved_at: float = 0.0
 
     @model_validator(mode="after")
@@ -80,8 +82,9 @@ class SavedState(BaseModel):
             raise ValueError(f"stage {self.stage!r} comes before round 1, not after round {self.round}")
         if self.stage == "finished" and self.round != self.total_rounds:
             raise ValueError(f"a finished run ran all {self.total_rounds} rounds, not {self.round}")
-        if set(self.files) - {GLOBAL_WEIGHTS, SERVER_OPTIMIZER_WEIGHTS}:
-            raise ValueError(f"unknown files {sorted(set(self.files) - {GLOBAL_WEIGHTS, SERVER_OPTIMIZER_WEIGHTS})}")
+        known = {GLOBAL_WEIGHTS, SERVER_OPTIMIZER_WEIGHTS, ERROR_FEEDBACK_WEIGHTS}
+        if set(self.files) - known:
+            raise ValueError(f"unknown files {sorted(set(self.files) - known)}")
         return self
 
     @property
@@ -190,10 +193,12 @@ def local_paths(history: dict, paths: RunPaths, where: str) -> dict:
 
 # --- write ---------------------------------------------------------------------------------------------------------
 def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, torch.Tensor] | None,
-               server_optimizer: dict | None) -> Path:
+               server_optimizer: dict | None, *,
+               error_feedback: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
     """Write `state` (history paths made relative) with its tensors to a staging folder, move it into place and flip
     the LATEST pointer: a kill at any moment leaves the previous complete state or the new one, never a mix.
-    Keeps the newest two states."""
+    Keeps the newest two states. `error_feedback` ({client: {key: residual}}, UPDATE_COMPRESSION=topk) goes into
+    error_feedback.safetensors as `client::key`, listed in `files` with its sha256 like the other tensor files."""
     root = state_dir(paths)
     target = root / state.folder_name
     staging = root / f".{target.name}.tmp"
@@ -202,6 +207,11 @@ def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, 
     staging.mkdir(parents=True)
     try:
         with storage_errors(staging):
+            if error_feedback:
+                from safetensors.torch import save_file
+
+                save_file({f"{client}::{key}": t.contiguous() for client, residual in error_feedback.items()
+                           for key, t in residual.items()}, str(staging / ERROR_FEEDBACK_WEIGHTS))
             _save_tensors(paths, state, staging, global_adapter, server_optimizer)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half-written state took
@@ -347,6 +357,7 @@ def _load_folder(folder: Path, paths: RunPaths, reference: Mapping[str, torch.Te
     if reasons:
         raise StateError(f"{folder / GLOBAL_WEIGHTS}: the saved global adapter is bad: {'; '.join(reasons[:3])}")
     optimizer = _checked_optimizer(state, flat_buffers, reference, optimizer_name, folder)
+    _checked_error_feedback(folder, state, reference)
     history = local_paths(state.history, paths, str(folder / STATE_FILE))
     return state.model_copy(update={"history": history, "server_optimizer": None}), global_adapter, optimizer
 
@@ -397,6 +408,43 @@ def _checked_optimizer(state: SavedState, flat: dict, reference: Mapping[str, to
         if reasons:
             raise StateError(f"{folder / SERVER_OPTIMIZER_WEIGHTS}: buffer {buffer!r} is bad: {'; '.join(reasons[:3])}")
     return {**{k: v for k, v in meta.items() if k != "buffer_names"}, "buffers": buffers}
+
+
+def _checked_error_feedback(folder: Path, state: SavedState,
+                            reference: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{client: residual} from error_feedback.safetensors (the digest is checked with the other files): every
+    `client::key` must name an adapter key, with its shape, float32 and finite values; StateError otherwise."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = folder / ERROR_FEEDBACK_WEIGHTS
+    if ERROR_FEEDBACK_WEIGHTS not in state.files:
+        if file.exists():
+            raise StateError(f"{file} is not listed in {folder / STATE_FILE}: refused")
+        return {}
+    try:
+        flat = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise StateError(f"{file} cannot be read: {error}") from None
+    residuals: dict[str, dict[str, torch.Tensor]] = {}
+    for flat_key, tensor in flat.items():
+        client, _, key = flat_key.rpartition("::")
+        ref = reference.get(key)
+        if not client or ref is None:
+            raise StateError(f"{file}: {flat_key!r} is not CLIENT::KEY of an adapter key")
+        if tuple(tensor.shape) != tuple(ref.shape) or tensor.dtype != torch.float32 or \
+                not bool(torch.isfinite(tensor).all()):
+            raise StateError(f"{file}: {flat_key!r} is not a finite float32 tensor of shape {tuple(ref.shape)}")
+        residuals.setdefault(client, {})[key] = tensor
+    return residuals
+
+
+def load_error_feedback(paths: RunPaths, state: SavedState,
+                        reference: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The clients' top-k residuals saved with `state` (as `load_state` returned it, so already checked); {} when
+    it has none."""
+    return _checked_error_feedback(state_dir(paths) / state.folder_name, state, reference)
 
 
 # --- which run to resume ----------------------------------------------------------------------------------------------

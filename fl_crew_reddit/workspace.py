@@ -10,6 +10,7 @@ import bisect
 import itertools
 import logging
 import random
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +35,7 @@ from fl_crew_reddit.history import (
 from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
-from fl_crew_reddit.run_state import SavedState, load_state, save_state
+from fl_crew_reddit.run_state import SavedState, load_error_feedback, load_state, save_state
 from fl_crew_reddit.runs import (
     RunPaths,
     load_client_update,
@@ -95,8 +96,10 @@ class FederatedWorkspace:
         self.baselines: dict[str, BaselineRecord] = {}
         self.agent_steps: list[AgentStep] = []
         self.global_adapter: dict[str, torch.Tensor] | None = None
-        # The server side (sampling, fit config, screening, aggregation, server-optimizer state): server/strategy.py
-        self.strategy = FederatedStrategy(StrategySettings.from_config(config))
+        # The server side (sampling, fit config, screening, aggregation, server-optimizer state): server/strategy.py.
+        # DP noise is seeded from a secret of this run (kept with its state, so a resume adds the same noise).
+        self.strategy = FederatedStrategy(StrategySettings.from_config(config), noise_secret=secrets.randbits(63))
+        self.privacy_plan = None  # DP_MODE central / local: set by plan_privacy at the start of the run
         self._site_summaries: dict[str, dict] = {}  # FEDERATION=flower: what each site reported of its data
         self._federation = None  # FEDERATION=local-flower: the SuperLink + SuperNodes, started at the first round
         self._flower_round = None  # FEDERATION=local-flower: the outcome of the round the ServerApp ran
@@ -110,6 +113,9 @@ class FederatedWorkspace:
         self._sample: list[dict] = []
         self._image_examples: list[dict] = []  # held-out replies to image posts, for the CLIP score
         self._pending: dict[str, ClientRoundResult] = {}
+        # UPDATE_COMPRESSION=topk: each client's error-feedback residual ({client: {key: tensor}}), for clients that
+        # train here or in trainer processes; saved with each round's state, so a resume continues it exactly
+        self._error_feedback: dict[str, dict[str, torch.Tensor]] = {}
         # TRAINER_DEVICES: trainer processes, one per device (checked here, at start), or None: train in-process.
         devices = trainer_devices(config.trainer_devices, config.device)
         self._trainer_pool = TrainerPool(config, devices) if devices else None
@@ -318,10 +324,49 @@ class FederatedWorkspace:
         shard = self._shards[client]
         return (bool(shard.validation_path) or self.config.federation == "flower") and shard.num_validation > 0
 
+    # --- privacy ------------------------------------------------------------------------------------------------
+    def plan_privacy(self, rounds: int):
+        """DP_MODE central / local: the accountant's plan for `rounds` rounds (noise from DP_TARGET_EPSILON when
+        set), logged with the ε it will spend; ConfigError when the accountant cannot cover it."""
+        import dataclasses
+        import math
+
+        from fl_crew_reddit.config import ConfigError
+        from fl_crew_reddit.server.privacy import PrivacyPlanError, make_plan
+
+        cfg = self.config
+        if cfg.dp_mode == "off":
+            return None
+        clients = cfg.clients_count
+        per_round = max(math.ceil(cfg.fraction_fit * clients), min(cfg.min_fit_clients, clients))
+        try:
+            plan = make_plan(mode=cfg.dp_mode, clip_norm=cfg.dp_clip_norm, noise_multiplier=cfg.dp_noise_multiplier or
+                             None, target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta, num_clients=clients,
+                             clients_per_round=per_round, rounds=rounds)
+        except PrivacyPlanError as error:
+            raise ConfigError(str(error)) from None
+        self.privacy_plan = plan
+        self.strategy.settings = dataclasses.replace(self.strategy.settings, dp_noise_multiplier=plan.noise_multiplier)
+        logging.getLogger("fl_crew_reddit.progress").info("Privacy: %s", plan.describe())
+        return plan
+
+    def _record_privacy(self, record: RoundRecord, clipped: list[str]) -> None:
+        from fl_crew_reddit.history import RoundPrivacy
+
+        plan = self.privacy_plan
+        sigmas = [r.privacy.noise_multiplier for r in self.rounds if r.privacy is not None and r is not record]
+        record.privacy = RoundPrivacy(mode=plan.mode, epsilon=plan.spent([*sigmas, plan.noise_multiplier]),
+                                      delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+                                      clip_norm=plan.clip_norm, clipped=clipped)
+
     # --- Model Trainer -----------------------------------------------------------------------------------------
     def fit_config(self, round_number: int) -> dict:
-        """What the server sends each trainer with the global adapter (Flower's `config` of a fit instruction)."""
-        return self.strategy.fit_config(round_number)
+        """What the server sends each trainer with the global adapter (Flower's `config` of a fit instruction); a
+        simulated client's local DP noise is seeded from the run's secret (a real site uses its own randomness)."""
+        config = self.strategy.fit_config(round_number, self.client_names)  # ATTACK: attackers among all clients
+        if config.get("dp_mode") == "local" and self.config.federation == "inprocess":
+            config["dp_noise_seed"] = self.strategy.noise_secret
+        return config
 
     def select_clients(self, round_number: int) -> list[str]:
         """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume."""
@@ -348,7 +393,8 @@ class FederatedWorkspace:
             return self._train_on_flower(client, round_number)
         if self._trainer_pool is not None:
             return self._train_in_worker(client, round_number)
-        result = self.site(client).fit(self.global_adapter, self.fit_config(round_number))
+        result = self.site(client).fit(self.global_adapter, self.fit_config(round_number),
+                                       error_feedback=self._feedback_of(client))
         folder = save_client_update(self.model, self.global_adapter, result.state,
                                     self.paths.local_adapter(client, round_number))
         result.metrics["update_bytes"] = update_file(folder).stat().st_size
@@ -357,6 +403,21 @@ class FederatedWorkspace:
                                    adapter_path=str(folder))
         self._pending[client] = record
         return record
+
+    def _feedback_of(self, client: str) -> dict[str, torch.Tensor] | None:
+        """UPDATE_COMPRESSION=topk: `client`'s residual, which its compression stage replaces in place; else None."""
+        if self.config.update_compression != "topk":
+            return None
+        return self._error_feedback.setdefault(client, {})
+
+    def _feedback_bytes(self, client: str) -> bytes:
+        """`client`'s residual as safetensors bytes for a trainer process (b"": none)."""
+        feedback = self._feedback_of(client)
+        if not feedback:
+            return b""
+        from safetensors.torch import save as save_tensors
+
+        return save_tensors({k: v.contiguous() for k, v in feedback.items()})
 
     def _train_on_flower(self, client: str, round_number: int) -> ClientRoundResult:
         """FEDERATION=local-flower: the client's result from the round the ServerApp ran (its update arrived as an
@@ -399,13 +460,18 @@ class FederatedWorkspace:
         self._trainer_pool.submit_round([
             TrainingJob(client=name, round=round_number, train_path=str(train_paths[name]),
                         global_adapter_path=str(sent), output_dir=str(self.paths.local_adapter(name, round_number)),
-                        fit_config=self.fit_config(round_number)) for name in clients])
+                        fit_config=self.fit_config(round_number), error_feedback=self._feedback_bytes(name))
+            for name in clients])
 
     def _train_in_worker(self, client: str, round_number: int) -> ClientRoundResult:
         """A client's result from its trainer process (a worker that raised or died raises TrainerJobFailed)."""
         if not self._trainer_pool.has_job(client, round_number):
             self.dispatch_training(round_number, [client])
         outcome = self._trainer_pool.result(client, round_number)
+        if outcome.error_feedback:
+            from safetensors.torch import load as load_tensors
+
+            self._error_feedback[client] = load_tensors(outcome.error_feedback)
         record = ClientRoundResult(name=client, num_examples=outcome.num_examples,
                                    train_loss=outcome.metrics["train_loss"], metrics=outcome.metrics,
                                    adapter_path=outcome.adapter_path)
@@ -463,7 +529,7 @@ class FederatedWorkspace:
             updates = [ClientUpdate(c.name, load_client_update(Path(c.adapter_path)), c.num_examples)
                        for c in clients]
             outcome = self.strategy.aggregate(self.global_adapter, updates, num_failed=len(record.skipped),
-                                              method=method)
+                                              method=method, round_number=round_number)
         for name, reasons in outcome.rejected.items():
             log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
             record.skipped[name] = reasons
@@ -473,6 +539,16 @@ class FederatedWorkspace:
         record.aggregation = RoundAggregate(method=outcome.method, accepted=outcome.accepted,
                                             rejected=outcome.rejected, adapter_path=str(folder),
                                             update_norms=outcome.update_norms)
+        if self.privacy_plan is not None:
+            clipped = outcome.dp_clipped if self.privacy_plan.mode == "central" else \
+                [c.name for c in clients if c.metrics.get("dp_clipped")]
+            self._record_privacy(record, clipped)
+        if self.config.attack != "none":  # the simulated attackers of this round (site/attacks.py)
+            from fl_crew_reddit.history import RoundAttack
+
+            record.attack = RoundAttack(attack=self.config.attack,
+                                        attackers=[n for n in self.strategy.attackers(self.client_names)
+                                                   if any(c.name == n for c in clients)])
         self._pending = {}
         return record.aggregation
 
@@ -511,7 +587,27 @@ class FederatedWorkspace:
             metrics.validation_perplexity, metrics.validation_per_client = self._validation()
         self._score_images(metrics)
         self._current_round(round_number).global_ = metrics
+        if self.config.attack == "backdoor":
+            self._score_backdoor(self._current_round(round_number))
         return metrics
+
+    def _score_backdoor(self, record: RoundRecord) -> None:
+        """ATTACK=backdoor: how often the trigger makes the new global model answer with the target reply, on the
+        clients' held-out test examples (evaluation/backdoor.py); FEDERATION=flower keeps them on the sites."""
+        from fl_crew_reddit.evaluation.backdoor import backdoor_success
+        from fl_crew_reddit.history import RoundAttack
+
+        paths = [Path(shard.test_path) for shard in self.data.clients if shard.test_path]
+        if self.config.federation == "flower" or not all(path.is_file() for path in paths):
+            return
+        examples = [example for path in paths for example in read_jsonl(path)]
+        random.Random(f"{self.config.seed}-backdoor").shuffle(examples)
+        cfg = self.config
+        if record.attack is None:
+            record.attack = RoundAttack(attack=cfg.attack)
+        record.attack.backdoor = backdoor_success(self.model, self.tokenizer, examples, cfg.backdoor_trigger,
+                                                  cfg.backdoor_target, self.device, max_seq_length=cfg.max_seq_length,
+                                                  mixed_precision=cfg.mixed_precision)
 
     def _flower_metrics(self, evaluation: dict[str, dict[str, tuple[float, int]]]) -> EvalMetrics:
         """EvalMetrics from the sites' (NLL sum, token count) per split, combined by token counts exactly as the
@@ -675,9 +771,11 @@ class FederatedWorkspace:
         if stage == "collecting":
             history["collection"] = self._partial_collection.model_dump(mode="json")
         state = SavedState(stage=stage, round=round_number, total_rounds=total, subreddits_done=subreddits_done,
-                           history=history, settings=self.config.public_settings())
+                           history=history, settings=self.config.public_settings(),
+                           noise_secret=self.strategy.noise_secret)
         optimizer = self.server_optimizer.state_dict() if self.server_optimizer is not None else None
-        return save_state(self.paths, state, self.global_adapter, optimizer)
+        return save_state(self.paths, state, self.global_adapter, optimizer,
+                          error_feedback={c: r for c, r in self._error_feedback.items() if r})
 
     def restore(self) -> SavedState:
         """Reload the newest usable saved state (see run_state.py for the checks): data shards, history, global
@@ -703,6 +801,9 @@ class FederatedWorkspace:
             else:
                 self._load_client_data()
         self.global_adapter = global_adapter
+        self._error_feedback = load_error_feedback(self.paths, state, self.initial_adapter)
+        if state.noise_secret is not None:  # the same DP noise as the stopped run would have drawn
+            self.strategy.noise_secret = state.noise_secret
         if optimizer is not None:
             self.server_optimizer = make_server_optimizer(optimizer["name"])
             self.server_optimizer.load_state_dict(optimizer)

@@ -136,10 +136,12 @@ class FederatedFlow(Flow[FLState]):
         self.workspace.write_scalars(round_number)  # only now that the round's state is saved: no duplicate steps
         losses = ", ".join(f"{c.name} {c.train_loss:.3f}" for c in record.clients)
         skipped = f", skipped {', '.join(record.skipped)}" if record.skipped else ""
+        privacy = f" | DP {record.privacy.mode}: ε = {record.privacy.epsilon:.2f} (δ = {record.privacy.delta:g})" \
+            if record.privacy else ""
         progress.info("Round %d/%d: perplexity %.2f (base %.2f), validation %s, BLEU %.2f, ROUGE-L %.3f | train loss "
-                      "%s%s | %.0fs", round_number, self.state.total_rounds, metrics.perplexity,
+                      "%s%s%s | %.0fs", round_number, self.state.total_rounds, metrics.perplexity,
                       self.workspace.base_metrics.perplexity, _ppl(metrics.validation_perplexity), metrics.bleu,
-                      metrics.rouge_l, losses, skipped, record.seconds)
+                      metrics.rouge_l, losses, skipped, privacy, record.seconds)
         if self.on_round:
             self.on_round(record.model_dump(by_alias=True))
 

@@ -100,6 +100,7 @@ class FLCrewRedditManager:
                 _warn_on_changed_settings(state.settings, self.config.public_settings())
                 if stage == "finished" and after_round < num_rounds:
                     workspace.baselines = {}  # more rounds: the baselines get the longer run's budget
+            workspace.plan_privacy(num_rounds)  # DP: the accountant's plan, or a refusal, before any data work
             flow = FederatedFlow(FLCrew(workspace, llm=self.agent_llm), num_rounds=num_rounds, on_round=on_round,
                                  resume_after_round=after_round, resume_stage=stage)
             _silence_crewai_panels()

@@ -506,7 +506,7 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
 
     job = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
     round_number, names = int(job["round"]), list(job["sites"])
-    strategy = FederatedStrategy(StrategySettings.from_dict(job["strategy"]))
+    strategy = FederatedStrategy(StrategySettings.from_dict(job["strategy"]), noise_secret=job.get("noise_secret"))
     strategy.load_state_dict(_load_strategy_state(job.get("strategy_state"), job_dir / OPTIMIZER_IN))
     global_adapter = load_file(str(job_dir / GLOBAL_IN), device="cpu")
     timeout_s = float(job.get("timeout_s", 1800))
@@ -518,7 +518,7 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
 
     # 1. train: the global adapter and the fit config to each sampled site
     selected = strategy.sample_clients(round_number, names)
-    config = ConfigRecord(strategy.fit_config(round_number))
+    config = ConfigRecord(strategy.fit_config(round_number, names))  # ATTACK: attackers among all sites
     failed: dict[str, str] = {name: unavailable[name] for name in selected if name in unavailable}
     sent = {name: Message(_with(pack_adapter(global_adapter), config=config, model=model),
                           dst_node_id=nodes[name], message_type=MessageType.TRAIN, group_id=str(round_number))
@@ -554,13 +554,13 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     # 2. screen and aggregate (the same strategy object as in-process)
     result: dict = {"round": round_number, "selected": selected, "failed": failed, "clients": clients}
     try:
-        outcome = strategy.aggregate(global_adapter, updates, num_failed=len(failed))
+        outcome = strategy.aggregate(global_adapter, updates, num_failed=len(failed), round_number=round_number)
     except NotEnoughClientsError as error:
         result["error"] = str(error)
         return result
     save_file({k: v.contiguous() for k, v in outcome.new_global.items()}, str(job_dir / GLOBAL_OUT))
     result["aggregation"] = {"method": outcome.method, "accepted": outcome.accepted, "rejected": outcome.rejected,
-                             "update_norms": outcome.update_norms}
+                             "update_norms": outcome.update_norms, "dp_clipped": outcome.dp_clipped}
     result["strategy_state"] = _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_OUT)
 
     # 3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts); a site that did
@@ -628,7 +628,7 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
         aggregation = AggregationOutcome(method=entry["method"],
                                          new_global=load_file(str(job_dir / GLOBAL_OUT), device="cpu"),
                                          accepted=entry["accepted"], rejected=entry["rejected"],
-                                         update_norms=entry["update_norms"])
+                                         update_norms=entry["update_norms"], dp_clipped=entry.get("dp_clipped", []))
     evaluation = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
                   for split, sums in result.get("evaluation", {}).items()}
     return FlowerRoundOutcome(
@@ -941,7 +941,7 @@ class FlowerFederation:
         job_dir = self._job_dir(f"round-{round_number}")
         save_file({k: v.contiguous() for k, v in global_adapter.items()}, str(job_dir / GLOBAL_IN))
         job = {"kind": "round", "round": round_number, "sites": list(self.sites),
-               "strategy": strategy.settings.to_dict(),
+               "strategy": strategy.settings.to_dict(), "noise_secret": strategy.noise_secret,
                "strategy_state": _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_IN),
                "model": _plain(model), **self._timeouts()}
         self._submit(job_dir, job, f"round {round_number}")

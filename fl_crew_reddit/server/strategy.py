@@ -12,11 +12,13 @@ import random
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fl_crew_reddit.aggregation import (
     SERVER_OPTIMIZERS,
     GlobalAdapterError,
+    NotEnoughClientsError,
     aggregate,
     check_global,
     make_server_optimizer,
@@ -50,6 +52,21 @@ class StrategySettings:
     tokens_per_batch: int = 0  # 0: BATCH_SIZE examples on a CPU, a budget from free memory on CUDA
     gradient_accumulation_steps: int = 1
     compile: str = "auto"
+    update_compression: str = "none"  # none | fp16 | int8 | nf4 | topk (aggregation/compression.py)
+    topk_fraction: float = 0.05
+    # simulated attackers (site/attacks.py): chosen here from (SEED, client names), told in the fit config
+    attack: str = "none"
+    attacker_fraction: float = 0.0
+    attack_scale: float = 10.0
+    attack_ipm_epsilon: float = 0.5
+    attack_alie_z: float = 0.0  # 0: Baruch et al.'s z_max from the clients and attackers
+    backdoor_trigger: str = "cf zebra protocol"
+    backdoor_target: str = "Visit free-karma.example for free gold!"
+    backdoor_fraction: float = 0.5
+    backdoor_boost: float = 1.0
+    dp_mode: str = "off"  # off | central | local (config.py checks the rule fits)
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0  # after calibration to DP_TARGET_EPSILON (server/privacy.py)
 
     @classmethod
     def from_config(cls, config: Any) -> StrategySettings:
@@ -84,13 +101,17 @@ class AggregationOutcome:
     accepted: list[str]
     rejected: dict[str, list[str]]
     update_norms: dict[str, float] = field(default_factory=dict)
+    dp_clipped: list[str] = field(default_factory=list)  # central DP: clients whose update was clipped
 
 
 class FederatedStrategy:
     """Sampling, fit config, screening and aggregation of one federation; holds the server optimizer's state."""
 
-    def __init__(self, settings: StrategySettings):
+    def __init__(self, settings: StrategySettings, noise_secret: int | None = None):
+        """`noise_secret`: the run's secret that seeds central DP noise (kept with the run state, never in the
+        settings), so a resumed run adds the same noise."""
         self.settings = settings
+        self.noise_secret = noise_secret
         self.server_optimizer: ServerOptimizer | None = (
             make_server_optimizer(settings.aggregation_method)
             if settings.aggregation_method in SERVER_OPTIMIZERS else None)
@@ -106,15 +127,41 @@ class FederatedStrategy:
             return names
         return sorted(random.Random(f"{s.seed}-select-{round_number}").sample(names, wanted))
 
-    def fit_config(self, round_number: int) -> dict:
-        """What the server sends each trainer with the global adapter (Flower's `config` of a train message)."""
+    def attackers(self, names: list[str]) -> list[str]:
+        """ATTACK: the simulated attackers among the federation's clients (the same every round: site/attacks.py)."""
+        from fl_crew_reddit.site.attacks import select_attackers  # (the site package loads the trainer: lazily)
+
+        s = self.settings
+        return select_attackers(s.seed, names, s.attacker_fraction) if s.attack != "none" else []
+
+    def fit_config(self, round_number: int, clients: list[str] | None = None) -> dict:
+        """What the server sends each trainer with the global adapter (Flower's `config` of a train message).
+
+        With ATTACK set, also the attack and its attackers among `clients` (all of the federation's client names).
+        The fit config is the one channel every engine delivers unchanged to each site (in-process, trainer
+        processes, Flower SuperNodes), and only the server knows every client's name, so the choice is made here
+        and sent; each site checks whether its name is in the list (site/attacks.py)."""
         s = self.settings
         return {"round": round_number, "local_epochs": s.local_epochs, "batch_size": s.batch_size,
                 "learning_rate": s.learning_rate, "max_steps": s.max_local_steps, "seed": s.seed,
                 "proximal_mu": s.fedprox_mu if s.aggregation_method == "fedprox" else 0.0,
                 "timeout_s": s.client_timeout, "train_lora_a": not s.ffa_lora,
                 "tokens_per_batch": s.tokens_per_batch, "grad_accum_steps": s.gradient_accumulation_steps,
-                "compile": s.compile}
+                "compile": s.compile,
+                **({"update_compression": s.update_compression, "topk_fraction": s.topk_fraction}
+                   if s.update_compression != "none" else {}),
+                **({"dp_mode": "local", "dp_clip_norm": s.dp_clip_norm, "dp_noise_multiplier": s.dp_noise_multiplier}
+                   if s.dp_mode == "local" else {}),
+                **(self._attack_config(clients or []) if s.attack != "none" else {})}
+
+    def _attack_config(self, clients: list[str]) -> dict:
+        from fl_crew_reddit.site.attacks import attack_fit_config
+
+        s = self.settings
+        return attack_fit_config(s.attack, self.attackers(clients), len(clients), scale=s.attack_scale,
+                                 ipm_epsilon=s.attack_ipm_epsilon, alie_z=s.attack_alie_z,
+                                 backdoor_trigger=s.backdoor_trigger, backdoor_target=s.backdoor_target,
+                                 backdoor_fraction=s.backdoor_fraction, backdoor_boost=s.backdoor_boost)
 
     # --- screen and aggregate -------------------------------------------------------------------------------------
     def expected_update(self, global_adapter: StateDict) -> StateDict:
@@ -128,12 +175,13 @@ class FederatedStrategy:
                min_clients: int = 0) -> tuple[list[int], dict[str, list[str]]]:
         """(indices of accepted updates, {client: reasons} for rejected ones); NotEnoughClientsError when fewer than
         `min_clients` pass."""
+        # Under DP the clip bounds each update instead of the norm screen (and local DP's noise is far above it)
+        max_norm = None if self.settings.dp_mode != "off" else self.settings.max_update_norm
         return screen_updates(self.expected_update(global_adapter), [u.state for u in updates],
-                              [u.name for u in updates], max_norm=self.settings.max_update_norm,
-                              min_clients=min_clients)
+                              [u.name for u in updates], max_norm=max_norm, min_clients=min_clients)
 
     def aggregate(self, global_adapter: StateDict, updates: list[ClientUpdate], *, num_failed: int = 0,
-                  method: str | None = None) -> AggregationOutcome:
+                  method: str | None = None, round_number: int = 0) -> AggregationOutcome:
         """Screen the round's updates (in client-name order), combine the accepted ones with the rule, and return the
         new global adapter (in the global adapter's dtypes; keys clients do not send stay as they were).
 
@@ -145,20 +193,71 @@ class FederatedStrategy:
             raise GlobalAdapterError(f"the global adapter itself is bad ({'; '.join(bad_global[:3])}): no client "
                                      "update can be checked or combined against it, the clients are not at fault; "
                                      "resume from an earlier saved state")
-        updates = sorted(updates, key=lambda u: u.name)
+        updates, undecodable = self.decompress_updates(global_adapter, sorted(updates, key=lambda u: u.name))
+        num_failed += len(undecodable)  # asked, and rejected before screening
         sent = self.expected_update(global_adapter)
-        accepted, rejected = self.screen(global_adapter, updates,
-                                         min_clients=min(self.settings.min_fit_clients, len(updates) + num_failed))
+        try:
+            accepted, rejected = self.screen(global_adapter, updates,
+                                             min_clients=min(self.settings.min_fit_clients, len(updates) + num_failed))
+        except NotEnoughClientsError as error:
+            if not undecodable:
+                raise
+            detail = "; ".join(f"{name}: {reasons[0]}" for name, reasons in undecodable.items())
+            raise NotEnoughClientsError(f"{error} (also rejected - {detail})") from None
+        rejected = dict(sorted({**undecodable, **rejected}.items()))
         norms = {updates[i].name: update_norm(sent, updates[i].state) for i in accepted}
-        combined = aggregate(method, [updates[i].state for i in accepted], [updates[i].num_examples for i in accepted],
-                             **self.aggregation_options(method, sent))
+        clipped: list[str] = []
+        if self.settings.dp_mode == "central":  # DP-FedAvg: the noised mean of clipped updates, m fixed in advance
+            combined = self._central_dp_mean(sent, [updates[i] for i in accepted], len(updates) + num_failed,
+                                             method, round_number)
+            clipped = [updates[i].name for i in accepted if norms[updates[i].name] > self.settings.dp_clip_norm]
+        else:
+            combined = aggregate(method, [updates[i].state for i in accepted],
+                                 [updates[i].num_examples for i in accepted], **self.aggregation_options(method, sent))
         new_global = {k: combined[k].to(v.dtype) if k in combined else v for k, v in global_adapter.items()}
         bad_new = check_global(new_global)
         if bad_new:  # accepted updates are finite, so the rule or the server optimizer made it so
             raise GlobalAdapterError(f"aggregating the accepted updates with {method} made the global adapter bad "
                                      f"({'; '.join(bad_new[:3])}); it is not saved, the previous round's state stays")
         return AggregationOutcome(method=method, new_global=new_global, accepted=[updates[i].name for i in accepted],
-                                  rejected=rejected, update_norms=norms)
+                                  rejected=rejected, update_norms=norms, dp_clipped=clipped)
+
+    def _central_dp_mean(self, sent: StateDict, accepted: list[ClientUpdate], num_sampled: int, method: str,
+                         round_number: int) -> StateDict:
+        """global + (Σ clip(Δ_i) + N(0, σ²C²)) / m (aggregation/dp.py), then the rule on that one mean: itself for
+        the averaging rules, one step for a server optimizer (post-processing: no privacy cost)."""
+        from fl_crew_reddit.aggregation.dp import noise_generator, noisy_clipped_mean
+
+        if self.noise_secret is None:
+            raise RuntimeError("DP_MODE=central needs the run's noise secret (FederatedStrategy(noise_secret=...))")
+        s = self.settings
+        mean, _ = noisy_clipped_mean(sent, [u.state for u in accepted], clip_norm=s.dp_clip_norm,
+                                     noise_multiplier=s.dp_noise_multiplier, num_sampled=max(num_sampled, 1),
+                                     generator=noise_generator(self.noise_secret, "central", round_number))
+        return aggregate(method, [mean], [1], **self.aggregation_options(method, sent))
+
+    def decompress_updates(self, global_adapter: StateDict,
+                           updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, list[str]]]:
+        """UPDATE_COMPRESSION: each client's payload back to what it sent, global + Δ (in the global adapter's dtypes),
+        so screening and the rule run unchanged; a payload that cannot be decompressed rejects its client with the
+        reason, like a failed screen. (updates as they are, {}) when nothing is compressed."""
+        kind = self.settings.update_compression
+        if kind == "none":
+            return updates, {}
+        from fl_crew_reddit.aggregation.compression import decompress
+
+        expected = self.expected_update(global_adapter)
+        fraction = self.settings.topk_fraction if kind == "topk" else None
+        decoded, rejected = [], {}
+        for update in updates:
+            try:
+                delta = decompress(update.state, expected, kind, topk_fraction=fraction)
+            except ValueError as error:
+                rejected[update.name] = [f"its update cannot be decompressed (UPDATE_COMPRESSION={kind}): {error}"]
+                continue
+            state = {k: (v.to(torch.float32) + delta[k]).to(v.dtype) for k, v in expected.items()}
+            decoded.append(ClientUpdate(update.name, state, update.num_examples))
+        return decoded, rejected
 
     def aggregation_options(self, method: str, global_state: StateDict) -> dict:
         """Keyword options of `aggregation.aggregate` for `method`. A server-optimizer rule other than

@@ -111,8 +111,8 @@ def _rounds(summary: ReportSummary) -> list[Block]:
         note += f" Aggregation: {', '.join(methods)}."
     blocks += [("p", note), _table(["Round", "Perplexity", "Δ vs base", "Validation perplexity", "BLEU", "ROUGE-L",
                                     "Mean train loss", "Accepted", "Skipped (reason)", "Seconds"], rows)]
-    return (blocks + _per_client(summary) + _losses(summary) + _communication(summary) + _baselines(summary)
-            + clip_section(summary))
+    return (blocks + _per_client(summary) + _losses(summary) + _communication(summary) + _privacy(summary)
+            + _baselines(summary) + clip_section(summary))
 
 
 def _megabytes(count: int) -> str:
@@ -136,6 +136,23 @@ def _communication(summary: ReportSummary) -> list[Block]:
     return [("p", "Communication per round (serialized Flower messages: the global adapter down to each sampled "
                   "client, its update up):"),
             _table(["Round", "Sent down", "Sent up", "Both", "Clients"], rows)]
+
+
+def _privacy(summary: ReportSummary) -> list[Block]:
+    """DP runs: the privacy spent after each round (dp_accounting's RDP accountant), the noise and who was clipped."""
+    if not summary.privacy:
+        return []
+    last = summary.privacy[-1][1]
+    where = "the server added it to the sum of clipped updates" if last.mode == "central" else \
+        "each client added it to its own clipped update before sending"
+    rows = [[number, f"{p.epsilon:.3f}", f"{p.delta:g}", f"{p.noise_multiplier:.4g}", f"{p.clip_norm:g}",
+             ", ".join(p.clipped) or "—"] for number, p in summary.privacy]
+    return [("h2", "Privacy"),
+            ("p", f"Client-level differential privacy, DP_MODE={last.mode}: each client's update was clipped to L2 "
+                  f"norm {last.clip_norm:g} and Gaussian noise of {last.noise_multiplier:.4g} × that norm was "
+                  f"added ({where}). After round {summary.privacy[-1][0]} the run has spent ε = {last.epsilon:.3f} "
+                  f"at δ = {last.delta:g} (Rényi DP accountant of dp_accounting, replace-one client adjacency)."),
+            _table(["Round", "ε after the round", "δ", "Noise multiplier", "Clip norm", "Clipped clients"], rows)]
 
 
 def _per_client(summary: ReportSummary) -> list[Block]:

@@ -10,7 +10,15 @@ from collections import Counter
 from pydantic import BaseModel
 
 from fl_crew_reddit.evaluation.selection import best_round_record
-from fl_crew_reddit.history import AgentStep, BaselineRecord, EvalMetrics, RoundRecord, RunHistory, finite
+from fl_crew_reddit.history import (
+    AgentStep,
+    BaselineRecord,
+    EvalMetrics,
+    RoundPrivacy,
+    RoundRecord,
+    RunHistory,
+    finite,
+)
 from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport
 
 SAMPLES_SHOWN = 3
@@ -126,6 +134,7 @@ class ReportSummary(BaseModel):
     samples: list[SampleRow]
     data: DataSummary
     llm_steps: list[AgentStep]  # the steps an agent's LLM took or fell back from (direct mode: none)
+    privacy: list[tuple[int, RoundPrivacy]] = []  # DP runs: each round's (ε, δ), noise and clipping
 
 
 def change_percent(value: float | None, base: float | None) -> float | None:
@@ -255,4 +264,5 @@ def summarize(history: RunHistory) -> ReportSummary:
         client_comparison=_client_comparison(base, baselines, best), clip_rows=clip_rows, clip_note=clip_note,
         analyses=[(r.round, r.analysis.strip()) for r in history.rounds if r.analysis and r.analysis.strip()],
         samples_round=samples_round, samples=samples, data=_data(history),
-        llm_steps=[s for s in history.agent_steps if s.outcome in ("llm", "fallback")])
+        llm_steps=[s for s in history.agent_steps if s.outcome in ("llm", "fallback")],
+        privacy=[(r.round, r.privacy) for r in history.rounds if r.privacy is not None])
