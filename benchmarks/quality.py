@@ -30,7 +30,9 @@ def one_run(seed: int, args, workdir: Path) -> dict:
         reddit_backend="dump", reddit_dump_dir=args.dump_dir, subreddits=SUBREDDITS, num_trainers=len(SUBREDDITS),
         posts_per_subreddit=args.posts, max_examples_per_client=args.examples, local_epochs=args.epochs,
         eval_samples=0, seed=seed, baselines=["local_only", "centralized"], fl_crew_reddit_dir=workdir,
-        learning_rate=args.lr, aggregation_method=args.method, test_fraction=args.test_fraction)
+        learning_rate=args.lr, aggregation_method=args.method, test_fraction=args.test_fraction,
+        dp_mode=args.dp_mode, dp_target_epsilon=args.dp_epsilon if args.dp_mode != "off" else None,
+        dp_clip_norm=args.dp_clip, dp_delta=args.dp_delta)
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=args.rounds)
     history = result.history
     if history["best_round"] is None:
@@ -47,6 +49,7 @@ def one_run(seed: int, args, workdir: Path) -> dict:
             "fl_ppl_per_round": [r["global"]["perplexity"] for r in history["rounds"]],
             "fl_validation_ppl_per_round": [r["global"]["validation_perplexity"] for r in history["rounds"]],
             "local_ppl_mean": local["perplexity"], "central_ppl": central["perplexity"],
+            "dp": [r["privacy"] for r in history["rounds"]] if args.dp_mode != "off" else None,
             "central_best_round": central["best_round"],
             "local_best_rounds": {names[c]: v["best_round"] for c, v in local["per_client"].items()},
             "per_client": per_client, "seconds": result.seconds}
@@ -73,6 +76,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--test-fraction", type=float,
                         help="TEST_FRACTION (default 0.2: 12 held-out replies per client)")
+    parser.add_argument("--dp-mode", choices=["off", "central", "local"], default="off",
+                        help="client-level DP for the federated run (the baselines stay non-private)")
+    parser.add_argument("--dp-epsilon", type=float, default=8.0, help="DP_TARGET_EPSILON over the rounds")
+    parser.add_argument("--dp-clip", type=float, default=0.5, help="DP_CLIP_NORM")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="DP_DELTA")
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -94,6 +102,8 @@ def main() -> None:
     summary.update(mode="quick" if args.quick else "full", seeds=args.seeds, rounds=args.rounds,
                    test_fraction=args.test_fraction,
                    examples_per_client=args.examples, local_epochs=args.epochs, lr=args.lr, method=args.method,
+                   dp_mode=args.dp_mode, dp_epsilon=args.dp_epsilon if args.dp_mode != "off" else None,
+                   dp_clip=args.dp_clip if args.dp_mode != "off" else None,
                    goals=goals(summary), runs=runs)
     print(json.dumps(summary))
 
