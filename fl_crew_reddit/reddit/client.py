@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections import Counter
@@ -58,6 +59,23 @@ class RedditMCPError(RuntimeError):
         super().__init__(f"{tool}: {message}")
         self.tool = tool
         self.message = message
+
+
+class RedditMCPSessionLost(RedditMCPError):
+    """The server can answer nothing more: it never started, its session closed, or it died again after its restarts.
+    A collector stops here; any other RedditMCPError concerns one call."""
+
+
+class RedditMCPToolError(RedditMCPError):
+    """The server answered this call with a tool error; `argument_refused` when its argument rules refused the call
+    (FastMCP reports a failed argument validation), which no retry can fix."""
+
+    def __init__(self, tool: str, message: str):
+        super().__init__(tool, message)
+        self.argument_refused = bool(_ARGUMENT_REFUSED.search(message))
+
+
+_ARGUMENT_REFUSED = re.compile(r"validation error", re.IGNORECASE)
 
 
 class _SessionLost(Exception):
@@ -167,7 +185,7 @@ class RedditMCPClient:
                 reason = _describe(error)
             where = f"; server log {self.stderr_log}:\n{self._log_tail()}" if not self.url else ""
             action = "connect to" if self.url else "start"
-            raise RedditMCPError("startup", f"could not {action} {self.target} ({reason}){where}") from error
+            raise RedditMCPSessionLost("startup", f"could not {action} {self.target} ({reason}){where}") from error
 
     @staticmethod
     async def _new_connection() -> _Connection:
@@ -237,7 +255,7 @@ class RedditMCPClient:
     def _reconnect(self, tool: str, why: str) -> None:
         """Start the server (stdio) or session (HTTP) again after it was lost; bounded by `max_restarts`."""
         if self.restarts >= self.max_restarts:
-            raise RedditMCPError(tool, f"the MCP server {self.target} is gone ({why}) and was already restarted "
+            raise RedditMCPSessionLost(tool, f"the MCP server {self.target} is gone ({why}) and was already restarted "
                                        f"{self.restarts} time(s), the most allowed (REDDIT_MCP_MAX_RESTARTS)"
                                        + ("" if self.url else f"; server log {self.stderr_log}:\n{self._log_tail()}"))
         self.restarts += 1
@@ -293,13 +311,13 @@ class RedditMCPClient:
                 return self._run_once(tool, request)
             except _SessionLost as lost:
                 if self._closed:
-                    raise RedditMCPError(tool, "the MCP session is closed") from None
+                    raise RedditMCPSessionLost(tool, "the MCP session is closed") from None
                 self._reconnect(tool, str(lost))
 
     def _run_once(self, tool: str, request: Callable[[ClientSession], Awaitable[Any]]) -> Any:
         conn = self._conn
         if self._closed or self._loop is None or conn is None:
-            raise RedditMCPError(tool, f"the MCP session is closed; server log {self.stderr_log}")
+            raise RedditMCPSessionLost(tool, f"the MCP session is closed; server log {self.stderr_log}")
         if conn.session is None or conn.dead.is_set():
             raise _SessionLost("its session had ended")
         future = asyncio.run_coroutine_threadsafe(self._guarded(conn, request), self._loop)
@@ -349,7 +367,7 @@ class RedditMCPClient:
         texts = [block.text for block in result.content if getattr(block, "type", None) == "text"]
         if result.isError:
             message = "\n".join(texts) or "tool error without a message"
-            raise RedditMCPError(name, message.removeprefix(f"Error executing tool {name}: "))
+            raise RedditMCPToolError(name, message.removeprefix(f"Error executing tool {name}: "))
         if result.structuredContent is not None:
             return result.structuredContent
         if len(texts) == 1:

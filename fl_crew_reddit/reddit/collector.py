@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError
+from fl_crew_reddit.reddit.client import RedditMCPClient, RedditMCPError, RedditMCPSessionLost, RedditMCPToolError
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost, SubredditInfo
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ SKIP_OVER_CAP = "comments_over_cap"  # comments of a thread beyond comments_per_
 SKIP_AT_CAP_UNKNOWN = "threads_at_cap_total_unknown"  # threads cut at the cap by a server that does not say by how many
 SKIP_SEARCH_FAILED = "search_failed"
 
-# What a RedditMCPError says when the server itself is gone for good (see client.py): nothing more can be collected.
-_SESSION_GONE = ("the MCP session is closed", "and was already restarted")
-_ARGUMENT_REFUSED = re.compile(r"validation error", re.IGNORECASE)  # FastMCP's answer to arguments its rules refuse
 
 
 class SubredditCollection(BaseModel):
@@ -64,11 +61,11 @@ class CollectionReport(BaseModel):
 
 def session_gone(error: RedditMCPError) -> bool:
     """True when the error means the server can answer nothing more (not one bad item)."""
-    return error.tool == "startup" or any(marker in error.message for marker in _SESSION_GONE)
+    return isinstance(error, RedditMCPSessionLost)
 
 
 def _skip_reason(error: RedditMCPError, refused: str, failed: str) -> str:
-    return refused if _ARGUMENT_REFUSED.search(error.message) else failed
+    return refused if isinstance(error, RedditMCPToolError) and error.argument_refused else failed
 
 
 def collected_file(out_dir: Path, name: str) -> Path:
