@@ -52,6 +52,10 @@ class RoundAggregate(BaseModel):
     rejected: dict[str, list[str]]
     adapter_path: str
     update_norms: dict[str, float] = Field(default_factory=dict, description="accepted client -> ||update - global||")
+    lora_ranks: dict[str, int] = Field(default_factory=dict, description="CLIENT_LORA_RANKS: accepted client -> the "
+                                                                      "LoRA rank it trained")
+    discarded_energy: float | None = Field(None, description="mixed ranks: share of the averaged products' energy "
+                                                             "the rank-LORA_R SVD discarded (0: exact)")
 
 
 class RoundPrivacy(BaseModel):

@@ -107,14 +107,21 @@ def screen_updates(
     names: Sequence[str],
     max_norm: float | None,
     min_clients: int,
+    references: Sequence[Mapping[str, Tensor]] | None = None,
 ) -> tuple[list[int], dict[str, list[str]]]:
     """Run check_update on every update.
+
+    ``references``: what each update is checked against, one per update, when clients are sent different
+    adapters (clients of lower LoRA rank get the global adapter truncated to their rank: other shapes); default:
+    ``global_state`` for every update.
 
     Returns (indices of accepted updates, {name: reasons} for rejected ones).
     Raises NotEnoughClientsError when fewer than ``min_clients`` are accepted.
     """
     if len(names) != len(updates):
         raise ValueError(f"{len(names)} names for {len(updates)} updates")
+    if references is not None and len(references) != len(updates):
+        raise ValueError(f"{len(references)} references for {len(updates)} updates")
     if len(set(names)) != len(names):
         raise ValueError("client names must be unique")
     if min_clients < 0:
@@ -122,7 +129,8 @@ def screen_updates(
     accepted: list[int] = []
     rejected: dict[str, list[str]] = {}
     for idx, (name, update) in enumerate(zip(names, updates)):
-        reasons = check_update(global_state, update, max_norm=max_norm)
+        reference = global_state if references is None else references[idx]
+        reasons = check_update(reference, update, max_norm=max_norm)
         if reasons:
             rejected[name] = reasons
         else:

@@ -96,6 +96,12 @@ def _stacked_factors(
 
 def _refactor(bcat: Tensor, acat: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` factors (B', A') of bcat @ acat by thin QR + core SVD."""
+    new_b, new_a, _ = _refactor_spectrum(bcat, acat, rank)
+    return new_b, new_a
+
+
+def _refactor_spectrum(bcat: Tensor, acat: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`_refactor`, and the singular values of bcat @ acat (all of them: what the rank cut kept and dropped)."""
     q_b, r_b = torch.linalg.qr(bcat)
     q_a, r_a = torch.linalg.qr(acat.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
@@ -105,7 +111,7 @@ def _refactor(bcat: Tensor, acat: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     new_a = torch.zeros((rank, acat.shape[1]), dtype=torch.float64)
     new_b[:, :take] = (q_b @ u[:, :take]) * root
     new_a[:take] = root[:, None] * (vh[:take] @ q_a.T)
-    return new_b, new_a
+    return new_b, new_a, s
 
 
 def svd_exact(states: Sequence[StateDict], num_examples: Sequence[int]) -> StateDict:

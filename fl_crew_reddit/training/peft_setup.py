@@ -1,6 +1,8 @@
 """Wrap the base model with LoRA adapters (PEFT), the only weights that train and travel."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
@@ -86,3 +88,73 @@ def build_peft_model(base_model, config: FLCrewRedditConfig):
         raise ConfigError(f"LORA_TARGET_MODULES={','.join(config.lora_target_modules)} cannot be used with "
                           f"{config.base_llm_model}: {reason}") from error
     return model
+
+
+# --- clients of lower rank (CLIENT_LORA_RANKS): one PEFT adapter per rank on the same model -------------------------
+def adapter_for_state(model, state) -> str:
+    """The name of `model`'s LoRA adapter that has the rank of `state` (an adapter state dict, PEFT's keys): "default"
+    at the model's own rank (LORA_R), else "rank-<r>", added on first use with the default adapter's settings and rank
+    r (the RNG is left as it was: the added adapter's random init does not shift later draws). A client that receives
+    the global adapter truncated to its rank (aggregation/mixed_rank.py) trains a real rank-r LoRA this way."""
+    import copy
+
+    import torch
+
+    from fl_crew_reddit.aggregation.lora_exact import lora_pairs
+    from fl_crew_reddit.aggregation.mixed_rank import adapter_rank
+
+    default = model.peft_config["default"]
+    if not lora_pairs(list(state)):  # only B factors (FFA-LoRA) or no LoRA keys: the model's own adapter
+        return "default"
+    rank = adapter_rank(state)
+    if rank == default.r:
+        return "default"
+    if rank > default.r:
+        raise ValueError(f"an adapter of rank {rank} cannot be loaded into a model of LORA_R={default.r}: the global "
+                         "adapter keeps the largest rank")
+    name = f"rank-{rank}"
+    if name not in model.peft_config:
+        config = copy.deepcopy(default)
+        config.r = rank
+        config.inference_mode = False
+        active = model.active_adapter
+        with torch.random.fork_rng():
+            model.add_adapter(name, config)
+        model.set_adapter(active)  # only the active adapter trains
+    return name
+
+
+@contextmanager
+def active_adapter_for(model, state):
+    """For one fit: the adapter of `state`'s rank is the active (and only trainable) one; "default" again on exit."""
+    name = adapter_for_state(model, state)
+    if name == "default":
+        yield name
+        return
+    model.set_adapter(name)
+    try:
+        yield name
+    finally:
+        model.set_adapter("default")
+
+
+def save_adapter_as(model, name: str, folder) -> None:
+    """Save the adapter `name` as a PEFT folder of its own (adapter_config.json with its rank, and its weights):
+    `PeftModel.from_pretrained(base, folder)` loads it. PEFT puts a non-default adapter in a subfolder named after it;
+    it is moved to `folder` itself."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    if name == "default":
+        model.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"])
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True, selected_adapters=[name])
+        for item in (staging / name).iterdir():
+            item.replace(folder / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -27,7 +27,7 @@ from fl_crew_reddit.training.batching import (
     token_budget_batches,
 )
 from fl_crew_reddit.training.packing import packed_attention_enabled
-from fl_crew_reddit.training.peft_setup import parameter_count
+from fl_crew_reddit.training.peft_setup import active_adapter_for, parameter_count
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -198,8 +198,8 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def snapshot_adapter(model) -> AdapterState:
-    state = get_peft_model_state_dict(model)
+def snapshot_adapter(model, adapter: str = "default") -> AdapterState:
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
@@ -297,8 +297,11 @@ class LocalTrainer:
         and for speed: tokens_per_batch (0: auto, i.e. from free memory on CUDA, batch_size examples on the CPU),
         grad_accum_steps, packing (auto|on|off; auto: on CUDA), packed_attention (varlen|flex|sdpa),
         compile (auto|on|off), log_every (steps between host reads of the loss; 0: auto)."""
-        with frozen_lora_a(self.model, frozen=not config.get("train_lora_a", True)):
-            return self._fit(global_adapter, config)
+        # a global adapter of lower rank than the model's (CLIENT_LORA_RANKS: the server truncated it to this client's
+        # rank) trains the model's adapter of that rank (peft_setup.active_adapter_for)
+        with active_adapter_for(self.model, global_adapter) as adapter, \
+                frozen_lora_a(self.model, frozen=not config.get("train_lora_a", True)):
+            return self._fit(global_adapter, config, adapter)
 
     def plan(self, config: dict) -> tuple[list[list[list[dict]]], int, bool, int, bool]:
         """(optimizer steps, each a list of micro-batches of rows; micro-batches in the last epoch; packed?;
@@ -331,10 +334,10 @@ class LocalTrainer:
         pad_to = tokens_per_batch if packed and tokens_per_batch and compiled else 0
         return steps, len(epochs[-1]) if epochs else 0, packed, pad_to, compiled
 
-    def _fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
+    def _fit(self, global_adapter: AdapterState, config: dict, adapter: str = "default") -> FitResult:
         started = time.perf_counter()
         # 1. Start from the global adapter.
-        set_peft_model_state_dict(self.model, global_adapter)
+        set_peft_model_state_dict(self.model, global_adapter, adapter_name=adapter)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         mu = float(config.get("proximal_mu", 0.0))
@@ -421,7 +424,7 @@ class LocalTrainer:
 
         # 4. Only the adapter weights leave the client (under FFA-LoRA only B: A is the global adapter's, unchanged).
         last_epoch = losses[-max(1, math.ceil(last_epoch_batches / accumulate)):]
-        state = snapshot_adapter(self.model)
+        state = snapshot_adapter(self.model, adapter)
         if not config.get("train_lora_a", True):
             state = {key: value for key, value in state.items() if ffa_lora_trainable(key)}
         return FitResult(
