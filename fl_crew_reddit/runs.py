@@ -101,10 +101,13 @@ def save_adapter(peft_model, state: dict[str, torch.Tensor], folder: Path) -> Pa
     """Write `state` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(peft_model, state)
+    from fl_crew_reddit.training.peft_setup import adapter_for_state, save_adapter_as
+
+    adapter = adapter_for_state(peft_model, state)  # a client of lower rank (CLIENT_LORA_RANKS): its own rank
+    set_peft_model_state_dict(peft_model, state, adapter_name=adapter)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with storage_errors(folder):
-        peft_model.save_pretrained(folder, safe_serialization=True)
+        save_adapter_as(peft_model, adapter, folder)
     return folder
 
 
@@ -114,12 +117,32 @@ UPDATE_WEIGHTS = "update.safetensors"
 def save_client_update(peft_model, global_adapter: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
                        folder: Path) -> Path:
     """A client's round result: its adapter as a PEFT folder, plus, when it sends only part of the adapter
-    (FFA-LoRA: the B factors), that part alone in `update.safetensors`: the file that travels to the server."""
+    (FFA-LoRA: the B factors) or a compressed update (UPDATE_COMPRESSION), what it sends alone in
+    `update.safetensors`: the file that travels to the server. For a compressed update the PEFT folder holds the
+    adapter the server reconstructs from it (global + decompressed update); none when it cannot be decompressed
+    (the server rejects that client with the reason)."""
+    from fl_crew_reddit.aggregation.compression import payload_kind, payload_tensor_keys
+
     partial = set(sent) != set(global_adapter)
-    save_adapter(peft_model, {**global_adapter, **sent} if partial else sent, folder)
+    kind = payload_kind(sent)
+    if kind is not None:
+        from fl_crew_reddit.aggregation.compression import decompress
+
+        carried = payload_tensor_keys(sent)
+        trained = {k: v for k, v in global_adapter.items() if k in carried}
+        try:
+            delta = decompress(sent, trained, kind)
+        except ValueError:
+            delta = None
+        if delta is not None:
+            rebuilt = {k: (global_adapter[k].float() + d).to(global_adapter[k].dtype) for k, d in delta.items()}
+            save_adapter(peft_model, {**global_adapter, **rebuilt}, folder)
+    else:
+        save_adapter(peft_model, {**global_adapter, **sent} if partial else sent, folder)
     if partial:
         from safetensors.torch import save_file
 
+        Path(folder).mkdir(parents=True, exist_ok=True)
         with storage_errors(folder):
             save_file({k: v.contiguous() for k, v in sent.items()}, str(Path(folder) / UPDATE_WEIGHTS))
     return folder
