@@ -21,6 +21,8 @@ from fl_crew_reddit.redact import MaskUrlCredentials, mask_url_credentials  # no
 from fl_crew_reddit.reddit.settings import DEFAULT_REDDIT_USER_AGENT
 
 DP_CENTRAL_METHODS = ("weighted_average", "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# Rules that need only the mean of the updates, all SecAgg+ gives the server (server/strategy.py's list)
+SECURE_AGGREGATION_METHODS = DP_CENTRAL_METHODS
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 # The languages langdetect 1.0.9 has profiles for (its `profiles/` folder), for LANGUAGES.
 LANGDETECT_LANGUAGES = frozenset(
@@ -58,6 +60,10 @@ class FLCrewRedditConfig(BaseSettings):
         description="Comma-separated module names, or all-linear for every linear layer but the output head.")
     ffa_lora: bool = Field(False, description="FFA-LoRA: LoRA A factors stay frozen at their shared initialisation; "
                                               "clients train and send only B (exact averaging, half the traffic).")
+    client_lora_ranks: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="Clients of lower capacity: client=rank pairs (client-0=4,client-1=8) or "
+                                          "ranks in client order (4,8,16); unlisted clients train LORA_R. The global "
+                                          "adapter keeps rank LORA_R; needs AGGREGATION_METHOD=svd_exact.")
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="Recompute activations in the backward pass: less memory for large models, ~30% more "
                             "compute. auto: on for models of 1B+ parameters on CUDA.")
@@ -124,6 +130,12 @@ class FLCrewRedditConfig(BaseSettings):
     dp_target_epsilon: float | None = Field(None, gt=0, description="DP: the ε to end the planned rounds with; "
                                                                      "sets the noise multiplier.")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="DP: the δ of (ε, δ); below 1/NUM_CLIENTS.")
+    secure_aggregation: bool = Field(False, description="Flower's SecAgg+ (FEDERATION local-flower / flower): the "
+                                     "server learns only the weighted sum of the updates; averaging rules and server "
+                                     "optimizers only, no per-client screen (each site clips its update itself).")
+    secagg_threshold: float = Field(0.67, gt=0.5, le=1, description="SECURE_AGGREGATION: share of a client's secret "
+                                    "shares SecAgg+ needs to reconstruct the sum (above 0.5; lower tolerates more "
+                                    "dropouts).")
     federation: Literal["inprocess", "local-flower", "flower"] = Field(
         "inprocess", description="How rounds reach the clients: inprocess (every client in this process, one shared "
                                  "model), local-flower (a Flower SuperLink and one SuperNode per client on "
@@ -265,6 +277,26 @@ class FLCrewRedditConfig(BaseSettings):
     def _split_commas(cls, value):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("client_lora_ranks", mode="before")
+    @classmethod
+    def _client_ranks(cls, value):
+        """"client-0=4,client-1=8" or "4,8,16" (client-0, client-1, ... in order) or a list / dict of them."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            pairs = {}
+            for index, entry in enumerate(value):
+                name, sep, rank = str(entry).rpartition("=")
+                name = name.strip() if sep else f"client-{index}"
+                if not name or not rank.strip().isdigit() or int(rank) < 1:
+                    raise ValueError(f"{entry!r} is not CLIENT=RANK or a rank >= 1 (e.g. client-0=4,client-1=8 "
+                                     "or 4,8,16)")
+                if name in pairs:
+                    raise ValueError(f"{name} is given twice")
+                pairs[name] = int(rank)
+            return pairs
         return value
 
     @field_validator("reddit_mcp_url", "reddit_mcp_command", "reddit_mcp_tool_map", mode="before")
@@ -409,6 +441,7 @@ class FLCrewRedditConfig(BaseSettings):
             if not self.flower_insecure and self.flower_certs is None:
                 raise ValueError("FEDERATION=flower needs FLOWER_CERTS (the folder the `certs` command made; its "
                                  "ca.crt verifies the SuperLink), or FLOWER_INSECURE=true on loopback")
+        self._check_client_ranks()  # first: it names CLIENT_LORA_RANKS where FFA / DP / topk cannot go with it
         if self.ffa_lora and self.aggregation_method == "svd_exact":
             raise ValueError("FFA_LORA=true with AGGREGATION_METHOD=svd_exact: with A frozen and shared, averaging B "
                              "is already exact and svd_exact needs both factors; use fedavg (or any other rule)")
@@ -418,6 +451,7 @@ class FLCrewRedditConfig(BaseSettings):
         self._check_compression()
         self._check_num_byzantine()
         self._check_privacy()
+        self._check_secure_aggregation()
         self._check_attack()
         if self.reddit_mcp_url and self.reddit_mcp_command:
             raise ValueError("set REDDIT_MCP_URL (a server to connect to) or REDDIT_MCP_COMMAND (a server to start), "
@@ -473,6 +507,31 @@ class FLCrewRedditConfig(BaseSettings):
         if self.dp_delta >= 1 / self.clients_count:
             raise ValueError(f"DP_DELTA={self.dp_delta:g} must be below 1/NUM_CLIENTS = {1 / self.clients_count:g}")
 
+    def _check_secure_aggregation(self) -> None:
+        """SECURE_AGGREGATION: Flower's SecAgg+ runs between a ServerApp and SuperNodes, and the server gets only the
+        weighted sum of the updates, so a rule that looks at individual updates (Krum, median, trimmed mean, Bulyan;
+        svd_exact's per-client factors), central DP (the server clips each update), a compressed update (the masked
+        sum is of full-precision vectors; top-k supports differ) and mixed ranks cannot go with it."""
+        if not self.secure_aggregation:
+            return
+        problem = None
+        if self.federation == "inprocess":
+            problem = "FEDERATION=inprocess has no wire to secure; use FEDERATION=local-flower or flower"
+        elif self.clients_count < 2:
+            problem = f"{self.clients_count} client: SecAgg+ sums the updates of two or more"
+        elif self.aggregation_method not in SECURE_AGGREGATION_METHODS:
+            problem = (f"AGGREGATION_METHOD={self.aggregation_method} needs individual updates, the server sees only "
+                       f"their sum; use {', '.join(SECURE_AGGREGATION_METHODS)}")
+        elif self.dp_mode == "central":
+            problem = "DP_MODE=central clips each update on the server, which sees only the sum; use DP_MODE=local"
+        elif self.update_compression != "none":
+            problem = (f"UPDATE_COMPRESSION={self.update_compression}: SecAgg+ sums masked full vectors (top-k "
+                       "supports differ per client); use UPDATE_COMPRESSION=none")
+        elif any(rank != self.lora_r for rank in getattr(self, "client_lora_ranks", {}).values()):
+            problem = "CLIENT_LORA_RANKS: updates of different ranks cannot be summed; use one rank"
+        if problem:
+            raise ValueError(f"SECURE_AGGREGATION=true with {problem}")
+
     def _check_compression(self) -> None:
         """UPDATE_COMPRESSION=topk with a coordinate-wise robust rule cannot work: each client sends a different few
         coordinates, so the median (or trimmed mean, or Bulyan's) of each coordinate is 0 wherever fewer than half the
@@ -483,6 +542,30 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError(f"UPDATE_COMPRESSION=topk with AGGREGATION_METHOD={self.aggregation_method}: a coordinate-"
                              "wise rule zeroes the coordinates most clients did not send (each sends its own top-k); "
                              "use fp16, int8 or nf4 with this rule, or krum / multi_krum / an averaging rule with topk")
+
+    def _check_client_ranks(self) -> None:
+        """CLIENT_LORA_RANKS: the global adapter keeps rank LORA_R, so no client may train more; clients of other
+        ranks send factors of other shapes, which only svd_exact combines (on the products)."""
+        ranks = self.client_lora_ranks
+        above = {name: rank for name, rank in ranks.items() if rank > self.lora_r}
+        if above:
+            raise ValueError(f"CLIENT_LORA_RANKS gives {', '.join(f'{n}={r}' for n, r in above.items())} above "
+                             f"LORA_R={self.lora_r}: the global adapter keeps the largest rank; raise LORA_R")
+        if not any(rank != self.lora_r for rank in ranks.values()):
+            return
+        if self.ffa_lora:
+            raise ValueError("CLIENT_LORA_RANKS (mixed ranks) with FFA_LORA=true: a client of lower rank cannot keep "
+                             "the shared frozen A of rank LORA_R; set FFA_LORA=false")
+        if self.dp_mode == "central":
+            raise ValueError("CLIENT_LORA_RANKS (mixed ranks) with DP_MODE=central: the server clips factors but "
+                             "averages products, so the clip bounds nothing; use DP_MODE=local or equal ranks")
+        if self.update_compression == "topk":
+            raise ValueError("CLIENT_LORA_RANKS (mixed ranks) with UPDATE_COMPRESSION=topk: a lower-rank client's "
+                             "residual is in the factors of last round's truncation, whose basis the next one "
+                             "changes; use fp16, int8 or nf4 with mixed ranks")
+        if self.aggregation_method != "svd_exact":
+            raise ValueError(f"CLIENT_LORA_RANKS (mixed ranks) with AGGREGATION_METHOD={self.aggregation_method}: "
+                             "factors of different ranks can only be combined on their products; use svd_exact")
 
     def _check_attack(self) -> None:
         """ATTACK needs at least one attacker, and ATTACKER_FRACTION without an attack is a mistake."""

@@ -56,6 +56,8 @@ class RoundAggregate(BaseModel):
                                                                       "LoRA rank it trained")
     discarded_energy: float | None = Field(None, description="mixed ranks: share of the averaged products' energy "
                                                              "the rank-LORA_R SVD discarded (0: exact)")
+    secure_aggregation: dict | None = Field(None, description="SECURE_AGGREGATION: SecAgg+'s parameters and "
+                                            "clients_in_sum (the server saw only their sum)")
 
 
 class RoundPrivacy(BaseModel):

@@ -393,9 +393,10 @@ class FederatedWorkspace:
             return self._train_on_flower(client, round_number)
         if self._trainer_pool is not None:
             return self._train_in_worker(client, round_number)
-        result = self.site(client).fit(self.global_adapter, self.fit_config(round_number),
+        received = self.strategy.adapter_for(client, self.global_adapter)  # CLIENT_LORA_RANKS: at its rank
+        result = self.site(client).fit(received, self.fit_config(round_number),
                                        error_feedback=self._feedback_of(client))
-        folder = save_client_update(self.model, self.global_adapter, result.state,
+        folder = save_client_update(self.model, received, result.state,
                                     self.paths.local_adapter(client, round_number))
         result.metrics["update_bytes"] = update_file(folder).stat().st_size
         record = ClientRoundResult(name=client, num_examples=result.num_examples,
@@ -432,7 +433,13 @@ class FederatedWorkspace:
         if client not in outcome.results:
             raise RuntimeError(f"{client} was not sampled by the ServerApp in round {round_number}")
         result = outcome.results[client]
-        folder = save_client_update(self.model, self.global_adapter, result.state,
+        if result.state is None:  # SECURE_AGGREGATION: the server had only the SecAgg+ sum, never this update
+            record = ClientRoundResult(name=client, num_examples=result.num_examples,
+                                       train_loss=result.metrics["train_loss"], metrics=dict(result.metrics),
+                                       adapter_path="(secure aggregation: the update stayed masked)")
+            self._pending[client] = record
+            return record
+        folder = save_client_update(self.model, self.strategy.adapter_for(client, self.global_adapter), result.state,
                                     self.paths.local_adapter(client, round_number))
         metrics = {**result.metrics, "update_bytes": update_file(folder).stat().st_size}
         record = ClientRoundResult(name=client, num_examples=result.num_examples, train_loss=metrics["train_loss"],
@@ -453,13 +460,21 @@ class FederatedWorkspace:
             return
         from safetensors.torch import save_file
 
-        sent = self.paths.global_adapter(round_number).parent / f"sent-round-{round_number}.safetensors"
-        sent.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.global_adapter.items()}, str(sent))
+        sent_files: dict[int, str] = {}  # one file per rank sent (CLIENT_LORA_RANKS: the truncated global adapter)
+        for name in clients:
+            rank = self.strategy.client_rank(name)
+            if rank not in sent_files:
+                suffix = "" if rank >= self.config.lora_r else f"-rank-{rank}"
+                sent = self.paths.global_adapter(round_number).parent / f"sent-round-{round_number}{suffix}.safetensors"
+                sent.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in self.strategy.adapter_for(name, self.global_adapter).items()},
+                          str(sent))
+                sent_files[rank] = str(sent)
         train_paths = {shard.name: shard.train_path for shard in self.data.clients}
         self._trainer_pool.submit_round([
             TrainingJob(client=name, round=round_number, train_path=str(train_paths[name]),
-                        global_adapter_path=str(sent), output_dir=str(self.paths.local_adapter(name, round_number)),
+                        global_adapter_path=sent_files[self.strategy.client_rank(name)],
+                        output_dir=str(self.paths.local_adapter(name, round_number)),
                         fit_config=self.fit_config(round_number), error_feedback=self._feedback_bytes(name))
             for name in clients])
 
@@ -538,7 +553,9 @@ class FederatedWorkspace:
         record.clients = clients
         record.aggregation = RoundAggregate(method=outcome.method, accepted=outcome.accepted,
                                             rejected=outcome.rejected, adapter_path=str(folder),
-                                            update_norms=outcome.update_norms)
+                                            update_norms=outcome.update_norms, lora_ranks=outcome.lora_ranks,
+                                            discarded_energy=outcome.discarded_energy,
+                                            secure_aggregation=outcome.secure_aggregation)
         if self.privacy_plan is not None:
             clipped = outcome.dp_clipped if self.privacy_plan.mode == "central" else \
                 [c.name for c in clients if c.metrics.get("dp_clipped")]

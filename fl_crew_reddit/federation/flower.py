@@ -36,6 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fl_crew_reddit.federation.secagg import is_secure_fit, secaggplus_when_asked, secure_fit_reply
 from fl_crew_reddit.runs import write_json_atomic  # light: it loads torch only to move tensors
 
 if TYPE_CHECKING:
@@ -239,6 +240,9 @@ def _query(message: Message, context: Context) -> Message:
     if str(config.get("ask", "site")) == "prepare-data":
         summary = site_data_summary(Path(str(context.node_config["data-dir"])), dict(config))
         content["data"] = ConfigRecord({"summary": json.dumps(summary)})
+    elif str(config.get("ask", "site")) == "examples":  # SECURE_AGGREGATION: the train count (SecAgg+'s max_weight)
+        content["data"] = ConfigRecord({"train": _count_rows(Path(str(context.node_config["data-dir"])) /
+                                                             "train.jsonl")})
     return Message(content, reply_to=message)
 
 
@@ -276,24 +280,34 @@ def _adapter_bytes(content: RecordDict) -> bytes:
     return save({key: np.ascontiguousarray(value) for key, value in unpack_adapter(content).items()})
 
 
-@client_app.train()
-def _train(message: Message, context: Context) -> Message:
+def _fit(content: RecordDict, config: dict, settings: dict, context: Context) -> tuple[dict, int, dict]:
+    """(the adapter the site sends, num_examples, numeric metrics) after training from the packed global adapter."""
     worker = str(context.node_config.get("worker", "") or "")
     if worker:  # the site's long-lived worker (federation/site_worker.py) holds the model: hand it the arrays
         from safetensors.numpy import load
 
         from fl_crew_reddit.federation.site_worker import call_worker
 
-        reply, body = call_worker(worker, {"op": "train", "settings": _settings(message),
-                                           "config": dict(message.content["config"])},
-                                  _adapter_bytes(message.content))
-        content = pack_adapter(load(body))
-        metrics, num_examples = reply["metrics"], reply["num_examples"]
-    else:
-        site = _site_for(context, _settings(message))
-        result = site.fit(to_torch(unpack_adapter(message.content)), dict(message.content["config"]))
-        content, num_examples = pack_adapter(result.state), result.num_examples
-        metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+        reply, body = call_worker(worker, {"op": "train", "settings": settings, "config": config},
+                                  _adapter_bytes(content))
+        return load(body), reply["num_examples"], reply["metrics"]
+    site = _site_for(context, settings)
+    result = site.fit(to_torch(unpack_adapter(content)), config)
+    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    return result.state, result.num_examples, metrics
+
+
+@client_app.train(mods=[secaggplus_when_asked])
+def _train(message: Message, context: Context) -> Message:
+    if is_secure_fit(message):  # SECURE_AGGREGATION: Flower's secaggplus_mod masks what this answers
+        def fit(content: RecordDict, config: dict, model: dict) -> tuple[dict, int, dict]:
+            settings = dict(model)
+            settings["lora_target_modules"] = list(settings["lora_target_modules"])
+            return _fit(content, config, settings, context)
+
+        return secure_fit_reply(message, fit)
+    state, num_examples, metrics = _fit(message.content, dict(message.content["config"]), _settings(message), context)
+    content = pack_adapter(state)
     content["metrics"] = MetricRecord({**metrics, "num-examples": int(num_examples)})
     return Message(content, reply_to=message)
 
@@ -520,7 +534,11 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     selected = strategy.sample_clients(round_number, names)
     config = ConfigRecord(strategy.fit_config(round_number, names))  # ATTACK: attackers among all sites
     failed: dict[str, str] = {name: unavailable[name] for name in selected if name in unavailable}
-    sent = {name: Message(_with(pack_adapter(global_adapter), config=config, model=model),
+    if strategy.settings.secure_aggregation:  # SecAgg+: the server gets the sum only (federation/secagg.py)
+        return _run_secure_round(grid, job_dir, strategy, global_adapter, nodes, unavailable, selected, config, model,
+                                 failed, timeout_s, say)
+    # each site gets the global adapter at its LoRA rank (CLIENT_LORA_RANKS: truncated by SVD for a lower rank)
+    sent = {name: Message(_with(pack_adapter(strategy.adapter_for(name, global_adapter)), config=config, model=model),
                           dst_node_id=nodes[name], message_type=MessageType.TRAIN, group_id=str(round_number))
             for name in selected if name in nodes}
     bytes_down = {name: serialized_bytes(message) for name, message in sent.items()}
@@ -560,14 +578,20 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
         return result
     save_file({k: v.contiguous() for k, v in outcome.new_global.items()}, str(job_dir / GLOBAL_OUT))
     result["aggregation"] = {"method": outcome.method, "accepted": outcome.accepted, "rejected": outcome.rejected,
-                             "update_norms": outcome.update_norms, "dp_clipped": outcome.dp_clipped}
+                             "update_norms": outcome.update_norms, "dp_clipped": outcome.dp_clipped,
+                             "lora_ranks": outcome.lora_ranks, "discarded_energy": outcome.discarded_energy}
     result["strategy_state"] = _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_OUT)
-
-    # 3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts); a site that did
-    # not answer its train message in time is not waited for again
     silent = [name for name in sent if name not in replies]
+    return _evaluate_round(grid, result, outcome, nodes, unavailable, failed, silent, model, timeout_s, say)
+
+
+def _evaluate_round(grid: Grid, result: dict, outcome: AggregationOutcome, nodes: dict[str, int],
+                    unavailable: dict[str, str], failed: dict[str, str], silent: list[str], model: ConfigRecord,
+                    timeout_s: float, say) -> dict:
+    """3. evaluate the new global adapter on every site's held-out splits (NLL sums and token counts); a site that did
+    not answer its train message in time (`silent`) is not waited for again."""
     asked = {name: node for name, node in nodes.items() if name not in silent}
-    evaluation, evaluation_failed = _evaluate_on_sites(grid, asked, outcome.new_global, model, round_number,
+    evaluation, evaluation_failed = _evaluate_on_sites(grid, asked, outcome.new_global, model, result["round"],
                                                        timeout_s)
     evaluation_failed.update({**unavailable, **{name: f"not asked: {failed[name]}" for name in silent}})
     say(f"aggregated ({outcome.method}: accepted {outcome.accepted}, rejected {sorted(outcome.rejected)}, "
@@ -579,10 +603,63 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     return result
 
 
+def _run_secure_round(grid: Grid, job_dir: Path, strategy: FederatedStrategy, global_adapter: dict,
+                      nodes: dict[str, int], unavailable: dict[str, str], selected: list[str], config: ConfigRecord,
+                      model: ConfigRecord, failed: dict[str, str], timeout_s: float, say) -> dict:
+    """A SECURE_AGGREGATION round: the sampled sites train and SecAgg+ gives the server the weighted mean of their
+    updates only (federation/secagg.py); the strategy turns that mean into the new global adapter. No individual
+    update is received, written (no `updates` folder) or seen by the strategy. Too few clients to reconstruct the
+    sum: the result's error (the run stops with its state saved), never a model made from part of it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fl_crew_reddit.aggregation import NotEnoughClientsError
+    from fl_crew_reddit.federation.secagg import SecAggFailed, run_secure_round
+
+    round_number = int(config["round"])
+    sampled = {name: nodes[name] for name in selected if name in nodes}
+    expected = strategy.expected_update(global_adapter)
+    keys = sorted(expected)
+    result: dict = {"round": round_number, "selected": selected, "failed": failed, "clients": {}}
+    try:
+        secure = run_secure_round(grid, sampled, round_number, pack_adapter(global_adapter), dict(config),
+                                  dict(model), keys, strategy.settings, timeout_s, exchange, serialized_bytes)
+    except SecAggFailed as error:
+        say(str(error))
+        result["error"] = str(error)
+        for name in selected:  # none of them is in a model: each one's outcome names the round's error
+            failed.setdefault(name, f"its SecAgg+ round could not be completed: {error}")
+        return result
+    failed.update(secure.failed)
+    result["clients"] = secure.clients
+    say(f"SecAgg+ sum of {len(secure.in_sum)} clients: {secure.in_sum}")
+    mean, offset = {}, 0
+    for key in keys:
+        size = expected[key].numel()
+        mean[key] = torch.from_numpy(secure.mean[offset:offset + size].copy()).reshape(expected[key].shape)
+        offset += size
+    if offset != secure.mean.size:
+        raise ValueError(f"the SecAgg+ sum has {secure.mean.size} elements, the adapter's update {offset}")
+    try:
+        outcome = strategy.aggregate_secure(global_adapter, mean, secure.in_sum, num_failed=len(failed),
+                                            round_number=round_number)
+    except NotEnoughClientsError as error:
+        result["error"] = str(error)
+        return result
+    save_file({k: v.contiguous() for k, v in outcome.new_global.items()}, str(job_dir / GLOBAL_OUT))
+    result["aggregation"] = {"method": outcome.method, "accepted": outcome.accepted, "rejected": outcome.rejected,
+                             "update_norms": {}, "dp_clipped": [],
+                             "secure_aggregation": {**secure.parameters.to_dict(),
+                                                    "clients_in_sum": len(secure.in_sum)}}
+    result["strategy_state"] = _save_strategy_state(strategy.state_dict(), job_dir / OPTIMIZER_OUT)
+    silent = [name for name in sampled if name not in secure.in_sum and name in failed and "no reply" in failed[name]]
+    return _evaluate_round(grid, result, outcome, nodes, unavailable, failed, silent, model, timeout_s, say)
+
+
 # --- what the workspace gets back -------------------------------------------------------------------------------------
 @dataclass
 class SiteResult:
-    state: dict
+    state: dict | None  # None under SECURE_AGGREGATION: the server never has a client's update
     num_examples: int
     metrics: dict
 
@@ -620,7 +697,8 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
     results = {}
     for name, entry in result["clients"].items():
         metrics = {**entry["metrics"], "bytes_down": entry["bytes_down"], "bytes_up": entry["bytes_up"]}
-        results[name] = SiteResult(load_file(str(job_dir / "updates" / f"{name}.safetensors"), device="cpu"),
+        update = job_dir / "updates" / f"{name}.safetensors"  # none under SecAgg+: the server has the sum only
+        results[name] = SiteResult(load_file(str(update), device="cpu") if update.is_file() else None,
                                    entry["num_examples"], metrics)
     aggregation = None
     if "aggregation" in result:
@@ -628,7 +706,10 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
         aggregation = AggregationOutcome(method=entry["method"],
                                          new_global=load_file(str(job_dir / GLOBAL_OUT), device="cpu"),
                                          accepted=entry["accepted"], rejected=entry["rejected"],
-                                         update_norms=entry["update_norms"], dp_clipped=entry.get("dp_clipped", []))
+                                         update_norms=entry["update_norms"], dp_clipped=entry.get("dp_clipped", []),
+                                         lora_ranks=entry.get("lora_ranks", {}),
+                                         discarded_energy=entry.get("discarded_energy"),
+                                         secure_aggregation=entry.get("secure_aggregation"))
     evaluation = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
                   for split, sums in result.get("evaluation", {}).items()}
     return FlowerRoundOutcome(

@@ -29,6 +29,9 @@ from fl_crew_reddit.aggregation.lora_exact import ffa_lora_trainable
 from fl_crew_reddit.aggregation.server_optimizers import ServerOptimizer
 
 StateDict = dict[str, Tensor]
+# Rules that need only the (weighted) mean of the updates: the ones SECURE_AGGREGATION allows (config.py refuses
+# the others at start)
+SECURE_AGGREGATION_METHODS = ("weighted_average", "fedavg", "fedprox", *SERVER_OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,13 @@ class StrategySettings:
     dp_mode: str = "off"  # off | central | local (config.py checks the rule fits)
     dp_clip_norm: float = 1.0
     dp_noise_multiplier: float = 0.0  # after calibration to DP_TARGET_EPSILON (server/privacy.py)
+    secure_aggregation: bool = False  # Flower's SecAgg+: the server gets the weighted mean only (aggregate_secure)
+    secagg_threshold: float = 0.67  # SecAgg+: share of a client's secret shares needed to reconstruct the sum
+    # clients of lower capacity (CLIENT_LORA_RANKS): the global adapter keeps rank LORA_R, a listed client gets it
+    # truncated to its rank and sends factors of that rank; the server averages the products (mixed_rank.py)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    client_lora_ranks: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> StrategySettings:
@@ -102,6 +112,9 @@ class AggregationOutcome:
     rejected: dict[str, list[str]]
     update_norms: dict[str, float] = field(default_factory=dict)
     dp_clipped: list[str] = field(default_factory=list)  # central DP: clients whose update was clipped
+    secure_aggregation: dict | None = None  # SecAgg+: its parameters and how many clients were in the sum
+    lora_ranks: dict[str, int] = field(default_factory=dict)  # CLIENT_LORA_RANKS: accepted client -> its rank
+    discarded_energy: float | None = None  # mixed ranks: share of the averaged products' energy the rank-R SVD cut
 
 
 class FederatedStrategy:
@@ -115,6 +128,7 @@ class FederatedStrategy:
         self.server_optimizer: ServerOptimizer | None = (
             make_server_optimizer(settings.aggregation_method)
             if settings.aggregation_method in SERVER_OPTIMIZERS else None)
+        self._truncated: tuple[StateDict | None, dict[int, StateDict]] = (None, {})  # (global adapter, {rank: sent})
 
     # --- configure ------------------------------------------------------------------------------------------------
     def sample_clients(self, round_number: int, names: list[str]) -> list[str]:
@@ -164,12 +178,34 @@ class FederatedStrategy:
                                  backdoor_fraction=s.backdoor_fraction, backdoor_boost=s.backdoor_boost)
 
     # --- screen and aggregate -------------------------------------------------------------------------------------
-    def expected_update(self, global_adapter: StateDict) -> StateDict:
-        """The part of the global adapter a client trains and sends: all of it, or under FFA-LoRA only the B factors
-        (A stays global). Updates are screened against it."""
-        if not self.settings.ffa_lora:
+    def client_rank(self, client: str) -> int:
+        """The LoRA rank `client` trains: its CLIENT_LORA_RANKS entry, else LORA_R."""
+        return int(self.settings.client_lora_ranks.get(client, self.settings.lora_r))
+
+    def adapter_for(self, client: str | None, global_adapter: StateDict) -> StateDict:
+        """What `client` is sent: the global adapter, or for a client of lower rank (CLIENT_LORA_RANKS) its best
+        approximation at that rank (FlexLoRA: SVD of each layer's product, at the client's PEFT scale; computed once
+        per rank and global adapter)."""
+        rank = self.client_rank(client) if client is not None else self.settings.lora_r
+        if rank >= self.settings.lora_r:
             return global_adapter
-        return {key: value for key, value in global_adapter.items() if ffa_lora_trainable(key)}
+        from fl_crew_reddit.aggregation.mixed_rank import truncate_adapter
+
+        source, cache = self._truncated
+        if source is not global_adapter:
+            cache = {}
+            self._truncated = (global_adapter, cache)
+        if rank not in cache:
+            cache[rank] = truncate_adapter(global_adapter, rank, alpha=self.settings.lora_alpha)
+        return cache[rank]
+
+    def expected_update(self, global_adapter: StateDict, client: str | None = None) -> StateDict:
+        """The part of what `client` was sent that it trains and sends back: all of it, or under FFA-LoRA only the B
+        factors (A stays global). Updates are screened against it (a client of lower rank: at its rank)."""
+        sent = self.adapter_for(client, global_adapter)
+        if not self.settings.ffa_lora:
+            return sent
+        return {key: value for key, value in sent.items() if ffa_lora_trainable(key)}
 
     def screen(self, global_adapter: StateDict, updates: list[ClientUpdate],
                min_clients: int = 0) -> tuple[list[int], dict[str, list[str]]]:
@@ -177,8 +213,10 @@ class FederatedStrategy:
         `min_clients` pass."""
         # Under DP the clip bounds each update instead of the norm screen (and local DP's noise is far above it)
         max_norm = None if self.settings.dp_mode != "off" else self.settings.max_update_norm
+        references = [self.expected_update(global_adapter, u.name) for u in updates]  # each at its client's rank
         return screen_updates(self.expected_update(global_adapter), [u.state for u in updates],
-                              [u.name for u in updates], max_norm=max_norm, min_clients=min_clients)
+                              [u.name for u in updates], max_norm=max_norm, min_clients=min_clients,
+                              references=references)
 
     def aggregate(self, global_adapter: StateDict, updates: list[ClientUpdate], *, num_failed: int = 0,
                   method: str | None = None, round_number: int = 0) -> AggregationOutcome:
@@ -205,9 +243,14 @@ class FederatedStrategy:
             detail = "; ".join(f"{name}: {reasons[0]}" for name, reasons in undecodable.items())
             raise NotEnoughClientsError(f"{error} (also rejected - {detail})") from None
         rejected = dict(sorted({**undecodable, **rejected}.items()))
-        norms = {updates[i].name: update_norm(sent, updates[i].state) for i in accepted}
+        norms = {updates[i].name: update_norm(self.expected_update(global_adapter, updates[i].name),
+                                              updates[i].state) for i in accepted}
         clipped: list[str] = []
-        if self.settings.dp_mode == "central":  # DP-FedAvg: the noised mean of clipped updates, m fixed in advance
+        ranks = {updates[i].name: self.client_rank(updates[i].name) for i in accepted}
+        discarded = None
+        if any(rank != self.settings.lora_r for rank in ranks.values()):  # clients of lower rank: on the products
+            combined, discarded = self._mixed_rank_mean(global_adapter, [updates[i] for i in accepted], method)
+        elif self.settings.dp_mode == "central":  # DP-FedAvg: the noised mean of clipped updates, m fixed in advance
             combined = self._central_dp_mean(sent, [updates[i] for i in accepted], len(updates) + num_failed,
                                              method, round_number)
             clipped = [updates[i].name for i in accepted if norms[updates[i].name] > self.settings.dp_clip_norm]
@@ -220,7 +263,70 @@ class FederatedStrategy:
             raise GlobalAdapterError(f"aggregating the accepted updates with {method} made the global adapter bad "
                                      f"({'; '.join(bad_new[:3])}); it is not saved, the previous round's state stays")
         return AggregationOutcome(method=method, new_global=new_global, accepted=[updates[i].name for i in accepted],
-                                  rejected=rejected, update_norms=norms, dp_clipped=clipped)
+                                  rejected=rejected, update_norms=norms, dp_clipped=clipped,
+                                  lora_ranks=ranks if self.settings.client_lora_ranks else {},
+                                  discarded_energy=discarded)
+
+    def _mixed_rank_mean(self, global_adapter: StateDict, accepted: list[ClientUpdate],
+                         method: str) -> tuple[StateDict, float]:
+        """Clients of different rank: the example-weighted average of their products s(r_i)·B_i·A_i, re-factored at
+        rank LORA_R (aggregation/mixed_rank.py); exact when the average has rank <= LORA_R, else the best rank-LORA_R
+        approximation, logged with the share of energy it discarded. Only svd_exact averages products."""
+        import logging
+
+        from fl_crew_reddit.aggregation.mixed_rank import mixed_rank_average
+
+        if method != "svd_exact" or self.settings.dp_mode == "central":
+            raise ValueError(f"clients of different LoRA rank (CLIENT_LORA_RANKS) need AGGREGATION_METHOD=svd_exact "
+                             f"without central DP: {method} cannot combine factors of different shapes")
+        result = mixed_rank_average([u.state for u in accepted], [u.num_examples for u in accepted],
+                                    rank=self.settings.lora_r, alpha=self.settings.lora_alpha, like=global_adapter)
+        ranks = ", ".join(f"{u.name}={r}" for u, r in zip(accepted, result.ranks))
+        if result.exact:
+            logging.getLogger(__name__).info("Mixed-rank aggregation (%s): exact at rank %d", ranks,
+                                             self.settings.lora_r)
+        else:
+            logging.getLogger(__name__).warning(
+                "Mixed-rank aggregation (%s): the averaged products have rank above LORA_R=%d in %d layers; the "
+                "rank-%d SVD keeps the best approximation and discards %.3g%% of their energy (relative error %.3g)",
+                ranks, self.settings.lora_r, result.layers_truncated, self.settings.lora_r,
+                100 * result.discarded_energy, result.relative_error)
+        return result.state, result.discarded_energy
+
+    def aggregate_secure(self, global_adapter: StateDict, mean_update: StateDict, in_sum: list[str], *,
+                         num_failed: int = 0, round_number: int = 0) -> AggregationOutcome:
+        """SECURE_AGGREGATION (Flower's SecAgg+): the new global adapter from the example-weighted mean of the round's
+        updates (sent − global), which is all the server learns: no individual update reaches this object, so there is
+        no screen and no per-client rule, only the rule's post-processing of the mean (the mean itself for
+        weighted_average / fedavg / fedprox, one step for a server optimizer). `in_sum`: the clients SecAgg+ summed;
+        the round needs min(MIN_FIT_CLIENTS, clients asked) of them, where those asked are `in_sum` plus
+        `num_failed`."""
+        method = self.settings.aggregation_method
+        if method not in SECURE_AGGREGATION_METHODS:
+            raise ValueError(f"SECURE_AGGREGATION with AGGREGATION_METHOD={method}: the server sees only the sum of "
+                             f"the updates; use one of {', '.join(SECURE_AGGREGATION_METHODS)}")
+        bad_global = check_global(global_adapter)
+        if bad_global:
+            raise GlobalAdapterError(f"the global adapter itself is bad ({'; '.join(bad_global[:3])}); resume from an "
+                                     "earlier saved state")
+        needed = min(self.settings.min_fit_clients, len(in_sum) + num_failed)
+        if len(in_sum) < needed:
+            raise NotEnoughClientsError(f"only {len(in_sum)} client(s) in the SecAgg+ sum ({', '.join(in_sum)}), the "
+                                        f"round needs {needed} (MIN_FIT_CLIENTS={self.settings.min_fit_clients})")
+        sent = self.expected_update(global_adapter)
+        if sorted(mean_update) != sorted(sent) or any(mean_update[k].shape != sent[k].shape for k in sent):
+            raise ValueError("the SecAgg+ mean does not have the adapter's keys and shapes")
+        if not all(bool(torch.isfinite(v).all()) for v in mean_update.values()):
+            raise ValueError("the SecAgg+ mean holds non-finite values")
+        mean = {k: sent[k].to(torch.float32) + mean_update[k].to(torch.float32) for k in sent}
+        combined = aggregate(method, [mean], [1], **self.aggregation_options(method, sent))
+        new_global = {k: combined[k].to(v.dtype) if k in combined else v for k, v in global_adapter.items()}
+        bad_new = check_global(new_global)
+        if bad_new:
+            raise GlobalAdapterError(f"applying {method} to the SecAgg+ mean made the global adapter bad "
+                                     f"({'; '.join(bad_new[:3])}); it is not saved, the previous round's state stays")
+        return AggregationOutcome(method=method, new_global=new_global, accepted=sorted(in_sum), rejected={},
+                                  secure_aggregation={"clients_in_sum": len(in_sum)})
 
     def _central_dp_mean(self, sent: StateDict, accepted: list[ClientUpdate], num_sampled: int, method: str,
                          round_number: int) -> StateDict:
@@ -246,10 +352,10 @@ class FederatedStrategy:
             return updates, {}
         from fl_crew_reddit.aggregation.compression import decompress
 
-        expected = self.expected_update(global_adapter)
         fraction = self.settings.topk_fraction if kind == "topk" else None
         decoded, rejected = [], {}
         for update in updates:
+            expected = self.expected_update(global_adapter, update.name)  # at the client's rank
             try:
                 delta = decompress(update.state, expected, kind, topk_fraction=fraction)
             except ValueError as error:

@@ -1,0 +1,212 @@
+"""SECURE_AGGREGATION=true: Flower's SecAgg+ (SecAggPlusWorkflow + secaggplus_mod) gives the server only the weighted
+mean of the updates. Fast: the real workflow, mod and our ClientApp on an in-memory grid (synthetic updates; a
+dropout; too many dropouts). e2e: a round on FEDERATION=local-flower equals plain FedAvg within SecAgg+'s quantization,
+and no individual update reaches the server. And the settings SecAgg+ cannot go with are refused at start."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_run_config
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from pydantic import ValidationError
+
+from fl_crew_reddit.aggregation import NotEnoughClientsError
+from fl_crew_reddit.federation import flower, secagg
+from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
+
+SITES = {1: "site-a", 2: "site-b", 3: "site-c"}
+EXAMPLES = {"site-a": 5, "site-b": 12, "site-c": 30}
+
+
+class MemoryGrid:
+    """A Grid whose SuperNodes are our ClientApp called in this process (one Context per node, kept between
+    messages as a SuperNode keeps it). Nodes in `silent_from` stop answering from that SecAgg+ stage on."""
+
+    def __init__(self, folders, silent_from=None):
+        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                                       node_config={"site": name, "data-dir": str(folders[name])})
+                         for node, name in SITES.items()}
+        self.silent_from = silent_from or {}
+        self.replies, self.stage_replies = {}, []
+
+    def get_node_ids(self):
+        return list(SITES)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message_id = message.object_id
+            message.metadata.__dict__["_message_id"] = message_id
+            ids.append(message_id)
+            message = message_from_proto(message_to_proto(message))  # the wire: a SuperNode gets its own copy
+            node = message.metadata.dst_node_id
+            stage = message.content.config_records.get("secaggplus_configs", {}).get("stage")
+            if stage and self.silent_from.get(node) is not None and \
+                    ("setup", "share_keys", "collect_masked_vectors", "unmask").index(stage) >= self.silent_from[node]:
+                continue
+            try:
+                reply = flower.client_app(message, self.contexts[node])
+            except Exception as error:  # a SuperNode answers a ClientApp exception with an error message
+                reply = Message(error=Error(code=1, reason=str(error)), reply_to=message)
+            if stage == "collect_masked_vectors":
+                self.stage_replies.append(reply)
+            self.replies[message_id] = reply
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+@pytest.fixture()
+def sites(tmp_path, monkeypatch):
+    """Three site folders (train counts 5, 12, 30) and a synthetic `_fit`: site i sends global + its own Δ."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, name, value)
+    folders = {}
+    for name, count in EXAMPLES.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "train.jsonl").write_text("{}\n" * count)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"layer.lora_A.weight": (4, 16), "layer.lora_B.weight": (16, 4)}
+    global_adapter = {key: torch.randn(shape, generator=generator) * 0.1 for key, shape in shapes.items()}
+    deltas = {name: {key: torch.randn(shape, generator=generator) * 0.05 for key, shape in shapes.items()}
+              for name in EXAMPLES}
+
+    def fake_fit(content, config, settings, context):
+        name = str(context.node_config["site"])
+        sent = flower.to_torch(flower.unpack_adapter(content))
+        return {k: sent[k] + deltas[name][k] for k in sent}, EXAMPLES[name], {"train_loss": 1.5}
+
+    monkeypatch.setattr(flower, "_fit", fake_fit)
+    return folders, global_adapter, deltas
+
+
+def _secure_round(grid, global_adapter, settings, timeout_s=30.0):
+    model = {"lora_target_modules": ["q_proj"]}
+    return secagg.run_secure_round(grid, {name: node for node, name in SITES.items()}, 1,
+                                   flower.pack_adapter(global_adapter), {"round": 1}, model, sorted(global_adapter),
+                                   settings, timeout_s, flower.exchange, flower.serialized_bytes)
+
+
+def _weighted_mean(deltas, names):
+    total = sum(EXAMPLES[n] for n in names)
+    return {k: sum(deltas[n][k] * EXAMPLES[n] for n in names) / total for k in deltas[names[0]]}
+
+
+def test_secagg_gives_the_weighted_mean_only_and_survives_a_dropout(sites):
+    folders, global_adapter, deltas = sites
+    settings = StrategySettings(secure_aggregation=True, max_update_norm=10.0)
+
+    # all three sites: the unmasked mean equals the example-weighted mean within SecAgg+'s quantization
+    grid = MemoryGrid(folders)
+    result = _secure_round(grid, global_adapter, settings)
+    assert result.in_sum == ["site-a", "site-b", "site-c"] and result.failed == {}
+    p = result.parameters
+    bound = secagg.error_bound(3, p.clipping_range, p.quantization_range, list(EXAMPLES.values()), p.max_weight)
+    expected = torch.cat([_weighted_mean(deltas, result.in_sum)[k].reshape(-1) for k in sorted(global_adapter)])
+    error = float(np.abs(result.mean - expected.double().numpy()).max())
+    print(f"\nSecAgg+ mean vs weighted mean: max abs error {error:.3g} (bound {bound:.3g}; q={p.quantization_range}, "
+          f"c={p.clipping_range}, max_weight={p.max_weight})")
+    assert error <= bound and bound < 1e-4
+    # what the server received of each client: counts and metrics, never an array; the masked vectors it summed
+    # came without any clear-text array (secaggplus_mod cleared them)
+    assert set(result.clients["site-b"]) == {"num_examples", "metrics", "bytes_down", "bytes_up"}
+    assert result.clients["site-b"]["num_examples"] == 12
+    assert all(not record for reply in grid.stage_replies for record in reply.content.array_records.values())
+    assert all("masked_params" in reply.content.config_records["secaggplus_configs"] for reply in grid.stage_replies)
+
+    # the strategy turns the mean into the new global adapter (the mean itself for weighted_average)
+    mean = {}
+    offset = 0
+    for key in sorted(global_adapter):
+        size = global_adapter[key].numel()
+        mean[key] = torch.from_numpy(result.mean[offset:offset + size].copy()).reshape(global_adapter[key].shape)
+        offset += size
+    outcome = FederatedStrategy(settings).aggregate_secure(global_adapter, mean, result.in_sum)
+    assert outcome.secure_aggregation == {"clients_in_sum": 3} and outcome.update_norms == {}
+    for key, value in global_adapter.items():
+        torch.testing.assert_close(outcome.new_global[key], value + mean[key].float())
+
+    # site-c drops after sharing its keys: its masks are reconstructed from the others' shares, the sum is of two
+    grid = MemoryGrid(folders, silent_from={3: 2})
+    result = _secure_round(grid, global_adapter, settings, timeout_s=2.0)
+    assert result.in_sum == ["site-a", "site-b"] and "site-c" in result.failed
+    assert "no reply" in result.failed["site-c"]
+    expected = torch.cat([_weighted_mean(deltas, ["site-a", "site-b"])[k].reshape(-1) for k in sorted(global_adapter)])
+    assert float(np.abs(result.mean - expected.double().numpy()).max()) <= bound * 2
+
+
+def test_secagg_round_that_loses_too_many_clients_fails_clearly(sites):
+    folders, global_adapter, _ = sites
+    settings = StrategySettings(secure_aggregation=True, max_update_norm=10.0)
+    grid = MemoryGrid(folders, silent_from={2: 2, 3: 2})  # two of three drop: 1 < the 2 shares each secret needs
+    with pytest.raises(secagg.SecAggFailed, match=r"could not reconstruct the sum.*need 2 of 3 shares.*No model"):
+        _secure_round(grid, global_adapter, settings, timeout_s=2.0)
+    # fewer clients in the sum than MIN_FIT_CLIENTS: the round fails like any round with too few updates
+    strategy = FederatedStrategy(StrategySettings(secure_aggregation=True, min_fit_clients=3))
+    zero = {k: torch.zeros_like(v) for k, v in global_adapter.items()}
+    with pytest.raises(NotEnoughClientsError, match="SecAgg"):
+        strategy.aggregate_secure(global_adapter, zero, ["site-a", "site-b"], num_failed=1)
+
+
+def test_settings_secagg_cannot_go_with_are_refused(tiny_model_dir, tmp_path):
+    def refused(**overrides):
+        with pytest.raises(ValidationError) as caught:
+            tiny_run_config(tiny_model_dir, tmp_path, secure_aggregation=True, **overrides)
+        return str(caught.value)
+
+    assert "SECURE_AGGREGATION=true with FEDERATION=inprocess" in refused()
+    for method in ("krum", "median", "trimmed_mean", "bulyan", "svd_exact"):
+        assert f"AGGREGATION_METHOD={method} needs individual updates" in refused(
+            federation="local-flower", aggregation_method=method)
+    assert "DP_MODE=central" in refused(federation="local-flower", dp_mode="central", dp_noise_multiplier=1.0)
+    assert "UPDATE_COMPRESSION=topk" in refused(federation="local-flower", update_compression="topk")
+    for method in ("weighted_average", "fedprox", "fedadam"):  # the mean is all they need
+        assert tiny_run_config(tiny_model_dir, tmp_path, secure_aggregation=True, federation="local-flower",
+                               aggregation_method=method).secure_aggregation
+
+
+@pytest.mark.e2e
+def test_local_flower_secagg_round_equals_plain_fedavg(tiny_model_dir, tmp_path, monkeypatch):
+    # Prepare: the same tiny settings and SEED; in-process plain FedAvg is the oracle (the Flower parity test shows
+    # both engines give the same adapter to 1e-6 without SecAgg)
+    from test_flower_parity import _global_adapters, _processes_mentioning
+
+    from fl_crew_reddit import FLCrewRedditManager
+
+    monkeypatch.chdir(tmp_path)
+    settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3)
+    plain = FLCrewRedditManager(tiny_run_config(tiny_model_dir, tmp_path / "plain", **settings)
+                                ).run_federated_learning(num_rounds=1, run_id="plain")
+    folder = tmp_path / "secagg"
+    try:
+        secure = FLCrewRedditManager(tiny_run_config(
+            tiny_model_dir, folder, federation="local-flower", flower_insecure=True, secure_aggregation=True,
+            **settings)).run_federated_learning(num_rounds=1, run_id="secure")
+    finally:
+        leftover = _processes_mentioning(str(folder))
+    assert leftover == []
+
+    # Assert: the same global adapter within SecAgg+'s quantization ...
+    aggregation = secure.history["rounds"][0]["aggregation"]
+    info = aggregation["secure_aggregation"]
+    assert info["clients_in_sum"] == 3 and aggregation["accepted"] == ["client-0", "client-1", "client-2"]
+    clients = secure.history["rounds"][0]["clients"]
+    bound = secagg.error_bound(3, info["clipping_range"], info["quantization_range"],
+                               [c["num_examples"] for c in clients], info["max_weight"])
+    (expected,), (actual,) = _global_adapters(plain), _global_adapters(secure)
+    error = max(float((expected[k] - actual[k]).abs().max()) for k in expected)
+    print(f"\nSecAgg+ round vs plain FedAvg: max abs difference {error:.3g} (bound {bound:.3g}, {info})")
+    assert error <= bound + 1e-6
+    # ... and no individual update reached the server: no updates folder, no client adapter, nothing but counts
+    job = folder / "results" / "secure" / "flower" / "round-1"
+    assert (job / "new_global.safetensors").is_file() and not (job / "updates").exists()
+    result = json.loads((job / "result.json").read_text())
+    assert all(set(entry) == {"num_examples", "metrics", "bytes_down", "bytes_up"}
+               for entry in result["clients"].values())
+    assert all(c["adapter_path"].startswith("(secure aggregation") for c in clients)
