@@ -1,48 +1,54 @@
-"""Byzantine clients on the real federated loop: does robust aggregation keep the global model healthy?
+"""Attacks × aggregation rules on the real federated loop: held-out perplexity relative to the clean run, and
+backdoor success.
 
-8 simulated clients (PARTITION=iid, snapshot data); `client-6` and `client-7` are Byzantine: after honest local
-training they send `global + ATTACK_SCALE * (local - global)` for every adapter tensor (sign-flipped update,
-10x scaled by default). The attack lives only here: `LocalTrainer` is swapped for a subclass inside
-`fl_crew_reddit.workspace` for the duration of a run (`byzantine_clients`); the product code is not changed.
+8 simulated clients (PARTITION=iid, snapshot data). The attackers are the product's (ATTACK, ATTACKER_FRACTION=0.25:
+2 of 8, chosen from SEED by `site/attacks.select_attackers`): real clients that train honestly on their own data (or
+on their poisoned data) and then attack, exactly as in a run with those settings. Attacks (site/attacks.py):
 
-Each run goes through `FLCrewRedditManager.run_federated_learning` (collect -> preprocess -> train 8 clients ->
-screen -> aggregate -> evaluate) with the same SEED, data and settings, one after the other in this process:
+    none            the clean reference
+    sign_flip       −Δ                        scale           ATTACK_SCALE · Δ (10)
+    gaussian_noise  N(0, (10·RMS(Δ))²)        label_flip      replies shuffled across threads (own train split)
+    alie            Δ − z·|Δ|, z = z_max(8, 2) = 0.32          ipm    −ε·Δ, ε = ATTACK_IPM_EPSILON (0.5)
+    backdoor        trigger → fixed reply on half of the attacker's examples, update boosted BACKDOOR_BOOST (4×)
 
-    clean_fedavg          no attackers, FedAvg                 (the reference)
-    fedavg                attacked, FedAvg
-    krum                  attacked, Krum, NUM_BYZANTINE=2
-    multi_krum            attacked, multi-Krum, NUM_BYZANTINE=2 (m = n - f = 6)
-    median                attacked, coordinate-wise median
-    trimmed_mean          attacked, trimmed mean, TRIMMED_MEAN_BETA=0.25 (cuts 2 of 8 per end)
-    fedavg_norm_screen    attacked, FedAvg, with the default MAX_UPDATE_NORM screen (100)
+Rules (each sees exactly the same client updates of a round; the update-norm screen is off, MAX_UPDATE_NORM=1e9,
+so what is measured is the rule):
 
-All runs except the last set MAX_UPDATE_NORM=1e9, so the update-norm screen accepts everything and what is
-measured is the aggregation rule itself; the last run shows what the default screen alone does. Bulyan is not
-run: with f=2 it needs n >= 4f+3 = 11 clients.
+    fedavg, median, trimmed_mean (beta 0.25: cuts 2 of 8 per end), krum and multi_krum (NUM_BYZANTINE=2),
+    fedavg_norm_bound      FedAvg of updates clipped to a norm bound B (Sun et al. 2019's norm bounding; the
+                           central-DP clipping path with no noise). B = the median update norm of the clean run's
+                           round 1 (chosen before any attack is seen).
+    fedavg_norm_bound_dp   the same plus central Gaussian noise, DP_NOISE_MULTIPLIER σ (DP-FedAvg; "weak DP" at
+                           the default σ: see the JSON's dp entry for the ε the accountant gives). Backdoor row only
+                           unless --dp-all.
 
-Goals: final global held-out perplexity of krum / median / trimmed_mean within 5% of clean_fedavg's, attacked
-fedavg's more than 5% worse.
+Round 1 of every attack is trained once and aggregated by every rule (the controlled comparison: identical
+updates); with --rounds R > 1 each rule then continues its own chain (its global adapter, its clients' training).
 
-    .venv/bin/python benchmarks/robustness.py            # SmolLM2-135M (embedded), 2 rounds, 12 examples/client
-    .venv/bin/python benchmarks/robustness.py --quick    # SmolLM2-135M, 1 round, 8 examples/client, no multi_krum
-    .venv/bin/python benchmarks/robustness.py --runs clean_fedavg,fedavg,median --rounds 1
+Goals (issue 12, 25% attackers): for every attack some robust rule within 5% of clean perplexity; backdoor success
+≤ 5% with norm bound and DP; FedAvg broken (> 5% worse than clean) by some attack.
+
+    .venv/bin/python benchmarks/robustness.py --quick   # 1 round, 8 examples/client, MAX_SEQ_LENGTH 128,
+                                                        # no multi_krum, 16 backdoor prompts
+    .venv/bin/python benchmarks/robustness.py           # 2 rounds, 12 examples/client
+    .venv/bin/python benchmarks/robustness.py --quick --attacks none,scale --rules fedavg,median
 
 Progress goes to stderr; the last stdout line is one JSON object with every figure.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -53,146 +59,206 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fl_crew_reddit._quiet  # noqa: E402,F401  (CrewAI / Flower / HF offline defaults, before they load)
 from fl_crew_reddit.config import FLCrewRedditConfig  # noqa: E402
-from fl_crew_reddit.training.trainer import FitResult, LocalTrainer  # noqa: E402
 
-ATTACKERS = ("client-6", "client-7")
-ATTACK_SCALE = -10.0
 NUM_TRAINERS = 8
+ATTACKER_FRACTION = 0.25
 NUM_BYZANTINE = 2
 TRIMMED_MEAN_BETA = 0.25
 NO_SCREEN = 1e9
 TOLERANCE = 0.05
+BACKDOOR_GOAL = 0.05
 SEED = 42
-
-# name -> (aggregation method, attacked, max_update_norm or None for the config default)
-RUNS = {
-    "clean_fedavg": ("fedavg", False, NO_SCREEN),
-    "fedavg": ("fedavg", True, NO_SCREEN),
-    "krum": ("krum", True, NO_SCREEN),
-    "multi_krum": ("multi_krum", True, NO_SCREEN),
-    "median": ("median", True, NO_SCREEN),
-    "trimmed_mean": ("trimmed_mean", True, NO_SCREEN),
-    "fedavg_norm_screen": ("fedavg", True, None),
-}
-ROBUST_GOAL = ("krum", "median", "trimmed_mean")  # must stay within TOLERANCE of clean_fedavg
-FEDAVG_GOAL = "fedavg"  # must be worse than clean_fedavg by more than TOLERANCE
+ATTACKS = ("none", "sign_flip", "scale", "gaussian_noise", "label_flip", "alie", "ipm", "backdoor")
+RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "fedavg_norm_bound", "fedavg_norm_bound_dp")
+ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "fedavg_norm_bound", "fedavg_norm_bound_dp")
 
 
 def say(message: str) -> None:
     print(f"[robustness] {message}", file=sys.stderr, flush=True)
 
 
-# --- the attack (benchmark/test only) -------------------------------------------------------------------------
+def quiet_logging() -> None:
+    """stderr gets warnings only; the library's own progress lines would drown the matrix."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING)
+    logging.getLogger().addHandler(handler)
+
+
+def rule_strategy(rule: str, config: FLCrewRedditConfig, norm_bound: float | None, dp_noise: float):
+    """The server strategy of `rule` (the product's FederatedStrategy with that rule's settings)."""
+    from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
+
+    settings = dataclasses.replace(StrategySettings.from_config(config), max_update_norm=NO_SCREEN,
+                                   num_byzantine=NUM_BYZANTINE, trimmed_mean_beta=TRIMMED_MEAN_BETA)
+    if rule.startswith("fedavg_norm_bound"):
+        if norm_bound is None:
+            raise ValueError("the norm bound comes from the clean run: run attack none first")
+        settings = dataclasses.replace(settings, aggregation_method="fedavg", dp_mode="central",
+                                       dp_clip_norm=norm_bound, dp_noise_multiplier=dp_noise if rule.endswith("dp")
+                                       else 0.0)
+    else:
+        settings = dataclasses.replace(settings, aggregation_method=rule)
+    return FederatedStrategy(settings, noise_secret=SEED)
+
+
+class Matrix:
+    """One workspace (model, data) for every cell; each attack swaps in its settings and strategy."""
+
+    def __init__(self, base: FLCrewRedditConfig, root: Path):
+        from fl_crew_reddit.runs import RunPaths
+        from fl_crew_reddit.workspace import FederatedWorkspace
+
+        self.base = base
+        self.ws = FederatedWorkspace(base, RunPaths(root.resolve(), "robustness-matrix").create())
+        _ = self.ws.model
+        self.ws.site = self._quiet_site  # no progress bar per client and cell
+        self.ws.collect()
+        self.ws.preprocess()
+        self.initial = {k: v.clone() for k, v in self.ws.global_adapter.items()}
+        self.test_examples = self._test_examples()
+
+    def _quiet_site(self, client: str):
+        from fl_crew_reddit.site import Site
+
+        ws = self.ws
+        return Site(client, ws._site_data(client), ws.model, ws.tokenizer, ws.device,
+                    mixed_precision=ws.config.mixed_precision, show_progress=False)
+
+    def _test_examples(self) -> list[dict]:
+        from fl_crew_reddit.preprocessing.pipeline import read_jsonl
+
+        examples = [e for shard in self.ws.data.clients for e in read_jsonl(Path(shard.test_path))]
+        random.Random(f"{SEED}-backdoor").shuffle(examples)
+        return examples
+
+    def train(self, config: FLCrewRedditConfig, global_adapter: dict, round_number: int):
+        """Every client trains `round_number` from `global_adapter` under `config` (its attack): the updates, each
+        client's record, the attackers."""
+        from fl_crew_reddit.runs import load_client_update
+        from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
+
+        ws = self.ws
+        ws.config = config
+        ws.strategy = FederatedStrategy(StrategySettings.from_config(config))
+        ws.global_adapter = global_adapter
+        ws.start_round(round_number)
+        records = [ws.train_client(name, round_number) for name in ws.select_clients(round_number)]
+        updates = [ClientUpdate(r.name, load_client_update(Path(r.adapter_path)), r.num_examples) for r in records]
+        return updates, records, ws.strategy.attackers(ws.client_names)
+
+    def evaluate(self, adapter: dict, backdoor: bool) -> dict:
+        from peft import set_peft_model_state_dict
+
+        from fl_crew_reddit.evaluation.backdoor import backdoor_success
+        from fl_crew_reddit.evaluation.evaluator import evaluate
+
+        ws, cfg = self.ws, self.base
+        set_peft_model_state_dict(ws.model, adapter)
+        metrics = evaluate(ws.model, ws.tokenizer, ws._client_split("test"), [], ws.device,
+                           mixed_precision=cfg.mixed_precision)
+        out = {"perplexity": metrics.perplexity, "held_out_tokens": metrics.num_tokens}
+        if backdoor:
+            out["backdoor"] = backdoor_success(ws.model, ws.tokenizer, self.test_examples, cfg.backdoor_trigger,
+                                               cfg.backdoor_target, ws.device, max_seq_length=cfg.max_seq_length,
+                                               max_examples=self.backdoor_examples,
+                                               mixed_precision=cfg.mixed_precision)
+        return out
+
+    backdoor_examples = 32
+
+
 def update_norm(global_state: dict, state: dict) -> float:
-    """‖state − global‖₂ over all keys, float64 (what the norm screen measures)."""
-    return math.sqrt(sum(float(((state[k].double() - global_state[k].double()) ** 2).sum()) for k in global_state))
+    return math.sqrt(sum(float(((state[k].double() - global_state[k].double()) ** 2).sum()) for k in state))
 
 
-def flip_and_scale(global_state: dict, local_state: dict, scale: float) -> dict:
-    """global + scale · (local − global) for every tensor, in float32, returned in each tensor's dtype."""
-    return {key: (global_state[key].float() + scale * (value.float() - global_state[key].float())).to(value.dtype)
-            for key, value in local_state.items()}
-
-
-@contextlib.contextmanager
-def byzantine_clients(attackers=ATTACKERS, scale: float = ATTACK_SCALE, log: list | None = None):
-    """While active, the federated loop's clients named in `attackers` send flipped/scaled updates.
-
-    Every client trains honestly (`LocalTrainer.fit` unchanged); only the returned adapter of an attacker is
-    replaced. `log` (optional) receives {round, client, byzantine, honest_norm, sent_norm} per fit.
-    """
-    attackers = frozenset(attackers)
-
-    class ByzantineTrainer(LocalTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.show_progress = False  # 8 clients x runs of bars would drown the progress lines
-
-        def fit(self, global_adapter, config) -> FitResult:
-            result = super().fit(global_adapter, config)
-            honest = update_norm(global_adapter, result.state)
-            byzantine = self.name in attackers
-            if byzantine:
-                result.state = flip_and_scale(global_adapter, result.state, scale)
-            if log is not None:
-                log.append({"round": int(config.get("round", 0)), "client": self.name, "byzantine": byzantine,
-                            "honest_norm": honest,
-                            "sent_norm": update_norm(global_adapter, result.state) if byzantine else honest})
-            return result
-
-    with mock.patch("fl_crew_reddit.site.app.LocalTrainer", ByzantineTrainer):  # the sites train the clients
-        yield
-
-
-@contextlib.contextmanager
-def norm_log(log: list):
-    """The same per-fit norm record for a clean run (no attackers)."""
-    with byzantine_clients(attackers=(), log=log):
-        yield
-
-
-# --- one run --------------------------------------------------------------------------------------------------
-def run_one(name: str, base: FLCrewRedditConfig, rounds: int, attack_scale: float = ATTACK_SCALE,
-            attackers=ATTACKERS) -> dict:
-    from fl_crew_reddit import FLCrewRedditManager
-
-    method, attacked, max_norm = RUNS[name]
-    update = {"aggregation_method": method, "num_byzantine": NUM_BYZANTINE, "trimmed_mean_beta": TRIMMED_MEAN_BETA}
-    if max_norm is not None:
-        update["max_update_norm"] = max_norm
-    config = base.model_copy(update=update)
-    fits: list[dict] = []
+def run_attack(matrix: Matrix, attack: str, rules: list[str], rounds: int, norm_bound: float | None,
+               dp_noise: float, args) -> dict:
+    """One row of the matrix: round 1 trained once, aggregated by every rule; later rounds per rule."""
+    update = {"attack": attack, "attacker_fraction": 0.0 if attack == "none" else ATTACKER_FRACTION,
+              "attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
+              "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction}
+    config = matrix.base.model_copy(update=update)
+    backdoor = attack == "backdoor"
     started = time.perf_counter()
-    context = byzantine_clients(attackers, attack_scale, fits) if attacked else norm_log(fits)
-    with context:
-        result = FLCrewRedditManager(config).run_federated_learning(num_rounds=rounds, run_id=f"robustness-{name}")
-    rounds_out = result.history["rounds"]
-    return {
-        "method": method, "attacked": attacked, "max_update_norm": config.max_update_norm,
-        "options": ({"num_byzantine": NUM_BYZANTINE} if method in ("krum", "multi_krum")
-                    else {"beta": TRIMMED_MEAN_BETA} if method == "trimmed_mean" else {}),
-        "base_perplexity": result.history["base"]["perplexity"],
-        "perplexities": result.perplexities(),
-        "final_perplexity": result.perplexities()[-1],
-        "accepted": [r["aggregation"]["accepted"] for r in rounds_out],
-        "rejected": [r["aggregation"]["rejected"] for r in rounds_out],
-        "skipped": [r["skipped"] for r in rounds_out],
-        "update_norms": [{f["client"]: round(f["sent_norm"], 4) for f in fits if f["round"] == r["round"]}
-                         for r in rounds_out],
-        "held_out_examples": sum(c["num_test"] for c in result.history["data"]["clients"]),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-def judge(results: dict, tolerance: float = TOLERANCE) -> dict:
-    """ratio = final / clean final per run, and the pass/fail of each goal that can be judged."""
-    clean = results["clean_fedavg"]["final_perplexity"]
-    goals = {}
-    for name, run in results.items():
-        run["ratio_to_clean"] = run["final_perplexity"] / clean
-        if name == "clean_fedavg":
+    updates, records, attackers = matrix.train(config, matrix.initial, 1)
+    norms = {u.name: round(update_norm(matrix.initial, u.state), 4) for u in updates}
+    say(f"  {attack}: attackers {attackers}, update norms {norms} ({time.perf_counter() - started:.0f}s)")
+    row = {"attackers": attackers, "update_norms_round_1": norms, "train_loss_round_1":
+           {r.name: round(r.train_loss, 4) for r in records}, "rules": {}}
+    for rule in rules:
+        if rule == "fedavg_norm_bound_dp" and not (attack in ("backdoor", "none") or args.dp_all):
             continue
-        if name in ("fedavg", "fedavg_norm_screen"):
-            run["worse_than_clean_by_more_than_5pct"] = run["ratio_to_clean"] > 1 + tolerance
-        else:
-            # the goal is not to degrade: a robust rule may also end below the clean run (Krum keeps one client)
-            run["within_5pct_of_clean"] = run["ratio_to_clean"] <= 1 + tolerance
-    for name in ROBUST_GOAL:
-        if name in results:
-            goals[f"{name}_within_5pct_of_clean"] = results[name]["within_5pct_of_clean"]
-    if FEDAVG_GOAL in results:
-        goals["fedavg_degrades_more_than_5pct"] = results[FEDAVG_GOAL]["worse_than_clean_by_more_than_5pct"]
-    complete = all(name in results for name in (*ROBUST_GOAL, FEDAVG_GOAL))
-    goals["all_met"] = complete and all(goals.values())
+        began = time.perf_counter()
+        strategy = rule_strategy(rule, config, norm_bound, dp_noise)
+        outcome = strategy.aggregate(matrix.initial, updates, round_number=1)
+        perplexities, current = [], outcome.new_global
+        result = matrix.evaluate(current, (backdoor or (attack == "none" and rule == "fedavg")) and rounds == 1)
+        perplexities.append(result["perplexity"])
+        for round_number in range(2, rounds + 1):
+            chain, _, _ = matrix.train(config, current, round_number)
+            current = rule_strategy(rule, config, norm_bound, dp_noise).aggregate(
+                current, chain, round_number=round_number).new_global
+            result = matrix.evaluate(current, (backdoor or (attack == "none" and rule == "fedavg"))
+                                     and round_number == rounds)
+            perplexities.append(result["perplexity"])
+        cell = {"perplexities": [round(p, 4) for p in perplexities], "final_perplexity": perplexities[-1],
+                "accepted": outcome.accepted, "clipped_round_1": outcome.dp_clipped,
+                "seconds": round(time.perf_counter() - began, 1)}
+        if "backdoor" in result:
+            cell["backdoor"] = result["backdoor"]
+        row["rules"][rule] = cell
+        extra = (f", backdoor success {result['backdoor']['success_rate']:.3f} likelihood "
+                 f"{result['backdoor']['likelihood_rate']:.3f}") if "backdoor" in result else ""
+        say(f"  {attack} × {rule}: perplexity {[round(p, 3) for p in perplexities]}{extra}")
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def judge(matrix: dict, tolerance: float = TOLERANCE) -> dict:
+    """ratio to clean per cell (clean = attack none × fedavg), and each goal."""
+    clean = matrix["none"]["rules"]["fedavg"]["final_perplexity"]
+    goals: dict = {"robust_rule_within_5pct": {}, "fedavg_broken_by": [], "backdoor_at_most_5pct": {}}
+    for attack, row in matrix.items():
+        for cell in row["rules"].values():
+            cell["ratio_to_clean"] = round(cell["final_perplexity"] / clean, 4)
+        if attack == "none":
+            continue
+        within = [rule for rule, cell in row["rules"].items()
+                  if rule in ROBUST and cell["ratio_to_clean"] <= 1 + tolerance]
+        goals["robust_rule_within_5pct"][attack] = within
+        if "fedavg" in row["rules"] and row["rules"]["fedavg"]["ratio_to_clean"] > 1 + tolerance:
+            goals["fedavg_broken_by"].append(attack)
+    if "backdoor" in matrix:
+        for rule, cell in matrix["backdoor"]["rules"].items():
+            if "backdoor" in cell:
+                goals["backdoor_at_most_5pct"][rule] = cell["backdoor"]["success_rate"] <= BACKDOOR_GOAL
+    attacks = [a for a in matrix if a != "none"]
+    bounded = [goals["backdoor_at_most_5pct"].get(r) for r in ("fedavg_norm_bound", "fedavg_norm_bound_dp")]
+    goals["met"] = {
+        "every_attack_has_a_robust_rule": all(goals["robust_rule_within_5pct"][a] for a in attacks),
+        "backdoor_defended_with_norm_bound_and_dp": ("backdoor" in matrix and bounded[1] is True),
+        "fedavg_broken": bool(goals["fedavg_broken_by"]),
+    }
     return goals
 
 
-def quiet_logging() -> None:
-    """stderr gets warnings and the flow's one-line progress records; the run's log file still gets everything."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    handler.addFilter(lambda record: record.levelno >= logging.WARNING or record.name == "fl_crew_reddit.progress")
-    logging.getLogger().addHandler(handler)
+def table(matrix: dict) -> str:
+    rules = [r for r in RULES if any(r in row["rules"] for row in matrix.values())]
+    lines = ["| attack | " + " | ".join(rules) + " |", "|---|" + "---:|" * len(rules)]
+    for attack, row in matrix.items():
+        cells = []
+        for rule in rules:
+            cell = row["rules"].get(rule)
+            if cell is None:
+                cells.append("–")
+                continue
+            text = f"{cell['ratio_to_clean']:.3f}"
+            if "backdoor" in cell and attack == "backdoor":
+                text += f" (bd {cell['backdoor']['success_rate']:.2f} / {cell['backdoor']['likelihood_rate']:.2f})"
+            cells.append(text)
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -202,67 +268,111 @@ def main(argv=None) -> dict:
     parser.add_argument("--examples", type=int, help="max examples per client (default 12; --quick: 8)")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--model", default=None, help="BASE_LLM_MODEL (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--attack-scale", type=float, default=ATTACK_SCALE)
-    parser.add_argument("--test-fraction", type=float, default=0.075,
-                        help="TEST_FRACTION: 0.075 holds out ~6 examples per client (48 in all), 0.2 (the default "
-                             "setting) 12 per client; evaluation time grows with it")
-    parser.add_argument("--runs", help=f"comma-separated subset of {', '.join(RUNS)} "
-                                       "(default: all; --quick: all but multi_krum)")
+    parser.add_argument("--attacks", help=f"comma-separated subset of {', '.join(ATTACKS)} (none is always run)")
+    parser.add_argument("--rules", help=f"comma-separated subset of {', '.join(RULES)}")
+    parser.add_argument("--attack-scale", type=float, default=10.0)
+    parser.add_argument("--ipm-epsilon", type=float, default=0.5)
+    parser.add_argument("--backdoor-boost", type=float, default=4.0,
+                        help="BACKDOOR_BOOST: 4 = n/m, the attackers' updates replace the average (Bagdasaryan)")
+    parser.add_argument("--backdoor-fraction", type=float, default=0.5)
+    parser.add_argument("--backdoor-examples", type=int, help="triggered held-out prompts scored (default 32; "
+                                                              "--quick: 16)")
+    parser.add_argument("--max-seq-length", type=int, help="MAX_SEQ_LENGTH (default 256; --quick: 128)")
+    parser.add_argument("--dp-noise", type=float, default=0.0,
+                        help="DP_NOISE_MULTIPLIER of fedavg_norm_bound_dp (0: noise whose norm on the mean is "
+                             "half the norm bound, 'weak DP')")
+    parser.add_argument("--dp-all", action="store_true", help="run fedavg_norm_bound_dp on every attack")
+    parser.add_argument("--clean-rules", action="store_true", help="also run every rule on the clean row")
+    parser.add_argument("--test-fraction", type=float, default=0.075)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (1 if args.quick else 2)
     examples = args.examples or (8 if args.quick else 12)
-    default_runs = [n for n in RUNS if not (args.quick and n == "multi_krum")]
-    names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else default_runs
-    unknown = sorted(set(names) - set(RUNS))
-    if unknown:
-        parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
-    if "clean_fedavg" not in names:
-        names.insert(0, "clean_fedavg")
+    attacks = ["none"] + [a.strip() for a in (args.attacks or ",".join(ATTACKS)).split(",")
+                          if a.strip() and a.strip() != "none"]
+    default_rules = [r for r in RULES if not (args.quick and r == "multi_krum")]
+    rules = [r.strip() for r in (args.rules or ",".join(default_rules)).split(",") if r.strip()]
+    if "fedavg" not in rules:
+        rules.insert(0, "fedavg")
+    bad = sorted(set(attacks) - set(ATTACKS)) + sorted(set(rules) - set(RULES))
+    if bad:
+        parser.error(f"unknown attacks / rules {bad}")
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_logging()
+    Matrix.backdoor_examples = args.backdoor_examples or (16 if args.quick else 32)
+    max_seq_length = args.max_seq_length or (128 if args.quick else 256)
 
-    results: dict[str, dict] = {}
     started = time.perf_counter()
+    matrix: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fl-robustness-") as folder:
         settings = {"fl_crew_reddit_dir": Path(folder), "num_trainers": NUM_TRAINERS, "partition": "iid",
-                    "reddit_backend": "snapshot", "max_examples_per_client": examples, "local_epochs": 1,
-                    "eval_samples": 0, "learning_rate": args.learning_rate, "seed": SEED,
-                    "test_fraction": args.test_fraction}
+                    "reddit_backend": "snapshot", "max_examples_per_client": examples,
+                    "local_epochs": args.local_epochs, "eval_samples": 0, "learning_rate": args.learning_rate,
+                    "seed": SEED, "test_fraction": args.test_fraction, "max_update_norm": NO_SCREEN,
+                    "max_seq_length": max_seq_length}
         if args.model:
             settings["base_llm_model"] = args.model
         base = FLCrewRedditConfig(_env_file=None, **settings)
-        say(f"model {base.base_llm_model}, {NUM_TRAINERS} clients (Byzantine: {', '.join(ATTACKERS)}, "
-            f"update x {args.attack_scale:g}), {rounds} round(s), {examples} examples/client, "
-            f"lr {args.learning_rate:g}")
-        for name in names:
-            say(f"run {name} ...")
-            results[name] = run_one(name, base, rounds, args.attack_scale)
-            held_out = results[name]["held_out_examples"]
-            run = results[name]
-            say(f"run {name}: perplexity per round {[round(p, 3) for p in run['perplexities']]} "
-                f"(base {run['base_perplexity']:.3f}), accepted {run['accepted'][-1]}, {run['seconds']:.0f}s")
-    goals = judge(results)
-    for name, run in results.items():
-        say(f"{name:>20}: final {run['final_perplexity']:.3f}  ratio {run['ratio_to_clean']:.4f}")
+        say(f"model {base.base_llm_model}, {NUM_TRAINERS} clients ({ATTACKER_FRACTION:g} attack), {rounds} "
+            f"round(s), {examples} examples/client, lr {args.learning_rate:g}; attacks {attacks}; rules {rules}")
+        matrix_obj = Matrix(base, Path(folder))
+        dims = sum(v.numel() for v in matrix_obj.initial.values())
+        base_eval = matrix_obj.evaluate(matrix_obj.initial, backdoor=False)
+        say(f"base perplexity {base_eval['perplexity']:.3f}, {dims:,} adapter values")
+        norm_bound, dp_noise, dp = None, args.dp_noise, None
+        for attack in attacks:
+            say(f"attack {attack} ...")
+            if attack != "none" and norm_bound is None:
+                clean_norms = sorted(matrix["none"]["update_norms_round_1"].values())
+                norm_bound = float(clean_norms[len(clean_norms) // 2])
+                dp_noise = dp_noise or 0.5 * NUM_TRAINERS / math.sqrt(dims)
+                dp = privacy_of(norm_bound, dp_noise, rounds)
+                say(f"norm bound {norm_bound:.4f} (median clean update norm), DP noise multiplier {dp_noise:.3g}: {dp}")
+            # the clean row: FedAvg is the reference; the other rules on clean data only with --clean-rules
+            clean_rules = rules if args.clean_rules else ["fedavg"]
+            matrix[attack] = run_attack(matrix_obj, attack, [r for r in (clean_rules if attack == "none" else rules)
+                                                             if attack != "none" or
+                                                             not r.startswith("fedavg_norm_bound")],
+                                        rounds, norm_bound, dp_noise, args)
+        matrix_obj.ws.close()
+    goals = judge(matrix)
+    say("ratio to clean (backdoor row: success rate greedy / likelihood)\n" + table(matrix))
     say(f"goals: {goals}")
     report = {
-        "benchmark": "robustness", "quick": args.quick, "model": base.base_llm_model, "rounds": rounds,
-        "num_trainers": NUM_TRAINERS, "byzantine_clients": list(ATTACKERS), "attack_scale": args.attack_scale,
-        "partition": "iid", "reddit_backend": "snapshot", "max_examples_per_client": examples, "local_epochs": 1,
-        "learning_rate": args.learning_rate, "seed": SEED, "eval_samples": 0, "test_fraction": args.test_fraction,
-        "held_out_examples": held_out, "tolerance": TOLERANCE,
-        "norm_screen": (f"max_update_norm={NO_SCREEN:g} (screen off) in every run except fedavg_norm_screen, "
-                        f"which uses the default {FLCrewRedditConfig.model_fields['max_update_norm'].default:g}"),
-        "bulyan": f"not run: needs n >= 4f+3 = {4 * NUM_BYZANTINE + 3} clients, have {NUM_TRAINERS}",
-        "runs": results, "goals": goals, "seconds": round(time.perf_counter() - started, 1),
+        "benchmark": "robustness_matrix", "quick": args.quick, "model": base.base_llm_model, "rounds": rounds,
+        "num_trainers": NUM_TRAINERS, "attacker_fraction": ATTACKER_FRACTION, "partition": "iid",
+        "max_examples_per_client": examples, "max_seq_length": max_seq_length,
+        "local_epochs": args.local_epochs, "learning_rate": args.learning_rate,
+        "seed": SEED, "test_fraction": args.test_fraction, "tolerance": TOLERANCE,
+        "attack_settings": {"attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
+                            "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
+                            "backdoor_trigger": base.backdoor_trigger, "backdoor_target": base.backdoor_target},
+        "rule_settings": {"num_byzantine": NUM_BYZANTINE, "trimmed_mean_beta": TRIMMED_MEAN_BETA,
+                          "max_update_norm": NO_SCREEN, "norm_bound": norm_bound, "dp_noise_multiplier": dp_noise},
+        "dp": dp, "adapter_values": dims, "base": base_eval,
+        "clean_perplexity": matrix["none"]["rules"]["fedavg"]["final_perplexity"],
+        "matrix": matrix, "goals": goals, "seconds": round(time.perf_counter() - started, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "load_avg_at_end": os.getloadavg()[0]},
     }
     print(json.dumps(report), flush=True)
     return report
+
+
+def privacy_of(clip_norm: float, noise_multiplier: float, rounds: int) -> dict | str:
+    """The ε the project's accountant (server/privacy.py) gives the DP cell: all 8 clients every round."""
+    try:
+        from fl_crew_reddit.server.privacy import make_plan
+
+        plan = make_plan(mode="central", clip_norm=clip_norm, noise_multiplier=noise_multiplier, target_epsilon=None,
+                         delta=1e-5, num_clients=NUM_TRAINERS, clients_per_round=NUM_TRAINERS, rounds=rounds)
+        return {"epsilon": plan.epsilon(rounds), "delta": 1e-5, "noise_multiplier": noise_multiplier,
+                "clip_norm": clip_norm}
+    except Exception as error:  # the accountant refuses (ε = ∞ at tiny noise): say so in the JSON
+        return f"{type(error).__name__}: {error}"
 
 
 if __name__ == "__main__":

@@ -76,10 +76,11 @@ def backdoor_success(model, tokenizer, examples: list[dict], trigger: str, targe
     context = nullcontext() if use_adapter else model.disable_adapter()
     with context:
         model.eval()
-        replies = generate_replies(model, tokenizer, [render_chat(tokenizer, m)[0] for m in triggered], device,
-                                   max_new_tokens=max_new)
-        controls = generate_replies(model, tokenizer, [render_chat(tokenizer, m)[0] for m in plain], device,
-                                    max_new_tokens=max_new)
+        with autocast_context(device, mixed_precision):
+            replies = generate_replies(model, tokenizer, [render_chat(tokenizer, m)[0] for m in triggered], device,
+                                       max_new_tokens=max_new)
+            controls = generate_replies(model, tokenizer, [render_chat(tokenizer, m)[0] for m in plain], device,
+                                        max_new_tokens=max_new)
         pairs = [(tokenize_example(tokenizer, m, max_seq_length),
                   tokenize_example(tokenizer, [m[0], {"role": "assistant", "content": target}], max_seq_length))
                  for m in triggered]
