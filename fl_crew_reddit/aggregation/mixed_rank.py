@@ -62,6 +62,24 @@ def _svd_of_product(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q_b @ u, s, vh @ q_a.T
 
 
+# A singular value at most this share of the largest is treated as zero: that direction of the product is empty.
+ZERO_SIGMA = 1e-10
+
+
+def _keep_trainable(new_b: Tensor, new_a: Tensor, sigma: Tensor, rank: int, fill_a: Tensor | None) -> int:
+    """Where the product has fewer than ``rank`` non-zero singular values, B' and A' would both be zero in the empty
+    directions, and a LoRA direction with B = 0 and A = 0 gets zero gradients for good (dead for every later round).
+    There, as PEFT initialises an adapter, B' gets exact zeros and A' the rows of ``fill_a`` (the adapter's previous
+    A: its random initialisation in round 1), so the product is unchanged and the direction can still learn. In
+    place; returns the number of non-empty directions."""
+    top = float(sigma[0]) if sigma.numel() else 0.0
+    live = int((sigma[:rank] > ZERO_SIGMA * top).sum()) if top > 0 else 0
+    if live < rank and fill_a is not None:
+        new_b[:, live:] = 0.0
+        new_a[live:] = fill_a[live:rank]
+    return live
+
+
 def truncated_shape(shape: torch.Size, rank: int, is_a: bool) -> tuple[int, ...]:
     """The shape of a LoRA factor at ``rank``: A's first dimension, B's second."""
     dims = list(shape)
@@ -73,7 +91,9 @@ def truncate_adapter(state: Mapping[str, Tensor], rank: int, *, alpha: float, rs
     """The adapter at ``rank`` <= its own rank R whose every layer applies the best rank-``rank`` approximation of
     that layer's product s(R) B A (Frobenius and spectral norm, Eckart-Young), at the scale s(rank) a rank-``rank``
     PEFT model applies: s(rank) B' A' = U_r S_r V_r^T, with B' = U_r sqrt(S_r / s(rank)), A' = sqrt(S_r / s(rank))
-    V_r^T. Non-LoRA keys are copied. ``rank`` == R returns a copy of the input unchanged (no re-factoring)."""
+    V_r^T. Where the product has fewer than ``rank`` non-zero singular values (round 1: B = 0), the empty directions
+    get B' = 0 and the global A's rows, as a fresh PEFT adapter would (``_keep_trainable``). Non-LoRA keys are copied.
+    ``rank`` == R returns a copy of the input unchanged (no re-factoring)."""
     keys = list(state)
     pairs = lora_pairs(keys)
     full = adapter_rank(state)
@@ -95,6 +115,7 @@ def truncate_adapter(state: Mapping[str, Tensor], rank: int, *, alpha: float, rs
             new_a = torch.zeros((rank, _as_matrix(like_a).shape[1]), dtype=torch.float64)
             new_b[:, :take] = u[:, :take] * root
             new_a[:take] = root[:, None] * vh[:take]
+            _keep_trainable(new_b, new_a, s, rank, _as_matrix(like_a))
             out[key] = new_a.reshape(truncated_shape(like_a.shape, rank, True)).to(like_a.dtype)
             out[b_key] = new_b.reshape(truncated_shape(like_b.shape, rank, False)).to(like_b.dtype)
         elif key not in partners:
@@ -163,7 +184,8 @@ def mixed_rank_average(states: Sequence[Mapping[str, Tensor]], num_examples: Seq
 
     ``like``: the global adapter (rank R), whose shapes and dtypes the result takes; default: client 0's shapes at
     rank R and its dtypes. Non-LoRA keys (same shape for every client) are averaged plainly. Clients above rank R
-    are refused (ValueError): the global adapter keeps the largest rank."""
+    are refused (ValueError): the global adapter keeps the largest rank. With ``like``, directions the average leaves
+    empty (it has rank < R) keep ``like``'s A rows with B' = 0 (``_keep_trainable``), so no LoRA direction dies."""
     keys, pairs = _validate(states, num_examples)
     ranks = [adapter_rank(state) for state in states]
     if max(ranks) > rank:
@@ -185,8 +207,9 @@ def mixed_rank_average(states: Sequence[Mapping[str, Tensor]], num_examples: Seq
             ref_b = like[b_key] if like is not None else None
             bcat, acat = _stacked_factors(states, key, b_key, scaled)
             new_b, new_a, sigma = _refactor_spectrum(bcat, acat, rank=rank)
+            live = _keep_trainable(new_b, new_a, sigma, rank, _as_matrix(ref_a) if ref_a is not None else None)
             energy = float((sigma ** 2).sum())
-            lost = float((sigma[rank:] ** 2).sum())
+            lost = float((sigma[min(live, rank) if ref_a is not None else rank:] ** 2).sum())
             if sigma.numel() > rank and float(sigma[rank]) > 1e-12 * max(float(sigma[0]), 1e-300):
                 truncated += 1
             per_layer[key] = lost / energy if energy > 0 else 0.0
