@@ -3,12 +3,13 @@ mean of the updates. Fast: the real workflow, mod and our ClientApp on an in-mem
 dropout; too many dropouts). e2e: a round on FEDERATION=local-flower equals plain FedAvg within SecAgg+'s quantization,
 and no individual update reaches the server. And the settings SecAgg+ cannot go with are refused at start."""
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_run_config
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from pydantic import ValidationError
 
@@ -141,12 +142,22 @@ def test_secagg_gives_the_weighted_mean_only_and_survives_a_dropout(sites):
     assert float(np.abs(result.mean - expected.double().numpy()).max()) <= bound * 2
 
 
-def test_secagg_round_that_loses_too_many_clients_fails_clearly(sites):
+def test_secagg_round_that_loses_too_many_clients_fails_clearly(sites, tmp_path):
     folders, global_adapter, _ = sites
     settings = StrategySettings(secure_aggregation=True, max_update_norm=10.0)
     grid = MemoryGrid(folders, silent_from={2: 2, 3: 2})  # two of three drop: 1 < the 2 shares each secret needs
-    with pytest.raises(secagg.SecAggFailed, match=r"could not reconstruct the sum.*need 2 of 3 shares.*No model"):
-        _secure_round(grid, global_adapter, settings, timeout_s=2.0)
+    result = flower._run_secure_round(grid, tmp_path, FederatedStrategy(settings), global_adapter,
+                                      {name: node for node, name in SITES.items()}, {}, list(EXAMPLES),
+                                      ConfigRecord({"round": 1}), ConfigRecord({"lora_target_modules": ["q_proj"]}),
+                                      {}, 2.0, print)
+    assert re.search(r"could not reconstruct the sum.*need 2 of 3 shares.*No model", result["error"])
+    assert "aggregation" not in result and not (tmp_path / flower.GLOBAL_OUT).exists()
+    assert set(result["failed"]) == set(EXAMPLES)  # each sampled site's outcome names why
+    # the crew's side: the round fails as one with too few updates (the run stops, completed rounds saved)
+    outcome = flower.FlowerRoundOutcome(round=1, selected=list(EXAMPLES), failed=result["failed"], results={},
+                                        aggregation=None, error=result["error"])
+    with pytest.raises(NotEnoughClientsError, match="SecAgg"):
+        outcome.take_aggregation("weighted_average")
     # fewer clients in the sum than MIN_FIT_CLIENTS: the round fails like any round with too few updates
     strategy = FederatedStrategy(StrategySettings(secure_aggregation=True, min_fit_clients=3))
     zero = {k: torch.zeros_like(v) for k, v in global_adapter.items()}
