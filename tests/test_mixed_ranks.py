@@ -223,6 +223,28 @@ def test_each_client_is_sent_the_global_adapter_at_its_rank_and_screened_at_it()
         assert float(torch.linalg.matrix_norm(got - want)) == pytest.approx(float(sigma[16:].norm()), rel=1e-3)
 
 
+def test_a_quantized_update_of_a_lower_rank_client_is_decompressed_at_its_rank():
+    """UPDATE_COMPRESSION=int8 with mixed ranks: each payload is decoded against what its client was sent."""
+    from fl_crew_reddit.aggregation.compression import compress
+    from fl_crew_reddit.server.strategy import ClientUpdate
+
+    gen = torch.Generator().manual_seed(10)
+    global_state = _random_state(16, gen, dtype=torch.float32)
+    strategy = _strategy(update_compression="int8")
+    updates, plain = [], []
+    for name in ("c4", "c16"):
+        sent = strategy.adapter_for(name, global_state)
+        delta = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in sent.items()}
+        updates.append(ClientUpdate(name, compress(delta, "int8"), 5))
+        plain.append(ClientUpdate(name, {k: sent[k] + d for k, d in delta.items()}, 5))
+    outcome = strategy.aggregate(global_state, updates)
+    assert outcome.accepted == ["c16", "c4"] and not outcome.rejected
+    reference = _strategy().aggregate(global_state, plain)
+    for layer in LAYERS:  # the products (the factors' SVD basis may turn): within the int8 step of the deltas
+        want = _product(reference.new_global, layer)
+        assert float((_product(outcome.new_global, layer) - want).abs().max()) < 1e-2 * float(want.abs().max())
+
+
 def test_a_rule_that_cannot_combine_mixed_ranks_is_refused_in_the_round_too():
     from fl_crew_reddit.server.strategy import ClientUpdate
 

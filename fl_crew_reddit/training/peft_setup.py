@@ -104,7 +104,11 @@ def adapter_for_state(model, state) -> str:
     from fl_crew_reddit.aggregation.mixed_rank import adapter_rank
 
     default = model.peft_config["default"]
-    if not lora_pairs(list(state)):  # only B factors (FFA-LoRA) or no LoRA keys: the model's own adapter
+    try:
+        paired = bool(lora_pairs(list(state)))
+    except ValueError:  # factors without partners (only B, as FFA-LoRA sends): not a rank of their own
+        paired = False
+    if not paired:  # the model's own adapter (PEFT itself says what does not fit it)
         return "default"
     rank = adapter_rank(state)
     if rank == default.r:
