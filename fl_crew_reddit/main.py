@@ -168,11 +168,13 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
 
     manager = FLCrewRedditManager(config)
     try:
-        run_id = find_run(config.fl_crew_reddit_dir.resolve(), resume or None, rounds)[0] if resume is not None \
-            else new_run_id()
+        run_id, why = find_run(config.fl_crew_reddit_dir.resolve(), resume or None, rounds) if resume is not None \
+            else (new_run_id(), "")
     except (NothingSaved, ValueError) as error:
         print(f"Cannot resume: {error}", file=sys.stderr)
         return 2
+    if why:
+        logging.getLogger("fl_crew_reddit.progress").info("Resuming run %s: %s", run_id, why)
     global _run_log
     _run_log = config.fl_crew_reddit_dir.resolve() / "logs" / f"{run_id}.log"  # as RunPaths names it
     _stop_cleanly_on_ctrl_c(run_id)

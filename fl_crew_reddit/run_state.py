@@ -469,6 +469,8 @@ def find_run(base: Path, run: str | None, rounds: int | None = None) -> tuple[st
     unfinished = []
     for folder in sorted(results.glob("*/state")) if results.is_dir() else []:
         run_id = folder.parent.name
+        if folder.parent.is_symlink() or not folder.parent.is_dir():  # results/latest points to a run listed anyway
+            continue
         try:
             state = newest_state(RunPaths(Path(base), run_id))
         except ValueError:

@@ -28,7 +28,7 @@ from fl_crew_reddit.run_state import (
     save_state,
     state_dir,
 )
-from fl_crew_reddit.runs import RunPaths
+from fl_crew_reddit.runs import RunPaths, point_latest
 from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
 
 REFERENCE = {"layer.lora_A.weight": torch.zeros(2, 4), "layer.lora_B.weight": torch.zeros(4, 2)}
@@ -205,6 +205,7 @@ def test_bare_resume_picks_the_newest_unfinished_run_and_says_why(tmp_path):
     _save(newest, 0, stage="preprocessed")
     time.sleep(0.01)
     _save(newer_finished, 3, stage="finished")
+    point_latest(tmp_path / "results", "aa-newest")  # results/latest is a link to a run, not another run
     run_id, why = find_run(tmp_path, None)
     assert run_id == "aa-newest"
     assert "newest unfinished run" in why and "after preprocessing" in why and "1 other unfinished" in why

@@ -74,8 +74,10 @@ class FLCrewRedditManager:
         """
         from fl_crew_reddit.run_state import find_run
 
+        asked = run_id
         run_id, why = find_run(Path(self.config.fl_crew_reddit_dir).resolve(), run_id, num_rounds)
-        logging.getLogger("fl_crew_reddit.progress").info("Resuming run %s: %s", run_id, why)
+        # the CLI names the run it picked itself (it needs the id first); a caller who named none learns it here
+        (log if asked else logging.getLogger("fl_crew_reddit.progress")).info("Resuming run %s: %s", run_id, why)
         return self._run(run_id, num_rounds, on_round, resume=True)
 
     def _run(self, run_id: str, num_rounds: int | None, on_round, resume: bool) -> FLRunResult:
