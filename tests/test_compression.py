@@ -291,6 +291,11 @@ def test_int8_and_topk_runs_complete_with_fewer_bytes_on_the_wire(tiny_config):
         sizes[kind] = {c.metrics["update_bytes"] for c in record.clients}
         perplexities[kind] = result.perplexities()[-1]
         if kind != "none":
+            from fl_crew_reddit.evaluation.report import markdown_report
+
+            total = sum(c.metrics["update_bytes"] for c in record.clients)  # the report's: the compressed files
+            assert f"per round, compressed with UPDATE_COMPRESSION={kind}" in markdown_report(result.history)
+            assert f"{total / 1e6:,.1f} MB of adapter files" in markdown_report(result.history)
             folder = Path(record.clients[0].adapter_path)
             assert record.clients[0].metrics["update_bytes"] == (folder / "update.safetensors").stat().st_size
             assert any(k.endswith("::index" if kind == "topk" else "::int8")

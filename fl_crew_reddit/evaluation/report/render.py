@@ -124,17 +124,19 @@ def _communication(summary: ReportSummary) -> list[Block]:
     rounds = [r for r in summary.rounds if r.bytes_down or r.bytes_up or r.update_file_bytes]
     if not rounds:
         return []
+    compression = str(summary.settings.get("update_compression") or "none")
+    compressed = f", compressed with UPDATE_COMPRESSION={compression}" if compression != "none" else ""
     if not any(r.bytes_down or r.bytes_up for r in rounds):
         total = sum(r.update_file_bytes for r in rounds)
         return [("p", f"Communication: none over a network (in-process engine); the clients' updates were "
                       f"{_megabytes(total)} of adapter files over {len(rounds)} round(s), "
-                      f"{_megabytes(total // len(rounds))} per round.")]
+                      f"{_megabytes(total // len(rounds))} per round{compressed}.")]
     rows = [[r.number, _megabytes(r.bytes_down), _megabytes(r.bytes_up), _megabytes(r.bytes_down + r.bytes_up),
              len(r.train_loss)] for r in rounds]
     down, up = sum(r.bytes_down for r in rounds), sum(r.bytes_up for r in rounds)
     rows.append(["total", _megabytes(down), _megabytes(up), _megabytes(down + up), ""])
     return [("p", "Communication per round (serialized Flower messages: the global adapter down to each sampled "
-                  "client, its update up):"),
+                  f"client, its update up{compressed}):"),
             _table(["Round", "Sent down", "Sent up", "Both", "Clients"], rows)]
 
 
