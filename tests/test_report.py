@@ -245,3 +245,19 @@ def test_bytes_per_round_and_the_total_are_reported_for_flower_and_in_process_ru
            "2 round(s), 5.0 MB per round" in text
     assert "communication/bytes_down" not in round_scalars(RunHistory.model_validate(in_process).rounds[0])
     assert "Communication" not in markdown_report(HISTORY)  # an old history without sizes: no section
+
+
+def test_privacy_section_shows_secure_aggregation_and_the_epsilon_spent():
+    history = copy.deepcopy(HISTORY)
+    assert "## Privacy" not in markdown_report(history)  # nothing private to report
+    history["rounds"][0]["aggregation"]["secure_aggregation"] = {"clients_in_sum": 3, "reconstruction_threshold": 2,
+                                                                 "clipping_range": 100.0,
+                                                                 "quantization_range": 536870912}
+    for number, epsilon in ((0, 4.5), (1, 7.25)):
+        history["rounds"][number]["privacy"] = {"mode": "local", "epsilon": epsilon, "delta": 1e-5,
+                                                "noise_multiplier": 1.1, "clip_norm": 0.5, "clipped": ["client-0"]}
+    report = markdown_report(history)
+    assert report.count("## Privacy") == 1
+    assert "Secure aggregation (Flower's SecAgg+) was on" in report and "| 1 | 3 | 2 |" in report
+    assert "DP_MODE=local" in report and "ε = 7.250" in report
+    assert "| 2 | 7.250 | 1e-05 | 1.1 | 0.5 | client-0 |" in report

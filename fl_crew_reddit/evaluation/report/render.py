@@ -141,15 +141,29 @@ def _communication(summary: ReportSummary) -> list[Block]:
 
 
 def _privacy(summary: ReportSummary) -> list[Block]:
-    """DP runs: the privacy spent after each round (dp_accounting's RDP accountant), the noise and who was clipped."""
+    """DP: the privacy spent after each round (dp_accounting's RDP accountant), the noise and who was clipped;
+    SecAgg+: which rounds the server saw only the sum of, and of how many clients."""
+    blocks: list[Block] = []
+    if summary.secure_rounds:
+        rows = [[number, params.get("clients_in_sum", "—"), params.get("reconstruction_threshold", "—"),
+                 params.get("clipping_range", "—"), params.get("quantization_range", "—")]
+                for number, params in summary.secure_rounds]
+        blocks += [("h2", "Privacy"),
+                   ("p", "Secure aggregation (Flower's SecAgg+) was on: the server received only the weighted sum of "
+                         "the clients' masked updates, never one client's update, so it could not screen them one by "
+                         "one (each site clipped its own)."),
+                   _table(["Round", "Clients in the sum", "Shares needed", "Clipping range", "Quantization range"],
+                          rows)]
     if not summary.privacy:
-        return []
+        return blocks
+    if not blocks:
+        blocks.append(("h2", "Privacy"))
     last = summary.privacy[-1][1]
     where = "the server added it to the sum of clipped updates" if last.mode == "central" else \
         "each client added it to its own clipped update before sending"
     rows = [[number, f"{p.epsilon:.3f}", f"{p.delta:g}", f"{p.noise_multiplier:.4g}", f"{p.clip_norm:g}",
              ", ".join(p.clipped) or "—"] for number, p in summary.privacy]
-    return [("h2", "Privacy"),
+    return blocks + [
             ("p", f"Client-level differential privacy, DP_MODE={last.mode}: each client's update was clipped to L2 "
                   f"norm {last.clip_norm:g} and Gaussian noise of {last.noise_multiplier:.4g} × that norm was "
                   f"added ({where}). After round {summary.privacy[-1][0]} the run has spent ε = {last.epsilon:.3f} "

@@ -135,6 +135,7 @@ class ReportSummary(BaseModel):
     data: DataSummary
     llm_steps: list[AgentStep]  # the steps an agent's LLM took or fell back from (direct mode: none)
     privacy: list[tuple[int, RoundPrivacy]] = []  # DP runs: each round's (ε, δ), noise and clipping
+    secure_rounds: list[tuple[int, dict]] = []  # SECURE_AGGREGATION: each round's SecAgg+ parameters
 
 
 def change_percent(value: float | None, base: float | None) -> float | None:
@@ -265,4 +266,6 @@ def summarize(history: RunHistory) -> ReportSummary:
         analyses=[(r.round, r.analysis.strip()) for r in history.rounds if r.analysis and r.analysis.strip()],
         samples_round=samples_round, samples=samples, data=_data(history),
         llm_steps=[s for s in history.agent_steps if s.outcome in ("llm", "fallback")],
-        privacy=[(r.round, r.privacy) for r in history.rounds if r.privacy is not None])
+        privacy=[(r.round, r.privacy) for r in history.rounds if r.privacy is not None],
+        secure_rounds=[(r.round, r.aggregation.secure_aggregation) for r in history.rounds
+                       if r.aggregation is not None and r.aggregation.secure_aggregation])
