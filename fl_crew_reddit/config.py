@@ -114,10 +114,11 @@ class FLCrewRedditConfig(BaseSettings):
                                                                   "examples that get the trigger and the target.")
     backdoor_boost: float = Field(1.0, gt=0, description="ATTACK=backdoor: factor on the poisoned update (model "
                                                          "replacement; 1: plain data poisoning).")
-    update_compression: Literal["none", "fp16", "int8", "nf4", "topk"] = Field(
+    update_compression: Literal["none", "fp16", "int8", "nf4", "topk", "sign"] = Field(
         "none", description="How a client's update (sent - global) travels: none (the adapter as it is), fp16, int8 "
-                            "or nf4 (blockwise quantized), topk (the TOPK_FRACTION largest values, with error "
-                            "feedback on the client); the server decompresses it before screening.")
+                            "or nf4 (blockwise quantized), topk (the TOPK_FRACTION largest values) or sign (one bit "
+                            "per value times a block scale), both with error feedback on the client; the server "
+                            "decompresses it before screening.")
     topk_fraction: float = Field(0.05, gt=0, le=1, description="UPDATE_COMPRESSION=topk: share of each tensor's "
                                                                "values sent (the largest in magnitude).")
     dp_mode: Literal["off", "central", "local"] = Field(
@@ -551,6 +552,11 @@ class FLCrewRedditConfig(BaseSettings):
         if above:
             raise ValueError(f"CLIENT_LORA_RANKS gives {', '.join(f'{n}={r}' for n, r in above.items())} above "
                              f"LORA_R={self.lora_r}: the global adapter keeps the largest rank; raise LORA_R")
+        names = {f"client-{index}" for index in range(self.clients_count)}
+        unknown = [name for name in ranks if name not in names]
+        if unknown and self.federation != "flower":  # flower: the sites' own names, known when they connect
+            raise ValueError(f"CLIENT_LORA_RANKS names {', '.join(unknown)}, not a client of this run (client-0 ... "
+                             f"client-{self.clients_count - 1})")
         if not any(rank != self.lora_r for rank in ranks.values()):
             return
         if self.ffa_lora:
@@ -559,10 +565,10 @@ class FLCrewRedditConfig(BaseSettings):
         if self.dp_mode == "central":
             raise ValueError("CLIENT_LORA_RANKS (mixed ranks) with DP_MODE=central: the server clips factors but "
                              "averages products, so the clip bounds nothing; use DP_MODE=local or equal ranks")
-        if self.update_compression == "topk":
-            raise ValueError("CLIENT_LORA_RANKS (mixed ranks) with UPDATE_COMPRESSION=topk: a lower-rank client's "
-                             "residual is in the factors of last round's truncation, whose basis the next one "
-                             "changes; use fp16, int8 or nf4 with mixed ranks")
+        if self.update_compression in ("topk", "sign"):
+            raise ValueError(f"CLIENT_LORA_RANKS (mixed ranks) with UPDATE_COMPRESSION={self.update_compression}: a "
+                             "lower-rank client's error-feedback residual is in the factors of last round's "
+                             "truncation, whose basis the next one changes; use fp16, int8 or nf4 with mixed ranks")
         if self.aggregation_method != "svd_exact":
             raise ValueError(f"CLIENT_LORA_RANKS (mixed ranks) with AGGREGATION_METHOD={self.aggregation_method}: "
                              "factors of different ranks can only be combined on their products; use svd_exact")

@@ -406,8 +406,9 @@ class FederatedWorkspace:
         return record
 
     def _feedback_of(self, client: str) -> dict[str, torch.Tensor] | None:
-        """UPDATE_COMPRESSION=topk: `client`'s residual, which its compression stage replaces in place; else None."""
-        if self.config.update_compression != "topk":
+        """UPDATE_COMPRESSION topk / sign: `client`'s residual, which its compression stage replaces in place; else
+        None."""
+        if self.config.update_compression not in ("topk", "sign"):  # compression.ERROR_FEEDBACK_KINDS
             return None
         return self._error_feedback.setdefault(client, {})
 

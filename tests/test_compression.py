@@ -84,6 +84,19 @@ def test_topk_keeps_exactly_the_k_largest_and_nothing_else():
         assert torch.equal(kept[sorted(expected)], value.reshape(-1)[sorted(expected)].half().float())
 
 
+def test_sign_sends_one_bit_per_value_times_its_blocks_mean_magnitude():
+    update = _update(4)
+    payload = compress(update, "sign")
+    back = decompress(payload, update, "sign")
+    for key, value in update.items():
+        flat = value.reshape(-1)
+        assert payload[f"{key}::sign"].dtype == torch.uint8 and payload[f"{key}::sign"].numel() == -(-flat.numel() // 8)
+        assert torch.equal(torch.sign(back[key].reshape(-1)), torch.where(flat >= 0, 1.0, -1.0))
+        for start in range(0, flat.numel(), BLOCK):
+            block = back[key].reshape(-1)[start:start + BLOCK]
+            assert torch.allclose(block.abs(), flat[start:start + BLOCK].abs().mean().expand_as(block))
+
+
 def test_payload_sizes_shrink_as_advertised():
     update = {"big.lora_A.weight": torch.randn(64, 1024)}
     dense = 64 * 1024 * 4
@@ -92,17 +105,19 @@ def test_payload_sizes_shrink_as_advertised():
     assert ratios["int8"] == pytest.approx(32 / 8.5)
     assert ratios["nf4"] == pytest.approx(32 / 4.5)
     assert ratios["topk"] == pytest.approx(32 / (0.05 * 48), rel=1e-3)  # int32 index + fp16 value: 13x
+    assert ratios["sign"] == pytest.approx(32 / 1.5)
 
 
-def test_error_feedback_makes_the_sum_of_what_was_sent_track_the_sum_of_true_updates():
+@pytest.mark.parametrize("kind", ["topk", "sign"])
+def test_error_feedback_makes_the_sum_of_what_was_sent_track_the_sum_of_true_updates(kind):
     residual: dict[str, torch.Tensor] = {}
     true_sum = sent_sum = plain_sum = None
     for step in range(60):
         update = _update(100 + step)
         update = {k: v + 2e-4 for k, v in update.items()}  # a consistent drift top-k alone would mostly drop
-        payload, residual = compress_with_feedback(update, residual, "topk", topk_fraction=0.05)
-        sent = decompress(payload, update, "topk")
-        plain = decompress(compress(update, "topk", topk_fraction=0.05), update, "topk")
+        payload, residual = compress_with_feedback(update, residual, kind, topk_fraction=0.05)
+        sent = decompress(payload, update, kind)
+        plain = decompress(compress(update, kind, topk_fraction=0.05), update, kind)
         if true_sum is None:
             true_sum, sent_sum, plain_sum = dict(update), dict(sent), dict(plain)
         else:
@@ -118,7 +133,7 @@ def test_error_feedback_makes_the_sum_of_what_was_sent_track_the_sum_of_true_upd
 
     gap = norm({k: true_sum[k] - sent_sum[k] for k in true_sum}) / norm(true_sum)
     plain_gap = norm({k: true_sum[k] - plain_sum[k] for k in true_sum}) / norm(true_sum)
-    assert gap < 0.25 and plain_gap > 0.6 and gap < plain_gap / 3, (gap, plain_gap)
+    assert gap < 0.25 and plain_gap > 0.15 and gap < plain_gap / 3, (gap, plain_gap)
 
 
 def test_a_residual_that_does_not_fit_is_dropped():
@@ -132,8 +147,8 @@ def test_a_residual_that_does_not_fit_is_dropped():
 def _corrupt(kind: str, how: str) -> dict[str, torch.Tensor]:
     payload = compress(_update(), kind, topk_fraction=0.1)
     key = "m.q.lora_A.weight"
-    first = {"fp16": "::fp16", "int8": "::int8", "nf4": "::nf4", "topk": "::index"}[kind]
-    second = {"fp16": "::fp16", "int8": "::scale", "nf4": "::absmax", "topk": "::value"}[kind]
+    first = {"fp16": "::fp16", "int8": "::int8", "nf4": "::nf4", "topk": "::index", "sign": "::sign"}[kind]
+    second = {"fp16": "::fp16", "int8": "::scale", "nf4": "::absmax", "topk": "::value", "sign": "::scale"}[kind]
     if how == "missing":
         del payload[key + second]
     elif how == "extra":
@@ -185,6 +200,10 @@ def test_topk_must_send_the_agreed_k_and_codes_must_be_in_range():
     payload["m.v.lora_B.weight::nf4"][-1] |= 0x0F  # 21 values: the last low nibble is padding
     with pytest.raises(ValueError, match="padding"):
         decompress(payload, _update(), "nf4")
+    payload = compress(_update(), "sign")
+    payload["m.v.lora_B.weight::sign"][-1] |= 0x01  # 21 values: the last three bits are padding
+    with pytest.raises(ValueError, match="padding"):
+        decompress(payload, _update(), "sign")
     payload = compress(_update(), "int8")  # a plain adapter where a payload is expected
     with pytest.raises(ValueError, match="not a nf4 payload"):
         decompress(payload, _update(), "nf4")

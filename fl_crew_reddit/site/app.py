@@ -59,7 +59,7 @@ class Site:
         # UPDATE_COMPRESSION=topk: the residual the caller keeps (in-process: the workspace's), or else, on a site
         # with its own folder (Flower), the one kept there (site/feedback.py)
         in_folder = error_feedback is None and self.data.folder is not None and \
-            fit_config.get("update_compression") == "topk"
+            fit_config.get("update_compression") in ("topk", "sign")  # the error-feedback kinds
         if in_folder:
             from fl_crew_reddit.site.feedback import load_site_feedback
 
