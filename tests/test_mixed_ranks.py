@@ -159,7 +159,7 @@ def _config(**overrides):
 
 def test_client_ranks_are_read_as_pairs_or_in_client_order():
     assert _config(client_lora_ranks="4,8,16").client_lora_ranks == {"client-0": 4, "client-1": 8, "client-2": 16}
-    assert _config(client_lora_ranks="site-a=4, site-b=8").client_lora_ranks == {"site-a": 4, "site-b": 8}
+    assert _config(client_lora_ranks="client-2=4, client-1=8").client_lora_ranks == {"client-2": 4, "client-1": 8}
     assert _config(client_lora_ranks="").client_lora_ranks == {}
 
 
@@ -175,6 +175,8 @@ def test_client_ranks_are_read_as_pairs_or_in_client_order():
     ({"client_lora_ranks": "4,8", "update_compression": "topk"},
      "CLIENT_LORA_RANKS \\(mixed ranks\\) with UPDATE_COMPRESSION=topk"),
     ({"client_lora_ranks": "client-0=0"}, "not CLIENT=RANK or a rank >= 1"),
+    ({"client_lora_ranks": "4,8,16,4"}, "CLIENT_LORA_RANKS names client-3, not a client of this run"),
+    ({"client_lora_ranks": "client-O=4"}, "CLIENT_LORA_RANKS names client-O, not a client"),
 ])
 def test_settings_that_cannot_go_with_mixed_ranks_stop_at_start(overrides, message):
     from pydantic import ValidationError
