@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--port", type=int, default=9094,
                       help="the SuperNode's local API on 127.0.0.1 (default 9094; one per site on a machine)")
     site.add_argument("--insecure", action="store_true", help="no TLS: only with a loopback SuperLink")
+    site.add_argument("--lora-r", type=int, default=0,
+                      help="the LoRA rank this site can train (lower capacity; needs AGGREGATION_METHOD=svd_exact on "
+                           "the server); default: the server's LORA_R")
     prepare = commands.add_parser("prepare-site", help="collect and preprocess this site's own data (its .env)")
     prepare.add_argument("--data-dir", type=Path, required=True, help="where the site's splits are written")
     prepare.add_argument("--subreddits", help="comma-separated (default: SUBREDDITS of this site's settings)")
@@ -402,7 +405,7 @@ def deployment_command(args) -> int:
                                         insecure=args.insecure)
     if args.command == "site":
         return deploy.site_command(args.name, args.data_dir, args.superlink, args.certs, insecure=args.insecure,
-                                   threads=args.threads, port=args.port)
+                                   threads=args.threads, port=args.port, lora_r=args.lora_r)
     from fl_crew_reddit.config import ConfigError, load_config
 
     _console_logging(False)

@@ -505,6 +505,8 @@ class FederatedWorkspace:
             log.warning("Round %d: the ServerApp sampled %s, the Flow %s", round_number, outcome.selected, clients)
         for name, reason in outcome.evaluation_failed.items():
             log.warning("Round %d: %s is left out of the held-out evaluation: %s", round_number, name, reason)
+        if outcome.lora_ranks:  # sites of lower rank (theirs or CLIENT_LORA_RANKS): their adapters are kept at it
+            self.strategy.declare_site_ranks(outcome.lora_ranks)
         self._flower_round = outcome
 
     def _start_federation(self):

@@ -387,3 +387,85 @@ def test_empty_directions_stay_trainable_as_a_fresh_peft_adapter_would():
         assert torch.equal(b[:, live:], torch.zeros_like(b[:, live:]))
         assert torch.equal(a[live:], initial[_key(layer, "A")][live:])
         assert torch.allclose(_product(result.state, layer), dense[_key(layer, "A")], atol=1e-5)
+
+
+def _declaring_grid(declared: dict[str, int], train_reply):
+    from test_flower_server_round import SitesGrid
+
+    class DeclaringGrid(SitesGrid):
+        """Sites that declare their own LoRA rank in their query reply (`site --lora-r`)."""
+
+        def _answer(self, messages):
+            replies = super()._answer(messages)
+            for reply in replies:
+                if "site" in reply.content and reply.content["site"]["name"] in declared:
+                    reply.content["site"]["lora_r"] = declared[reply.content["site"]["name"]]
+            return replies
+
+    return DeclaringGrid(train_reply)
+
+
+def _round_job(tmp_path, settings, global_state, sites) -> Path:
+    from safetensors.torch import save_file
+
+    from fl_crew_reddit.federation import flower
+
+    job_dir = tmp_path / "round-1"
+    job_dir.mkdir()
+    save_file(global_state, str(job_dir / flower.GLOBAL_IN))
+    (job_dir / flower.JOB_FILE).write_text(json.dumps({
+        "round": 1, "sites": list(sites), "strategy": settings.to_dict(), "strategy_state": None,
+        "model": {"base_llm_model": "unused"}, "timeout_s": 5}))
+    return job_dir
+
+
+def test_a_flower_site_declares_its_own_rank_and_trains_at_it(tmp_path, task_identity):
+    from test_flower_server_round import _reply_with
+
+    from fl_crew_reddit.federation import flower
+    from fl_crew_reddit.server.strategy import StrategySettings
+
+    settings = StrategySettings(aggregation_method="svd_exact", min_fit_clients=2, seed=1, lora_r=16,
+                                lora_alpha=int(ALPHA), client_lora_ranks={"client-1": 8})
+    global_state = _random_state(16, torch.Generator().manual_seed(11), dtype=torch.float32)
+    job_dir = _round_job(tmp_path, settings, global_state, ["client-0", "client-1", "client-2"])
+    received = {}
+
+    def train_reply(name, message):
+        received[name] = flower.to_torch(flower.unpack_adapter(message.content))
+        return _reply_with({k: v + 0.01 for k, v in received[name].items()}, 3, message)
+
+    # client-0 declares 4; client-1 declares 32 but CLIENT_LORA_RANKS caps it at 8; client-2 declares nothing
+    result = flower.run_server_round(_declaring_grid({"client-0": 4, "client-1": 32}, train_reply), job_dir)
+    assert {name: adapter_rank(state) for name, state in received.items()} == {"client-0": 4, "client-1": 8,
+                                                                                "client-2": 16}
+    assert result["lora_ranks"] == {"client-0": 4, "client-1": 8}
+    assert result["aggregation"]["lora_ranks"] == {"client-0": 4, "client-1": 8, "client-2": 16}
+    assert flower.site_ranks(tmp_path) == {"client-0": 4, "client-1": 32}
+
+
+def test_a_declared_rank_that_cannot_mix_with_the_rule_stops_the_round_before_training(tmp_path, task_identity):
+    from fl_crew_reddit.federation import flower
+    from fl_crew_reddit.server.strategy import StrategySettings
+
+    settings = StrategySettings(aggregation_method="fedavg", min_fit_clients=1, lora_r=16)
+    job_dir = _round_job(tmp_path, settings, _random_state(16, torch.Generator().manual_seed(12)), ["client-0"])
+
+    def train_reply(name, message):
+        raise AssertionError("no site trains in a round that cannot be aggregated")
+
+    with pytest.raises(ValueError, match="client-0=4, from their own `site --lora-r`.*AGGREGATION_METHOD=fedavg"):
+        flower.run_server_round(_declaring_grid({"client-0": 4}, train_reply), job_dir)
+
+
+def test_the_site_tells_its_rank_in_its_query_reply(task_identity):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_crew_reddit.federation import flower
+
+    query = Message(RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=5, message_type="query")
+    for node_config, expected in (({"site": "site-a", "lora-r": 4}, {"name": "site-a", "lora_r": 4}),
+                                  ({"site": "site-b"}, {"name": "site-b"})):
+        context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+        reply = flower._query(query, context)
+        assert dict(reply.content["site"]) == expected

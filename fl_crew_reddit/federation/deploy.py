@@ -166,9 +166,10 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
 
 
 def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, insecure: bool = False,
-                 threads: int = 0, port: int = 9094) -> int:
+                 threads: int = 0, port: int = 9094, lora_r: int = 0) -> int:
     """This machine's site: its compute worker (model and data loaded once) and a flower-supernode that connects to
-    the SuperLink's Fleet API with TLS and the site's key."""
+    the SuperLink's Fleet API with TLS and the site's key. `lora_r` > 0: the LoRA rank this site can train (a site of
+    lower capacity); the server sends it the global adapter at min(lora_r, LORA_R) and averages the products."""
     from fl_crew_reddit.federation.certs import CA_CERT, CertsError, check_certs, site_key_paths
     from fl_crew_reddit.federation.flower import _executable, explain_supernode_failure
 
@@ -201,6 +202,8 @@ def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, 
     worker = subprocess.Popen([sys.executable, "-m", "fl_crew_reddit.federation.site_worker",
                                "--threads", str(threads), f"--site={name}={data_dir.resolve()}={socket_path}"])
     node_config = f'site="{name}" data-dir="{data_dir.resolve()}" threads={threads} worker="{socket_path}"'
+    if lora_r > 0:
+        node_config += f" lora-r={int(lora_r)}"
     command = [_executable("flower-supernode"), *security, "--superlink", superlink, "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(port)]  # the node's own local API (its apps talk to it)
     try:

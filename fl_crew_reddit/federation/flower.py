@@ -51,6 +51,7 @@ JOB_FILE, RESULT_FILE = "job.json", "result.json"
 GLOBAL_IN, GLOBAL_OUT = "global.safetensors", "new_global.safetensors"
 OPTIMIZER_IN, OPTIMIZER_OUT = "server_optimizer.safetensors", "server_optimizer_after.safetensors"
 NODES_FILE = "nodes.json"
+SITE_RANKS_FILE = "site_ranks.json"
 SESSION_FILE, HEARTBEAT_FILE = "session.json", "heartbeat"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SPLITS_EVALUATED = ("test", "validation")
@@ -236,7 +237,8 @@ def _query(message: Message, context: Context) -> Message:
     non-secret choices (subreddits, posts per subreddit, search queries). Counts only: no text leaves the site."""
     name = str(context.node_config["site"])
     config = message.content["config"] if "config" in message.content else ConfigRecord({})
-    content = RecordDict({"site": ConfigRecord({"name": name})})
+    declared = int(context.node_config.get("lora-r", 0) or 0)  # its own LoRA rank (`site --lora-r`), 0: LORA_R
+    content = RecordDict({"site": ConfigRecord({"name": name, **({"lora_r": declared} if declared > 0 else {})})})
     if str(config.get("ask", "site")) == "prepare-data":
         summary = site_data_summary(Path(str(context.node_config["data-dir"])), dict(config))
         content["data"] = ConfigRecord({"summary": json.dumps(summary)})
@@ -430,17 +432,31 @@ def _site_nodes(grid: Grid, names: list[str], work_dir: Path, timeout_s: float) 
         if unknown:
             queries = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}), dst_node_id=node,
                                message_type=MessageType.QUERY) for node in unknown]
+            ranks = site_ranks(work_dir)
             for reply in exchange(grid, queries, max(5.0, deadline - time.monotonic())):
                 if not reply.has_error():
-                    found[str(reply.content["site"]["name"])] = reply.metadata.src_node_id
+                    site = reply.content["site"]
+                    found[str(site["name"])] = reply.metadata.src_node_id
+                    if "lora_r" in site:
+                        ranks[str(site["name"])] = int(site["lora_r"])
+                    else:
+                        ranks.pop(str(site["name"]), None)
             known.update(found)
             write_json_atomic(cache, known)
+            write_json_atomic(work_dir / SITE_RANKS_FILE, ranks)
         if set(names) <= set(found) or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
     missing = {name: f"its SuperNode is not connected to the SuperLink (waited {timeout_s:.0f}s)"
                for name in names if name not in found}
     return {name: found[name] for name in names if name in found}, missing
+
+
+def site_ranks(work_dir: Path) -> dict[str, int]:
+    """{site: the LoRA rank it declared (`site --lora-r`)} as its query replies said; sites that declared none are
+    not in it."""
+    path = work_dir / SITE_RANKS_FILE
+    return {str(k): int(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()} if path.is_file() else {}
 
 
 def run_server_prepare(grid: Grid, job_dir: Path) -> dict:
@@ -529,6 +545,7 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
     site_of = {node: name for name, node in nodes.items()}
     say(f"round {round_number}: sites on nodes {nodes}" + (f"; unavailable: {unavailable}" if unavailable else ""))
     model = ConfigRecord(job["model"])
+    ranks = strategy.declare_site_ranks(site_ranks(job_dir.parent))  # a site's own rank: ValueError if it cannot mix
 
     # 1. train: the global adapter and the fit config to each sampled site
     selected = strategy.sample_clients(round_number, names)
@@ -570,7 +587,8 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
                          "bytes_up": serialized_bytes(reply)}
 
     # 2. screen and aggregate (the same strategy object as in-process)
-    result: dict = {"round": round_number, "selected": selected, "failed": failed, "clients": clients}
+    result: dict = {"round": round_number, "selected": selected, "failed": failed, "clients": clients,
+                    "lora_ranks": {name: rank for name, rank in ranks.items() if name in selected}}
     try:
         outcome = strategy.aggregate(global_adapter, updates, num_failed=len(failed), round_number=round_number)
     except NotEnoughClientsError as error:
@@ -675,6 +693,7 @@ class FlowerRoundOutcome:
     evaluation: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
     strategy_state: dict | None = None
     evaluation_failed: dict[str, str] = field(default_factory=dict)  # sites left out of this round's evaluation
+    lora_ranks: dict[str, int] = field(default_factory=dict)  # sampled sites below LORA_R -> their rank
 
     def take_aggregation(self, method: str) -> AggregationOutcome:
         """The ServerApp's aggregation; NotEnoughClientsError when it had too few accepted updates."""
@@ -715,7 +734,7 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
     return FlowerRoundOutcome(
         round=result["round"], selected=result["selected"], failed=result["failed"], results=results,
         aggregation=aggregation, error=result.get("error"), evaluation=evaluation,
-        evaluation_failed=result.get("evaluation_failed", {}),
+        evaluation_failed=result.get("evaluation_failed", {}), lora_ranks=result.get("lora_ranks", {}),
         strategy_state=_load_strategy_state(result.get("strategy_state"), job_dir / OPTIMIZER_OUT))
 
 

@@ -182,6 +182,35 @@ class FederatedStrategy:
         """The LoRA rank `client` trains: its CLIENT_LORA_RANKS entry, else LORA_R."""
         return int(self.settings.client_lora_ranks.get(client, self.settings.lora_r))
 
+    def declare_site_ranks(self, declared: dict[str, int]) -> dict[str, int]:
+        """FEDERATION=flower: the LoRA ranks sites declare in their own settings (`site --lora-r`). Each site trains
+        the smallest of its declared rank, its CLIENT_LORA_RANKS entry and LORA_R (a site of more capacity trains
+        LORA_R). Returns the ranks now in force; ValueError, one line naming the settings, when the mix cannot be
+        aggregated (the same rules config.py applies to CLIENT_LORA_RANKS at start)."""
+        import dataclasses
+
+        s = self.settings
+        if not declared:
+            return dict(s.client_lora_ranks)
+        ranks = dict(s.client_lora_ranks)
+        for name, rank in declared.items():
+            ranks[name] = min(int(rank), int(ranks.get(name, s.lora_r)), s.lora_r)
+        lower = {name: rank for name, rank in ranks.items() if rank != s.lora_r}
+        if lower:
+            checks = ((s.aggregation_method != "svd_exact", f"AGGREGATION_METHOD={s.aggregation_method}"),
+                      (s.ffa_lora, "FFA_LORA=true"), (s.dp_mode == "central", "DP_MODE=central"),
+                      (s.update_compression in ("topk", "sign"), f"UPDATE_COMPRESSION={s.update_compression}"),
+                      (s.secure_aggregation, "SECURE_AGGREGATION=true"))
+            conflicts = [setting for failed, setting in checks if failed]
+            if conflicts:
+                raise ValueError(f"sites train LoRA ranks below LORA_R={s.lora_r} "
+                                 f"({', '.join(f'{n}={r}' for n, r in sorted(lower.items()))}, from their own "
+                                 f"`site --lora-r`), which cannot go with {', '.join(conflicts)}: use "
+                                 "AGGREGATION_METHOD=svd_exact without FFA-LoRA, central DP, topk/sign compression "
+                                 "or SecAgg, or start those sites at LORA_R")
+        self.settings = dataclasses.replace(s, client_lora_ranks=ranks)
+        return ranks
+
     def adapter_for(self, client: str | None, global_adapter: StateDict) -> StateDict:
         """What `client` is sent: the global adapter, or for a client of lower rank (CLIENT_LORA_RANKS) its best
         approximation at that rank (FlexLoRA: SVD of each layer's product, at the client's PEFT scale; computed once
