@@ -215,13 +215,19 @@ def run_attack(matrix: Matrix, attack: str, rules: list[str], rounds: int, norm_
     return row
 
 
-def judge(matrix: dict, tolerance: float = TOLERANCE) -> dict:
-    """ratio to clean per cell (clean = attack none × fedavg), and each goal."""
+def judge(matrix: dict, base_perplexity: float, tolerance: float = TOLERANCE) -> dict:
+    """ratio to clean per cell (clean = attack none × fedavg), the share of the clean run's gain over the base model
+    the cell lost (`gain_lost`: 0 = as good as clean, 1 = no better than the base model, > 1 = worse than it), and
+    each goal. With few training steps the clean run is only a few percent better than the base model, so the 5%
+    band alone can be met by a model that learned nothing: `gain_lost` says how much learning survived."""
     clean = matrix["none"]["rules"]["fedavg"]["final_perplexity"]
-    goals: dict = {"robust_rule_within_5pct": {}, "fedavg_broken_by": [], "backdoor_at_most_5pct": {}}
+    gain = base_perplexity - clean
+    goals: dict = {"robust_rule_within_5pct": {}, "fedavg_broken_by": [], "backdoor_at_most_5pct": {},
+                   "clean_gain_over_base": round(base_perplexity / clean - 1, 4)}
     for attack, row in matrix.items():
         for cell in row["rules"].values():
             cell["ratio_to_clean"] = round(cell["final_perplexity"] / clean, 4)
+            cell["gain_lost"] = round((cell["final_perplexity"] - clean) / gain, 3) if gain > 0 else None
         if attack == "none":
             continue
         within = [rule for rule, cell in row["rules"].items()
@@ -253,7 +259,8 @@ def table(matrix: dict) -> str:
             if cell is None:
                 cells.append("–")
                 continue
-            text = f"{cell['ratio_to_clean']:.3f}"
+            text = f"{cell['ratio_to_clean']:.3f}" + (f" [{cell['gain_lost']:+.2f}]" if cell.get("gain_lost")
+                                                         is not None else "")
             if "backdoor" in cell and attack == "backdoor":
                 text += f" (bd {cell['backdoor']['success_rate']:.2f} / {cell['backdoor']['likelihood_rate']:.2f})"
             cells.append(text)
@@ -338,8 +345,9 @@ def main(argv=None) -> dict:
                                                              not r.startswith("fedavg_norm_bound")],
                                         rounds, norm_bound, dp_noise, args)
         matrix_obj.ws.close()
-    goals = judge(matrix)
-    say("ratio to clean (backdoor row: success rate greedy / likelihood)\n" + table(matrix))
+    goals = judge(matrix, base_eval["perplexity"])
+    say("ratio to clean [share of the clean gain lost] (backdoor row: success rate greedy / likelihood)\n"
+        + table(matrix))
     say(f"goals: {goals}")
     report = {
         "benchmark": "robustness_matrix", "quick": args.quick, "model": base.base_llm_model, "rounds": rounds,

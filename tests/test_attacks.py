@@ -216,3 +216,21 @@ def test_sign_flip_attacker_against_the_median_in_process(tiny_config):
     assert all("attacker" not in m for name, m in metrics.items() if name != expected[0])
     assert record["aggregation"]["method"] == "median" and len(record["aggregation"]["accepted"]) == 3
     assert math.isfinite(record["global"]["perplexity"])
+
+
+@pytest.mark.e2e
+def test_backdoor_run_records_its_success_rate(tiny_config):
+    from fl_crew_reddit import FLCrewRedditManager
+
+    config = tiny_config.model_copy(update={"attack": "backdoor", "attacker_fraction": 0.34, "backdoor_boost": 3.0,
+                                            "eval_samples": 0, "local_epochs": 1})
+    history = FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="backdoor-e2e").history
+    attack = history["rounds"][0]["attack"]
+    assert attack["attack"] == "backdoor" and len(attack["attackers"]) == 1
+    backdoor = attack["backdoor"]
+    assert backdoor["examples"] > 0 and backdoor["target"] == config.backdoor_target
+    for key in ("success_rate", "likelihood_rate", "control_rate"):
+        assert 0.0 <= backdoor[key] <= 1.0
+    metrics = {c["name"]: c["metrics"] for c in history["rounds"][0]["clients"]}
+    attacker = metrics[attack["attackers"][0]]
+    assert attacker["attack_sent_norm"] == pytest.approx(3.0 * attacker["attack_honest_norm"], rel=1e-4)
