@@ -234,3 +234,45 @@ def test_backdoor_run_records_its_success_rate(tiny_config):
     metrics = {c["name"]: c["metrics"] for c in history["rounds"][0]["clients"]}
     attacker = metrics[attack["attackers"][0]]
     assert attacker["attack_sent_norm"] == pytest.approx(3.0 * attacker["attack_honest_norm"], rel=1e-4)
+
+
+def test_flower_server_round_tells_every_site_the_attackers(tmp_path, monkeypatch):
+    """FEDERATION=flower / local-flower: the ServerApp's train messages carry the attack and its attackers; a site
+    running `outgoing_update` on the received config (as Site.fit does in the ClientApp) attacks when named."""
+    import test_flower_server_round as stand_in
+    from flwr.supercore.task_identity import TaskIdentity
+    from safetensors.torch import load_file, save_file
+
+    from fl_crew_reddit.federation import flower
+    from fl_crew_reddit.server.strategy import StrategySettings
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    settings = StrategySettings(aggregation_method="median", min_fit_clients=2, seed=1, attack="sign_flip",
+                                attacker_fraction=0.4)
+    job_dir = tmp_path / "round-1"
+    job_dir.mkdir()
+    save_file(stand_in._state(0.0), str(job_dir / flower.GLOBAL_IN))
+    (job_dir / flower.JOB_FILE).write_text(json.dumps({
+        "round": 1, "sites": list(stand_in.NODES), "strategy": settings.to_dict(), "strategy_state": None,
+        "model": {"base_llm_model": "unused"}, "timeout_s": 5}))
+    told, attacked = {}, []
+
+    def train_reply(name, message):
+        config = dict(message.content["config"])
+        told[name] = config["attackers"]
+        received = flower.to_torch(flower.unpack_adapter(message.content))
+        trained = {k: v + 1.0 for k, v in received.items()}
+        sent, metrics = outgoing_update(name, received, trained, config)
+        if metrics.get("attacker"):
+            attacked.append(name)
+        return stand_in._reply_with(sent, 2, message)
+
+    result = flower.run_server_round(stand_in.SitesGrid(train_reply), job_dir)
+
+    expected = attacks.select_attackers(1, list(stand_in.NODES), 0.4)
+    assert len(expected) == 2 and sorted(attacked) == expected
+    assert set(told.values()) == {",".join(expected)}  # every site got the same list
+    assert result["aggregation"]["accepted"] == list(stand_in.NODES)
+    new_global = load_file(str(job_dir / flower.GLOBAL_OUT))  # median of (1, 1, 1, -1, -1) per value
+    assert all(torch.equal(v, torch.ones_like(v)) for v in new_global.values())
