@@ -1,6 +1,6 @@
 """Compressed updates: how many bytes does each client send per round, and what does it cost in held-out perplexity?
 
-One federated run per UPDATE_COMPRESSION kind (none, fp16, int8, nf4, topk), each through
+One federated run per UPDATE_COMPRESSION kind (none, fp16, int8, nf4, topk, sign), each through
 `FLCrewRedditManager.run_federated_learning` (collect -> preprocess -> train -> compress on the client ->
 decompress, screen and aggregate on the server -> evaluate) with the same SEED, data, clients and rounds, one after
 the other in this process, on the embedded SmolLM2-135M with LoRA on all linear layers (the defaults).
@@ -43,7 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fl_crew_reddit._quiet  # noqa: E402,F401  (CrewAI / Flower / HF offline defaults, before they load)
-from fl_crew_reddit.aggregation.compression import COMPRESSIONS  # noqa: E402
+from fl_crew_reddit.aggregation.compression import COMPRESSIONS, ERROR_FEEDBACK_KINDS  # noqa: E402
 from fl_crew_reddit.config import FLCrewRedditConfig  # noqa: E402
 
 NUM_TRAINERS = 3
@@ -61,7 +61,7 @@ def flower_bytes(folder: Path) -> int:
     from safetensors.torch import load_file
 
     from fl_crew_reddit.federation.flower import pack_adapter, serialized_bytes
-    from fl_crew_reddit.runs import update_file
+    from fl_crew_reddit.training.adapter_files import update_file
 
     return serialized_bytes(pack_adapter(load_file(str(update_file(folder)))))
 
@@ -85,7 +85,7 @@ def run_one(kind: str, base: FLCrewRedditConfig, rounds: int) -> dict:
         "compression_ratio_of_tensors": (statistics.mean(c["metrics"]["compression_ratio"] for c in clients)
                                          if kind != "none" else 1.0),
         "error_feedback_norm_last": ([c["metrics"]["error_feedback_norm"] for c in history["rounds"][-1]["clients"]]
-                                     if kind == "topk" else None),
+                                     if kind in ERROR_FEEDBACK_KINDS else None),
         "accepted": [r["aggregation"]["accepted"] for r in history["rounds"]],
         "rejected": [r["aggregation"]["rejected"] for r in history["rounds"]],
         "held_out_examples": sum(c["num_test"] for c in history["data"]["clients"]),
