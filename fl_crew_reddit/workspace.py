@@ -36,17 +36,10 @@ from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
 from fl_crew_reddit.run_state import SavedState, load_error_feedback, load_state, save_state
-from fl_crew_reddit.runs import (
-    RunPaths,
-    load_client_update,
-    point_latest,
-    save_adapter,
-    save_client_update,
-    update_file,
-    write_json_atomic,
-)
+from fl_crew_reddit.runs import RunPaths, point_latest, write_json_atomic
 from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
 from fl_crew_reddit.site import Site, SiteData
+from fl_crew_reddit.training.adapter_files import load_client_update, save_adapter, save_client_update, update_file
 from fl_crew_reddit.training.device_pool import TrainerPool, TrainingJob, trainer_devices
 from fl_crew_reddit.training.model_loading import load_base_model, pick_device
 from fl_crew_reddit.training.peft_setup import build_peft_model

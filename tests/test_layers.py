@@ -3,14 +3,15 @@ read with `ast` and checked against the rules below; a failure lists each forbid
 
 Layers, bottom up:
   reddit/                the data source: self-contained, its settings arrive as values (reddit/settings.py)
-  hub, runs              base helpers (the Hub probe; run folders and adapter files)
+  hub, runs              base helpers (the Hub probe; run folders, pointers, atomic JSON)
   config                 the one module that reads the environment (`_quiet` only sets defaults for libraries)
   stages                 preprocessing/, training/, aggregation/, evaluation/ and any other subpackage but crew/;
                          history (the typed run history, made of the stages' reports) sits with them
   the crew layer         crew/, workspace, data_source (config -> reddit/ settings), main (the CLI)
 
 Rules (each is one entry of RULES or one check below):
-  - reddit/ imports nothing of fl_crew_reddit outside reddit/ (but _quiet);
+  - reddit/ imports nothing of fl_crew_reddit outside reddit/ (but _quiet and redact, the URL-secret masking leaf,
+    which itself imports nothing of fl_crew_reddit);
   - preprocessing/ imports only preprocessing/, reddit/ and hub (and _quiet): no config, training/, runs or crew
     layer; its settings arrive as arguments or as duck-typed objects (`QualityRules.from_settings(cfg)`);
   - aggregation/ imports nothing of fl_crew_reddit outside aggregation/; evaluation/metrics.py nothing of it at all;
@@ -19,7 +20,7 @@ Rules (each is one entry of RULES or one check below):
     modules, sacrebleu and rouge_score;
   - nothing below the crew layer imports crew/, workspace, data_source or main (stages may import runs: it is a
     file helper that imports no stage);
-  - hub and runs import no stage and nothing of the crew layer; config imports only reddit/ and hub;
+  - hub and runs import no stage and nothing of the crew layer; config imports only reddit/, hub and redact;
   - nothing imports main; nothing outside crew/ imports crew/ but main and the package's lazy export (__init__);
   - only config.py reads the environment (os.environ, os.getenv, os.putenv, os.unsetenv); _quiet.py is the one
     exception (it sets defaults that keep third-party libraries quiet);
@@ -138,8 +139,8 @@ def _stage(unit: str) -> bool:
 
 
 RULES: list[Rule] = [
-    ("reddit/ imports nothing of fl_crew_reddit outside reddit/ (but _quiet)",
-     lambda a, b: part(a) == "reddit" and part(b) not in ("reddit", "_quiet")),
+    ("reddit/ imports nothing of fl_crew_reddit outside reddit/ (but _quiet and redact)",
+     lambda a, b: part(a) == "reddit" and part(b) not in ("reddit", "_quiet", "redact")),
     ("preprocessing/ imports only preprocessing/, reddit/ and hub (and _quiet)",
      lambda a, b: part(a) == "preprocessing" and part(b) not in ("preprocessing", "reddit", "hub", "_quiet")),
     ("aggregation/ imports nothing of fl_crew_reddit outside aggregation/",
@@ -150,8 +151,10 @@ RULES: list[Rule] = [
      lambda a, b: _is_stage_or_below(a) and part(a) != "__init__" and part(b) in CREW_LAYER),
     ("hub and runs import no stage and nothing of the crew layer",
      lambda a, b: part(a) in BASE_HELPERS and (_stage(part(b)) or part(b) in CREW_LAYER)),
-    ("config imports only reddit/ and hub",
-     lambda a, b: part(a) == "config" and part(b) not in ("config", "reddit", "hub")),
+    ("config imports only reddit/, hub and redact",
+     lambda a, b: part(a) == "config" and part(b) not in ("config", "reddit", "hub", "redact")),
+    ("redact imports nothing of fl_crew_reddit",
+     lambda a, b: part(a) == "redact" and part(b) != "redact"),
     ("nothing imports main",
      lambda a, b: part(b) == "main" and part(a) != "main"),
     ("only crew/, main and the package's lazy export import crew/",

@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def _env_for(config: FLCrewRedditConfig, base_dir: Path) -> dict:
     env = dict(os.environ)
     for name, value in config.model_dump(mode="json").items():
-        if value is None or name in ("openai_api_key", "reddit_client_id", "reddit_client_secret"):
+        if value is None or value == {} or name in ("openai_api_key", "reddit_client_id", "reddit_client_secret"):
             continue
-        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
+        if isinstance(value, dict):  # CLIENT_LORA_RANKS: client=rank,...
+            value = [f"{key}={item}" for key, item in value.items()]
+        env[name.upper()] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     env["FL_CREW_REDDIT_DIR"] = str(base_dir)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -135,9 +135,9 @@ def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dic
     from safetensors.torch import save as save_tensors
 
     from fl_crew_reddit.preprocessing.pipeline import read_jsonl
-    from fl_crew_reddit.runs import save_client_update, update_file
     from fl_crew_reddit.site.attacks import data_attack_key, poison_examples
     from fl_crew_reddit.site.outgoing import outgoing_update
+    from fl_crew_reddit.training.adapter_files import save_client_update, update_file
     from fl_crew_reddit.training.batching import tokenize_all
     from fl_crew_reddit.training.trainer import LocalTrainer
 
