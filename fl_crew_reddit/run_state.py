@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 GLOBAL_WEIGHTS = "global_adapter.safetensors"
 SERVER_OPTIMIZER_WEIGHTS = "server_optimizer.safetensors"
-ERROR_FEEDBACK_WEIGHTS = "error_feedback.safetensors"  # UPDATE_COMPRESSION=topk: the clients' residuals
+ERROR_FEEDBACK_WEIGHTS = "error_feedback.safetensors"  # UPDATE_COMPRESSION topk / sign: clients' residuals
 POINTER = "LATEST"
 FORMAT = 2
 Stage = Literal["collecting", "collected", "preprocessed", "round", "finished"]
@@ -197,7 +197,7 @@ def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, 
                error_feedback: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
     """Write `state` (history paths made relative) with its tensors to a staging folder, move it into place and flip
     the LATEST pointer: a kill at any moment leaves the previous complete state or the new one, never a mix.
-    Keeps the newest two states. `error_feedback` ({client: {key: residual}}, UPDATE_COMPRESSION=topk) goes into
+    Keeps the newest two states. `error_feedback` ({client: {key: residual}}, UPDATE_COMPRESSION topk / sign) goes into
     error_feedback.safetensors as `client::key`, listed in `files` with its sha256 like the other tensor files."""
     root = state_dir(paths)
     target = root / state.folder_name

@@ -56,8 +56,8 @@ class Site:
                                self.data.train_rows(self.name, fit_config), self.device,
                                mixed_precision=self.mixed_precision, show_progress=self.show_progress)
         result = trainer.fit(global_adapter, fit_config)
-        # UPDATE_COMPRESSION=topk: the residual the caller keeps (in-process: the workspace's), or else, on a site
-        # with its own folder (Flower), the one kept there (site/feedback.py)
+        # UPDATE_COMPRESSION topk / sign: the residual the caller keeps (in-process: the workspace's), or else, on a
+        # site with its own folder (Flower), the one kept there (site/feedback.py)
         in_folder = error_feedback is None and self.data.folder is not None and \
             fit_config.get("update_compression") in ("topk", "sign")  # the error-feedback kinds
         if in_folder:

@@ -1,4 +1,4 @@
-"""A Flower site's top-k error-feedback residual (UPDATE_COMPRESSION=topk), kept in its own data folder.
+"""A Flower site's error-feedback residual (UPDATE_COMPRESSION topk / sign), kept in its own data folder.
 
 In-process and trainer-process clients have theirs kept by the workspace and saved with the run state. A Flower site
 is its own machine: it keeps its residual next to its data, one file per round it trained in,

@@ -25,7 +25,7 @@ def outgoing_update(client: str, global_adapter: Mapping[str, torch.Tensor], tra
     """(what `client` sends, metrics of the stages that ran) for its `trained` adapter (every key it sends: the
     whole adapter, or the B factors under FFA-LoRA) after fitting `global_adapter`.
 
-    `error_feedback`: this client's top-k residual (UPDATE_COMPRESSION=topk), a dict the compression stage reads and
+    `error_feedback`: this client's residual (UPDATE_COMPRESSION topk / sign), a dict the compression stage reads and
     then replaces in place with the new residual; its keeper saves it (the workspace with the run state, a Flower
     site in its own folder). None: top-k without memory (what it drops is lost)."""
     # 1. attack (a simulated attacker only, ATTACK): the update after honest training is rewritten
@@ -40,7 +40,7 @@ def outgoing_update(client: str, global_adapter: Mapping[str, torch.Tensor], tra
 def _compress(global_adapter: Mapping[str, torch.Tensor], state: AdapterState, fit_config: Mapping,
               error_feedback: dict[str, torch.Tensor] | None, metrics: dict[str, float]) -> AdapterState:
     """UPDATE_COMPRESSION: the update (state − global, float32) as a payload of tensors (aggregation/compression.py),
-    which the server decompresses and adds back to the global adapter before screening. Top-k adds this client's
+    which the server decompresses and adds back to the global adapter before screening. Top-k and sign add this client's
     residual first and keeps what it drops as the next residual (error feedback)."""
     from fl_crew_reddit.aggregation.compression import (
         ERROR_FEEDBACK_KINDS,
