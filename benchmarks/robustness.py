@@ -135,8 +135,8 @@ class Matrix:
     def train(self, config: FLCrewRedditConfig, global_adapter: dict, round_number: int):
         """Every client trains `round_number` from `global_adapter` under `config` (its attack): the updates, each
         client's record, the attackers."""
-        from fl_crew_reddit.runs import load_client_update
         from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
+        from fl_crew_reddit.training.adapter_files import load_client_update
 
         ws = self.ws
         ws.config = config
