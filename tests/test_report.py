@@ -257,7 +257,17 @@ def test_privacy_section_shows_secure_aggregation_and_the_epsilon_spent():
         history["rounds"][number]["privacy"] = {"mode": "local", "epsilon": epsilon, "delta": 1e-5,
                                                 "noise_multiplier": 1.1, "clip_norm": 0.5, "clipped": ["client-0"]}
     report = markdown_report(history)
-    assert report.count("## Privacy") == 1
+    assert report.count("## Privacy and security") == 1
     assert "Secure aggregation (Flower's SecAgg+) was on" in report and "| 1 | 3 | 2 |" in report
     assert "DP_MODE=local" in report and "ε = 7.250" in report
     assert "| 2 | 7.250 | 1e-05 | 1.1 | 0.5 | client-0 |" in report
+
+
+def test_security_section_shows_attackers_and_what_the_screen_did():
+    history = copy.deepcopy(HISTORY)
+    history["rounds"][1]["attack"] = {"attack": "scale", "attackers": ["client-2"],
+                                      "backdoor": {"success_rate": 0.25}}
+    report = markdown_report(history)
+    assert "## Privacy and security" in report and "Simulated attackers (ATTACK)" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 2 | scale |"))
+    assert "client-2 | none | client-2: update norm 512.0 exceeds MAX_UPDATE_NORM=100 | weighted_average | 0.250" in row

@@ -143,21 +143,19 @@ def _communication(summary: ReportSummary) -> list[Block]:
 def _privacy(summary: ReportSummary) -> list[Block]:
     """DP: the privacy spent after each round (dp_accounting's RDP accountant), the noise and who was clipped;
     SecAgg+: which rounds the server saw only the sum of, and of how many clients."""
-    blocks: list[Block] = []
+    blocks: list[Block] = _attacks(summary)
     if summary.secure_rounds:
         rows = [[number, params.get("clients_in_sum", "—"), params.get("reconstruction_threshold", "—"),
                  params.get("clipping_range", "—"), params.get("quantization_range", "—")]
                 for number, params in summary.secure_rounds]
-        blocks += [("h2", "Privacy"),
-                   ("p", "Secure aggregation (Flower's SecAgg+) was on: the server received only the weighted sum of "
+        blocks += [("p", "Secure aggregation (Flower's SecAgg+) was on: the server received only the weighted sum of "
                          "the clients' masked updates, never one client's update, so it could not screen them one by "
                          "one (each site clipped its own)."),
                    _table(["Round", "Clients in the sum", "Shares needed", "Clipping range", "Quantization range"],
                           rows)]
     if not summary.privacy:
-        return blocks
-    if not blocks:
-        blocks.append(("h2", "Privacy"))
+        return [("h2", "Privacy and security"), *blocks] if blocks else []
+    blocks = [("h2", "Privacy and security"), *blocks]
     last = summary.privacy[-1][1]
     where = "the server added it to the sum of clipped updates" if last.mode == "central" else \
         "each client added it to its own clipped update before sending"
@@ -169,6 +167,21 @@ def _privacy(summary: ReportSummary) -> list[Block]:
                   f"added ({where}). After round {summary.privacy[-1][0]} the run has spent ε = {last.epsilon:.3f} "
                   f"at δ = {last.delta:g} (Rényi DP accountant of dp_accounting, replace-one client adjacency)."),
             _table(["Round", "ε after the round", "δ", "Noise multiplier", "Clip norm", "Clipped clients"], rows)]
+
+
+def _attacks(summary: ReportSummary) -> list[Block]:
+    """ATTACK: the simulated attackers of each round and what the update screen and the rule did with them."""
+    if not summary.attacks:
+        return []
+    rows = [[a.round, a.attack, ", ".join(a.attackers) or "—", ", ".join(a.accepted) or "none",
+             "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in a.rejected.items()) or "none",
+             a.method or "—", _num(a.backdoor_success, 3) if a.backdoor_success is not None else "—"]
+            for a in summary.attacks]
+    return [("p", "Simulated attackers (ATTACK): each trained on its own data and then attacked. The screen "
+                  "(keys, shapes, dtypes, finite values, norm) let in or refused each attacker's update; the rule "
+                  "then combined what was let in."),
+            _table(["Round", "Attack", "Attackers", "Let in by the screen", "Refused by the screen", "Rule",
+                    "Backdoor success"], rows)]
 
 
 def _per_client(summary: ReportSummary) -> list[Block]:

@@ -117,6 +117,18 @@ class DataSummary(BaseModel):
     clients: list[ShardSummary]
 
 
+class AttackRow(BaseModel):
+    """One round of a run with simulated attackers: who attacked, what the screen and the rule did with them."""
+
+    round: int
+    attack: str
+    attackers: list[str]
+    accepted: list[str]  # attackers whose update the screen let in
+    rejected: dict[str, list[str]]  # attackers the screen refused, with its reasons
+    method: str | None
+    backdoor_success: float | None = None
+
+
 class ReportSummary(BaseModel):
     run_id: str
     settings: dict
@@ -136,6 +148,7 @@ class ReportSummary(BaseModel):
     llm_steps: list[AgentStep]  # the steps an agent's LLM took or fell back from (direct mode: none)
     privacy: list[tuple[int, RoundPrivacy]] = []  # DP runs: each round's (ε, δ), noise and clipping
     secure_rounds: list[tuple[int, dict]] = []  # SECURE_AGGREGATION: each round's SecAgg+ parameters
+    attacks: list[AttackRow] = []  # ATTACK: who attacked each round and what the screen and the rule did
 
 
 def change_percent(value: float | None, base: float | None) -> float | None:
@@ -268,4 +281,17 @@ def summarize(history: RunHistory) -> ReportSummary:
         llm_steps=[s for s in history.agent_steps if s.outcome in ("llm", "fallback")],
         privacy=[(r.round, r.privacy) for r in history.rounds if r.privacy is not None],
         secure_rounds=[(r.round, r.aggregation.secure_aggregation) for r in history.rounds
-                       if r.aggregation is not None and r.aggregation.secure_aggregation])
+                       if r.aggregation is not None and r.aggregation.secure_aggregation],
+        attacks=[_attack_row(r) for r in history.rounds if r.attack is not None])
+
+
+def _attack_row(record: RoundRecord) -> AttackRow:
+    aggregation = record.aggregation
+    attackers = record.attack.attackers
+    backdoor = (record.attack.backdoor or {}).get("success_rate")
+    return AttackRow(round=record.round, attack=record.attack.attack, attackers=attackers,
+                     accepted=[a for a in attackers if aggregation and a in aggregation.accepted],
+                     rejected={a: reasons for a, reasons in (aggregation.rejected if aggregation else {}).items()
+                               if a in attackers},
+                     method=aggregation.method if aggregation else None,
+                     backdoor_success=finite(backdoor) if backdoor is not None else None)
