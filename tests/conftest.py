@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,27 @@ def tiny_model(tiny_model_dir):
     base, tokenizer = load_base_model(config, torch.device("cpu"))
     torch.manual_seed(0)
     return build_peft_model(base, config), tokenizer
+
+
+class RunStopped(Exception):
+    """Stands for the process dying at that point: what is on disk is what a kill there would leave."""
+
+
+@contextmanager
+def stopped_in_round(round_number: int, method: str = "aggregate"):
+    """Inside the block, `FederatedWorkspace.<method>(round_number, ...)` raises RunStopped for that round (other
+    rounds run as usual); the method is itself again afterwards."""
+    from fl_crew_reddit.workspace import FederatedWorkspace
+
+    original = getattr(FederatedWorkspace, method)
+
+    def stopping(self, number, *args, **kwargs):
+        if number == round_number:
+            raise RunStopped(f"killed in {method} of round {round_number}")
+        return original(self, number, *args, **kwargs)
+
+    setattr(FederatedWorkspace, method, stopping)
+    try:
+        yield
+    finally:
+        setattr(FederatedWorkspace, method, original)

@@ -326,32 +326,21 @@ def test_int8_and_topk_runs_complete_with_fewer_bytes_on_the_wire(tiny_config):
 
 @pytest.mark.e2e
 def test_a_stopped_topk_run_resumes_to_the_same_adapter_bit_for_bit(tiny_config, monkeypatch):
+    from conftest import RunStopped, stopped_in_round
+
     from fl_crew_reddit import FLCrewRedditManager
     from fl_crew_reddit.run_state import ERROR_FEEDBACK_WEIGHTS
-    from fl_crew_reddit.workspace import FederatedWorkspace
 
     tiny_config = tiny_config.model_copy(update={"eval_samples": 0, "topk_fraction": 0.1})
     reference = _run(tiny_config, "topk", 2, "run-reference")
 
-    class Stop(Exception):
-        pass
-
-    original = FederatedWorkspace.aggregate
-
-    def stop_in_round_two(self, round_number, *args, **kwargs):
-        if round_number == 2:
-            raise Stop("killed while aggregating round 2")
-        return original(self, round_number, *args, **kwargs)
-
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", stop_in_round_two)
-    with pytest.raises(Stop):
+    with stopped_in_round(2), pytest.raises(RunStopped):
         _run(tiny_config, "topk", 2, "run-stopped")
     state = tiny_config.fl_crew_reddit_dir / "results" / "run-stopped" / "state"
     assert (state / "LATEST").read_text().strip() == "round-1"
     residuals = load_file(str(state / "round-1" / ERROR_FEEDBACK_WEIGHTS))
     assert {k.partition("::")[0] for k in residuals} == {"client-0", "client-1", "client-2"}
     assert all(float(t.abs().sum()) > 0 for t in residuals.values())
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", original)
     resumed = FLCrewRedditManager(_fast(tiny_config, "topk")).resume("run-stopped")
     final = load_file(str(Path(resumed.final_adapter) / "adapter_model.safetensors"))
     expected = load_file(str(Path(reference.final_adapter) / "adapter_model.safetensors"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from mcp_servers import ROOT, free_port, snapshot_env
+from mcp_servers import ROOT, free_port, snapshot_env, stop_process
 
 from fl_crew_reddit.config import load_config
 from fl_crew_reddit.data_source import open_mcp_client
@@ -108,12 +108,7 @@ def serve(tmp_path: Path, *args: str, host: str = "127.0.0.1", token: str | None
                 time.sleep(0.1)
         yield Server(process, url_host, port, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _until_no_sessions(server: Server, token: str | None = None, within_s: float = 10) -> float:

@@ -259,10 +259,6 @@ def test_a_rule_that_cannot_combine_mixed_ranks_is_refused_in_the_round_too():
 
 
 # --- the real loop --------------------------------------------------------------------------------------------------
-class Stop(Exception):
-    """Stands for the process dying in round 2."""
-
-
 def _adapter(folder) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -271,12 +267,11 @@ def _adapter(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.e2e
 def test_ranks_4_8_16_in_process_two_rounds_and_resume(tiny_model_dir, tmp_path, monkeypatch):
-    from conftest import tiny_run_config
+    from conftest import RunStopped, stopped_in_round, tiny_run_config
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from fl_crew_reddit import FLCrewRedditManager
-    from fl_crew_reddit.workspace import FederatedWorkspace
 
     monkeypatch.chdir(tmp_path)
     config = tiny_run_config(tiny_model_dir, tmp_path, lora_r=16, lora_alpha=16, client_lora_ranks="4,8,16",
@@ -297,17 +292,8 @@ def test_ranks_4_8_16_in_process_two_rounds_and_resume(tiny_model_dir, tmp_path,
     low = PeftModel.from_pretrained(base, reference.history.rounds[-1].clients[0].adapter_path)
     assert low.peft_config["default"].r == 4
 
-    original = FederatedWorkspace.aggregate
-
-    def stop_in_round_two(self, round_number, *args, **kwargs):
-        if round_number == 2:
-            raise Stop("killed while aggregating round 2")
-        return original(self, round_number, *args, **kwargs)
-
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", stop_in_round_two)
-    with pytest.raises(Stop):
+    with stopped_in_round(2), pytest.raises(RunStopped):
         FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-stopped")
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", original)
     resumed = FLCrewRedditManager(config).resume("run-stopped")
     assert [r.round for r in resumed.history.rounds] == [1, 2]
     for key, value in _adapter(reference.final_adapter).items():

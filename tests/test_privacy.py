@@ -143,11 +143,10 @@ def _final(result) -> dict[str, torch.Tensor]:
 @pytest.mark.e2e
 def test_central_dp_run_reports_epsilon_each_round_and_resumes_with_the_same_noise(tiny_model_dir, tmp_path,
                                                                                    monkeypatch):
-    from conftest import tiny_run_config
+    from conftest import RunStopped, stopped_in_round, tiny_run_config
 
     import fl_crew_reddit.workspace as workspace_module
     from fl_crew_reddit import FLCrewRedditManager
-    from fl_crew_reddit.workspace import FederatedWorkspace
 
     # Each run draws its own noise secret; the two runs compared here share one, as if they were one run.
     monkeypatch.setattr(workspace_module.secrets, "randbits", lambda bits: 0x5EC2E7)
@@ -157,17 +156,8 @@ def test_central_dp_run_reports_epsilon_each_round_and_resumes_with_the_same_noi
     assert 0 < epsilons[0] < epsilons[1] == pytest.approx(8.0, rel=1e-3)
     assert all(r.privacy.mode == "central" and r.privacy.delta == 1e-5 for r in reference.history.rounds)
 
-    original = FederatedWorkspace.aggregate
-
-    def stop_in_round_two(self, round_number, method=None):
-        if round_number == 2:
-            raise RuntimeError("killed in round 2")
-        return original(self, round_number, method)
-
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", stop_in_round_two)
-    with pytest.raises(RuntimeError, match="killed in round 2"):
+    with stopped_in_round(2), pytest.raises(RunStopped):
         FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-dp-stopped")
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", original)
     monkeypatch.setattr(workspace_module.secrets, "randbits", lambda bits: 1)  # the saved secret must win
     resumed = FLCrewRedditManager(config).resume("run-dp-stopped")
     assert [r.privacy.epsilon for r in resumed.history.rounds] == pytest.approx(epsilons)
