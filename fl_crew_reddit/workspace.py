@@ -322,7 +322,6 @@ class FederatedWorkspace:
         """DP_MODE central / local: the accountant's plan for `rounds` rounds (noise from DP_TARGET_EPSILON when
         set), logged with the ε it will spend; ConfigError when the accountant cannot cover it."""
         import dataclasses
-        import math
 
         from fl_crew_reddit.config import ConfigError
         from fl_crew_reddit.server.privacy import PrivacyPlanError, make_plan
@@ -331,7 +330,7 @@ class FederatedWorkspace:
         if cfg.dp_mode == "off":
             return None
         clients = cfg.clients_count
-        per_round = max(math.ceil(cfg.fraction_fit * clients), min(cfg.min_fit_clients, clients))
+        per_round = self.strategy.clients_per_round(clients)
         try:
             plan = make_plan(mode=cfg.dp_mode, clip_norm=cfg.dp_clip_norm, noise_multiplier=cfg.dp_noise_multiplier or
                              None, target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta, num_clients=clients,

@@ -134,12 +134,16 @@ class FederatedStrategy:
     def sample_clients(self, round_number: int, names: list[str]) -> list[str]:
         """FRACTION_FIT of the clients, at least MIN_FIT_CLIENTS, drawn from (SEED, round): the same on resume and
         in every engine. All clients (in their given order) when that is all of them; else sorted by name."""
-        s = self.settings
         names = list(names)
-        wanted = max(math.ceil(s.fraction_fit * len(names)), min(s.min_fit_clients, len(names)))
+        wanted = self.clients_per_round(len(names))
         if wanted >= len(names):
             return names
-        return sorted(random.Random(f"{s.seed}-select-{round_number}").sample(names, wanted))
+        return sorted(random.Random(f"{self.settings.seed}-select-{round_number}").sample(names, wanted))
+
+    def clients_per_round(self, num_clients: int) -> int:
+        """How many of `num_clients` a round samples: FRACTION_FIT of them, at least MIN_FIT_CLIENTS."""
+        s = self.settings
+        return max(math.ceil(s.fraction_fit * num_clients), min(s.min_fit_clients, num_clients))
 
     def attackers(self, names: list[str]) -> list[str]:
         """ATTACK: the simulated attackers among the federation's clients (the same every round: site/attacks.py)."""
