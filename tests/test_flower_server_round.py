@@ -162,3 +162,23 @@ def test_local_flower_needs_no_trainer_processes():
     assert FLCrewRedditConfig(_env_file=None).federation == "inprocess"
     with pytest.raises(ValueError, match="TRAINER_DEVICES"):
         FLCrewRedditConfig(_env_file=None, federation="local-flower", trainer_devices="cpu,cpu")
+
+
+def test_a_resumed_round_never_shares_its_folder_with_the_killed_crews_serverapp(tmp_path):
+    """A crew killed in round 2 leaves its ServerApp finishing round 2 in `round-2/`. The resumed crew's round 2
+    must get a folder that ServerApp was never given: its late result.json (written by path) then cannot be read
+    as the resumed round's result (the CI failure: result.json present, new_global.safetensors not)."""
+    federation = flower.FlowerFederation(["site-a"], tmp_path)
+    first = federation._job_dir("round-2")
+    assert first == tmp_path / "round-2"  # the plain name when nothing is in the way
+    (first / "global.safetensors").write_bytes(b"x")
+    (tmp_path / "round-20").mkdir()  # another round's folder is not an earlier attempt of this one
+
+    resumed = federation._job_dir("round-2")
+    assert resumed != first and resumed.name.startswith("round-2.") and list(resumed.iterdir()) == []
+    assert not first.exists() and (tmp_path / "round-20").is_dir()
+    flower.write_json_atomic(first / flower.RESULT_FILE, {"round": 2, "stale": True})  # the old ServerApp, late
+    assert not (resumed / flower.RESULT_FILE).exists()
+
+    again = federation._job_dir("round-2")  # and a third attempt removes both earlier ones
+    assert again not in (first, resumed) and not first.exists() and not resumed.exists()

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -914,12 +915,21 @@ class FlowerFederation:
                 if name in self.essential and p.poll() is not None}
 
     def _job_dir(self, name: str) -> Path:
+        """A new, empty folder for one job: `work_dir/name`, or `name.<token>` when an earlier attempt left one.
+
+        A crew killed mid-round leaves its ServerApp session finishing that round; the ServerApp writes into the
+        folder by path. Reusing the path let such a late write (its result.json) land in the resumed round's folder
+        and be read as this round's result. So the stale session is stopped first, earlier attempts' folders are
+        removed, and this job gets a path no earlier ServerApp was ever given."""
         dead = self._dead_essentials()
         if dead:
             raise FlowerRunFailed(f"the federation is not running (exited: {dead})\n" + self.log_tails())
-        job_dir = self.work_dir / name
-        if job_dir.exists():
-            shutil.rmtree(job_dir)
+        if not self._session_alive():
+            self._stop_stale_session()
+        earlier = [p for p in self.work_dir.glob(f"{name}*") if p.name == name or p.name.startswith(f"{name}.")]
+        for folder in earlier:
+            shutil.rmtree(folder, ignore_errors=True)
+        job_dir = self.work_dir / (f"{name}.{uuid.uuid4().hex[:8]}" if earlier else name)
         job_dir.mkdir(parents=True)
         return job_dir
 
