@@ -87,6 +87,15 @@ class FLCrewRedditConfig(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decoder layers (CUDA); "
                                                   "auto: only where it was measured to pay.")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
+    training_objective: Literal["sft", "dpo", "sft_then_dpo"] = Field(
+        "sft", description="Each client's local objective: sft (next-token loss on the real replies), dpo (Direct "
+                           "Preference Optimization on its preference pairs, the received global adapter as the "
+                           "reference) or sft_then_dpo (SFT steps, then DPO steps, each round). A client with fewer "
+                           "than MIN_PREFERENCE_PAIRS train pairs trains SFT that round, and the history says why.")
+    dpo_beta: float = Field(0.1, gt=0, le=100, description="DPO: the β of the implicit reward β(log π - log π_ref); "
+                                                            "larger keeps the policy closer to the reference.")
+    min_preference_pairs: int = Field(4, ge=1, le=1_000_000, description="DPO: the fewest train pairs a client "
+                                      "needs in a round to train DPO (fewer: SFT that round, with the reason).")
     aggregation_method: AggregationMethod = "weighted_average"
     fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight, sent to trainers each round.")
     min_fit_clients: int = Field(2, ge=1, description="Fewest accepted updates a round needs (capped at NUM_TRAINERS).")
@@ -238,6 +247,13 @@ class FLCrewRedditConfig(BaseSettings):
     image_fetch_timeout_s: float = Field(15.0, gt=0, le=300, description="Seconds one image download may take.")
     video_keyframes: int = Field(4, ge=1, le=64, description="Keyframes taken from each video post (PyAV); they pair "
                                                             "with the post's text like a gallery's images.")
+    multimodal_projector: Literal["mlp2", "linear"] = Field(
+        "mlp2", description="The trainable map from CLIP image embeddings to soft tokens of the LM (LLaVA-style): "
+                            "mlp2 (Linear, GELU, Linear) or linear.")
+    multimodal_tokens: int = Field(4, ge=1, le=64, description="Soft tokens one image slot takes in the prompt.")
+    max_images_per_example: int = Field(4, ge=1, le=32, description="Images of a gallery (or video keyframes) "
+                                                                    "that condition one example; the rest are left "
+                                                                    "out and counted.")
 
     # --- agents
     agent_llm_model: str = "gpt-4"
@@ -454,6 +470,7 @@ class FLCrewRedditConfig(BaseSettings):
         self._check_privacy()
         self._check_secure_aggregation()
         self._check_attack()
+        self._check_training_objective()
         if self.reddit_mcp_url and self.reddit_mcp_command:
             raise ValueError("set REDDIT_MCP_URL (a server to connect to) or REDDIT_MCP_COMMAND (a server to start), "
                              "not both")
@@ -582,6 +599,25 @@ class FLCrewRedditConfig(BaseSettings):
         if self.attack == "none" and self.attacker_fraction > 0:
             raise ValueError(f"ATTACKER_FRACTION={self.attacker_fraction:g} without ATTACK: set ATTACK (sign_flip, "
                              "scale, gaussian_noise, label_flip, alie, ipm, backdoor) or leave the fraction at 0")
+
+    def _check_training_objective(self) -> None:
+        """DPO changes only a client's local objective: its update is an adapter like SFT's, so every aggregation rule,
+        SecAgg+, DP (central or local), compression, mixed ranks, FFA-LoRA, resume and both Flower modes carry it.
+        What cannot work: DPO without pair kinds (no pair would be built, so no client could ever train DPO), and a
+        simulated data-poisoning attack (label_flip, backdoor) under pure DPO, which trains on pairs only and never on
+        the poisoned SFT examples: the attack would silently not happen."""
+        if self.training_objective == "sft":
+            return
+        kinds = getattr(self, "pref_pair_kinds", None)
+        if kinds is not None and not kinds:
+            raise ValueError(f"TRAINING_OBJECTIVE={self.training_objective} with PREF_PAIR_KINDS empty: no preference "
+                             "pair would be built, so no client could train DPO; set PREF_PAIR_KINDS (votes, "
+                             "relevance) or TRAINING_OBJECTIVE=sft")
+        if self.training_objective == "dpo" and self.attack in ("label_flip", "backdoor"):
+            raise ValueError(f"TRAINING_OBJECTIVE=dpo with ATTACK={self.attack}: the attack poisons the attackers' SFT "
+                             "examples, which DPO never trains on (it trains on preference pairs), so the simulated "
+                             "attack would not happen; use TRAINING_OBJECTIVE=sft_then_dpo or sft, or an update "
+                             "attack (sign_flip, scale, gaussian_noise, alie, ipm)")
 
     def _check_num_byzantine(self) -> None:
         """NUM_BYZANTINE must leave honest clients, and as many per round as the robust rule needs (Krum and
