@@ -237,6 +237,17 @@ class FLCrewRedditConfig(BaseSettings):
     baselines: Annotated[list[Literal["local_only", "centralized"]], NoDecode] = Field(
         default_factory=list, description="Comma-separated baselines trained after the rounds on the same budget: "
                                           "local_only (each client alone), centralized (all data pooled).")
+    # --- self-improvement (site/self_improve.py): clients add their own best generated replies to their training
+    self_improve: bool = Field(False, description="After each round, each client generates replies to some of its "
+                                                  "train prompts with the new global adapter, keeps those that pass "
+                                                  "the quality rules and score at least the real reply's implicit "
+                                                  "reward, and trains on them too next round (FEDERATION=inprocess).")
+    self_improve_max_fraction: float = Field(0.25, gt=0, le=1, description="SELF_IMPROVE: most synthetic examples "
+                                             "per round, as a share of the client's real train examples.")
+    self_improve_candidates: int = Field(2, ge=1, le=16, description="SELF_IMPROVE: replies generated per prompt "
+                                         "(the first greedy, the others sampled, seeded from SEED, round, client).")
+    self_improve_max_new_tokens: int = Field(48, ge=1, le=4096, description="SELF_IMPROVE: longest generated "
+                                                                            "reply, in tokens.")
 
     # --- multimodal
     support_multimodal: bool = True
@@ -444,6 +455,9 @@ class FLCrewRedditConfig(BaseSettings):
         if not self.use_lora:
             raise ValueError("USE_LORA=false is not supported: only LoRA adapter weights may leave a client, so "
                              "full fine-tuning has no mode here; remove USE_LORA or set it to true")
+        if self.self_improve and (self.federation != "inprocess" or self.trainer_devices != ["auto"]):
+            raise ValueError("SELF_IMPROVE=true runs where the clients train in this process (it generates with the "
+                             "shared model): use FEDERATION=inprocess and TRAINER_DEVICES=auto")
         if self.federation != "inprocess" and self.trainer_devices != ["auto"]:
             raise ValueError(f"FEDERATION={self.federation} trains each client on its own SuperNode: leave "
                              "TRAINER_DEVICES at auto (trainer processes are for FEDERATION=inprocess)")
