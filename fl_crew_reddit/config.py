@@ -223,6 +223,17 @@ class FLCrewRedditConfig(BaseSettings):
     languages: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["en"], description="Comma-separated ISO 639-1 codes replies may be in (langdetect); "
                                                     "empty: no language check.")
+    # --- preference pairs for DPO (preprocessing/preferences.py), written beside each client's SFT splits
+    pref_pair_kinds: Annotated[list[Literal["votes", "relevance"]], NoDecode] = Field(
+        default_factory=lambda: ["votes", "relevance"],
+        description="Comma-separated kinds of preference pairs: votes (replies to the same parent, the higher score "
+                    "chosen), relevance (a reply against a reply to another thread of its subreddit); empty: none.")
+    pref_min_score_gap: int = Field(5, ge=1, le=1_000_000, description="votes pairs: the chosen reply scores at "
+                                                                      "least this much more than the rejected one.")
+    pref_min_score_ratio: float = Field(2.0, ge=1.0, le=1_000_000, description="votes pairs: the higher score is at "
+                                        "least this multiple of the lower (both clipped at 1 from below).")
+    pref_max_pairs_per_parent: int = Field(3, ge=1, le=10_000, description="votes pairs per post or parent comment, "
+                                                                          "largest score gaps first.")
     max_examples_per_client: int | Literal["auto", "all"] = Field(
         "auto", description="Training examples per client: a number (the rest is counted as over the cap), all, or "
                             "auto (every example on a GPU or when the data is small; DEMO_CPU_CAP on a CPU otherwise).")
@@ -300,7 +311,7 @@ class FLCrewRedditConfig(BaseSettings):
     tensorboard: bool = Field(True, description="Write per-round scalars to logs/tensorboard/<run>.")
 
     @field_validator("subreddits", "lora_target_modules", "baselines", "agent_collect_allowlist", "languages",
-                     "reddit_dump_subreddits", "trainer_devices", mode="before")
+                     "reddit_dump_subreddits", "trainer_devices", "pref_pair_kinds", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
