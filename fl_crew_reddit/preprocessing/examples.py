@@ -103,6 +103,8 @@ def thread_examples(post: RedditPost, comments: list[RedditComment], seen_replie
             "post_id": post.id,
             "subreddit": post.subreddit,
             "author": comment.author,
+            "score": comment.score,  # votes pairs compare replies to the same parent by score
+            "parent_id": comment.parent_id,
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
             "image_paths": list(post.image_paths) if comment.parent_id.startswith("t3_") else [],
             "reply_to_post": comment.parent_id.startswith("t3_"),  # replies to the post pair with its media

@@ -1,7 +1,9 @@
 """The Data Preprocessor's stage: collected threads → cleaned chat examples → train/validation/test per client.
 
 Writes `data/preprocessed/<run>/examples.jsonl` (every kept example), `image_text_pairs.jsonl` for image posts, and
-`data/training/<run>/<client>/{train,validation,test}.jsonl`. Every dropped comment is counted by reason in the report.
+`data/training/<run>/<client>/{train,validation,test}.jsonl` with the preference pairs of each split beside them
+(`{train,validation,test}_pairs.jsonl`, see `preferences.py`). Every dropped comment and every preference pair left
+out is counted by reason in the report.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from fl_crew_reddit.preprocessing.image_features import ImageFeatureReport, enco
 from fl_crew_reddit.preprocessing.media import MediaSettings, MediaStore
 from fl_crew_reddit.preprocessing.near_duplicates import near_duplicates
 from fl_crew_reddit.preprocessing.partition import partition_examples, split_by_thread
+from fl_crew_reddit.preprocessing.preferences import PreferenceRules, client_pairs, reply_fits, scores_are_placeholders
 from fl_crew_reddit.reddit.schemas import RedditComment, RedditPost
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,9 @@ class ClientShard(BaseModel):
     validation_path: str | None = Field(None, description="whole threads held out for choosing the best round")
     num_examples: int = Field(0, description="examples the partition gave this client, before the per-client cap")
     num_tokens: int = Field(0, description="tokens of those examples (prompt + reply)")
+    num_train_pairs: int = Field(0, description="preference pairs in train_pairs.jsonl beside train.jsonl")
+    num_validation_pairs: int = 0
+    num_test_pairs: int = 0
 
 
 class PreprocessReport(BaseModel):
@@ -53,6 +59,10 @@ class PreprocessReport(BaseModel):
     clients: list[ClientShard]
     examples_path: str
     max_train_examples: int | None = Field(None, description="training examples kept per client; None: all")
+    preference_pairs: dict = Field(default_factory=dict,
+                                   description="preference pairs: kinds, built (per kind), dropped (candidates left "
+                                               "out, by reason), scores_placeholder (the source's scores are all the "
+                                               "same: no votes pairs), per split")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -80,6 +90,7 @@ class QualityRules:
     long_examples: str = "truncate"  # over MAX_SEQ_LENGTH: "truncate" (kept, counted) or "drop" (counted)
     max_text_chars: int = 40_000
     languages: frozenset[str] = frozenset({"en"})
+    preferences: PreferenceRules = PreferenceRules()  # the PREF_* settings: which pairs are built beside the splits
 
     @classmethod
     def from_settings(cls, settings) -> QualityRules:
@@ -88,7 +99,8 @@ class QualityRules:
                    near_duplicate_threshold=settings.near_duplicate_threshold,
                    min_reply_tokens=settings.min_reply_tokens, max_reply_tokens=settings.max_reply_tokens,
                    long_examples=settings.long_examples, max_text_chars=settings.max_text_chars,
-                   languages=frozenset(settings.languages))
+                   languages=frozenset(settings.languages),
+                   preferences=PreferenceRules.from_settings(settings))
 
 
 class BuiltExamples(NamedTuple):
@@ -228,6 +240,15 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
     write_jsonl(preprocessed_dir / "examples.jsonl", examples)
     write_jsonl(preprocessed_dir / "image_text_pairs.jsonl", image_pairs)
 
+    preference = (quality or QualityRules()).preferences
+    placeholder = scores_are_placeholders(examples)
+    if placeholder and "votes" in preference.kinds:
+        log.warning("Every reply of this run has the same score (%s): the source's scores are placeholders, so no "
+                    "votes preference pairs are built", examples[0].get("score"))
+    fits = reply_fits(tokenizer, max_seq_length)
+    pairs_dropped: Counter = Counter()
+    pairs_built: Counter = Counter()
+    pairs_per_split: Counter = Counter()
     shards = []
     for index, client_examples in enumerate(partition_examples(examples, num_clients, partition, seed,
                                                                dirichlet_alpha=dirichlet_alpha)):
@@ -242,13 +263,20 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
         write_jsonl(client_dir / "test.jsonl", test)
         if validation_fraction > 0:
             write_jsonl(client_dir / "validation.jsonl", validation)
+        pairs = client_pairs({"train": train, "validation": validation, "test": test}, preference, seed,
+                             scores_placeholder=placeholder, fits=fits, dropped=pairs_dropped, built=pairs_built)
+        for split, rows in pairs.items():
+            write_jsonl(client_dir / f"{split}_pairs.jsonl", rows)
+            pairs_per_split[split] += len(rows)
         shards.append(ClientShard(
             name=name, subreddits=dict(Counter(e["subreddit"] for e in client_examples).most_common()),
             num_train=len(train), num_test=len(test), train_path=str(client_dir / "train.jsonl"),
             test_path=str(client_dir / "test.jsonl"), train_tokens=sum(e["num_tokens"] for e in train),
             num_validation=len(validation),
             validation_path=str(client_dir / "validation.jsonl") if validation_fraction > 0 else None,
-            num_examples=len(client_examples), num_tokens=sum(e["num_tokens"] for e in client_examples)))
+            num_examples=len(client_examples), num_tokens=sum(e["num_tokens"] for e in client_examples),
+            num_train_pairs=len(pairs["train"]), num_validation_pairs=len(pairs["validation"]),
+            num_test_pairs=len(pairs["test"])))
         if not train or not test or (validation_fraction > 0 and not validation):
             raise ValueError(f"{name} has {len(train)} training, {len(validation)} validation and {len(test)} test "
                              "examples: too little data; collect more posts (POSTS_PER_SUBREDDIT) or use fewer "
@@ -258,7 +286,16 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
                               images_kept=len({p for pair in image_pairs for p in pair["image_paths"]}),
                               image_features=image_features,
                               clients=shards, examples_path=str(preprocessed_dir / "examples.jsonl"),
-                              max_train_examples=max_examples_per_client)
+                              max_train_examples=max_examples_per_client,
+                              preference_pairs={"kinds": list(preference.kinds),
+                                                "built": {kind: pairs_built[kind] for kind in preference.kinds},
+                                                "dropped": dict(sorted(pairs_dropped.items())),
+                                                "scores_placeholder": placeholder,
+                                                "splits": {split: pairs_per_split[split] for split in
+                                                           ("train", "validation", "test")}})
     log.info("Preprocessed %d comments into %d examples; dropped: %s; changed: %s", num_comments, len(examples),
              dict(dropped) or "nothing", dict(scrubbed) or "nothing")
+    log.info("Preference pairs: %s built; left out: %s%s", dict(pairs_built) or "none",
+             dict(sorted(pairs_dropped.items())) or "nothing",
+             " (scores are placeholders: no votes pairs)" if placeholder else "")
     return report
