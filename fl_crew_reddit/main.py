@@ -447,7 +447,13 @@ def prepare_site_command(data_dir, config, subreddits: list[str] | None = None, 
                           ("validation", shard.validation_path)):
         if source:
             shutil.copyfile(source, data_dir / f"{split}.jsonl")
+            pairs = Path(source).with_name(f"{split}_pairs.jsonl")  # the preference pairs of that split
+            if pairs.is_file():
+                shutil.copyfile(pairs, data_dir / pairs.name)
     summary = {"examples": {"train": shard.num_train, "validation": shard.num_validation, "test": shard.num_test},
+               "pairs": {"train": shard.num_train_pairs, "validation": shard.num_validation_pairs,
+                         "test": shard.num_test_pairs},
+               "preference_pairs": report.preference_pairs,
                "train_tokens": shard.train_tokens, "subreddits": shard.subreddits,
                "dropped": report.dropped,
                "collected": {c.subreddit: {"posts": c.num_posts, "comments": c.num_comments, "skipped": c.skipped}

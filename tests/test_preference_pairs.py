@@ -270,3 +270,20 @@ def test_reddit_2015_scores_are_placeholders_so_only_relevance_pairs(tokenizer, 
                                                                                  "relevance": kinds["relevance"]}
     pairs = _read(Path(report.clients[0].train_path).parent / "train_pairs.jsonl")
     assert pairs and all(p["chosen_score"] is None and p["rejected_score"] is None for p in pairs)
+
+
+@pytest.mark.e2e
+def test_prepare_site_copies_the_pair_files_and_reports_their_counts(tiny_config, tmp_path, capsys):
+    from fl_crew_reddit.federation.flower import site_data_summary
+    from fl_crew_reddit.main import prepare_site_command
+
+    site = tmp_path / "site-0"
+    assert prepare_site_command(site, tiny_config, ["cooking", "gardening"], 20) == 0
+    summary = json.loads((site / "prepared.json").read_text(encoding="utf-8"))
+    assert summary["pairs"]["train"] > 0
+    for split in SPLITS:  # 16 training examples and a 12-reply test split: held-out pairs may be few or none
+        assert summary["pairs"][split] == len(_read(site / f"{split}_pairs.jsonl")), split
+        ids = {e["id"] for e in _read(site / f"{split}.jsonl")}
+        assert all(p["chosen_id"] in ids and p["rejected_id"] in ids for p in _read(site / f"{split}_pairs.jsonl"))
+    assert summary["preference_pairs"]["scores_placeholder"] is False
+    assert site_data_summary(site, {})["pairs"] == summary["pairs"], "what the site tells the server"

@@ -272,6 +272,7 @@ def site_data_summary(folder: Path, request: dict) -> dict:
     prepared = folder / "prepared.json"
     summary = json.loads(prepared.read_text(encoding="utf-8")) if prepared.is_file() else {}
     summary["examples"] = {split: _count_rows(folder / f"{split}.jsonl") for split in SPLITS_EVALUATED + ("train",)}
+    summary["pairs"] = {split: _count_rows(folder / f"{split}_pairs.jsonl") for split in SPLITS_EVALUATED + ("train",)}
     return summary
 
 
