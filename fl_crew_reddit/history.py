@@ -126,6 +126,8 @@ class BaselineClient(BaseModel):
     steps: int | None = None
     best_round: int | None = Field(None, description="local_only: the chunk chosen on this client's validation split")
     validation_per_round: list[ValidationPoint] = Field(default_factory=list)
+    preference_accuracy: float | None = Field(None, description="on this client's own test preference pairs")
+    reward_margin: float | None = None
 
 
 class BaselineRecord(BaseModel):
@@ -137,6 +139,9 @@ class BaselineRecord(BaseModel):
     best_round: int | None = Field(None, description="centralized: the chunk chosen on validation")
     validation_per_round: list[ValidationPoint] = Field(default_factory=list)
     steps: int | None = None
+    preference_accuracy: float | None = Field(None, description="test preference accuracy of the chosen checkpoint "
+                                                                "(local_only: the mean over clients on all test pairs)")
+    reward_margin: float | None = None
 
 
 class RunHistory(BaseModel):
@@ -152,6 +157,11 @@ class RunHistory(BaseModel):
     best_adapter: str | None = None
     baselines: dict[str, BaselineRecord] = Field(default_factory=dict)
     agent_steps: list[AgentStep] = Field(default_factory=list)
+    preference_pairs: dict[str, dict[str, dict[str, int]]] = Field(
+        default_factory=dict, description="client -> split -> pair kind (votes, relevance) -> preference pairs in its "
+                                          "files; empty where no client has any")
+    preference_pairs_left_out: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="client -> split -> pairs whose rows could not be built (left out)")
 
     def as_json(self) -> dict:
         """The history.json form (plain dicts and lists, `global` by its JSON name)."""

@@ -20,7 +20,14 @@ import torch
 
 from fl_crew_reddit.aggregation import make_server_optimizer
 from fl_crew_reddit.config import FLCrewRedditConfig
-from fl_crew_reddit.evaluation.evaluator import EvalMetrics, evaluate, image_text_scores, split_perplexities
+from fl_crew_reddit.evaluation.evaluator import (
+    EvalMetrics,
+    add_preferences,
+    evaluate,
+    image_text_scores,
+    preference_scores,
+    split_perplexities,
+)
 from fl_crew_reddit.evaluation.selection import argmin_round, best_round_record
 from fl_crew_reddit.evaluation.tensorboard_scalars import RunScalars, baseline_scalars, metrics_scalars, round_scalars
 from fl_crew_reddit.history import (
@@ -102,6 +109,9 @@ class FederatedWorkspace:
         # used last (`_site_data`); a client never sampled is never tokenized for training.
         self._shards: dict[str, ClientShard] = {}
         self._site_cache: OrderedDict[str, SiteData] = OrderedDict()
+        # preference pairs (DPO): client -> split -> kind -> pairs in its files, and pairs left out when tokenized
+        self._pair_counts: dict[str, dict[str, dict[str, int]]] = {}
+        self._pairs_left_out: dict[str, dict[str, int]] = {}
         self._scalars: RunScalars | None = None
         self._sample: list[dict] = []
         self._image_examples: list[dict] = []  # held-out replies to image posts, for the CLIP score
@@ -111,6 +121,12 @@ class FederatedWorkspace:
         self._error_feedback: dict[str, dict[str, torch.Tensor]] = {}
         # TRAINER_DEVICES: trainer processes, one per device (checked here, at start), or None: train in-process.
         devices = trainer_devices(config.trainer_devices, config.device)
+        if config.self_improve and devices:
+            from fl_crew_reddit.config import ConfigError
+
+            raise ConfigError("SELF_IMPROVE=true generates with the model of this process: it needs the clients to "
+                              f"train here, not in trainer processes on {', '.join(devices)}; set DEVICE=cpu or "
+                              "leave SELF_IMPROVE off")
         self._trainer_pool = TrainerPool(config, devices) if devices else None
 
     # --- shared model -------------------------------------------------------------------------------------------
@@ -295,6 +311,29 @@ class FederatedWorkspace:
             examples = read_jsonl(Path(self.data.clients[index].test_path))
             picked.update((p, examples[p - starts[index]]) for p in mine)
         self._sample = [picked[p] for p in positions]
+        self._pair_counts = count_pair_kinds(self.data.clients)
+
+    def _client_pairs(self, split: str) -> ClientRows:
+        """{client: tokenized preference pairs of `split`} over all clients, streamed like `_client_split`; pairs
+        whose rows could not be built are counted for the history."""
+        def pairs_of(name: str) -> list[dict]:
+            data = self._site_data(name)
+            rows = data.pair_rows(split)
+            if data.pairs_left_out.get(split):
+                self._pairs_left_out.setdefault(name, {})[split] = data.pairs_left_out[split]
+            return rows
+
+        return ClientRows(self.client_names, pairs_of)
+
+    def _add_preferences(self, metrics: EvalMetrics, splits: tuple[str, ...] = ("test", "validation")) -> EvalMetrics:
+        """Preference accuracy and reward margin of the adapter the model holds now, on the clients' held-out pairs
+        (beside perplexity); nothing where no client has pairs."""
+        if not self._pair_counts:
+            return metrics
+        scores = {split: preference_scores(self.model, self._client_pairs(split), self.device,
+                                           self.tokenizer.pad_token_id, self.config.dpo_beta)
+                  if split in splits else {} for split in ("test", "validation")}
+        return add_preferences(metrics, scores["test"], scores["validation"])
 
     def _site_data(self, client: str) -> SiteData:
         """Client `client`'s rows, tokenized on first use of each split; the CACHED_SITES clients used last are kept."""
@@ -386,8 +425,13 @@ class FederatedWorkspace:
         if self._trainer_pool is not None:
             return self._train_in_worker(client, round_number)
         received = self.strategy.adapter_for(client, self.global_adapter)  # CLIENT_LORA_RANKS: at its rank
-        result = self.site(client).fit(received, self.fit_config(round_number),
-                                       error_feedback=self._feedback_of(client))
+        site = self.site(client)
+        improved = self._self_improve(site, received, round_number)  # SELF_IMPROVE: + its synthetic train rows
+        result = site.fit(received, self.fit_config(round_number), error_feedback=self._feedback_of(client))
+        result.metrics.update(improved)
+        result.num_examples -= int(improved.get("self_improve_examples", 0))  # FedAvg weighs real examples only
+        if site.data.pairs_left_out.get("train"):  # DPO: train pairs whose rows could not be built
+            self._pairs_left_out.setdefault(client, {})["train"] = site.data.pairs_left_out["train"]
         folder = save_client_update(self.model, received, result.state,
                                     self.paths.local_adapter(client, round_number))
         result.metrics["update_bytes"] = update_file(folder).stat().st_size
@@ -396,6 +440,17 @@ class FederatedWorkspace:
                                    adapter_path=str(folder))
         self._pending[client] = record
         return record
+
+    def _self_improve(self, site: Site, received: dict[str, torch.Tensor], round_number: int) -> dict:
+        """SELF_IMPROVE (site/self_improve.py), from round 2 on: the client's best replies generated with the global
+        adapter it received join its train rows this round; returns their counts for its round metrics."""
+        if not self.config.self_improve or round_number < 2:
+            return {}
+        from fl_crew_reddit.site.self_improve import SelfImproveSettings, improve_site
+
+        earlier = [(r.round, r.global_) for r in self.rounds if r.round < round_number]
+        return improve_site(site, received, round_number, SelfImproveSettings.from_settings(self.config),
+                            read_jsonl(Path(self._shards[site.name].train_path)), [(0, self.base_metrics), *earlier])
 
     def _feedback_of(self, client: str) -> dict[str, torch.Tensor] | None:
         """UPDATE_COMPRESSION topk / sign: `client`'s residual, which its compression stage replaces in place; else
@@ -585,6 +640,12 @@ class FederatedWorkspace:
         self.base_metrics.validation_perplexity, self.base_metrics.validation_per_client = self._validation(
             use_adapter=False)
         self._score_images(self.base_metrics, use_adapter=False)
+        if self._pair_counts:  # the starting adapter (LoRA B = 0) is the base model: its implicit rewards are 0
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, self.initial_adapter)
+            self._add_preferences(self.base_metrics)
+            set_peft_model_state_dict(self.model, self.global_adapter)
         return self.base_metrics
 
     def evaluate_round(self, round_number: int) -> EvalMetrics:
@@ -597,6 +658,7 @@ class FederatedWorkspace:
             metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), self._sample, self.device,
                                mixed_precision=self.config.mixed_precision)
             metrics.validation_perplexity, metrics.validation_per_client = self._validation()
+            self._add_preferences(metrics)
         self._score_images(metrics)
         self._current_round(round_number).global_ = metrics
         if self.config.attack == "backdoor":
@@ -677,20 +739,25 @@ class FederatedWorkspace:
         if not trained:
             raise ValueError(f"baseline {kind!r} needs a completed federated round: its step budget is the run's")
         if kind == "local_only":
-            per_client, unions = {}, []
+            per_client, unions, union_preferences = {}, [], []
             for client in self.client_names:  # one client's rows in memory at a time
                 data = self._site_data(client)
                 fits = [{**self.fit_config(r.round), "proximal_mu": 0.0} for r in trained]
                 run = self._train_in_chunks(f"{client}-alone", data.rows("train"), fits,
-                                            {client: data.rows("validation")})
+                                            {client: data.rows("validation")}, pair_rows=self._train_pairs([client]))
                 metrics = self._test_metrics(run["state"])
+                own = metrics.preference_per_client.get(client, {})
                 per_client[client] = {"own": metrics.per_client.get(client, metrics.perplexity),
                                       "union": metrics.perplexity, "steps": run["steps"],
                                       "best_round": run["best_round"],
-                                      "validation_per_round": run["validation_per_round"]}
+                                      "validation_per_round": run["validation_per_round"],
+                                      "preference_accuracy": own.get("preference_accuracy"),
+                                      "reward_margin": own.get("reward_margin")}
                 unions.append(metrics.perplexity)
+                union_preferences.append((metrics.preference_accuracy, metrics.reward_margin))
             steps = per_client[next(iter(per_client))]["steps"]
             entry = {"perplexity": sum(unions) / len(unions), "per_client": per_client,
+                     **_mean_preferences(union_preferences),
                      "description": f"each client alone, {steps} steps in {len(trained)} round-equivalent chunks, "
                                     "read at its best chunk on its own validation split; perplexity = mean over "
                                     "clients on all held-out test replies"}
@@ -699,10 +766,15 @@ class FederatedWorkspace:
             epochs = self.config.local_epochs * len(self.client_names) + 1  # enough batches; the step cap binds
             fits = [{**self.fit_config(r.round), "proximal_mu": 0.0, "local_epochs": epochs,
                      "max_steps": sum(c.metrics["steps"] for c in r.clients)} for r in trained]
-            run = self._train_in_chunks("centralized", pooled, fits, self._client_split("validation"))
+            run = self._train_in_chunks("centralized", pooled, fits, self._client_split("validation"),
+                                        pair_rows=self._train_pairs(self.client_names))
             metrics = self._test_metrics(run["state"])
+            own = metrics.preference_per_client
             entry = {"perplexity": metrics.perplexity,
-                     "per_client": {k: {"own": v} for k, v in metrics.per_client.items()},
+                     "per_client": {k: {"own": v, "preference_accuracy": own.get(k, {}).get("preference_accuracy"),
+                                        "reward_margin": own.get(k, {}).get("reward_margin")}
+                                    for k, v in metrics.per_client.items()},
+                     "preference_accuracy": metrics.preference_accuracy, "reward_margin": metrics.reward_margin,
                      "best_round": run["best_round"], "validation_per_round": run["validation_per_round"],
                      "steps": run["steps"],
                      "description": f"all clients' data pooled, {run['steps']} steps in {len(trained)} "
@@ -720,15 +792,24 @@ class FederatedWorkspace:
         set_peft_model_state_dict(self.model, self.global_adapter)
         return entry
 
+    def _train_pairs(self, clients: list[str]) -> dict:
+        """LocalTrainer's `pair_rows` keyword for a baseline: the named clients' train pairs pooled, when the
+        objective uses them (DPO); nothing for SFT."""
+        if self.config.training_objective == "sft":
+            return {}
+        pairs = self._client_pairs("train")
+        return {"pair_rows": [row for name in clients for row in pairs[name]]}
+
     def _train_in_chunks(self, name: str, rows: list[dict], fits: list[dict],
-                         validation_rows: Mapping[str, list[dict]]) -> dict:
+                         validation_rows: Mapping[str, list[dict]], pair_rows: dict | None = None) -> dict:
         """Fit chunk after chunk from the initial adapter, scoring validation after each; keep the best chunk's
-        adapter (lowest validation perplexity; the last one where there is no validation split)."""
+        adapter (lowest validation perplexity; the last one where there is no validation split). `pair_rows`:
+        LocalTrainer's keyword for DPO (`_train_pairs`)."""
         state, steps, scores = self.initial_adapter, 0, []
         best_state, best_round = None, None
         for fit in fits:
             result = LocalTrainer(name, self.model, self.tokenizer, rows, self.device,
-                                  mixed_precision=self.config.mixed_precision).fit(state, fit)
+                                  mixed_precision=self.config.mixed_precision, **(pair_rows or {})).fit(state, fit)
             state, steps = result.state, steps + result.metrics["steps"]
             ppl, _ = self._validation(validation_rows)  # the model holds the state the fit just returned
             scores.append((fit["round"], ppl))
@@ -744,8 +825,9 @@ class FederatedWorkspace:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, state)
-        return evaluate(self.model, self.tokenizer, self._client_split("test"), [], self.device,
-                        mixed_precision=self.config.mixed_precision)
+        metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), [], self.device,
+                           mixed_precision=self.config.mixed_precision)
+        return self._add_preferences(metrics, splits=("test",))
 
     # --- history -----------------------------------------------------------------------------------------------
     def _current_round(self, round_number: int | None = None) -> RoundRecord:
@@ -768,7 +850,8 @@ class FederatedWorkspace:
             run_id=self.paths.run_id, settings=self.config.public_settings(), collection=self.collection,
             data=self.data, base=self.base_metrics, rounds=self.rounds, best_round=best.round if best else None,
             best_adapter=best.aggregation.adapter_path if best else None, baselines=self.baselines,
-            agent_steps=self.agent_steps)
+            agent_steps=self.agent_steps, preference_pairs=self._pair_counts,
+            preference_pairs_left_out=self._pairs_left_out)
 
     def history(self) -> dict:
         """`run_history()` in its history.json form (plain dicts and lists)."""
@@ -800,6 +883,8 @@ class FederatedWorkspace:
             self.paths, self.initial_adapter, max_norm=None if method in SERVER_OPTIMIZERS else
             self.config.max_update_norm, optimizer_name=method if method in SERVER_OPTIMIZERS else None)
         history = parse_run_history(state.history, f"the saved state of run {self.paths.run_id}")
+        check_same_objective(state.settings, self.config, self.paths.run_id)
+        self._pairs_left_out = {name: dict(splits) for name, splits in history.preference_pairs_left_out.items()}
         if state.stage == "collecting":
             self._partial_collection, self.collection = history.collection, None
         else:
@@ -859,3 +944,57 @@ class FederatedWorkspace:
         if self._scalars is not None:
             self._scalars.close()
             self._scalars = None
+
+
+# --- preference learning helpers ------------------------------------------------------------------------------------
+OBJECTIVE_SETTINGS = ("training_objective", "dpo_beta", "min_preference_pairs")
+
+
+def check_same_objective(saved: dict, config: FLCrewRedditConfig, run_id: str) -> None:
+    """A resumed run continues with the local objective it started with: a changed TRAINING_OBJECTIVE, DPO_BETA or
+    MIN_PREFERENCE_PAIRS would silently mix two objectives in one run's rounds, so it is refused (ConfigError naming
+    the settings). A run saved before these settings existed trained SFT with the defaults."""
+    from fl_crew_reddit.config import ConfigError
+
+    defaults = {name: FLCrewRedditConfig.model_fields[name].default for name in OBJECTIVE_SETTINGS}
+    changed = [f"{name.upper()}={getattr(config, name)} (the run started with {saved.get(name, defaults[name])})"
+               for name in OBJECTIVE_SETTINGS if saved.get(name, defaults[name]) != getattr(config, name)]
+    if changed:
+        raise ConfigError(f"Run {run_id} cannot resume with {', '.join(changed)}: a resumed run continues with the "
+                          "local objective it started with; set these back, or start a new run")
+
+
+def count_pair_kinds(clients: list[ClientShard]) -> dict[str, dict[str, dict[str, int]]]:
+    """client -> split -> kind -> preference pairs in its `<split>_pairs.jsonl` (beside its train shard); only the
+    clients and splits that have pairs (so a run without any records nothing)."""
+    import json
+
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for shard in clients:
+        if not shard.train_path:
+            continue
+        for split in ("train", "validation", "test"):
+            path = Path(shard.train_path).parent / f"{split}_pairs.jsonl"
+            if not path.is_file():
+                continue
+            kinds: dict[str, int] = {}
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        kind = str(json.loads(line).get("kind", "unknown"))
+                    except (ValueError, AttributeError):
+                        raise ValueError(f"{path}, line {number}: not a JSON object of a preference pair") from None
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            if kinds:
+                counts.setdefault(shard.name, {})[split] = kinds
+    return counts
+
+
+def _mean_preferences(points: list[tuple[float | None, float | None]]) -> dict:
+    """local_only: the mean over clients of the preference accuracy and margin on all test pairs (None: no pairs)."""
+    accuracies = [a for a, _ in points if a is not None]
+    margins = [m for _, m in points if m is not None]
+    return {"preference_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "reward_margin": sum(margins) / len(margins) if margins else None}

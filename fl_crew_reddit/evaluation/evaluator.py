@@ -33,6 +33,16 @@ class EvalMetrics(BaseModel):
     clip_score_post: float | None = Field(None, description="the same for the post's own text (a reference level)")
     clip_examples: int = 0
     clip_note: str | None = Field(None, description="why the CLIP score was not computed")
+    # preference pairs (training/dpo.py): does the implicit reward β(log π - log π_base) rank the chosen reply first?
+    preference_accuracy: float | None = Field(None, description="share of the held-out test pairs whose chosen reply "
+                                                                "gets the higher implicit reward (ties count half)")
+    reward_margin: float | None = Field(None, description="mean implicit reward of chosen minus rejected, test pairs")
+    preference_pairs: int = Field(0, description="held-out test pairs scored (0: none, and no preference metrics)")
+    preference_per_client: dict[str, dict] = Field(
+        default_factory=dict, description="client -> its test pairs' preference_accuracy, reward_margin, pairs")
+    validation_preference_accuracy: float | None = Field(None, description="the same on the validation pairs")
+    validation_reward_margin: float | None = None
+    validation_preference_pairs: int = 0
 
 
 @torch.no_grad()
@@ -117,6 +127,36 @@ def evaluate(model, tokenizer, test_rows: list[dict] | Mapping[str, list[dict]],
     return EvalMetrics(perplexity=ppl, bleu=bleu(hypotheses, references), chrf=chrf(hypotheses, references),
                        num_tokens=count, per_client=per_client, samples=samples,
                        distinct_1=distinct_n(hypotheses, 1), distinct_2=distinct_n(hypotheses, 2), **overlap)
+
+
+def preference_scores(model, pairs_by_client: Mapping[str, list[dict]], device: torch.device, pad_id: int,
+                      beta: float) -> dict[str, dict]:
+    """{client: `training.dpo.preference_metrics` on its pairs} for the clients that have pairs, read one client at
+    a time, with the adapter the model holds now (the implicit reward is relative to the base model: the adapter
+    disabled); combine them with `server.evaluation.combine_preferences`."""
+    scores = {}
+    for name, rows in pairs_by_client.items():
+        if rows:
+            from fl_crew_reddit.training.dpo import preference_metrics  # loaded only where pairs exist
+
+            scores[name] = preference_metrics(model, rows, device, pad_id, beta)
+    return scores
+
+
+def add_preferences(metrics: EvalMetrics, test: Mapping[str, dict], validation: Mapping[str, dict]) -> EvalMetrics:
+    """Fill `metrics`' preference fields from per-client `preference_metrics` results (test and validation pairs);
+    left as they are (None, 0) where no client has pairs."""
+    from fl_crew_reddit.server.evaluation import combine_preferences
+
+    overall = combine_preferences(test)
+    metrics.preference_accuracy, metrics.reward_margin = overall["preference_accuracy"], overall["reward_margin"]
+    metrics.preference_pairs = overall["pairs"]
+    metrics.preference_per_client = {name: dict(values) for name, values in test.items() if values.get("pairs")}
+    held = combine_preferences(validation)
+    metrics.validation_preference_accuracy, metrics.validation_reward_margin = (held["preference_accuracy"],
+                                                                                held["reward_margin"])
+    metrics.validation_preference_pairs = held["pairs"]
+    return metrics
 
 
 def image_text_scores(model, tokenizer, image_examples: list[dict], device: torch.device, clip_model: str | None, *,

@@ -32,7 +32,24 @@ def metrics_scalars(metrics: EvalMetrics | None) -> dict[str, float]:
         tags[f"perplexity_validation_per_client/{name}"] = value
     if metrics.samples:  # no generated replies (EVAL_SAMPLES=0): the scores would be meaningless zeros
         tags.update({f"generation/{key}": getattr(metrics, key) for key in GENERATION_METRICS})
+    tags.update(preference_scalars(metrics))
     return _kept(tags)
+
+
+def preference_scalars(metrics: EvalMetrics) -> dict[str, float | None]:
+    """Held-out preference accuracy and reward margin (test and validation pairs, overall and per client); none
+    where the run has no preference pairs."""
+    tags: dict[str, float | None] = {}
+    if metrics.preference_pairs:
+        tags["preference/test_accuracy"] = metrics.preference_accuracy
+        tags["preference/test_reward_margin"] = metrics.reward_margin
+    if metrics.validation_preference_pairs:
+        tags["preference/validation_accuracy"] = metrics.validation_preference_accuracy
+        tags["preference/validation_reward_margin"] = metrics.validation_reward_margin
+    for name, values in metrics.preference_per_client.items():
+        tags[f"preference_test_accuracy_per_client/{name}"] = values.get("preference_accuracy")
+        tags[f"preference_test_reward_margin_per_client/{name}"] = values.get("reward_margin")
+    return tags
 
 
 def round_scalars(record: RoundRecord) -> dict[str, float]:
@@ -40,6 +57,11 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
     tags: dict[str, float | None] = dict(metrics_scalars(record.global_))
     for client in record.clients:
         tags[f"train_loss/{client.name}"] = client.train_loss
+        for key in ("dpo_loss", "train_preference_accuracy", "train_reward_margin"):
+            if isinstance(client.metrics.get(key), (int, float)):  # DPO trained this round (training/dpo.py)
+                tags[f"{key}/{client.name}"] = client.metrics[key]
+    if any("dpo_loss" in c.metrics or "dpo_skipped" in c.metrics for c in record.clients):  # DPO was asked for
+        tags["clients/dpo_skipped"] = sum(1 for client in record.clients if client.metrics.get("dpo_skipped"))
     aggregation = record.aggregation
     for name, norm in (aggregation.update_norms.items() if aggregation else ()):
         tags[f"update_norm/{name}"] = norm
@@ -66,6 +88,10 @@ def baseline_scalars(kind: str, entry: BaselineRecord, last_round: int) -> list[
         points.append((f"{prefix}/test_perplexity", entry.perplexity, entry.best_round))
     else:
         points.append((f"{prefix}/test_perplexity_mean", entry.perplexity, last_round))
+    if entry.preference_accuracy is not None:  # the run has preference pairs
+        step = entry.best_round if entry.best_round is not None else last_round
+        points.append((f"{prefix}/test_preference_accuracy", entry.preference_accuracy, step))
+        points.append((f"{prefix}/test_reward_margin", entry.reward_margin, step))
     for client, values in entry.per_client.items():
         for point in values.validation_per_round:
             points.append((f"{prefix}/validation_perplexity/{client}", point.perplexity, point.round))

@@ -20,3 +20,16 @@ def combine_split(sums: dict[str, tuple[float, int]],
     per_client = ({name: perplexity(float(t), int(n)) for name, (t, n) in sums.items() if n}
                   if len(sums) >= per_client_from else {})
     return overall, per_client, count
+
+
+def combine_preferences(per_site: dict[str, dict]) -> dict:
+    """Preference accuracy and reward margin over the union of the sites' pairs from each site's own (both are means
+    over pairs, so each site weighs by its pair count): {"preference_accuracy", "reward_margin", "pairs"}, the first
+    two None without pairs."""
+    weighted = [(values, int(values.get("pairs") or 0)) for values in per_site.values()]
+    weighted = [(values, n) for values, n in weighted if n and values.get("preference_accuracy") is not None]
+    pairs = sum(n for _, n in weighted)
+    if not pairs:
+        return {"preference_accuracy": None, "reward_margin": None, "pairs": 0}
+    return {"preference_accuracy": sum(float(v["preference_accuracy"]) * n for v, n in weighted) / pairs,
+            "reward_margin": sum(float(v["reward_margin"]) * n for v, n in weighted) / pairs, "pairs": pairs}

@@ -77,6 +77,10 @@ class StrategySettings:
     lora_r: int = 8
     lora_alpha: int = 16
     client_lora_ranks: dict = field(default_factory=dict)
+    # the clients' local objective (training/dpo.py): sft | dpo | sft_then_dpo, sent in the fit config
+    training_objective: str = "sft"
+    dpo_beta: float = 0.1
+    min_preference_pairs: int = 4
 
     @classmethod
     def from_config(cls, config: Any) -> StrategySettings:
@@ -170,7 +174,17 @@ class FederatedStrategy:
                    if s.update_compression != "none" else {}),
                 **({"dp_mode": "local", "dp_clip_norm": s.dp_clip_norm, "dp_noise_multiplier": s.dp_noise_multiplier}
                    if s.dp_mode == "local" else {}),
+                **self.objective_config(),
                 **(self._attack_config(clients or []) if s.attack != "none" else {})}
+
+    def objective_config(self) -> dict:
+        """The local objective's keys of the fit config ("objective", "dpo_beta", "min_pairs"); none for plain SFT,
+        which is what a trainer does without them, so an SFT run's fit config is what it always was."""
+        s = self.settings
+        if s.training_objective == "sft":
+            return {}
+        return {"objective": s.training_objective, "dpo_beta": float(s.dpo_beta),
+                "min_pairs": int(s.min_preference_pairs)}
 
     def _attack_config(self, clients: list[str]) -> dict:
         from fl_crew_reddit.site.attacks import attack_fit_config

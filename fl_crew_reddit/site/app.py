@@ -28,6 +28,14 @@ class EvalSums:
     num_tokens: int
 
 
+def pair_rows_for(data: SiteData, fit_config: dict) -> dict:
+    """LocalTrainer's `pair_rows` keyword for a fit: the site's train pairs when the objective uses them (DPO);
+    nothing for SFT, so an SFT fit never reads or tokenizes a pair file."""
+    if fit_config.get("objective", "sft") == "sft":
+        return {}
+    return {"pair_rows": data.pair_rows("train")}
+
+
 class Site:
     """One client. `model` is a PEFT model (in-process: the one model every site shares)."""
 
@@ -54,7 +62,8 @@ class Site:
         update before it leaves (`outgoing_update`)."""
         trainer = LocalTrainer(self.name, self.model, self.tokenizer,
                                self.data.train_rows(self.name, fit_config), self.device,
-                               mixed_precision=self.mixed_precision, show_progress=self.show_progress)
+                               mixed_precision=self.mixed_precision, show_progress=self.show_progress,
+                               **pair_rows_for(self.data, fit_config))
         result = trainer.fit(global_adapter, fit_config)
         # UPDATE_COMPRESSION topk / sign: the residual the caller keeps (in-process: the workspace's), or else, on a
         # site with its own folder (Flower), the one kept there (site/feedback.py)

@@ -27,6 +27,8 @@ class SiteData:
         self.max_seq_length = max_seq_length
         self._rows: dict[str, list[dict]] = dict(rows or {})
         self._poisoned: dict[str, list[dict]] = {}  # a simulated data attacker's train rows (ATTACK), by attack
+        self._pair_rows: dict[str, list[dict]] = {}
+        self.pairs_left_out: dict[str, int] = {}  # split -> pairs read whose rows could not be built (too long, ...)
         unknown = set(files or {}) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown splits {sorted(unknown)}; splits are {', '.join(SPLITS)}")
@@ -67,3 +69,29 @@ class SiteData:
             self._poisoned = {key: tokenize_all(self.tokenizer, poison_examples(client, examples, fit_config),
                                                 self.max_seq_length)}
         return self._poisoned[key]
+
+    def pairs_path(self, split: str) -> Path | None:
+        """The preference pair file of `split`: `<split>_pairs.jsonl` beside the split's SFT file (None: no folder)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+        path = self.path(split)
+        if path is None and split != "train":  # a split without its SFT file may still sit beside train's
+            train = self.path("train")
+            path = train.parent / f"{split}.jsonl" if train is not None else None
+        return path.parent / f"{split}_pairs.jsonl" if path is not None else None
+
+    def pair_rows(self, split: str) -> list[dict]:
+        """Tokenized preference pairs of `split` (`training.dpo.tokenize_pairs`: {"id", "kind", "chosen": row,
+        "rejected": row}); [] where the site has no pair file (a run made before preference pairs, or none built).
+        Pairs whose rows cannot be built are left out and counted in `pairs_left_out[split]`."""
+        if split not in self._pair_rows:
+            path = self.pairs_path(split)
+            pairs = read_jsonl(path) if path is not None and path.is_file() else []
+            rows: list[dict] = []
+            if pairs:
+                from fl_crew_reddit.training.dpo import tokenize_pairs  # loaded only where pairs exist
+
+                rows = tokenize_pairs(self.tokenizer, pairs, self.max_seq_length)
+            self.pairs_left_out[split] = len(pairs) - len(rows)
+            self._pair_rows[split] = rows
+        return self._pair_rows[split]

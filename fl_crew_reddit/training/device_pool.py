@@ -150,8 +150,11 @@ def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dic
             examples = poison_examples(job.client, examples, job.fit_config)
         rows_by_path[rows_key] = tokenize_all(tokenizer, examples, config.max_seq_length)
     global_adapter = load_file(job.global_adapter_path, device="cpu")
+    pairs = {}
+    if job.fit_config.get("objective", "sft") != "sft":  # DPO: the train pairs beside the train shard, as a site's
+        pairs = {"pair_rows": _train_pair_rows(Path(job.train_path), tokenizer, config.max_seq_length, rows_by_path)}
     trainer = LocalTrainer(job.client, model, tokenizer, rows_by_path[rows_key], device,
-                           mixed_precision=config.mixed_precision, show_progress=False)
+                           mixed_precision=config.mixed_precision, show_progress=False, **pairs)
     result = trainer.fit(global_adapter, job.fit_config)
     # top-k error feedback: the residual the workspace keeps for this client comes and goes as safetensors bytes
     feedback = load_tensors(job.error_feedback) if job.error_feedback else {}
@@ -163,6 +166,24 @@ def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dic
     return TrainingOutcome(client=job.client, round=job.round, adapter_path=str(folder),
                            num_examples=result.num_examples, metrics=result.metrics, device=str(device),
                            error_feedback=save_tensors(feedback) if feedback else b"")
+
+
+def _train_pair_rows(train_path: Path, tokenizer, max_seq_length: int, cache: dict) -> list[dict]:
+    """A client's tokenized train preference pairs (`train_pairs.jsonl` beside its train.jsonl, as
+    `site.data.SiteData.pair_rows` reads them); [] where it has none. Cached with the worker's train rows."""
+    from fl_crew_reddit.preprocessing.pipeline import read_jsonl
+
+    path = train_path.parent / "train_pairs.jsonl"
+    key = f"{path}|pairs"
+    if key not in cache:
+        pairs = read_jsonl(path) if path.is_file() else []
+        if pairs:
+            from fl_crew_reddit.training.dpo import tokenize_pairs
+
+            cache[key] = tokenize_pairs(tokenizer, pairs, max_seq_length)
+        else:
+            cache[key] = []
+    return cache[key]
 
 
 # --- the parent's side --------------------------------------------------------------------------------------------

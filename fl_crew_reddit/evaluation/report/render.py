@@ -79,8 +79,8 @@ def summary_blocks(summary: ReportSummary, png_name: str | None = "convergence.p
     blocks: list[Block] = [("h1", f"Federated run report: {summary.run_id}"), ("verdict", verdict_sentence(summary))]
     if png_name:
         blocks.append(("image", png_name, "Held-out perplexity and local train loss per round"))
-    return (blocks + _rounds(summary) + _analysis(summary) + _agent_steps(summary) + _samples(summary)
-            + _data(summary) + _settings(summary))
+    return (blocks + _rounds(summary) + _preferences(summary) + _analysis(summary) + _agent_steps(summary)
+            + _samples(summary) + _data(summary) + _settings(summary))
 
 
 def _round_row(r: RoundSummary) -> list[Any]:
@@ -231,6 +231,51 @@ def _baselines(summary: ReportSummary) -> list[Block]:
     clients = list(dict.fromkeys(client for values in columns.values() for client in values))
     rows = [[client] + [_num(values.get(client)) for values in columns.values()] for client in clients]
     return blocks + [("p", "Per client, on each client's own test split:"), _table(["Client"] + list(columns), rows)]
+
+
+def _preferences(summary: ReportSummary) -> list[Block]:
+    """Preference learning: the objective, pairs per client by kind, held-out preference accuracy and reward margin
+    per round (and of the base model and the baselines), and the clients that trained SFT instead of DPO, and why."""
+    prefs = summary.preferences
+    if prefs is None:
+        return []
+    beta = f", β = {prefs.beta:g}" if prefs.beta is not None and prefs.objective != "sft" else ""
+    blocks: list[Block] = [("h2", "Preference learning"), ("p", f"Local objective: {prefs.objective}{beta}.")]
+    kinds = sorted({kind for splits in prefs.pairs.values() for counts in splits.values() for kind in counts})
+    if prefs.pairs:
+        rows = []
+        for client, splits in prefs.pairs.items():
+            for split in ("train", "validation", "test"):
+                if split in splits:
+                    left_out = prefs.left_out.get(client, {}).get(split)
+                    rows.append([client, split] + [_count(splits[split].get(kind, 0)) for kind in kinds]
+                                + [_count(left_out) if left_out else "—"])
+        blocks += [("p", "Preference pairs per client, split and kind (pairs left out: their rows could not be "
+                         "built):"), _table(["Client", "Split"] + kinds + ["Left out"], rows)]
+    else:
+        blocks.append(("p", "No client has preference pairs."))
+    if prefs.rows:
+        clients = list(dict.fromkeys(name for row in prefs.rows for name in row.per_client))
+        rows = [[r.label, _num(r.accuracy, 3), _num(r.margin, 3), _num(r.validation_accuracy, 3),
+                 _count(r.pairs) if r.pairs else "—"] + [_num(r.per_client.get(c), 3) for c in clients]
+                for r in prefs.rows]
+        blocks += [("p", "Held-out preference accuracy (share of pairs whose chosen reply gets the higher implicit "
+                         "reward β(log π − log π_base); ties count ½, so the base model scores 0.5) and mean reward "
+                         "margin, on the test pairs, per round; validation accuracy; accuracy on each client's own "
+                         "test pairs:"),
+                   _table(["Model", "Accuracy", "Reward margin", "Validation accuracy", "Test pairs"]
+                          + [f"{c} accuracy" for c in clients], rows)]
+    if prefs.trained:
+        rows = [[r, c, used, _num(loss, 3), _num(acc, 3)] for r, c, used, loss, acc in prefs.trained]
+        blocks += [("p", "Local training per round: the objective each client used, its DPO loss and train "
+                         "preference accuracy:"),
+                   _table(["Round", "Client", "Objective used", "DPO loss", "Train accuracy"], rows)]
+    if prefs.skipped:
+        blocks += [("p", "Clients that trained SFT instead of DPO, and why:"),
+                   _table(["Round", "Client", "Reason"], [[r, c, reason] for r, c, reason in prefs.skipped])]
+    elif prefs.objective != "sft":
+        blocks.append(("p", "No client fell back to SFT."))
+    return blocks
 
 
 def clip_section(summary: ReportSummary) -> list[Block]:

@@ -129,6 +129,29 @@ class AttackRow(BaseModel):
     backdoor_success: float | None = None
 
 
+class PreferenceRow(BaseModel):
+    """Held-out preference metrics of one model: the base model, a round's global adapter, or a baseline."""
+
+    label: str
+    accuracy: float | None
+    margin: float | None
+    pairs: int
+    validation_accuracy: float | None = None
+    per_client: dict[str, float] = {}  # client -> accuracy on its own test pairs
+
+
+class PreferenceSummary(BaseModel):
+    """TRAINING_OBJECTIVE and preference pairs: what the report's "Preference learning" section shows."""
+
+    objective: str
+    beta: float | None
+    pairs: dict[str, dict[str, dict[str, int]]]  # client -> split -> kind -> pairs
+    left_out: dict[str, dict[str, int]]  # client -> split -> pairs whose rows could not be built
+    rows: list[PreferenceRow]
+    trained: list[tuple[int, str, str, float | None, float | None]]  # (round, client, objective used, loss, acc)
+    skipped: list[tuple[int, str, str]]  # (round, client, why it trained SFT instead of DPO)
+
+
 class ReportSummary(BaseModel):
     run_id: str
     settings: dict
@@ -149,6 +172,7 @@ class ReportSummary(BaseModel):
     privacy: list[tuple[int, RoundPrivacy]] = []  # DP runs: each round's (ε, δ), noise and clipping
     secure_rounds: list[tuple[int, dict]] = []  # SECURE_AGGREGATION: each round's SecAgg+ parameters
     attacks: list[AttackRow] = []  # ATTACK: who attacked each round and what the screen and the rule did
+    preferences: PreferenceSummary | None = None  # preference pairs or a DPO objective: the section's numbers
 
 
 def change_percent(value: float | None, base: float | None) -> float | None:
@@ -282,7 +306,43 @@ def summarize(history: RunHistory) -> ReportSummary:
         privacy=[(r.round, r.privacy) for r in history.rounds if r.privacy is not None],
         secure_rounds=[(r.round, r.aggregation.secure_aggregation) for r in history.rounds
                        if r.aggregation is not None and r.aggregation.secure_aggregation],
-        attacks=[_attack_row(r) for r in history.rounds if r.attack is not None])
+        attacks=[_attack_row(r) for r in history.rounds if r.attack is not None],
+        preferences=_preferences(history))
+
+
+def _preference_row(label: str, metrics: EvalMetrics) -> PreferenceRow:
+    return PreferenceRow(label=label, accuracy=finite(metrics.preference_accuracy),
+                         margin=finite(metrics.reward_margin), pairs=metrics.preference_pairs,
+                         validation_accuracy=finite(metrics.validation_preference_accuracy),
+                         per_client={name: finite(v.get("preference_accuracy"))
+                                     for name, v in metrics.preference_per_client.items()
+                                     if finite(v.get("preference_accuracy")) is not None})
+
+
+def _preferences(history: RunHistory) -> PreferenceSummary | None:
+    """The section's numbers; None for a run with no preference pairs and the SFT objective (nothing to say)."""
+    objective = str(history.settings.get("training_objective") or "sft")
+    measured = [("base", history.base)] + [(str(r.round), r.global_) for r in history.rounds]
+    rows = [_preference_row(label, m) for label, m in measured if m is not None and m.preference_pairs]
+    rows += [PreferenceRow(label=name, accuracy=finite(entry.preference_accuracy), margin=finite(entry.reward_margin),
+                           pairs=0, per_client={c: finite(v.preference_accuracy) for c, v in entry.per_client.items()
+                                                if finite(v.preference_accuracy) is not None})
+             for name, entry in history.baselines.items() if entry.preference_accuracy is not None]
+    trained, skipped = [], []
+    for record in history.rounds:
+        for client in record.clients:
+            metrics = client.metrics
+            if "objective_used" in metrics and objective != "sft":
+                trained.append((record.round, client.name, str(metrics["objective_used"]),
+                                finite(metrics.get("dpo_loss")), finite(metrics.get("train_preference_accuracy"))))
+            if metrics.get("dpo_skipped"):
+                skipped.append((record.round, client.name, str(metrics["dpo_skipped"])))
+    if objective == "sft" and not history.preference_pairs and not rows:
+        return None
+    beta = history.settings.get("dpo_beta")
+    return PreferenceSummary(objective=objective, beta=float(beta) if isinstance(beta, (int, float)) else None,
+                             pairs=history.preference_pairs, left_out=history.preference_pairs_left_out, rows=rows,
+                             trained=trained, skipped=skipped)
 
 
 def _attack_row(record: RoundRecord) -> AttackRow:

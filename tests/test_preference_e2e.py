@@ -1,0 +1,244 @@
+"""Preference learning through the whole product, for real, on tiny settings: TRAINING_OBJECTIVE=sft_then_dpo from
+the settings to the fit config, the sites' pair files, DPO training, held-out preference metrics per round (and of
+the base model and the baselines), history, TensorBoard and the report; settings that cannot work are refused.
+
+One run (module fixture) and one test per promise. client-2 is left one train pair after preprocessing (as a site
+with little data would have), so it trains SFT each round and the history says why.
+"""
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_run_config
+
+CLIENTS = ["client-0", "client-1", "client-2"]
+FEW_PAIRS_CLIENT = "client-2"
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    """Two rounds of sft_then_dpo with 3 clients and both baselines; (config, result, history.json)."""
+    from fl_crew_reddit import FLCrewRedditManager
+    from fl_crew_reddit.workspace import FederatedWorkspace
+
+    config = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("preference-run"),
+                             training_objective="sft_then_dpo", dpo_beta=0.2, min_preference_pairs=2,
+                             baselines=["local_only", "centralized"], local_epochs=1, max_examples_per_client=8,
+                             eval_samples=0, max_seq_length=256)
+    original = FederatedWorkspace.preprocess
+
+    def preprocess_leaving_one_pair(self):
+        report = original(self)
+        shard = next(s for s in report.clients if s.name == FEW_PAIRS_CLIENT)
+        pairs = Path(shard.train_path).parent / "train_pairs.jsonl"
+        pairs.write_text(pairs.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+        self._load_client_data()  # the counts as the site has them now
+        return report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FederatedWorkspace, "preprocess", preprocess_leaving_one_pair)
+        result = FLCrewRedditManager(config).run_federated_learning(num_rounds=2)
+    history = json.loads(Path(result.history_path).read_text())
+    return config, result, history
+
+
+def test_the_objective_is_a_setting_of_the_run(run):
+    _, _, history = run
+    assert history["settings"]["training_objective"] == "sft_then_dpo"
+    assert history["settings"]["dpo_beta"] == 0.2 and history["settings"]["min_preference_pairs"] == 2
+
+
+def test_pairs_per_client_are_counted_by_split_and_kind(run):
+    _, _, history = run
+    pairs = history["preference_pairs"]
+    assert set(pairs) == set(CLIENTS)
+    for client in CLIENTS:
+        assert pairs[client]["test"].get("relevance", 0) > 0
+    assert sum(pairs[FEW_PAIRS_CLIENT]["train"].values()) == 1
+    assert all(sum(pairs[c]["train"].values()) >= 2 for c in CLIENTS if c != FEW_PAIRS_CLIENT)
+
+
+def test_clients_train_dpo_and_one_with_too_few_pairs_trains_sft_and_says_why(run):
+    _, _, history = run
+    for record in history["rounds"]:
+        by_name = {c["name"]: c["metrics"] for c in record["clients"]}
+        assert set(by_name) == set(CLIENTS) and record["skipped"] == {}
+        for client in CLIENTS:
+            metrics = by_name[client]
+            if client == FEW_PAIRS_CLIENT:
+                assert metrics["objective_used"] == "sft" and "dpo_loss" not in metrics
+                assert "1 preference pairs" in metrics["dpo_skipped"] and "min_pairs=2" in metrics["dpo_skipped"]
+            else:
+                assert metrics["objective_used"] == "sft_then_dpo" and "dpo_skipped" not in metrics
+                assert metrics["dpo_loss"] > 0 and 0 <= metrics["train_preference_accuracy"] <= 1
+
+
+def test_every_round_has_held_out_preference_metrics_overall_and_per_client(run):
+    _, _, history = run
+    base = history["base"]
+    # the base model is its own reference: every implicit reward is 0, every pair a tie
+    assert base["preference_accuracy"] == 0.5 and base["reward_margin"] == 0.0 and base["preference_pairs"] > 0
+    for record in history["rounds"]:
+        metrics = record["global"]
+        assert metrics["preference_pairs"] == base["preference_pairs"]
+        assert 0 <= metrics["preference_accuracy"] <= 1 and metrics["reward_margin"] != 0.0
+        assert set(metrics["preference_per_client"]) == set(CLIENTS)
+        per_client = metrics["preference_per_client"].values()
+        assert sum(v["pairs"] for v in per_client) == metrics["preference_pairs"]
+        weighted = sum(v["preference_accuracy"] * v["pairs"] for v in per_client) / metrics["preference_pairs"]
+        assert metrics["preference_accuracy"] == pytest.approx(weighted)
+        assert metrics["validation_preference_pairs"] > 0 and metrics["validation_preference_accuracy"] is not None
+        assert metrics["perplexity"] > 0  # beside perplexity, not instead of it
+
+
+def test_baselines_report_preference_metrics_on_the_same_pairs(run):
+    _, _, history = run
+    for name in ("local_only", "centralized"):
+        entry = history["baselines"][name]
+        assert 0 <= entry["preference_accuracy"] <= 1 and entry["reward_margin"] is not None
+    local = history["baselines"]["local_only"]["per_client"]
+    assert all(local[c]["preference_accuracy"] is not None for c in CLIENTS)
+
+
+def test_tensorboard_has_the_preference_scalars(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, result, history = run
+    events = EventAccumulator(str(Path(config.fl_crew_reddit_dir) / "logs" / "tensorboard" / result.run_id))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"preference/test_accuracy", "preference/test_reward_margin", "preference/validation_accuracy",
+            "preference_test_accuracy_per_client/client-0", "dpo_loss/client-0", "train_preference_accuracy/client-1",
+            "clients/dpo_skipped", "baseline/centralized/test_preference_accuracy"} <= tags
+    assert f"dpo_loss/{FEW_PAIRS_CLIENT}" not in tags
+    accuracy = [history["base"]["preference_accuracy"]] + [
+        r["global"]["preference_accuracy"] for r in history["rounds"]]
+    assert [(e.step, e.value) for e in events.Scalars("preference/test_accuracy")] == [
+        (step, pytest.approx(value, rel=1e-5)) for step, value in enumerate(accuracy)]
+    assert [e.value for e in events.Scalars("clients/dpo_skipped")] == [1.0, 1.0]
+
+
+def test_the_report_has_a_preference_learning_section(run):
+    from fl_crew_reddit.evaluation.report import build_report
+
+    _, result, history = run
+    markdown = build_report(Path(result.history_path).parent).md.read_text(encoding="utf-8")
+    section = markdown.split("## Preference learning", 1)[1].split("\n## ", 1)[0]
+    assert "Local objective: sft_then_dpo, β = 0.2." in section
+    assert "relevance" in section and FEW_PAIRS_CLIENT in section
+    assert "fewer than min_pairs=2" in section  # the skipped reason, per round
+    assert "local_only" in section and "centralized" in section
+    accuracy = history["rounds"][-1]["global"]["preference_accuracy"]
+    assert f"{accuracy:.3f}" in section
+
+
+def test_a_resumed_run_keeps_its_objective(run):
+    from fl_crew_reddit.config import ConfigError
+    from fl_crew_reddit.runs import RunPaths
+    from fl_crew_reddit.workspace import FederatedWorkspace
+
+    config, result, _ = run
+    changed = config.model_copy(update={"training_objective": "sft"})
+    workspace = FederatedWorkspace(changed, RunPaths(Path(config.fl_crew_reddit_dir).resolve(), result.run_id))
+    try:
+        with pytest.raises(ConfigError, match="TRAINING_OBJECTIVE=sft .the run started with sft_then_dpo"):
+            workspace.restore()
+    finally:
+        workspace.close()
+    same = FederatedWorkspace(config, RunPaths(Path(config.fl_crew_reddit_dir).resolve(), result.run_id))
+    try:
+        assert same.restore().round == 2
+    finally:
+        same.close()
+
+
+# --- settings ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"training_objective": "dpo", "pref_pair_kinds": ""}, ("TRAINING_OBJECTIVE=dpo", "PREF_PAIR_KINDS")),
+    ({"training_objective": "sft_then_dpo", "pref_pair_kinds": ""}, ("TRAINING_OBJECTIVE=sft_then_dpo",
+                                                                     "PREF_PAIR_KINDS")),
+    ({"training_objective": "dpo", "attack": "label_flip", "attacker_fraction": 0.34},
+     ("TRAINING_OBJECTIVE=dpo", "ATTACK=label_flip")),
+    ({"training_objective": "dpo", "attack": "backdoor", "attacker_fraction": 0.34},
+     ("TRAINING_OBJECTIVE=dpo", "ATTACK=backdoor")),
+    ({"training_objective": "kto"}, ("TRAINING_OBJECTIVE",)),
+    ({"dpo_beta": 0}, ("DPO_BETA",)),
+    ({"min_preference_pairs": 0}, ("MIN_PREFERENCE_PAIRS",)),
+])
+def test_settings_that_cannot_work_are_refused_naming_them(settings, named, tmp_path):
+    from fl_crew_reddit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(_env_file=None, fl_crew_reddit_dir=tmp_path, **settings)
+    assert all(name in str(refused.value) for name in named)
+
+
+@pytest.mark.parametrize("settings", [
+    {"aggregation_method": "krum", "num_trainers": 5},
+    {"aggregation_method": "median"},
+    {"federation": "local-flower", "secure_aggregation": True, "flower_insecure": True},
+    {"dp_mode": "central", "dp_noise_multiplier": 0.5},
+    {"dp_mode": "local", "dp_noise_multiplier": 0.5},
+    {"update_compression": "sign"},
+    {"attack": "ipm", "attacker_fraction": 0.34},
+    {"ffa_lora": True},
+    {"aggregation_method": "svd_exact", "client_lora_ranks": "4,8,8"},
+])
+def test_dpo_combines_with_what_only_sees_updates(settings, tmp_path):
+    """DPO changes only the local objective: every rule, SecAgg+, DP, compression and update attacks carry it."""
+    from fl_crew_reddit.config import load_config
+
+    for objective in ("dpo", "sft_then_dpo"):
+        assert load_config(_env_file=None, fl_crew_reddit_dir=tmp_path, training_objective=objective,
+                           **settings).training_objective == objective
+
+
+def test_the_fit_config_carries_the_objective_and_sft_adds_nothing():
+    from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
+
+    dpo = FederatedStrategy(StrategySettings(training_objective="dpo", dpo_beta=0.3, min_preference_pairs=6))
+    assert {k: dpo.fit_config(1)[k] for k in ("objective", "dpo_beta", "min_pairs")} == {
+        "objective": "dpo", "dpo_beta": 0.3, "min_pairs": 6}
+    assert not {"objective", "dpo_beta", "min_pairs"} & set(FederatedStrategy(StrategySettings()).fit_config(1))
+
+
+def test_an_sft_history_without_pairs_has_no_preference_outputs():
+    from fl_crew_reddit.evaluation.report import markdown_report
+    from fl_crew_reddit.evaluation.tensorboard_scalars import metrics_scalars
+    from fl_crew_reddit.history import EvalMetrics, RunHistory
+
+    metrics = EvalMetrics(perplexity=10.0, bleu=1.0, rouge_l=0.1, num_tokens=100)
+    history = RunHistory(run_id="r", settings={"training_objective": "sft"}, base=metrics)
+    assert "Preference" not in markdown_report(history, png_name=None)
+    assert not any(tag.startswith("preference") for tag in metrics_scalars(metrics))
+    # the same history with a DPO objective says so, even before any pair was counted
+    dpo = RunHistory(run_id="r", settings={"training_objective": "dpo", "dpo_beta": 0.1}, base=metrics)
+    assert "No client has preference pairs." in markdown_report(dpo, png_name=None)
+
+
+def test_site_data_reads_and_tokenizes_pair_files(tiny_model, tmp_path, monkeypatch):
+    from fl_crew_reddit.site import SiteData
+    from fl_crew_reddit.training import dpo
+
+    _, tokenizer = tiny_model
+    example = {"id": "e", "post_id": "p", "messages": [{"role": "user", "content": "How do I store basil?"},
+                                                       {"role": "assistant", "content": "In water, like flowers."}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(example) + "\n")
+    pair = {"id": "q", "post_id": "p", "subreddit": "cooking", "kind": "relevance",
+            "prompt": [{"role": "user", "content": "How do I store basil?"}], "chosen": "In water, like flowers.",
+            "rejected": "Use a bigger pot.", "chosen_id": "c1", "rejected_id": "c2", "chosen_score": None,
+            "rejected_score": None}
+    (tmp_path / "test_pairs.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "id": "q2"}) + "\n")
+    (tmp_path / "validation_pairs.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "id": "q2"}))
+    data = SiteData(tmp_path, tokenizer, max_seq_length=64)
+    assert data.pair_rows("train") == [] and data.pairs_left_out["train"] == 0  # no file: no pairs
+    rows = data.pair_rows("test")
+    assert [r["id"] for r in rows] == ["q", "q2"] and rows[0]["kind"] == "relevance"
+    assert rows[0]["chosen"]["input_ids"] != rows[0]["rejected"]["input_ids"]
+    assert rows[0]["chosen"]["input_ids"][:5] == rows[0]["rejected"]["input_ids"][:5]  # the same prompt
+    assert data.pairs_left_out["test"] == 0
+    # a pair whose rows cannot be built is left out by tokenize_pairs, and counted here
+    building = dpo.tokenize_pairs
+    monkeypatch.setattr(dpo, "tokenize_pairs", lambda tok, pairs, n: building(tok, pairs[:1], n))
+    assert [r["id"] for r in data.pair_rows("validation")] == ["q"] and data.pairs_left_out["validation"] == 1
