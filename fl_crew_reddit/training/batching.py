@@ -11,6 +11,8 @@ loss never indexes with a boolean mask on the device (that would wait for the GP
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,39 +28,46 @@ def tokenize_all(tokenizer, examples: list[dict], max_length: int) -> list[dict]
     return rows
 
 
-def length_grouped_batches(rows: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
-    """Shuffle, then sort within windows of 32 batches by length: little padding, still a random order."""
+def row_length(row: dict) -> int:
+    return len(row["input_ids"])
+
+
+def length_grouped_batches(rows: list, batch_size: int, rng: random.Random,
+                           length: Callable[[Any], int] = row_length) -> list[list]:
+    """Shuffle, then sort within windows of 32 batches by length: little padding, still a random order.
+    `length`: the cost of an item (a row's tokens by default; DPO batches pairs by their longer reply row)."""
     order = rows[:]
     rng.shuffle(order)
     window = batch_size * 32
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda r: len(r["input_ids"]))
+        chunk = sorted(order[start:start + window], key=length)
         batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
 
 
-def token_budget_batches(rows: list[dict], tokens_per_batch: int, rng: random.Random,
-                         packed: bool) -> list[list[dict]]:
+def token_budget_batches(rows: list, tokens_per_batch: int, rng: random.Random,
+                         packed: bool, length: Callable[[Any], int] = row_length) -> list[list]:
     """Batches of at most `tokens_per_batch` computed positions instead of a fixed number of examples.
 
     Packed: rows in shuffled order, each batch filled until the next row would overflow (sum of lengths).
     Padded: like `length_grouped_batches` (sorted within windows), each batch's cost being rows × longest row.
-    A row longer than the budget gets a batch of its own. The batches are shuffled.
+    A row longer than the budget gets a batch of its own. The batches are shuffled. `length` as in
+    `length_grouped_batches`.
     """
     order = rows[:]
     rng.shuffle(order)
     if not packed:
-        mean = max(1.0, sum(len(r["input_ids"]) for r in rows) / max(1, len(rows)))
+        mean = max(1.0, sum(length(r) for r in rows) / max(1, len(rows)))
         window = max(1, int(32 * tokens_per_batch / mean))
         order = [row for start in range(0, len(order), window)
-                 for row in sorted(order[start:start + window], key=lambda r: len(r["input_ids"]))]
-    batches: list[list[dict]] = []
-    current: list[dict] = []
+                 for row in sorted(order[start:start + window], key=length)]
+    batches: list[list] = []
+    current: list = []
     used = 0  # packed: tokens so far; padded: the longest row so far
     for row in order:
-        n = len(row["input_ids"])
+        n = length(row)
         cost = used + n if packed else max(used, n) * (len(current) + 1)
         if current and cost > tokens_per_batch:
             batches.append(current)
@@ -232,6 +241,15 @@ def reply_token_nll(model, batch: dict, chunk_rows: int | None = None,
     to earlier positions, which are all real, so its result is the same, and the model skips building the 4D mask.
     A packed batch (`pack`) runs with its example boundaries (`training.packing`).
     """
+    selected, targets, count = reply_hidden(model, batch, backend)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    nll = linear_cross_entropy(selected, causal_lm.get_output_embeddings(), targets, chunk_rows)
+    return nll, count
+
+
+def reply_hidden(model, batch: dict, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The decoder's last hidden states at the positions whose next token is a reply token (in the order of the
+    batch's rows), those next tokens and their count: what `reply_token_nll` runs the output layer on."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal_lm.get_decoder()
     if "cu_seqlens" in batch:
@@ -249,5 +267,4 @@ def reply_token_nll(model, batch: dict, chunk_rows: int | None = None,
         targets_mask = batch["reply_mask"][:, 1:]
         selected, targets = hidden[:, :-1][targets_mask], batch["input_ids"][:, 1:][targets_mask]
         count = int(targets.numel())
-    nll = linear_cross_entropy(selected, causal_lm.get_output_embeddings(), targets, chunk_rows)
-    return nll, count
+    return selected, targets, count

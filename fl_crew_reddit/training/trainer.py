@@ -26,6 +26,15 @@ from fl_crew_reddit.training.batching import (
     reply_token_nll,
     token_budget_batches,
 )
+from fl_crew_reddit.training.dpo import (
+    OBJECTIVES,
+    batch_reply_logprobs,
+    dpo_loss,
+    pair_batch,
+    pair_logprobs,
+    pair_step_batches,
+    preference_wins,
+)
 from fl_crew_reddit.training.packing import packed_attention_enabled
 from fl_crew_reddit.training.peft_setup import active_adapter_for, parameter_count
 
@@ -278,11 +287,13 @@ class LocalTrainer:
 
     def __init__(self, name: str, model, tokenizer, train_rows: list[dict], device: torch.device,
                  mixed_precision: str = "auto", show_progress: bool = True,
-                 on_step: Callable[[dict], None] | None = None):
+                 on_step: Callable[[dict], None] | None = None, pair_rows: list[dict] | None = None):
         self.name = name
         self.model = model
         self.pad_id = tokenizer.pad_token_id
         self.train_rows = train_rows
+        # tokenized preference pairs (`dpo.tokenize_pairs`), for the objectives "dpo" and "sft_then_dpo"
+        self.pair_rows = list(pair_rows or [])
         self.device = device
         self.mixed_precision = mixed_precision
         self.show_progress = show_progress
@@ -294,6 +305,8 @@ class LocalTrainer:
     def fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         """Train from `global_adapter` on local data; config: local_epochs, batch_size, learning_rate,
         proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned),
+        objective (sft | dpo | sft_then_dpo; DPO on the pair rows, batch_size pairs a micro-batch), dpo_beta,
+        min_pairs (fewer pairs: SFT only, with metrics["dpo_skipped"]),
         and for speed: tokens_per_batch (0: auto, i.e. from free memory on CUDA, batch_size examples on the CPU),
         grad_accum_steps, packing (auto|on|off; auto: on CUDA), packed_attention (varlen|flex|sdpa),
         compile (auto|on|off), log_every (steps between host reads of the loss; 0: auto)."""
@@ -303,19 +316,17 @@ class LocalTrainer:
                 frozen_lora_a(self.model, frozen=not config.get("train_lora_a", True)):
             return self._fit(global_adapter, config, adapter)
 
+    def packs(self, config: dict) -> bool:
+        packing = config.get("packing", "auto")
+        return packing == "on" or (packing == "auto" and self.device.type == "cuda")
+
     def plan(self, config: dict) -> tuple[list[list[list[dict]]], int, bool, int, bool]:
         """(optimizer steps, each a list of micro-batches of rows; micro-batches in the last epoch; packed?;
         pad_to; compiled?). Token budget on CUDA, BATCH_SIZE examples length-grouped on the CPU unless
         TOKENS_PER_BATCH is set."""
-        packing = config.get("packing", "auto")
-        packed = packing == "on" or (packing == "auto" and self.device.type == "cuda")
-        tokens_per_batch = int(config.get("tokens_per_batch") or 0)
+        packed = self.packs(config)
         longest = max((len(r["input_ids"]) for r in self.train_rows), default=1)
-        if tokens_per_batch == 0 and self.device.type == "cuda":
-            # sized once per model (while its memory is that of a fresh fit), so later rounds batch the same way
-            if getattr(self.model, "_fl_auto_tokens_per_batch", None) is None:
-                self.model._fl_auto_tokens_per_batch = auto_tokens_per_batch(self.model, self.device, longest)
-            tokens_per_batch = max(self.model._fl_auto_tokens_per_batch, longest)
+        tokens_per_batch = self.tokens_per_batch(config, longest)
         if tokens_per_batch:
             tokens_per_batch = max(tokens_per_batch, longest)
         rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}")
@@ -334,8 +345,41 @@ class LocalTrainer:
         pad_to = tokens_per_batch if packed and tokens_per_batch and compiled else 0
         return steps, len(epochs[-1]) if epochs else 0, packed, pad_to, compiled
 
+    def tokens_per_batch(self, config: dict, longest: int) -> int:
+        """TOKENS_PER_BATCH, or 0 (batch_size examples); on CUDA 0 means auto, sized once per model (while its
+        memory is that of a fresh fit), so later rounds batch the same way."""
+        tokens_per_batch = int(config.get("tokens_per_batch") or 0)
+        if tokens_per_batch == 0 and self.device.type == "cuda":
+            if getattr(self.model, "_fl_auto_tokens_per_batch", None) is None:
+                self.model._fl_auto_tokens_per_batch = auto_tokens_per_batch(self.model, self.device, longest)
+            tokens_per_batch = max(self.model._fl_auto_tokens_per_batch, longest)
+        return tokens_per_batch
+
+    def plan_pairs(self, config: dict, packed: bool) -> tuple[list[list[list[int]]], int]:
+        """(DPO optimizer steps, each a list of micro-batches of indices into pair_rows; micro-batches in the last
+        epoch), in a seeded order of their own (`dpo.pair_step_batches`)."""
+        longest = max((len(p[side]["input_ids"]) for p in self.pair_rows for side in ("chosen", "rejected")),
+                      default=1)
+        rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}-dpo")
+        return pair_step_batches(self.pair_rows, config, rng, packed, self.tokens_per_batch(config, 2 * longest))
+
     def _fit(self, global_adapter: AdapterState, config: dict, adapter: str = "default") -> FitResult:
         started = time.perf_counter()
+        objective = config.get("objective") or "sft"
+        if objective not in OBJECTIVES:
+            raise ValueError(f"{self.name}: unknown training objective {objective!r} (one of {', '.join(OBJECTIVES)})")
+        beta, min_pairs = float(config.get("dpo_beta", 0.1)), int(config.get("min_pairs", 4))
+        metrics: dict = {}
+        use_dpo = objective != "sft"
+        if use_dpo:
+            metrics["pairs"] = len(self.pair_rows)
+            if len(self.pair_rows) < max(1, min_pairs):
+                metrics["dpo_skipped"] = (f"{len(self.pair_rows)} preference pairs, fewer than "
+                                          f"min_pairs={min_pairs}: SFT only")
+                use_dpo = False
+        use_sft = objective == "sft_then_dpo" or not use_dpo
+        metrics["objective_used"] = objective if use_dpo else "sft"
+
         # 1. Start from the global adapter.
         set_peft_model_state_dict(self.model, global_adapter, adapter_name=adapter)
         self.model.train()
@@ -343,27 +387,116 @@ class LocalTrainer:
         mu = float(config.get("proximal_mu", 0.0))
         anchors = [p.detach().clone() for p in params] if mu > 0 else []
 
-        # 2. Batches for every epoch, then optimizer and schedule sized to them.
-        steps, last_epoch_batches, packed, pad_to, compile_layers = self.plan(config)
+        # 2. Batches for every epoch (SFT rows, DPO pairs); each phase gets an optimizer and schedule sized to them.
+        packed = self.packs(config)
+        sft_steps, last_epoch_batches, _, pad_to, compile_layers = (self.plan(config) if use_sft
+                                                                      else ([], 0, packed, 0, False))
+        dpo_steps, dpo_last_epoch_batches = self.plan_pairs(config, packed) if use_dpo else ([], 0)
         accumulate = max(1, int(config.get("grad_accum_steps") or 1))
-        total = len(steps)
-        # fused: one kernel for all adapter tensors instead of ~10 small ops per tensor (420 tensors here)
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=float(config["learning_rate"]), weight_decay=0.0, fused=fused)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup=max(1, total // 10)))
         torch.manual_seed(int(config.get("seed", 0)) + int(config.get("round", 0)))
         log_every = int(config.get("log_every") or 0) or (LOG_EVERY_CUDA if self.device.type == "cuda" else 1)
         backend = config.get("packed_attention")
+        total = len(sft_steps) + len(dpo_steps)
+        run = _StepRunner(self, params, anchors, mu, config, started, total, log_every)
 
-        # 3. The loop: mean NLL over reply tokens, plus FedProx's (mu/2)·||w − w_global||² when mu > 0.
-        # Nothing in a step reads a device value: token and target counts come from the host rows, the step losses
-        # stay on the device and are read every `log_every` steps (one wait for the GPU per read).
-        losses: list[float] = []
+        def sft_micro(rows: list[dict]) -> tuple[torch.Tensor, dict]:
+            batch = (pack(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
+                     else collate(rows, self.pad_id, self.device))
+            with autocast_context(self.device, self.mixed_precision):
+                nll, _ = (reply_token_nll(self.model, batch, backend=backend) if packed
+                          else reply_token_nll(self.model, batch))  # (benchmarks swap in other losses)
+            return nll, {"tokens": batch["tokens"], "positions": batch["positions"]}
+
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def dpo_micro(index: list[int]) -> tuple[torch.Tensor, dict]:
+            batch, counts = pair_batch([self.pair_rows[i] for i in index], self.device, self.pad_id, packed)
+            with autocast_context(self.device, self.mixed_precision):
+                logps = batch_reply_logprobs(self.model, batch, counts, backend)
+            where = torch.tensor(index, device=self.device)
+            loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:len(index)], logps[len(index):],
+                                                              reference[0][where], reference[1][where], beta)
+            return loss * len(index), {"tokens": batch["tokens"], "positions": batch["positions"],
+                                       "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+
+        # 3. The loops: SFT's mean NLL over reply tokens, then DPO's mean loss over pairs, plus FedProx's
+        # (mu/2)·||w − w_global||² when mu > 0 (`_StepRunner`).
+        # On the CPU: faster LoRA dropout, bf16 frozen weights, fp32 attention for the loop (cpu_training_fast_path).
+        with cpu_training_fast_path(self.model, self.device, uses_bf16(self.device, self.mixed_precision)), \
+                packed_attention_enabled(self.model, packed):
+            if use_dpo:
+                # the reference: the received global adapter (the policy before its first step), once per fit,
+                # in eval mode (no dropout) and without gradient; the same model, never a second copy
+                self.model.eval()
+                with autocast_context(self.device, self.mixed_precision):
+                    reference = pair_logprobs(self.model, self.pair_rows, self.device, self.pad_id,
+                                              int(config["batch_size"]), packed, backend)
+                self.model.train()
+            with compiled_layers(self.model, compile_layers):
+                sft_records = run.phase("sft", sft_steps, sft_micro,
+                                        lambda micro: sum(batch_counts(rows)[1] for rows in micro))
+            dpo_records = run.phase("dpo", dpo_steps, dpo_micro, lambda micro: sum(len(i) for i in micro))
+        seconds = time.perf_counter() - started
+        if not sft_records and not dpo_records:
+            raise FloatingPointError(f"{self.name}: training produced no steps ran")
+
+        # 4. Only the adapter weights leave the client (under FFA-LoRA only B: A is the global adapter's, unchanged).
+        state = snapshot_adapter(self.model, adapter)
+        if not config.get("train_lora_a", True):
+            state = {key: value for key, value in state.items() if ffa_lora_trainable(key)}
+        if sft_records:
+            last_epoch = sft_records[-max(1, math.ceil(last_epoch_batches / accumulate)):]
+            metrics.update(train_loss=sum(r["loss"] for r in last_epoch) / len(last_epoch),
+                           first_loss=sft_records[0]["loss"])
+        if dpo_records:
+            last_epoch = dpo_records[-max(1, math.ceil(dpo_last_epoch_batches / accumulate)):]
+            chosen = torch.cat([r["chosen_rewards"] for r in last_epoch]).float().cpu()
+            rejected = torch.cat([r["rejected_rewards"] for r in last_epoch]).float().cpu()
+            metrics.update(dpo_loss=sum(r["loss"] for r in last_epoch) / len(last_epoch),
+                           dpo_first_loss=dpo_records[0]["loss"],
+                           train_preference_accuracy=preference_wins(chosen, rejected) / len(chosen),
+                           train_reward_margin=float((chosen - rejected).mean()), dpo_beta=beta)
+            if not sft_records:  # the loss this fit minimised is DPO's
+                metrics.update(train_loss=metrics["dpo_loss"], first_loss=metrics["dpo_first_loss"])
+        tokens = run.tokens
+        metrics.update(steps=total, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds)
+        # the aggregation weight: what the fit trained on (pairs for DPO alone)
+        examples = len(self.pair_rows) if metrics["objective_used"] == "dpo" else len(self.train_rows)
+        return FitResult(state=state, num_examples=examples, metrics=metrics)
+
+
+class _StepRunner:
+    """The optimizer steps of one fit, phase after phase (SFT, DPO), step numbers counting on across phases.
+
+    Nothing in a step reads a device value: denominators come from the host rows, the step losses stay on the
+    device and are read every `log_every` steps (one wait for the GPU per read), where a non-finite one raises
+    FloatingPointError naming the client and step. A phase's `micro` returns a micro-batch's summed loss (with
+    grad) and its counts; the step's loss is the sum over its micro-batches divided by `size` of the step.
+    """
+
+    def __init__(self, trainer: LocalTrainer, params: list, anchors: list, mu: float, config: dict,
+                 started: float, total: int, log_every: int):
+        self.trainer, self.params, self.anchors, self.mu = trainer, params, anchors, mu
+        self.config, self.started, self.total, self.log_every = config, started, total, log_every
+        self.timeout_s = float(config.get("timeout_s") or 0)
+        self.done = 0  # steps run in earlier phases
+        self.tokens = 0
+
+    def phase(self, name: str, steps: list, micro: Callable, size: Callable) -> list[dict]:
+        if not steps:
+            return []
+        trainer, params = self.trainer, self.params
+        # fused: one kernel for all adapter tensors instead of ~10 small ops per tensor (420 tensors here)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=float(self.config["learning_rate"]), weight_decay=0.0, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, len(steps), warmup=max(1, len(steps) // 10)))
+        records: list[dict] = []
         pending: list[dict] = []
-        tokens = 0
-        bar = tqdm(total=total, desc=f"round {config.get('round', '?')} {self.name}", unit="step",
-                   disable=not self.show_progress, leave=False)
+        label = "" if name == "sft" else f" {name}"
+        bar = tqdm(total=len(steps), desc=f"round {self.config.get('round', '?')} {trainer.name}{label}",
+                   unit="step", disable=not trainer.show_progress, leave=False)
+        what = "training" if name == "sft" else name.upper()
 
         def read_pending() -> None:
             if not pending:
@@ -373,63 +506,46 @@ class LocalTrainer:
             for record, value in zip(pending, values):
                 if not math.isfinite(value):
                     bar.close()
-                    raise FloatingPointError(f"{self.name}: training produced a non-finite loss "
+                    raise FloatingPointError(f"{trainer.name}: {what} produced a non-finite loss "
                                              f"(step {record['step']})")
-                losses.append(value)
-                if self.on_step is not None:
-                    self.on_step({**record, "loss": value, "time": now})
+                records.append({**record, "loss": value})
+                if trainer.on_step is not None:
+                    trainer.on_step({key: v for key, v in records[-1].items() if not isinstance(v, torch.Tensor)}
+                                    | {"time": now})
             bar.update(len(pending))
             bar.set_postfix(loss=f"{values[-1]:.3f}")
             pending.clear()
 
-        # On the CPU: faster LoRA dropout, bf16 frozen weights, fp32 attention for the loop (cpu_training_fast_path).
-        with cpu_training_fast_path(self.model, self.device, uses_bf16(self.device, self.mixed_precision)), \
-                packed_attention_enabled(self.model, packed), compiled_layers(self.model, compile_layers):
-            timeout_s = float(config.get("timeout_s") or 0)
-            for step, micro_batches in enumerate(steps, start=1):
-                if timeout_s and time.perf_counter() - started > timeout_s:
-                    bar.close()
-                    raise TimeoutError(f"{self.name} ran past CLIENT_TIMEOUT={timeout_s:g}s after "
-                                       f"{step - 1} of {total} steps")
-                step_targets = sum(batch_counts(rows)[1] for rows in micro_batches)
-                step_nll, step_tokens, step_positions = None, 0, 0
-                for index, rows in enumerate(micro_batches):
-                    batch = (pack(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
-                             else collate(rows, self.pad_id, self.device))
-                    with autocast_context(self.device, self.mixed_precision):
-                        nll, _ = (reply_token_nll(self.model, batch, backend=backend) if packed
-                                  else reply_token_nll(self.model, batch))  # (benchmarks swap in other losses)
-                    loss = nll / max(step_targets, 1)
-                    if mu > 0 and index == 0:
-                        loss = loss + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-                    loss.backward()
-                    step_nll = nll.detach() if step_nll is None else step_nll + nll.detach()
-                    step_tokens += batch["tokens"]
-                    step_positions += batch["positions"]
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens += step_tokens
-                pending.append({"step": step, "loss": step_nll.float() / max(step_targets, 1),
-                                "tokens": step_tokens, "positions": step_positions,
-                                "micro_batches": len(micro_batches)})
-                if len(pending) >= log_every:
-                    read_pending()
-            read_pending()
+        for number, micro_batches in enumerate(steps, start=self.done + 1):
+            if self.timeout_s and time.perf_counter() - self.started > self.timeout_s:
+                bar.close()
+                raise TimeoutError(f"{trainer.name} ran past CLIENT_TIMEOUT={self.timeout_s:g}s after "
+                                   f"{number - 1} of {self.total} steps")
+            denominator = max(size(micro_batches), 1)
+            step_loss, counts = None, {}
+            for index, batch in enumerate(micro_batches):
+                summed, extras = micro(batch)
+                loss = summed / denominator
+                if self.mu > 0 and index == 0:
+                    loss = loss + (self.mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, self.anchors))
+                loss.backward()
+                step_loss = summed.detach() if step_loss is None else step_loss + summed.detach()
+                for key, value in extras.items():
+                    counts[key] = [*counts.get(key, []), value]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": number, "loss": step_loss.float() / denominator, "phase": name,
+                      "tokens": sum(counts["tokens"]), "positions": sum(counts["positions"]),
+                      "micro_batches": len(micro_batches)}
+            record.update({key: torch.cat(values) for key, values in counts.items()
+                           if key not in ("tokens", "positions")})
+            self.tokens += record["tokens"]
+            pending.append(record)
+            if len(pending) >= self.log_every:
+                read_pending()
+        read_pending()
         bar.close()
-        seconds = time.perf_counter() - started
-        if not losses:
-            raise FloatingPointError(f"{self.name}: training produced no steps ran")
-
-        # 4. Only the adapter weights leave the client (under FFA-LoRA only B: A is the global adapter's, unchanged).
-        last_epoch = losses[-max(1, math.ceil(last_epoch_batches / accumulate)):]
-        state = snapshot_adapter(self.model, adapter)
-        if not config.get("train_lora_a", True):
-            state = {key: value for key, value in state.items() if ffa_lora_trainable(key)}
-        return FitResult(
-            state=state,
-            num_examples=len(self.train_rows),
-            metrics={"train_loss": sum(last_epoch) / len(last_epoch), "first_loss": losses[0],
-                     "steps": total, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds},
-        )
+        self.done += len(steps)
+        return records
