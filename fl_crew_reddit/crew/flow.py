@@ -90,6 +90,13 @@ class FederatedFlow(Flow[FLState]):
                       len(report.clients), ", ".join(f"{c.name}: {c.num_train} train/{c.num_validation} validation/"
                                                      f"{c.num_test} test" for c in report.clients),
                       report.dropped or "nothing")
+        pairs = report.preference_pairs
+        if pairs:
+            progress.info("Preference pairs %s (%s); left out %s%s", pairs.get("built") or "none",
+                          ", ".join(f"{c.name}: {c.num_train_pairs} train/{c.num_validation_pairs} validation/"
+                                    f"{c.num_test_pairs} test" for c in report.clients),
+                          pairs.get("dropped") or "nothing",
+                          "; scores are placeholders: no votes pairs" if pairs.get("scores_placeholder") else "")
         self.workspace.save_state(0, self.state.total_rounds, stage="preprocessed")
 
     @listen(or_(preprocess_data, "resume_preprocessed"))
