@@ -46,7 +46,7 @@ import torch
 from fl_crew_reddit.evaluation.evaluator import generate_replies
 from fl_crew_reddit.preprocessing.cleaning import language_drop_reason
 from fl_crew_reddit.preprocessing.examples import render_chat, tokenize_example
-from fl_crew_reddit.training.batching import collate, reply_token_nll
+from fl_crew_reddit.training.dpo import reply_logprobs, reply_target_count
 
 log = logging.getLogger(__name__)
 
@@ -242,28 +242,9 @@ def generate_candidates(model, tokenizer, prompts: list[str], device: torch.devi
 
 
 # --- the implicit reward -------------------------------------------------------------------------------------------
-def _reply_logprobs(model, rows: list[dict], device: torch.device, pad_id: int) -> torch.Tensor:
-    """Summed log-probability of each row's reply tokens (training.dpo.reply_logprobs's contract), one row at a
-    time through the trainer's own reply-token NLL."""
-    values = []
-    for row in rows:
-        nll, _ = reply_token_nll(model, collate([row], pad_id, device))
-        values.append(-nll.float())
-    return torch.stack(values) if values else torch.zeros(0)
-
-
-def reply_logprobs(model, rows: list[dict], device: torch.device, pad_id: int) -> torch.Tensor:
-    """training.dpo.reply_logprobs where it exists, else the same computation here."""
-    try:
-        from fl_crew_reddit.training.dpo import reply_logprobs as dpo_reply_logprobs
-    except ImportError:
-        return _reply_logprobs(model, rows, device, pad_id)
-    return dpo_reply_logprobs(model, rows, device, pad_id)
-
-
 def reply_tokens(row: dict) -> int:
-    """Reply tokens a row's log-probability sums over (positions whose next token is a reply token)."""
-    return max(1, sum(row["reply_mask"][1:]))
+    """Reply tokens a row's log-probability sums over (`training.dpo.reply_target_count`; at least 1)."""
+    return max(1, reply_target_count(row))
 
 
 @torch.no_grad()
