@@ -41,6 +41,7 @@ from fl_crew_reddit.training.multimodal import (
     modality_grouped_batches,
     multimodal_reply_nll,
     multimodal_rows,
+    pack_multimodal,
     projector_from_config,
     projector_state,
     split_projector,
@@ -237,6 +238,30 @@ def test_text_only_rows_give_reply_token_nll_exactly(tiny_model):
     assert torch.allclose(together, image_only + reference, rtol=1e-5, atol=1e-4)
 
 
+def test_a_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_model):
+    from fl_crew_reddit.training.packing import packed_attention_enabled
+
+    model, tokenizer = tiny_model
+    model.eval()  # no dropout: the two layouts see the same weights
+    projector = _projector(model)
+    rows = _rows(tokenizer)
+    padded, features = collate_multimodal(rows, tokenizer.pad_token_id, CPU)
+    packed, packed_features = pack_multimodal(rows, CPU, pad_to=sum(len(r["input_ids"]) for r in rows) + 5,
+                                              pad_id=tokenizer.pad_token_id)
+    assert torch.equal(features, packed_features) and packed["image_index"].numel() == 12
+    expected, count = multimodal_reply_nll(model, projector, padded, features)
+    expected.backward()
+    reference = [p.grad.clone() for p in projector.parameters()]
+    projector.zero_grad()
+    with pytest.raises(RuntimeError, match="packed attention"):
+        multimodal_reply_nll(model, projector, packed, packed_features)
+    with packed_attention_enabled(model):
+        got, packed_count = multimodal_reply_nll(model, projector, packed, packed_features)
+        got.backward()
+    assert packed_count == count and torch.allclose(got, expected, rtol=1e-5)
+    assert all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6) for p, g in zip(projector.parameters(), reference))
+
+
 def test_soft_tokens_change_the_loss_of_an_image_row(tiny_model):
     model, tokenizer = tiny_model
     projector = _projector(model)
@@ -375,6 +400,16 @@ def test_projector_tensors_travel_through_the_real_rules_and_checks(tiny_model):
     # a client of lower LoRA rank gets the projector unchanged
     lower = truncate_adapter(global_state, 2, alpha=8)
     assert all(torch.equal(lower[k], global_state[k]) for k in keys)
+
+    # compressed updates (UPDATE_COMPRESSION) carry them like any key
+    from fl_crew_reddit.aggregation.compression import compress, decompress
+
+    delta = {k: states[0][k] - global_state[k] for k in global_state}
+    for kind in ("int8", "sign", "topk"):
+        back = decompress(compress(delta, kind), global_state, kind)
+        assert set(back) == set(global_state) and all(back[k].shape == delta[k].shape for k in keys)
+    int8 = decompress(compress(delta, "int8"), global_state, "int8")
+    assert all(torch.allclose(int8[k], delta[k], atol=float(delta[k].abs().max()) / 100) for k in keys)
 
     # the update checks name a bad projector tensor
     broken = dict(states[0])

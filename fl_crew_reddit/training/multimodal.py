@@ -38,7 +38,13 @@ import torch
 from torch import nn
 
 from fl_crew_reddit.preprocessing.examples import render_chat, tokenize_example
-from fl_crew_reddit.training.batching import collate, is_right_padded, linear_cross_entropy, reply_token_nll
+from fl_crew_reddit.training.batching import (
+    collate,
+    is_right_padded,
+    linear_cross_entropy,
+    pack,
+    reply_token_nll,
+)
 
 PROJECTOR_KINDS = ("mlp2", "linear")
 PROJECTOR_PREFIX = "mm_projector."  # the projector's keys in the state dict that travels with the adapter
@@ -304,15 +310,20 @@ def modality_grouped_batches(rows: list[dict], batch_size: int, rng) -> list[lis
 
 
 # --- the loss ---------------------------------------------------------------------------------------------------------
-def collate_multimodal(rows: list[dict], pad_id: int, device: torch.device) -> tuple[dict, torch.Tensor | None]:
-    """`batching.collate` (right-padded) plus `image_index`: the flat positions (batch × width grid) of every soft
-    token, image by image in row order; and the [n_images, d] embeddings in that order (None: no image)."""
+def _check_slots(rows: list[dict]) -> None:
+    """Every row has image embeddings exactly when it has slots, and a whole number of slots per image."""
     for i, row in enumerate(rows):
         images = row.get("image_embeds")
         slots = row.get("image_slots") or []
         if (images is None) != (not slots) or (images is not None and len(slots) % images.shape[0]):
             raise ValueError(f"row {i}: {len(slots)} image slots for "
                              f"{0 if images is None else images.shape[0]} images")
+
+
+def collate_multimodal(rows: list[dict], pad_id: int, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+    """`batching.collate` (right-padded) plus `image_index`: the flat positions (batch × width grid) of every soft
+    token, image by image in row order; and the [n_images, d] embeddings in that order (None: no image)."""
+    _check_slots(rows)
     batch = collate(rows, pad_id, device)
     width = batch["input_ids"].shape[1]
     index = [i * width + slot for i, row in enumerate(rows) for slot in row.get("image_slots") or []]
@@ -321,22 +332,37 @@ def collate_multimodal(rows: list[dict], pad_id: int, device: torch.device) -> t
     return batch, (torch.cat(embeds).to(device) if embeds else None)
 
 
+def pack_multimodal(rows: list[dict], device: torch.device, pad_to: int = 0,
+                    pad_id: int = 0) -> tuple[dict, torch.Tensor | None]:
+    """`batching.pack` (all rows end to end in one row, no padding) plus `image_index` and the image embeddings, as
+    `collate_multimodal` gives them for a padded batch."""
+    _check_slots(rows)
+    batch = pack(rows, device, pad_to=pad_to, pad_id=pad_id)
+    index, start = [], 0
+    for row in rows:
+        index.extend(start + slot for slot in row.get("image_slots") or [])
+        start += len(row["input_ids"])
+    batch["image_index"] = torch.tensor(index, dtype=torch.long).to(device)
+    embeds = [row["image_embeds"] for row in rows if row.get("image_embeds") is not None]
+    return batch, (torch.cat(embeds).to(device) if embeds else None)
+
+
 def multimodal_reply_nll(model, projector: ImageProjector | None, batch: dict, image_features: torch.Tensor | None,
-                         chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
+                         chunk_rows: int | None = None, backend: str | None = None) -> tuple[torch.Tensor, int]:
     """`batching.reply_token_nll`'s contract (summed NLL over reply tokens, their count) with the projected image
-    features written at the batch's `image_index` positions of the input embeddings.
+    features written at the batch's `image_index` positions of the input embeddings; padded (`collate_multimodal`)
+    or packed (`pack_multimodal`, inside `packing.packed_attention_enabled`) batches.
 
     A batch without images is `reply_token_nll` itself. Gradients reach the projector and the LoRA weights; the
     LM's own weights are frozen by PEFT and CLIP is not in the graph (its features are precomputed).
     """
     index = batch.get("image_index")
     if image_features is None or index is None or index.numel() == 0:
-        return reply_token_nll(model, batch, chunk_rows)
+        return reply_token_nll(model, batch, chunk_rows, backend)
     if projector is None:
         raise ValueError("a batch with images needs the image projector")
-    if "cu_seqlens" in batch:
-        raise ValueError("packed batches with images are not supported yet: collate image rows (collate_multimodal)")
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = causal_lm.get_decoder()
     embeds = causal_lm.get_input_embeddings()(batch["input_ids"])
     soft = projector(image_features)
     hidden_size = embeds.shape[-1]
@@ -344,9 +370,17 @@ def multimodal_reply_nll(model, projector: ImageProjector | None, batch: dict, i
         raise ValueError(f"{soft.shape[0]} images × {soft.shape[1]} soft tokens of width {soft.shape[-1]} for "
                          f"{index.numel()} image slots of width {hidden_size}")
     flat = embeds.reshape(-1, hidden_size).index_copy(0, index, soft.reshape(-1, hidden_size).to(embeds.dtype))
-    mask = batch["attention_mask"]
-    attention_mask = None if is_right_padded(mask) else mask
-    hidden = causal_lm.get_decoder()(inputs_embeds=flat.view_as(embeds), attention_mask=attention_mask)
+    if "cu_seqlens" in batch:
+        from fl_crew_reddit.training.packing import PACKED, default_backend, pack_info
+
+        if decoder.config._attn_implementation != PACKED:
+            raise RuntimeError("a packed batch needs the packed attention implementation: run it inside "
+                               "`packed_attention_enabled(model)`")
+        info = pack_info(batch, backend or default_backend(batch["input_ids"].device))
+        hidden = decoder(inputs_embeds=flat.view_as(embeds), position_ids=batch["position_ids"], fl_packing=info)
+    else:
+        mask = batch["attention_mask"]
+        hidden = decoder(inputs_embeds=flat.view_as(embeds), attention_mask=None if is_right_padded(mask) else mask)
     selected = hidden.last_hidden_state.reshape(-1, hidden_size).index_select(0, batch["target_index"])
     nll = linear_cross_entropy(selected, causal_lm.get_output_embeddings(), batch["targets"], chunk_rows)
     return nll, batch["count"]
@@ -390,9 +424,8 @@ def image_contribution(model, projector: ImageProjector, rows: Sequence[dict],
             replacement = (torch.zeros_like(features) if blank_features is None
                            else blank_features.to(device, features.dtype).reshape(1, -1).expand_as(features))
             for name, used in (("real", features), ("blank", replacement)):
-                nll, n = multimodal_reply_nll(model, projector, batch, used)
-                totals[name] += float(nll)
-            count += n
+                totals[name] += float(multimodal_reply_nll(model, projector, batch, used)[0])
+            count += batch["count"]
     finally:
         model.train(was_training[0])
         projector.train(was_training[1])
