@@ -267,3 +267,40 @@ def test_synthetic_rows_join_the_next_round_s_training_and_nothing_else(tiny_con
             assert "Synthetic reply" not in path.read_text(), path
     assert first.global_.num_tokens == second.global_.num_tokens  # the test split scored is the same
     assert first.global_.validation_per_client.keys() == second.global_.validation_per_client.keys()
+
+
+@pytest.mark.e2e
+def test_a_run_stopped_in_round_two_resumes_to_the_same_adapter_with_the_same_synthetic_rows(tiny_config,
+                                                                                             monkeypatch):
+    """Nothing synthetic is saved: the resumed round regenerates the same replies (seeded, same received adapter)."""
+    from conftest import RunStopped, stopped_in_round
+    from safetensors.torch import load_file
+
+    from fl_crew_reddit import FLCrewRedditManager
+
+    # the tiny model's replies are gibberish: no language or length rule, and every reward ties with the real
+    # reply's, so the candidates that pass the other rules are kept and the run really trains on generated text
+    monkeypatch.setattr(si, "implicit_rewards", lambda model, rows, *args, **kwargs: [0.0] * len(rows))
+    kept: dict[str, list[str]] = {}
+    original = si.improve
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        kept.setdefault(kwargs["client"], []).append(repr([e["messages"][-1]["content"] for e in result.examples]))
+        return result
+
+    monkeypatch.setattr(si, "improve", recording)
+    config = tiny_config.model_copy(update={"self_improve": True, "self_improve_max_fraction": 0.5, "eval_samples": 0,
+                                            "local_epochs": 1, "languages": [], "min_reply_tokens": 1,
+                                            "self_improve_max_new_tokens": 12})
+    reference = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-reference")
+    assert sum(c.metrics["self_improve_kept"] for c in reference.history.rounds[1].clients) > 0
+    with stopped_in_round(2), pytest.raises(RunStopped):
+        FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-stopped")
+    resumed = FLCrewRedditManager(config).resume("run-stopped")
+    assert all(len(set(texts)) == 1 and len(texts) == 3 for texts in kept.values()), kept  # reference, stop, resume
+    final = load_file(str(Path(resumed.final_adapter) / "adapter_model.safetensors"))
+    expected = load_file(str(Path(reference.final_adapter) / "adapter_model.safetensors"))
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
