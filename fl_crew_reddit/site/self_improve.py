@@ -37,6 +37,7 @@ import logging
 import math
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -405,11 +406,12 @@ def improve_site(site, received: Mapping[str, torch.Tensor], round_number: int, 
     global adapter it was sent) loaded, then its train rows this round are its own plus the kept synthetic ones
     (`site.data` becomes `WithSynthetic`). `examples`: its real train examples; `rounds`: (round, global metrics) of
     the rounds before, round 0 the base model, for the collapse guard. Returns the metrics to record
-    (`SelfImproveResult.metrics`)."""
+    (`SelfImproveResult.metrics`, and `self_improve_seconds`: generating and scoring took that long)."""
     from peft import set_peft_model_state_dict
 
     from fl_crew_reddit.training.peft_setup import active_adapter_for
 
+    started = time.perf_counter()
     guard = CollapseGuard.replay(observation(number, metrics) for number, metrics in sorted(rounds,
                                                                                            key=lambda r: r[0]))
     with active_adapter_for(site.model, received) as adapter:
@@ -417,8 +419,9 @@ def improve_site(site, received: Mapping[str, torch.Tensor], round_number: int, 
         result = improve(site.model, site.tokenizer, examples, site.device, settings, client=site.name,
                          round_number=round_number, guard=guard)
     site.data = WithSynthetic(site.data, result.rows)
-    log.info("Round %d: %s self-improvement: %s", round_number, site.name, result.describe())
-    return result.metrics()
+    seconds = time.perf_counter() - started
+    log.info("Round %d: %s self-improvement in %.1fs: %s", round_number, site.name, seconds, result.describe())
+    return {**result.metrics(), f"{METRIC_PREFIX}seconds": seconds}
 
 
 class WithSynthetic:
