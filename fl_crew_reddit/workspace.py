@@ -259,6 +259,10 @@ class FederatedWorkspace:
                                        test_path="", train_tokens=int(summary.get("train_tokens") or 0)))
             for reason, count in (summary.get("dropped") or {}).items():
                 dropped[reason] = dropped.get(reason, 0) + int(count)
+        # preference pairs: each site counts its pair files (kinds stay on the site)
+        reported = {name: summary.get("pairs") or {} for name, summary in self._site_summaries.items()}
+        self._pair_counts = {name: {split: {"all kinds": int(n)} for split, n in splits.items() if int(n or 0)}
+                             for name, splits in reported.items() if any(splits.values())}
         self.data = PreprocessReport(num_comments=sum(c.num_comments for c in self.collection.subreddits),
                                      num_examples=sum(c.num_train + c.num_test + c.num_validation for c in clients),
                                      dropped=dropped, clients=clients, examples_path="(kept on the sites)",
@@ -702,13 +706,20 @@ class FederatedWorkspace:
         prompts = [example["prompt"] for example in self._sample]
         references = [example["messages"][-1]["content"] for example in self._sample]
         hypotheses = generate_replies(self.model, self.tokenizer, prompts, self.device) if prompts else []
-        return EvalMetrics(perplexity=perplexity, num_tokens=count, per_client=per_client,
-                           bleu=bleu(hypotheses, references), chrf=chrf(hypotheses, references),
-                           distinct_1=distinct_n(hypotheses, 1), distinct_2=distinct_n(hypotheses, 2),
-                           samples=[{"id": e["id"], "reference": r, "generated": h}
-                                    for e, r, h in zip(self._sample, references, hypotheses)],
-                           validation_perplexity=validation_ppl, validation_per_client=validation_per_client,
-                           **rouge(hypotheses, references))
+        metrics = EvalMetrics(perplexity=perplexity, num_tokens=count, per_client=per_client,
+                              bleu=bleu(hypotheses, references), chrf=chrf(hypotheses, references),
+                              distinct_1=distinct_n(hypotheses, 1), distinct_2=distinct_n(hypotheses, 2),
+                              samples=[{"id": e["id"], "reference": r, "generated": h}
+                                       for e, r, h in zip(self._sample, references, hypotheses)],
+                              validation_perplexity=validation_ppl, validation_per_client=validation_per_client,
+                              **rouge(hypotheses, references))
+        preferences = evaluation.get("preferences", {})  # the sites' preference_metrics, where they have pairs
+        if preferences:
+            add_preferences(metrics, {n: preferences.get("test", {})[n] for n in order
+                                      if n in preferences.get("test", {})},
+                            {n: preferences.get("validation", {})[n] for n in order
+                             if n in preferences.get("validation", {})})
+        return metrics
 
     def _score_images(self, metrics: EvalMetrics, use_adapter: bool = True) -> None:
         """CLIP score of the replies to held-out image posts, or the reason it is not computed, into `metrics`."""
@@ -885,6 +896,7 @@ class FederatedWorkspace:
         history = parse_run_history(state.history, f"the saved state of run {self.paths.run_id}")
         check_same_objective(state.settings, self.config, self.paths.run_id)
         self._pairs_left_out = {name: dict(splits) for name, splits in history.preference_pairs_left_out.items()}
+        self._pair_counts = history.preference_pairs  # FEDERATION=flower: as the sites reported them; else recounted
         if state.stage == "collecting":
             self._partial_collection, self.collection = history.collection, None
         else:

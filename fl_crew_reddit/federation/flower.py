@@ -57,7 +57,11 @@ SESSION_FILE, HEARTBEAT_FILE = "session.json", "heartbeat"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SPLITS_EVALUATED = ("test", "validation")
 MODEL_SETTINGS = ("base_llm_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_quantization",
-                  "quantization_bits", "gradient_checkpointing", "max_seq_length", "mixed_precision", "device", "seed")
+                  "quantization_bits", "gradient_checkpointing", "max_seq_length", "mixed_precision", "device", "seed",
+                  "dpo_beta")  # dpo_beta: the β of the held-out preference metrics a site reports
+
+
+PREFERENCES = "preferences"  # the key of the sites' held-out preference metrics in an evaluation
 
 
 class SiteFailed(RuntimeError):
@@ -244,8 +248,10 @@ def _query(message: Message, context: Context) -> Message:
         summary = site_data_summary(Path(str(context.node_config["data-dir"])), dict(config))
         content["data"] = ConfigRecord({"summary": json.dumps(summary)})
     elif str(config.get("ask", "site")) == "examples":  # SECURE_AGGREGATION: the train count (SecAgg+'s max_weight)
-        content["data"] = ConfigRecord({"train": _count_rows(Path(str(context.node_config["data-dir"])) /
-                                                             "train.jsonl")})
+        folder = Path(str(context.node_config["data-dir"]))
+        # the largest weight the site may send: a DPO fit weighs by its train pairs (training/trainer.py)
+        content["data"] = ConfigRecord({"train": max(_count_rows(folder / "train.jsonl"),
+                                                     _count_rows(folder / "train_pairs.jsonl"))})
     return Message(content, reply_to=message)
 
 
@@ -297,7 +303,7 @@ def _fit(content: RecordDict, config: dict, settings: dict, context: Context) ->
         return load(body), reply["num_examples"], reply["metrics"]
     site = _site_for(context, settings)
     result = site.fit(to_torch(unpack_adapter(content)), config)
-    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float, str))}
     return result.state, result.num_examples, metrics
 
 
@@ -312,7 +318,11 @@ def _train(message: Message, context: Context) -> Message:
         return secure_fit_reply(message, fit)
     state, num_examples, metrics = _fit(message.content, dict(message.content["config"]), _settings(message), context)
     content = pack_adapter(state)
-    content["metrics"] = MetricRecord({**metrics, "num-examples": int(num_examples)})
+    numbers = {key: value for key, value in metrics.items() if not isinstance(value, str)}
+    content["metrics"] = MetricRecord({**numbers, "num-examples": int(num_examples)})
+    words = {key: value for key, value in metrics.items() if isinstance(value, str)}
+    if words:  # e.g. objective_used, and dpo_skipped's reason: a MetricRecord holds numbers only
+        content["info"] = ConfigRecord(words)
     return Message(content, reply_to=message)
 
 
@@ -326,14 +336,21 @@ def _evaluate(message: Message, context: Context) -> Message:
         reply, _ = call_worker(worker, {"op": "evaluate", "settings": _settings(message), "splits": splits},
                                _adapter_bytes(message.content))
         sums = {split: (float(t), int(n)) for split, (t, n) in reply["sums"].items()}
+        preferences = reply.get("preferences", {})
     else:
-        site = _site_for(context, _settings(message))
+        settings = _settings(message)
+        site = _site_for(context, settings)
         sums = {split: (value.nll_sum, value.num_tokens)
                 for split, value in site.evaluate(to_torch(unpack_adapter(message.content)), tuple(splits)).items()}
+        preferences = site.evaluate_preferences(tuple(splits), float(settings.get("dpo_beta", 0.1)))
     metrics = {}
     for split, (total, count) in sums.items():
         metrics[f"{split}.nll_sum"] = float(total)
         metrics[f"{split}.num_tokens"] = int(count)
+    for split, values in preferences.items():  # the splits with preference pairs (none: no keys)
+        metrics[f"{split}.pref_accuracy"] = float(values["preference_accuracy"])
+        metrics[f"{split}.pref_margin"] = float(values["reward_margin"])
+        metrics[f"{split}.pref_pairs"] = int(values["pairs"])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
 
@@ -517,6 +534,11 @@ def _evaluate_on_sites(grid: Grid, nodes: dict[str, int], adapter: dict, model: 
         metrics = reply.content["metrics"]
         for split in SPLITS_EVALUATED:
             evaluation[split][name] = [float(metrics[f"{split}.nll_sum"]), int(metrics[f"{split}.num_tokens"])]
+            if f"{split}.pref_pairs" in metrics:  # the site has preference pairs in this split
+                evaluation.setdefault(PREFERENCES, {}).setdefault(split, {})[name] = {
+                    "preference_accuracy": float(metrics[f"{split}.pref_accuracy"]),
+                    "reward_margin": float(metrics[f"{split}.pref_margin"]),
+                    "pairs": int(metrics[f"{split}.pref_pairs"])}
     for name in nodes:
         if name not in evaluation["test"] and name not in failed:
             failed[name] = f"no evaluation reply from its SuperNode within {timeout_s:.0f}s"
@@ -580,6 +602,8 @@ def run_server_round(grid: Grid, job_dir: Path) -> dict:
             state = to_torch(unpack_adapter(reply.content))
             metrics = dict(reply.content["metrics"])
             num_examples = int(metrics.pop("num-examples"))
+            if "info" in reply.content:  # the site's words (objective_used, dpo_skipped)
+                metrics.update({key: str(value) for key, value in reply.content["info"].items()})
         except (KeyError, TypeError, ValueError) as error:
             failed[name] = f"the reply could not be read as an update: {type(error).__name__}: {error}"
             continue
@@ -709,6 +733,16 @@ class FlowerRoundOutcome:
         return self.aggregation
 
 
+def parse_evaluation(raw: dict) -> dict:
+    """The sites' evaluation as a ServerApp result holds it: {split: {site: (NLL sum, tokens)}}, and under
+    PREFERENCES {split: {site: preference_metrics}} where sites have preference pairs."""
+    evaluation: dict = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
+                        for split, sums in raw.items() if split != PREFERENCES}
+    if raw.get(PREFERENCES):
+        evaluation[PREFERENCES] = {split: dict(sites) for split, sites in raw[PREFERENCES].items()}
+    return evaluation
+
+
 def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
     from safetensors.torch import load_file
 
@@ -731,8 +765,7 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
                                          lora_ranks=entry.get("lora_ranks", {}),
                                          discarded_energy=entry.get("discarded_energy"),
                                          secure_aggregation=entry.get("secure_aggregation"))
-    evaluation = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
-                  for split, sums in result.get("evaluation", {}).items()}
+    evaluation = parse_evaluation(result.get("evaluation", {}))
     return FlowerRoundOutcome(
         round=result["round"], selected=result["selected"], failed=result["failed"], results=results,
         aggregation=aggregation, error=result.get("error"), evaluation=evaluation,
@@ -1080,9 +1113,7 @@ class FlowerFederation:
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(job_dir / GLOBAL_IN))
         result = self._submit(job_dir, {"kind": "evaluate", "sites": list(self.sites), "model": _plain(model),
                                         **self._timeouts()}, f"evaluation ({label})")
-        evaluation = {split: {name: (float(t), int(n)) for name, (t, n) in sums.items()}
-                      for split, sums in result["evaluation"].items()}
-        return evaluation, result["evaluation_failed"]
+        return parse_evaluation(result["evaluation"]), result["evaluation_failed"]
 
     def log_tails(self, limit: int = 3000) -> str:
         return "\n".join(f"--- {name} ({path}):\n{_tail(path, limit)}" for name, path in self.logs.items())

@@ -133,16 +133,19 @@ class SiteWorker:
         global_adapter = load_tensors(body)
         if header["op"] == "train":
             result = site.fit(global_adapter, header["config"])
-            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}
             update = save_tensors({k: v.contiguous() for k, v in result.state.items()})
             log.info("site %s: trained on %d examples in %.1fs", self.name, result.num_examples,
                      time.perf_counter() - started)
             return {"ok": True, "num_examples": result.num_examples, "metrics": metrics}, update
         if header["op"] == "evaluate":
             sums = site.evaluate(global_adapter, tuple(header["splits"]))
+            preferences = site.evaluate_preferences(tuple(header["splits"]),
+                                                    float(header["settings"].get("dpo_beta", 0.1)))
             log.info("site %s: evaluated %s in %.1fs", self.name, ",".join(header["splits"]),
                      time.perf_counter() - started)
-            return {"ok": True, "sums": {s: [v.nll_sum, v.num_tokens] for s, v in sums.items()}}, b""
+            return {"ok": True, "sums": {s: [v.nll_sum, v.num_tokens] for s, v in sums.items()},
+                    "preferences": preferences}, b""
         raise ValueError(f"unknown operation {header['op']!r}")
 
     def serve(self, path: Path) -> None:

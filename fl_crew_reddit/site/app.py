@@ -96,3 +96,16 @@ class Site:
                                          mixed_precision=self.mixed_precision) if rows else (0.0, 0))
             sums[split] = EvalSums(nll_sum=float(total), num_tokens=int(count))
         return sums
+
+    def evaluate_preferences(self, splits: tuple[str, ...], beta: float) -> dict[str, dict]:
+        """`training.dpo.preference_metrics` of the adapter the model holds now (call after `evaluate`, which loads
+        the received one) on each split's preference pairs; only the splits that have pairs. Counts and means only:
+        they combine across sites by pair counts (`server.evaluation.combine_preferences`)."""
+        scores = {}
+        for split in splits:
+            rows = self.data.pair_rows(split)
+            if rows:
+                from fl_crew_reddit.training.dpo import preference_metrics
+
+                scores[split] = preference_metrics(self.model, rows, self.device, self.tokenizer.pad_token_id, beta)
+        return scores
