@@ -153,6 +153,70 @@ def test_a_resumed_run_keeps_its_objective(run):
         same.close()
 
 
+def test_a_dpo_run_stopped_in_round_two_resumes_to_the_same_adapter_bit_for_bit(tiny_config):
+    """Crash-exact resume holds for DPO: the reference log-probs are recomputed from the saved global adapter, the
+    pair rows from the sites' files, so the resumed round 2 is the uninterrupted one."""
+    import torch
+    from conftest import RunStopped, stopped_in_round
+    from safetensors.torch import load_file
+
+    from fl_crew_reddit import FLCrewRedditManager
+
+    config = tiny_config.model_copy(update={"eval_samples": 0, "local_epochs": 1, "max_examples_per_client": 8,
+                                            "training_objective": "dpo", "min_preference_pairs": 2,
+                                            "max_seq_length": 256})
+    reference = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-reference")
+    with stopped_in_round(2), pytest.raises(RunStopped):
+        FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-stopped")
+    resumed = FLCrewRedditManager(config).resume("run-stopped")
+    assert [c["metrics"]["objective_used"] for c in resumed.history["rounds"][1]["clients"]] == ["dpo"] * 3
+    final = load_file(str(Path(resumed.final_adapter) / "adapter_model.safetensors"))
+    expected = load_file(str(Path(reference.final_adapter) / "adapter_model.safetensors"))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert resumed.history["rounds"][1]["global"]["preference_accuracy"] == \
+        reference.history["rounds"][1]["global"]["preference_accuracy"]
+
+
+def test_a_trainer_process_job_trains_dpo_on_the_pairs_beside_its_train_file(tiny_config, tmp_path):
+    """The worker's job function (training/device_pool.py `_train`, what each trainer process runs), called here:
+    with a DPO fit config it reads train_pairs.jsonl beside the job's train.jsonl."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
+    from fl_crew_reddit.training.device_pool import TrainingJob, _train
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.peft_setup import build_peft_model
+    from fl_crew_reddit.training.trainer import snapshot_adapter
+
+    config = tiny_config.model_copy(update={"training_objective": "dpo", "min_preference_pairs": 3})
+    base, tokenizer = load_base_model(config, torch.device("cpu"))
+    torch.manual_seed(config.seed)
+    model = build_peft_model(base, config)
+    save_file({k: v.contiguous() for k, v in snapshot_adapter(model).items()}, str(tmp_path / "global.safetensors"))
+    prompts = [[{"role": "user", "content": f"question {i} about soup"}] for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({"messages": p + [{"role": "assistant", "content": "add salt"}]}) + "\n" for p in prompts))
+    (tmp_path / "train_pairs.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "kind": "relevance", "prompt": p, "chosen": "add salt", "rejected": "prune roses"})
+        + "\n" for i, p in enumerate(prompts)))
+    fit = {**FederatedStrategy(StrategySettings.from_config(config)).fit_config(1), "local_epochs": 1}
+    assert fit["objective"] == "dpo" and fit["min_pairs"] == 3
+
+    def job(name: str):
+        return _train(TrainingJob(client="client-0", round=1, train_path=str(tmp_path / "train.jsonl"),
+                                   global_adapter_path=str(tmp_path / "global.safetensors"),
+                                   output_dir=str(tmp_path / name), fit_config=fit), model, tokenizer,
+                      torch.device("cpu"), config, {})
+
+    outcome = job("with-pairs")
+    assert outcome.metrics["objective_used"] == "dpo" and outcome.metrics["pairs"] == 4
+    assert "dpo_skipped" not in outcome.metrics and outcome.metrics["dpo_loss"] > 0
+    (tmp_path / "train_pairs.jsonl").unlink()  # a client without pairs: SFT, and why
+    outcome = job("without-pairs")
+    assert outcome.metrics["objective_used"] == "sft" and "0 preference pairs" in outcome.metrics["dpo_skipped"]
+
+
 # --- settings ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("settings", "named"), [
     ({"training_objective": "dpo", "pref_pair_kinds": ""}, ("TRAINING_OBJECTIVE=dpo", "PREF_PAIR_KINDS")),
