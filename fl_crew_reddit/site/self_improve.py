@@ -332,7 +332,7 @@ def improve(model, tokenizer, examples: list[dict], device: torch.device, settin
     candidates = generate_candidates(model, tokenizer, prompts, device, settings, client, round_number)
     result.generated = sum(len(c) for c in candidates)
 
-    # rule filters, then one reward pass over every real reply and every surviving candidate
+    # rule filters, then the rewards of the surviving candidates and of the real replies they must match
     real_rows = [tokenize_example(tokenizer, source["messages"], settings.max_seq_length) for source in sources]
     lengths = [len(ids) for ids in tokenizer([t for c in candidates for t in c],
                                              add_special_tokens=False)["input_ids"]]
