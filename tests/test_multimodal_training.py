@@ -26,6 +26,7 @@ from fl_crew_reddit.training.batching import collate, reply_token_nll
 from fl_crew_reddit.training.multimodal import (
     PROJECTOR_PREFIX,
     SKIP_FEATURES_MISSING,
+    SKIP_FEATURES_NOT_FINITE,
     SKIP_IMAGES_OVER_LIMIT,
     SKIP_SLOTS_DO_NOT_FIT,
     ImageProjector,
@@ -167,10 +168,11 @@ def test_settings_choose_the_projector(tiny_model_dir, tmp_path, tiny_model):
 def test_rows_reserve_slots_at_the_start_of_the_user_turn_and_count_what_is_left_out(tiny_model):
     _, tokenizer = tiny_model
     features = _features("a.png", "b.png", "c.png")
-    examples = [_example("It is red, a nice red.", ["a.png", "missing.png", "b.png", "c.png"]),
+    features[Path("nan.png")] = torch.full((FEATURES,), float("nan"))
+    examples = [_example("It is red, a nice red.", ["a.png", "missing.png", "b.png", "nan.png", "c.png"]),
                 _example("Just text here.", [])]
-    built = multimodal_rows(tokenizer, examples, features.get, max_length=128, tokens_per_image=4, max_images=3)
-    assert built.skipped == {SKIP_IMAGES_OVER_LIMIT: 1, SKIP_FEATURES_MISSING: 1}
+    built = multimodal_rows(tokenizer, examples, features.get, max_length=128, tokens_per_image=4, max_images=4)
+    assert built.skipped == {SKIP_IMAGES_OVER_LIMIT: 1, SKIP_FEATURES_MISSING: 1, SKIP_FEATURES_NOT_FINITE: 1}
     assert built.images == 2 and built.image_rows == 1
     image_row, text_row = built.rows
     # the text-only row is tokenize_example's row, unchanged
@@ -197,6 +199,19 @@ def test_rows_reserve_slots_at_the_start_of_the_user_turn_and_count_what_is_left
     crowded = multimodal_rows(tokenizer, long, features.get, max_length=24, tokens_per_image=16, max_images=4)
     assert crowded.skipped == {SKIP_SLOTS_DO_NOT_FIT: 1} and crowded.rows[0]["image_slots"] == []
     assert crowded.rows[0]["input_ids"] == tokenize_example(tokenizer, long[0]["messages"], 24)["input_ids"]
+
+
+def test_slots_without_a_chat_template(tiny_model):
+    """A base model without a chat template gets the plain layout; the slots still open the post's text."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model[1].name_or_path)
+    plain.chat_template = None
+    rows = multimodal_rows(plain, [_example("Red.", ["a.png"])], _features("a.png").get, max_length=128,
+                           tokens_per_image=3, max_images=4).rows
+    slots = rows[0]["image_slots"]
+    assert plain.decode(rows[0]["input_ids"][:slots[0]]) == "### Reddit post\n" and len(slots) == 3
+    assert plain.decode(rows[0]["input_ids"][slots[-1] + 1:]).startswith("r/pics: what colour")
 
 
 def test_batches_are_one_modality_each(tiny_model):

@@ -17,6 +17,8 @@ Choices, and why:
   placeholder id under them is never looked up. A gallery's images (or a video's keyframes), up to
   MAX_IMAGES_PER_EXAMPLE, each get their own slot group, in order (concatenated, not averaged: averaging would blur
   several pictures into one vector that is none of them); the rest are left out and counted.
+- Batches: padded (`collate_multimodal`) or packed (`pack_multimodal`, padding-free, with the packed attention of
+  `training.packing`); the soft tokens go in through `inputs_embeds` either way.
 - Rows without images are tokenized exactly as `preprocessing.examples.tokenize_example` does and a batch of them
   goes through `batching.reply_token_nll` itself: text-only examples cost nothing extra and give the same loss.
 
@@ -53,6 +55,7 @@ GELU_RMS = math.sqrt(0.4252)  # RMS of GELU(x) for x ~ N(0, 1): the scale of the
 # Reasons an image or an example is left out of multimodal rows (counts in `MultimodalRows.skipped`).
 SKIP_IMAGES_OVER_LIMIT = "images_over_max_images_per_example"
 SKIP_FEATURES_MISSING = "image_features_missing"
+SKIP_FEATURES_NOT_FINITE = "image_features_not_finite"
 SKIP_SLOTS_DO_NOT_FIT = "image_slots_do_not_fit_max_seq_length"
 SKIP_NO_REPLY_TOKENS = "example_without_reply_tokens"
 
@@ -256,7 +259,8 @@ def multimodal_rows(tokenizer, examples: Sequence[dict], features_of: Callable[[
     the embeddings of its first `max_images` images (`image_embeds`, [k, d] float32) and their slots.
 
     `features_of(path)` gives an image's stored embedding, or None when it has none (no CLIP weights, a rejected
-    image): that image is left out and counted; an example left without images is the plain text row.
+    image): that image is left out and counted, as is one whose embedding is not finite (a damaged feature file
+    would turn the whole batch's loss into NaN); an example left without images is the plain text row.
     """
     out = MultimodalRows()
     for example in examples:
@@ -269,6 +273,8 @@ def multimodal_rows(tokenizer, examples: Sequence[dict], features_of: Callable[[
             feature = features_of(path)
             if feature is None:
                 out.skipped[SKIP_FEATURES_MISSING] += 1
+            elif not bool(torch.isfinite(feature).all()):
+                out.skipped[SKIP_FEATURES_NOT_FINITE] += 1
             else:
                 features.append(feature.detach().to("cpu", torch.float32).reshape(-1))
         if len({f.numel() for f in features}) > 1:
