@@ -127,11 +127,20 @@ def preference_metrics(model, pair_rows: list[dict], device: torch.device, pad_i
             base = pair_logprobs(model, pair_rows, device, pad_id, batch_size)
     finally:
         model.train(was_training)
+    return implicit_reward_metrics(policy, base, beta)
+
+
+def implicit_reward_metrics(policy: tuple[torch.Tensor, torch.Tensor], base: tuple[torch.Tensor, torch.Tensor],
+                            beta: float) -> dict:
+    """`preference_metrics` from (chosen, rejected) reply log-probs of the policy and of the base model (a caller
+    scoring several adapters on the same pairs computes the base ones once)."""
     chosen_rewards = beta * (policy[0] - base[0])
     rejected_rewards = beta * (policy[1] - base[1])
-    return {"preference_accuracy": preference_wins(chosen_rewards, rejected_rewards) / len(pair_rows),
-            "reward_margin": float((chosen_rewards - rejected_rewards).mean()),
-            "pairs": len(pair_rows)}
+    pairs = int(chosen_rewards.numel())
+    if not pairs:
+        return {"preference_accuracy": None, "reward_margin": None, "pairs": 0}
+    return {"preference_accuracy": preference_wins(chosen_rewards, rejected_rewards) / pairs,
+            "reward_margin": float((chosen_rewards - rejected_rewards).mean()), "pairs": pairs}
 
 
 def pair_length(pair: dict) -> int:
