@@ -348,8 +348,20 @@ def test_save_and_load_beside_the_adapter_bit_identical(tiny_model, tiny_model_d
         assert torch.equal(multimodal_reply_nll(model, projector, batch, features)[0],
                            multimodal_reply_nll(loaded_model, loaded, batch, features)[0])
 
+    trainable_model, trainable = load_multimodal_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder,
+                                                         is_trainable=True)
+    assert all(p.requires_grad for p in trainable.parameters())
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert any(p.requires_grad for n, p in trainable_model.named_parameters() if "lora_" in n)
+
     text_only = save_multimodal_adapter(model, None, tmp_path / "text-only")
     assert load_multimodal_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), text_only)[1] is None
+    from fl_crew_reddit.training.projector_files import save_projector
+
+    save_projector(ImageProjector(ProjectorSpec(kind="linear", feature_size=FEATURES, hidden_size=32, tokens=2)),
+                   text_only)
+    with pytest.raises(ValueError, match="soft tokens of width 32, the base model's hidden size is 64"):
+        load_multimodal_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), text_only)
     (folder / PROJECTOR_WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match="projector_config.json but not projector.safetensors"):
         load_projector(folder)
