@@ -628,9 +628,10 @@ class FLCrewRedditConfig(BaseSettings):
     def _check_training_objective(self) -> None:
         """DPO changes only a client's local objective: its update is an adapter like SFT's, so every aggregation rule,
         SecAgg+, DP (central or local), compression, mixed ranks, FFA-LoRA, resume and both Flower modes carry it.
-        What cannot work: DPO without pair kinds (no pair would be built, so no client could ever train DPO), and a
-        simulated data-poisoning attack (label_flip, backdoor) under pure DPO, which trains on pairs only and never on
-        the poisoned SFT examples: the attack would silently not happen."""
+        What cannot work: DPO without pair kinds (no pair would be built, so no client could ever train DPO), and,
+        under pure DPO, which trains on pairs only and never on SFT examples, what works by adding or changing SFT
+        examples: a simulated data-poisoning attack (label_flip, backdoor) and SELF_IMPROVE; they would silently not
+        happen."""
         if self.training_objective == "sft":
             return
         kinds = getattr(self, "pref_pair_kinds", None)
@@ -638,6 +639,10 @@ class FLCrewRedditConfig(BaseSettings):
             raise ValueError(f"TRAINING_OBJECTIVE={self.training_objective} with PREF_PAIR_KINDS empty: no preference "
                              "pair would be built, so no client could train DPO; set PREF_PAIR_KINDS (votes, "
                              "relevance) or TRAINING_OBJECTIVE=sft")
+        if self.training_objective == "dpo" and getattr(self, "self_improve", False):
+            raise ValueError("TRAINING_OBJECTIVE=dpo with SELF_IMPROVE=true: the synthetic replies join the clients' "
+                             "SFT examples, which DPO never trains on, so self-improvement would not happen; use "
+                             "TRAINING_OBJECTIVE=sft_then_dpo or sft, or SELF_IMPROVE=false")
         if self.training_objective == "dpo" and self.attack in ("label_flip", "backdoor"):
             raise ValueError(f"TRAINING_OBJECTIVE=dpo with ATTACK={self.attack}: the attack poisons the attackers' SFT "
                              "examples, which DPO never trains on (it trains on preference pairs), so the simulated "

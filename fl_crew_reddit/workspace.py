@@ -433,7 +433,8 @@ class FederatedWorkspace:
         improved = self._self_improve(site, received, round_number)  # SELF_IMPROVE: + its synthetic train rows
         result = site.fit(received, self.fit_config(round_number), error_feedback=self._feedback_of(client))
         result.metrics.update(improved)
-        result.num_examples -= int(improved.get("self_improve_examples", 0))  # FedAvg weighs real examples only
+        if result.metrics.get("objective_used") != "dpo":  # a DPO fit weighs by its pairs, synthetic rows unused
+            result.num_examples -= int(improved.get("self_improve_examples", 0))  # FedAvg weighs real examples only
         if site.data.pairs_left_out.get("train"):  # DPO: train pairs whose rows could not be built
             self._pairs_left_out.setdefault(client, {})["train"] = site.data.pairs_left_out["train"]
         folder = save_client_update(self.model, received, result.state,

@@ -1,6 +1,7 @@
 """Preference learning through the whole product, for real, on tiny settings: TRAINING_OBJECTIVE=sft_then_dpo from
 the settings to the fit config, the sites' pair files, DPO training, held-out preference metrics per round (and of
-the base model and the baselines), history, TensorBoard and the report; settings that cannot work are refused.
+the base model and the baselines), history, TensorBoard and the report, with SELF_IMPROVE=true beside it; settings
+that cannot work are refused.
 
 One run (module fixture) and one test per promise. client-2 is left one train pair after preprocessing (as a site
 with little data would have), so it trains SFT each round and the history says why.
@@ -18,14 +19,14 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
-    """Two rounds of sft_then_dpo with 3 clients and both baselines; (config, result, history.json)."""
+    """Two rounds of sft_then_dpo and SELF_IMPROVE with 3 clients and both baselines; (config, result, history)."""
     from fl_crew_reddit import FLCrewRedditManager
     from fl_crew_reddit.workspace import FederatedWorkspace
 
     config = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("preference-run"),
                              training_objective="sft_then_dpo", dpo_beta=0.2, min_preference_pairs=2,
                              baselines=["local_only", "centralized"], local_epochs=1, max_examples_per_client=8,
-                             eval_samples=0, max_seq_length=256)
+                             eval_samples=0, max_seq_length=256, self_improve=True, self_improve_max_new_tokens=12)
     original = FederatedWorkspace.preprocess
 
     def preprocess_leaving_one_pair(self):
@@ -72,6 +73,23 @@ def test_clients_train_dpo_and_one_with_too_few_pairs_trains_sft_and_says_why(ru
             else:
                 assert metrics["objective_used"] == "sft_then_dpo" and "dpo_skipped" not in metrics
                 assert metrics["dpo_loss"] > 0 and 0 <= metrics["train_preference_accuracy"] <= 1
+
+
+def test_clients_improve_themselves_from_round_two_or_say_why_not(run):
+    """SELF_IMPROVE=true beside sft_then_dpo: from round 2 each client generates replies and counts what it kept and
+    rejected by reason, unless the collapse guard stopped it, which says what got worse (on the tiny random model
+    the held-out preference accuracy often falls below the base model's 0.5: counts, not quality, are checked)."""
+    _, _, history = run
+    first, second = history["rounds"]
+    assert not any(key.startswith("self_improve_") for c in first["clients"] for key in c["metrics"])
+    for client in second["clients"]:
+        metrics = client["metrics"]
+        rejected = sum(v for k, v in metrics.items() if k.startswith("self_improve_rejected_"))
+        assert metrics["self_improve_kept"] + rejected == metrics["self_improve_generated"]
+        if metrics["self_improve_stopped"]:
+            assert metrics["self_improve_generated"] == 0 and "fell from" in metrics["self_improve_stop_reason"]
+        else:
+            assert metrics["self_improve_generated"] > 0
 
 
 def test_every_round_has_held_out_preference_metrics_overall_and_per_client(run):
@@ -226,6 +244,7 @@ def test_a_trainer_process_job_trains_dpo_on_the_pairs_beside_its_train_file(tin
      ("TRAINING_OBJECTIVE=dpo", "ATTACK=label_flip")),
     ({"training_objective": "dpo", "attack": "backdoor", "attacker_fraction": 0.34},
      ("TRAINING_OBJECTIVE=dpo", "ATTACK=backdoor")),
+    ({"training_objective": "dpo", "self_improve": True}, ("TRAINING_OBJECTIVE=dpo", "SELF_IMPROVE=true")),
     ({"training_objective": "kto"}, ("TRAINING_OBJECTIVE",)),
     ({"dpo_beta": 0}, ("DPO_BETA",)),
     ({"min_preference_pairs": 0}, ("MIN_PREFERENCE_PAIRS",)),
