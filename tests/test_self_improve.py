@@ -208,6 +208,40 @@ def test_the_guard_replayed_from_round_metrics_stops_the_same_clients():
     assert set(guard.stopped) == {"a", "b"} and "preference accuracy" in guard.stopped["b"]
 
 
+def test_improve_site_follows_the_guard_replayed_from_the_rounds_before(tiny_model):
+    """A client whose validation perplexity rose in round 1 adds nothing in round 2 and says why; the other one adds
+    its synthetic rows after its real ones."""
+    from types import SimpleNamespace
+
+    from fl_crew_reddit.evaluation.evaluator import EvalMetrics
+    from fl_crew_reddit.training.trainer import snapshot_adapter
+
+    model, tokenizer = tiny_model
+    _perturb_adapter(model)
+    received = snapshot_adapter(model)
+    settings = SelfImproveSettings(**{**SETTINGS.__dict__, "languages": frozenset(), "min_reply_tokens": 1})
+
+    def metrics(per_client):
+        return EvalMetrics(perplexity=1.0, bleu=0.0, rouge_l=0.0, num_tokens=1, validation_per_client=per_client)
+
+    rounds = [(1, metrics({"worse": 45.0, "better": 30.0})), (0, metrics({"worse": 40.0, "better": 40.0}))]
+    real_rows = [{"input_ids": [1, 2, 3], "reply_mask": [0, 1, 1]}]
+    out = {}
+    for name in ("worse", "better"):
+        data = SimpleNamespace(train_rows=lambda client, fit_config: list(real_rows))
+        site = SimpleNamespace(name=name, model=model, tokenizer=tokenizer, device=torch.device("cpu"), data=data)
+        out[name] = (si.improve_site(site, received, 2, settings, _examples(8), rounds),
+                     site.data.train_rows(name, {}))
+    stopped, rows = out["worse"]
+    assert stopped["self_improve_stopped"] == 1.0 and stopped["self_improve_generated"] == 0
+    assert "perplexity rose from 40 (round 0) to 45" in stopped["self_improve_stop_reason"]
+    assert rows == real_rows
+    going, rows = out["better"]
+    assert going["self_improve_stopped"] == 0.0 and going["self_improve_generated"] == 12
+    assert rows[:1] == real_rows and len(rows) == 1 + going["self_improve_kept"]
+    assert going["self_improve_seconds"] > 0
+
+
 # --- the workspace hook (the real loop, tiny model) ----------------------------------------------------------------
 def test_self_improve_needs_the_clients_in_this_process(tiny_config):
     from pydantic import ValidationError
