@@ -112,6 +112,7 @@ class FederatedWorkspace:
         # preference pairs (DPO): client -> split -> kind -> pairs in its files, and pairs left out when tokenized
         self._pair_counts: dict[str, dict[str, dict[str, int]]] = {}
         self._pairs_left_out: dict[str, dict[str, int]] = {}
+        self._base_pair_logprobs: dict[str, dict] = {}  # split -> client -> the base model's log-probs (fixed)
         self._scalars: RunScalars | None = None
         self._sample: list[dict] = []
         self._image_examples: list[dict] = []  # held-out replies to image posts, for the CLIP score
@@ -316,6 +317,7 @@ class FederatedWorkspace:
             picked.update((p, examples[p - starts[index]]) for p in mine)
         self._sample = [picked[p] for p in positions]
         self._pair_counts = count_pair_kinds(self.data.clients)
+        self._base_pair_logprobs = {}
 
     def _client_pairs(self, split: str) -> ClientRows:
         """{client: tokenized preference pairs of `split`} over all clients, streamed like `_client_split`; pairs
@@ -335,7 +337,8 @@ class FederatedWorkspace:
         if not self._pair_counts:
             return metrics
         scores = {split: preference_scores(self.model, self._client_pairs(split), self.device,
-                                           self.tokenizer.pad_token_id, self.config.dpo_beta)
+                                           self.tokenizer.pad_token_id, self.config.dpo_beta,
+                                           base_logprobs=self._base_pair_logprobs.setdefault(split, {}))
                   if split in splits else {} for split in ("test", "validation")}
         return add_preferences(metrics, scores["test"], scores["validation"])
 

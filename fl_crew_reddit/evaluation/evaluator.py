@@ -130,16 +130,33 @@ def evaluate(model, tokenizer, test_rows: list[dict] | Mapping[str, list[dict]],
 
 
 def preference_scores(model, pairs_by_client: Mapping[str, list[dict]], device: torch.device, pad_id: int,
-                      beta: float) -> dict[str, dict]:
+                      beta: float, base_logprobs: dict | None = None) -> dict[str, dict]:
     """{client: `training.dpo.preference_metrics` on its pairs} for the clients that have pairs, read one client at
     a time, with the adapter the model holds now (the implicit reward is relative to the base model: the adapter
-    disabled); combine them with `server.evaluation.combine_preferences`."""
+    disabled); combine them with `server.evaluation.combine_preferences`.
+
+    `base_logprobs` ({client: the base model's (chosen, rejected) reply log-probs}): the base model does not change
+    during a run, so a caller scoring every round passes the same dict and the base log-probs are computed once per
+    client (the same numbers as `preference_metrics` computes each time, at half the cost)."""
     scores = {}
     for name, rows in pairs_by_client.items():
-        if rows:
-            from fl_crew_reddit.training.dpo import preference_metrics  # loaded only where pairs exist
+        if not rows:
+            continue
+        from fl_crew_reddit.training import dpo  # loaded only where pairs exist
 
-            scores[name] = preference_metrics(model, rows, device, pad_id, beta)
+        if base_logprobs is None:
+            scores[name] = dpo.preference_metrics(model, rows, device, pad_id, beta)
+            continue
+        was_training = model.training
+        model.eval()
+        try:
+            policy = dpo.pair_logprobs(model, rows, device, pad_id)
+            if name not in base_logprobs:
+                with model.disable_adapter():
+                    base_logprobs[name] = dpo.pair_logprobs(model, rows, device, pad_id)
+        finally:
+            model.train(was_training)
+        scores[name] = dpo.implicit_reward_metrics(policy, base_logprobs[name], beta)
     return scores
 
 
