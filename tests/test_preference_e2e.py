@@ -195,6 +195,38 @@ def test_a_dpo_run_stopped_in_round_two_resumes_to_the_same_adapter_bit_for_bit(
         reference.history["rounds"][1]["global"]["preference_accuracy"]
 
 
+def test_a_client_whose_dpo_loss_turns_non_finite_is_left_out_with_its_reason(tiny_config, monkeypatch):
+    import torch
+
+    from fl_crew_reddit import FLCrewRedditManager
+    from fl_crew_reddit.training import trainer
+
+    real_loss = trainer.dpo_loss
+    current = {}
+
+    def loss_of(*args):  # client-1's DPO loss is NaN; the others' are what DPO computes
+        loss, chosen, rejected = real_loss(*args)
+        return (loss * torch.nan if current.get("client") == "client-1" else loss), chosen, rejected
+
+    real_fit = trainer.LocalTrainer.fit
+
+    def fit(self, global_adapter, config):
+        current["client"] = self.name
+        return real_fit(self, global_adapter, config)
+
+    monkeypatch.setattr(trainer, "dpo_loss", loss_of)
+    monkeypatch.setattr(trainer.LocalTrainer, "fit", fit)
+    config = tiny_config.model_copy(update={"eval_samples": 0, "local_epochs": 1, "max_examples_per_client": 8,
+                                            "training_objective": "dpo", "min_preference_pairs": 2,
+                                            "max_seq_length": 256})
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="nan-dpo")
+    record = result.history["rounds"][0]
+    assert list(record["skipped"]) == ["client-1"]
+    assert "client-1" in record["skipped"]["client-1"][0] and "non-finite" in record["skipped"]["client-1"][0]
+    assert record["aggregation"]["accepted"] == ["client-0", "client-2"]
+    assert record["global"]["preference_pairs"] > 0
+
+
 def test_a_trainer_process_job_trains_dpo_on_the_pairs_beside_its_train_file(tiny_config, tmp_path):
     """The worker's job function (training/device_pool.py `_train`, what each trainer process runs), called here:
     with a DPO fit config it reads train_pairs.jsonl beside the job's train.jsonl."""
