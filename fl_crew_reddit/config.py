@@ -96,6 +96,10 @@ class FLCrewRedditConfig(BaseSettings):
                                                             "larger keeps the policy closer to the reference.")
     min_preference_pairs: int = Field(4, ge=1, le=1_000_000, description="DPO: the fewest train pairs a client "
                                       "needs in a round to train DPO (fewer: SFT that round, with the reason).")
+    preference_metrics: Literal["auto", "on", "off"] = Field(
+        "auto", description="Held-out preference accuracy and reward margin each round (two forward passes per pair, "
+                            "about twice the perplexity evaluation): auto = on when TRAINING_OBJECTIVE trains DPO "
+                            "(dpo, sft_then_dpo), on (also for SFT: does SFT rank the real reply first?), off.")
     aggregation_method: AggregationMethod = "weighted_average"
     fedprox_mu: float = Field(0.01, ge=0, description="FedProx proximal weight, sent to trainers each round.")
     min_fit_clients: int = Field(2, ge=1, description="Fewest accepted updates a round needs (capped at NUM_TRAINERS).")
@@ -309,6 +313,12 @@ class FLCrewRedditConfig(BaseSettings):
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="bf16 autocast where the hardware has it (CUDA, CPUs with native bf16).")
     tensorboard: bool = Field(True, description="Write per-round scalars to logs/tensorboard/<run>.")
+
+    @property
+    def scores_preferences(self) -> bool:
+        """Whether rounds report held-out preference metrics (PREFERENCE_METRICS, resolved)."""
+        return self.preference_metrics == "on" or (self.preference_metrics == "auto"
+                                                   and self.training_objective != "sft")
 
     @field_validator("subreddits", "lora_target_modules", "baselines", "agent_collect_allowlist", "languages",
                      "reddit_dump_subreddits", "trainer_devices", "pref_pair_kinds", mode="before")

@@ -334,7 +334,7 @@ class FederatedWorkspace:
     def _add_preferences(self, metrics: EvalMetrics, splits: tuple[str, ...] = ("test", "validation")) -> EvalMetrics:
         """Preference accuracy and reward margin of the adapter the model holds now, on the clients' held-out pairs
         (beside perplexity); nothing where no client has pairs."""
-        if not self._pair_counts:
+        if not self._pair_counts or not self.config.scores_preferences:
             return metrics
         scores = {split: preference_scores(self.model, self._client_pairs(split), self.device,
                                            self.tokenizer.pad_token_id, self.config.dpo_beta,

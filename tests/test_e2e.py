@@ -169,3 +169,28 @@ def test_more_clients_than_trainers_are_sampled_and_served_in_turn(tiny_config):
     assert all(len(names) == 3 for names in chosen) and chosen[0] != chosen[1]
     log_text = Path(result.log_path).read_text()
     assert "Model Trainer 2 calls" in log_text and "Model Trainer 3" not in log_text
+
+
+def test_an_sft_run_writes_pair_files_but_spends_no_time_scoring_them(run):
+    """PREFERENCE_METRICS=auto: the preprocessor still writes each client's pairs (a later DPO run can use them),
+    but an SFT run does not pay two forward passes per held-out pair every round."""
+    config, _, _, history = run
+    assert config.training_objective == "sft" and not config.scores_preferences
+    assert sum(c["num_test_pairs"] + c["num_train_pairs"] for c in history["data"]["clients"]) > 0
+    assert history["base"]["preference_accuracy"] is None and history["base"]["preference_pairs"] == 0
+    assert all(r["global"]["preference_accuracy"] is None for r in history["rounds"])
+
+
+def test_preference_metrics_resolve_from_the_objective_and_reach_the_sites_resolved(tmp_path):
+    from fl_crew_reddit.config import load_config
+    from fl_crew_reddit.federation.flower import model_settings
+
+    def settings(**values):
+        return load_config(_env_file=None, fl_crew_reddit_dir=tmp_path, **values)
+
+    assert not settings().scores_preferences and settings(preference_metrics="on").scores_preferences
+    assert settings(training_objective="sft_then_dpo").scores_preferences
+    assert not settings(training_objective="dpo", preference_metrics="off").scores_preferences
+    # a site builds its settings from these: "auto" would resolve there against the site's own (default) objective
+    assert model_settings(settings(training_objective="dpo"))["preference_metrics"] == "on"
+    assert model_settings(settings())["preference_metrics"] == "off"

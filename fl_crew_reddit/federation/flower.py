@@ -79,7 +79,9 @@ def _plain(model: dict) -> dict:
 
 def model_settings(config) -> dict:
     """What a site needs to build the same model as the server (base model, LoRA, precision): sent with each message."""
-    return {name: getattr(config, name) for name in MODEL_SETTINGS}
+    # resolved here: a site's own TRAINING_OBJECTIVE is the default, so "auto" would resolve there to off
+    return {**{name: getattr(config, name) for name in MODEL_SETTINGS},
+            "preference_metrics": "on" if config.scores_preferences else "off"}
 
 
 # --- arrays ------------------------------------------------------------------------------------------------------
@@ -342,7 +344,8 @@ def _evaluate(message: Message, context: Context) -> Message:
         site = _site_for(context, settings)
         sums = {split: (value.nll_sum, value.num_tokens)
                 for split, value in site.evaluate(to_torch(unpack_adapter(message.content)), tuple(splits)).items()}
-        preferences = site.evaluate_preferences(tuple(splits), float(settings.get("dpo_beta", 0.1)))
+        preferences = (site.evaluate_preferences(tuple(splits), float(settings.get("dpo_beta", 0.1)))
+                       if settings.get("preference_metrics", "on") != "off" else {})
     metrics = {}
     for split, (total, count) in sums.items():
         metrics[f"{split}.nll_sum"] = float(total)

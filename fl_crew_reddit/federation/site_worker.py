@@ -140,8 +140,9 @@ class SiteWorker:
             return {"ok": True, "num_examples": result.num_examples, "metrics": metrics}, update
         if header["op"] == "evaluate":
             sums = site.evaluate(global_adapter, tuple(header["splits"]))
-            preferences = site.evaluate_preferences(tuple(header["splits"]),
-                                                    float(header["settings"].get("dpo_beta", 0.1)))
+            preferences = (site.evaluate_preferences(tuple(header["splits"]),
+                                                     float(header["settings"].get("dpo_beta", 0.1)))
+                           if header["settings"].get("preference_metrics", "on") != "off" else {})
             log.info("site %s: evaluated %s in %.1fs", self.name, ",".join(header["splits"]),
                      time.perf_counter() - started)
             return {"ok": True, "sums": {s: [v.nll_sum, v.num_tokens] for s, v in sums.items()},
