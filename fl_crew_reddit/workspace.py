@@ -105,6 +105,12 @@ class FederatedWorkspace:
         self._flower_round = None  # FEDERATION=local-flower: the outcome of the round the ServerApp ran
         self._model = None
         self._tokenizer = None
+        # multimodal training (SUPPORT_MULTIMODAL with CLIP weights): the image projector trained with the adapter,
+        # its tensors under `mm_projector.` in the global state; the CLIP encoder whose stored features it reads.
+        # None: text only, and nothing below changes.
+        self._projector = None
+        self._clip = None
+        self._blank_features = None  # a blank white image's CLIP embedding: the image contribution's reference
         # Client data stays on disk: each client's shard files, and the tokenized rows of the CACHED_SITES clients
         # used last (`_site_data`); a client never sampled is never tokenized for training.
         self._shards: dict[str, ClientShard] = {}
@@ -149,10 +155,58 @@ class FederatedWorkspace:
         torch.manual_seed(self.config.seed)  # LoRA A init: the same starting adapter for the same SEED
         self._model = build_peft_model(base, self.config)
         self._tokenizer = tokenizer
+        self._projector = self._image_projector(self._model)
         self.global_adapter = snapshot_adapter(self._model)
+        if self._projector is not None:
+            from fl_crew_reddit.training.multimodal import with_projector
+
+            self.global_adapter = with_projector(self.global_adapter, self._projector)
         self.initial_adapter = {k: v.clone() for k, v in self.global_adapter.items()}
         log.info("Loaded base model %s on %s in %.1fs", self.config.base_llm_model, self.device,
                  time.perf_counter() - started)
+
+    def _image_projector(self, model):
+        """The image projector (seeded from SEED, so a resumed run starts from the same one) when SUPPORT_MULTIMODAL
+        is on and the CLIP model of IMAGE_PROCESSOR loads (preprocessing then stores its features); else None. A
+        folder that is not CLIP is refused; FEDERATION=flower / local-flower and trainer processes do not carry the
+        projector yet, so multimodal training is refused there rather than silently dropped."""
+        cfg = self.config
+        if not cfg.support_multimodal:
+            return None
+        from fl_crew_reddit.preprocessing.image_features import clip_encoder, resolve_clip_source
+        from fl_crew_reddit.training.multimodal import check_clip_folder, projector_from_config
+
+        source = Path(resolve_clip_source(cfg.image_processor))
+        if source.exists():
+            check_clip_folder(source)  # NotAClipModel: one clear error before anything trains
+        encoder, reason = clip_encoder(cfg.image_processor)
+        if encoder is None:
+            log.info("Multimodal training is off (text only): %s", reason)
+            return None
+        if cfg.federation != "inprocess" or self._trainer_pool is not None:
+            from fl_crew_reddit.config import ConfigError
+
+            where = (f"FEDERATION={cfg.federation}" if cfg.federation != "inprocess"
+                     else f"TRAINER_DEVICES={','.join(cfg.trainer_devices)}")
+            raise ConfigError(f"SUPPORT_MULTIMODAL=true with CLIP weights ({encoder.source}) trains an image projector "
+                              f"with the adapter, which {where} does not carry yet: use FEDERATION=inprocess without "
+                              "trainer processes, or set SUPPORT_MULTIMODAL=false")
+        self._clip = encoder
+        projector = projector_from_config(cfg, model, int(encoder.model.config.projection_dim))
+        log.info("Multimodal training: a %s projector, %d soft tokens per image, from %s features",
+                 cfg.multimodal_projector, cfg.multimodal_tokens, encoder.source)
+        return projector
+
+    def _hold(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `state` into the shared model (and its projector keys into the projector, when multimodal)."""
+        from peft import set_peft_model_state_dict
+
+        from fl_crew_reddit.training.multimodal import load_projector_state, split_projector
+
+        adapter, projector = split_projector(state)
+        set_peft_model_state_dict(self.model, adapter)
+        if self._projector is not None and projector:
+            load_projector_state(self._projector, projector)
 
     @property
     def client_names(self) -> list[str]:
@@ -347,9 +401,17 @@ class FederatedWorkspace:
         data = self._site_cache.pop(client, None)
         if data is None:
             shard = self._shards[client]
+            images = None
+            if self._projector is not None:
+                from fl_crew_reddit.site.data import ImageRowSettings
+                from fl_crew_reddit.training.multimodal import stored_features
+
+                images = ImageRowSettings(stored_features(self._clip.source), self.config.multimodal_tokens,
+                                          self.config.max_images_per_example)
             data = SiteData(None, self.tokenizer, self.config.max_seq_length,
                             files={"train": shard.train_path, "test": shard.test_path,
-                                   "validation": shard.validation_path})  # none in runs made before validation
+                                   "validation": shard.validation_path},  # none in runs made before validation
+                            images=images)
         self._site_cache[client] = data
         while len(self._site_cache) > CACHED_SITES:
             self._site_cache.popitem(last=False)
@@ -422,7 +484,7 @@ class FederatedWorkspace:
     def site(self, client: str) -> Site:
         """Client `client` as a site on the shared model; its rows are read from its files when first used."""
         return Site(client, self._site_data(client), self.model, self.tokenizer, self.device,
-                    mixed_precision=self.config.mixed_precision)
+                    mixed_precision=self.config.mixed_precision, projector=self._projector)
 
     def train_client(self, client: str, round_number: int) -> ClientRoundResult:
         if client not in self._shards:
@@ -441,7 +503,7 @@ class FederatedWorkspace:
         if site.data.pairs_left_out.get("train"):  # DPO: train pairs whose rows could not be built
             self._pairs_left_out.setdefault(client, {})["train"] = site.data.pairs_left_out["train"]
         folder = save_client_update(self.model, received, result.state,
-                                    self.paths.local_adapter(client, round_number))
+                                    self.paths.local_adapter(client, round_number), projector=self._projector)
         result.metrics["update_bytes"] = update_file(folder).stat().st_size
         record = ClientRoundResult(name=client, num_examples=result.num_examples,
                                    train_loss=result.metrics["train_loss"], metrics=result.metrics,
@@ -607,7 +669,8 @@ class FederatedWorkspace:
             log.warning("Round %d: update of %s rejected: %s", round_number, name, "; ".join(reasons))
             record.skipped[name] = reasons
         self.global_adapter = outcome.new_global
-        folder = save_adapter(self.model, self.global_adapter, self.paths.global_adapter(round_number))
+        folder = save_adapter(self.model, self.global_adapter, self.paths.global_adapter(round_number),
+                              projector=self._projector)
         record.clients = clients
         record.aggregation = RoundAggregate(method=outcome.method, accepted=outcome.accepted,
                                             rejected=outcome.rejected, adapter_path=str(folder),
@@ -648,6 +711,10 @@ class FederatedWorkspace:
         self.base_metrics.validation_perplexity, self.base_metrics.validation_per_client = self._validation(
             use_adapter=False)
         self._score_images(self.base_metrics, use_adapter=False)
+        if self._projector is not None:  # the starting state: LoRA B = 0 (the base model) and the seeded projector
+            self._hold(self.initial_adapter)
+            self._score_image_contribution(self.base_metrics)
+            self._hold(self.global_adapter)
         if self._pair_counts:  # the starting adapter (LoRA B = 0) is the base model: its implicit rewards are 0
             from peft import set_peft_model_state_dict
 
@@ -657,9 +724,7 @@ class FederatedWorkspace:
         return self.base_metrics
 
     def evaluate_round(self, round_number: int) -> EvalMetrics:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, self.global_adapter)
+        self._hold(self.global_adapter)
         if self._flower_round is not None:  # FEDERATION=local-flower: perplexities from the sites' NLL sums
             metrics = self._flower_metrics(self._flower_round.evaluation)
         else:
@@ -668,6 +733,8 @@ class FederatedWorkspace:
             metrics.validation_perplexity, metrics.validation_per_client = self._validation()
             self._add_preferences(metrics)
         self._score_images(metrics)
+        if self._projector is not None:
+            self._score_image_contribution(metrics)
         self._current_round(round_number).global_ = metrics
         if self.config.attack == "backdoor":
             self._score_backdoor(self._current_round(round_number))
@@ -733,6 +800,30 @@ class FederatedWorkspace:
             known_replies={sample["id"]: sample["generated"] for sample in metrics.samples})
         for name, value in scores.items():
             setattr(metrics, name, value)
+
+    def _score_image_contribution(self, metrics: EvalMetrics) -> None:
+        """Multimodal: reply perplexity of the held-out test replies to image posts with their real images and with
+        a blank white image (`multimodal.image_contribution`), and the test images left out by reason, into
+        `metrics`; `image_note` says why not where no test row carries an image."""
+        from collections import Counter
+
+        from fl_crew_reddit.training.multimodal import blank_image_features, image_contribution
+
+        rows, left_out = [], Counter()
+        for name in self.client_names:
+            data = self._site_data(name)
+            rows.extend(data.image_rows("test"))
+            left_out.update(data.images_left_out.get("test", {}))
+        metrics.image_left_out = dict(sorted(left_out.items()))
+        if not rows:
+            metrics.image_note = "no held-out test reply answers a post with an image that has stored CLIP features"
+            return
+        if self._blank_features is None:
+            self._blank_features = blank_image_features(self._clip)
+        result = image_contribution(self.model, self._projector, rows, self._blank_features,
+                                    pad_id=self.tokenizer.pad_token_id, blank=f"clip:{self._clip.source}")
+        metrics.image_perplexity_real, metrics.image_perplexity_blank = result.perplexity_real, result.perplexity_blank
+        metrics.image_examples, metrics.image_reply_tokens = result.rows, result.reply_tokens
 
     def _validation(self, rows: Mapping[str, list[dict]] | None = None,
                     use_adapter: bool = True) -> tuple[float | None, dict[str, float]]:
@@ -802,9 +893,7 @@ class FederatedWorkspace:
         if scalars is not None:
             scalars.write_points(baseline_scalars(kind, self.baselines[kind], last_round=trained[-1].round))
         # Leave the shared model holding the global adapter, as the rounds left it.
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, self.global_adapter)
+        self._hold(self.global_adapter)
         return entry
 
     def _train_pairs(self, clients: list[str]) -> dict:
@@ -824,7 +913,8 @@ class FederatedWorkspace:
         best_state, best_round = None, None
         for fit in fits:
             result = LocalTrainer(name, self.model, self.tokenizer, rows, self.device,
-                                  mixed_precision=self.config.mixed_precision, **(pair_rows or {})).fit(state, fit)
+                                  mixed_precision=self.config.mixed_precision, projector=self._projector,
+                                  **(pair_rows or {})).fit(state, fit)
             state, steps = result.state, steps + result.metrics["steps"]
             ppl, _ = self._validation(validation_rows)  # the model holds the state the fit just returned
             scores.append((fit["round"], ppl))
@@ -837,9 +927,7 @@ class FederatedWorkspace:
                 "validation_per_round": [{"round": n, "perplexity": p} for n, p in scores if p is not None]}
 
     def _test_metrics(self, state: dict[str, torch.Tensor]) -> EvalMetrics:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, state)
+        self._hold(state)
         metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), [], self.device,
                            mixed_precision=self.config.mixed_precision)
         return self._add_preferences(metrics, splits=("test",))

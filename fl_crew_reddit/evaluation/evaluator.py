@@ -33,6 +33,14 @@ class EvalMetrics(BaseModel):
     clip_score_post: float | None = Field(None, description="the same for the post's own text (a reference level)")
     clip_examples: int = 0
     clip_note: str | None = Field(None, description="why the CLIP score was not computed")
+    # multimodal training (training/multimodal.py): how much the image helps predict held-out replies to image posts
+    image_perplexity_real: float | None = Field(None, description="reply perplexity of held-out test replies to image "
+                                                                  "posts with their images (soft tokens)")
+    image_perplexity_blank: float | None = Field(None, description="the same with a blank white image in their place")
+    image_examples: int = Field(0, description="held-out test rows with images that the two perplexities cover")
+    image_reply_tokens: int = 0
+    image_left_out: dict[str, int] = Field(default_factory=dict, description="test images left out, by reason")
+    image_note: str | None = Field(None, description="why the image's contribution was not computed")
     # preference pairs (training/dpo.py): does the implicit reward β(log π - log π_base) rank the chosen reply first?
     preference_accuracy: float | None = Field(None, description="share of the held-out test pairs whose chosen reply "
                                                                 "gets the higher implicit reward (ties count half)")

@@ -40,7 +40,7 @@ class Site:
     """One client. `model` is a PEFT model (in-process: the one model every site shares)."""
 
     def __init__(self, name: str, data: SiteData, model, tokenizer, device: torch.device,
-                 mixed_precision: str = "auto", show_progress: bool = True):
+                 mixed_precision: str = "auto", show_progress: bool = True, projector=None):
         self.name = name
         self.data = data
         self.model = model
@@ -48,6 +48,7 @@ class Site:
         self.device = device
         self.mixed_precision = mixed_precision
         self.show_progress = show_progress
+        self.projector = projector  # multimodal: the ImageProjector trained with the adapter (None: text only)
 
     @classmethod
     def from_folder(cls, name: str, folder: Path, model, tokenizer, device: torch.device, *, max_seq_length: int,
@@ -63,8 +64,14 @@ class Site:
         trainer = LocalTrainer(self.name, self.model, self.tokenizer,
                                self.data.train_rows(self.name, fit_config), self.device,
                                mixed_precision=self.mixed_precision, show_progress=self.show_progress,
-                               **pair_rows_for(self.data, fit_config))
+                               projector=self.projector, **pair_rows_for(self.data, fit_config))
         result = trainer.fit(global_adapter, fit_config)
+        train = "train"
+        if self.projector is not None and train in self.data.images_used:  # what conditioned, what was left out
+            result.metrics["images_used"] = self.data.images_used[train]
+            result.metrics["image_rows"] = sum(1 for row in trainer.train_rows if row.get("image_slots"))
+            result.metrics.update({f"images_left_out_{reason}": count
+                                   for reason, count in sorted(self.data.images_left_out[train].items())})
         # UPDATE_COMPRESSION topk / sign: the residual the caller keeps (in-process: the workspace's), or else, on a
         # site with its own folder (Flower), the one kept there (site/feedback.py)
         in_folder = error_feedback is None and self.data.folder is not None and \

@@ -2,7 +2,9 @@
 (data/training/<run>/<client>/{train,validation,test}.jsonl), tokenized on first use."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from fl_crew_reddit.preprocessing.pipeline import read_jsonl
@@ -10,6 +12,15 @@ from fl_crew_reddit.site.attacks import data_attack_key, poison_examples
 from fl_crew_reddit.training.batching import tokenize_all
 
 SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class ImageRowSettings:
+    """How a site's image examples become multimodal rows (`training.multimodal.multimodal_rows`): where an image's
+    stored CLIP embedding comes from, soft tokens per image (MULTIMODAL_TOKENS), MAX_IMAGES_PER_EXAMPLE."""
+    features_of: Callable
+    tokens_per_image: int
+    max_images: int
 
 
 class SiteData:
@@ -21,7 +32,8 @@ class SiteData:
     Nothing is read before a split is asked for: a site that only trains never tokenizes its held-out splits."""
 
     def __init__(self, folder: Path | None, tokenizer, max_seq_length: int,
-                 rows: dict[str, list[dict]] | None = None, files: dict[str, Path | str | None] | None = None):
+                 rows: dict[str, list[dict]] | None = None, files: dict[str, Path | str | None] | None = None,
+                 images: ImageRowSettings | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
@@ -29,6 +41,12 @@ class SiteData:
         self._poisoned: dict[str, list[dict]] = {}  # a simulated data attacker's train rows (ATTACK), by attack
         self._pair_rows: dict[str, list[dict]] = {}
         self.pairs_left_out: dict[str, int] = {}  # split -> pairs read whose rows could not be built (too long, ...)
+        # multimodal training (None: text only): the train rows of image examples carry image slots and embeddings;
+        # images left out (no stored features, too many, ...) are counted by reason per split
+        self.images = images
+        self.images_left_out: dict[str, Counter] = {}
+        self.images_used: dict[str, int] = {}  # split -> images that condition a row
+        self._image_rows: dict[str, list[dict]] = {}
         unknown = set(files or {}) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown splits {sorted(unknown)}; splits are {', '.join(SPLITS)}")
@@ -51,9 +69,34 @@ class SiteData:
             path = self.path(split)
             # a file named in `files` must be there; a folder may lack a split
             present = path is not None and (split in self._files or path.is_file())
-            self._rows[split] = (tokenize_all(self.tokenizer, read_jsonl(path), self.max_seq_length)
-                                 if present else [])
+            examples = read_jsonl(path) if present else []
+            self._rows[split] = (self._multimodal(split, examples) if split == "train" and self.images is not None
+                                 else tokenize_all(self.tokenizer, examples, self.max_seq_length))
         return self._rows[split]
+
+    def _multimodal(self, split: str, examples: list[dict]) -> list[dict]:
+        """Rows of `examples`, image examples with their slots and embeddings (text rows as `tokenize_all` makes
+        them); what is left out is counted in `images_left_out[split]`."""
+        from fl_crew_reddit.training.multimodal import multimodal_rows
+
+        settings = self.images
+        built = multimodal_rows(self.tokenizer, examples, settings.features_of, max_length=self.max_seq_length,
+                                tokens_per_image=settings.tokens_per_image, max_images=settings.max_images)
+        self.images_left_out[split] = built.skipped
+        self.images_used[split] = built.images
+        return built.rows
+
+    def image_rows(self, split: str) -> list[dict]:
+        """Only the rows of `split` that carry images (held-out replies to image posts, for the image's
+        contribution); [] without image settings or image examples."""
+        if self.images is None:
+            return []
+        if split not in self._image_rows:
+            path = self.path(split)
+            examples = read_jsonl(path) if path is not None and path.is_file() else []
+            examples = [e for e in examples if e.get("image_paths")]
+            self._image_rows[split] = [row for row in self._multimodal(split, examples) if row["image_slots"]]
+        return self._image_rows[split]
 
     def train_rows(self, client: str, fit_config: Mapping) -> list[dict]:
         """The rows `client` trains on this round: its train split, or, when the fit config makes it a data

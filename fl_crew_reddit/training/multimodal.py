@@ -302,15 +302,21 @@ def stored_features(clip_source: str) -> Callable[[Path], torch.Tensor | None]:
     return lambda path: read_features(path, clip_source)
 
 
-def modality_grouped_batches(rows: list[dict], batch_size: int, rng) -> list[list[dict]]:
+def modality_grouped_batches(rows: list[dict], batch_size: int, rng, tokens_per_batch: int = 0,
+                             packed: bool = False) -> list[list[dict]]:
     """Length-grouped batches of image rows and of text rows apart (a batch is one modality: text batches take the
-    plain path, no padding goes to slot groups), in one shuffled order."""
-    from fl_crew_reddit.training.batching import length_grouped_batches
+    plain path, no padding goes to slot groups), in one shuffled order; `tokens_per_batch` > 0: token-budget
+    batches (`batching.token_budget_batches`, as LocalTrainer plans text rows) of each modality instead."""
+    from fl_crew_reddit.training.batching import length_grouped_batches, token_budget_batches
+
+    def grouped(part: list[dict]) -> list[list[dict]]:
+        if tokens_per_batch:
+            return token_budget_batches(part, tokens_per_batch, rng, packed) if part else []
+        return length_grouped_batches(part, batch_size, rng)
 
     with_images = [row for row in rows if row.get("image_slots")]
     text_only = [row for row in rows if not row.get("image_slots")]
-    batches = length_grouped_batches(with_images, batch_size, rng) + length_grouped_batches(text_only, batch_size,
-                                                                                             rng)
+    batches = grouped(with_images) + grouped(text_only)
     rng.shuffle(batches)
     return batches
 

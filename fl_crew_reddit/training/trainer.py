@@ -287,7 +287,8 @@ class LocalTrainer:
 
     def __init__(self, name: str, model, tokenizer, train_rows: list[dict], device: torch.device,
                  mixed_precision: str = "auto", show_progress: bool = True,
-                 on_step: Callable[[dict], None] | None = None, pair_rows: list[dict] | None = None):
+                 on_step: Callable[[dict], None] | None = None, pair_rows: list[dict] | None = None,
+                 projector=None):
         self.name = name
         self.model = model
         self.pad_id = tokenizer.pad_token_id
@@ -301,6 +302,10 @@ class LocalTrainer:
         # time. On CUDA the calls come in groups at each host read (every `log_every` steps), and "time" is the time
         # of that read: the only moments the GPU has provably finished the steps. Benchmarks time steps with it.
         self.on_step = on_step
+        # multimodal (training/multimodal.py): the shared ImageProjector, trained with the LoRA weights on the rows
+        # that carry image slots; its tensors come and go under `mm_projector.` in the adapter state. DPO and the
+        # text rows never use it.
+        self.projector = projector
 
     def fit(self, global_adapter: AdapterState, config: dict) -> FitResult:
         """Train from `global_adapter` on local data; config: local_epochs, batch_size, learning_rate,
@@ -331,9 +336,15 @@ class LocalTrainer:
             tokens_per_batch = max(tokens_per_batch, longest)
         rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}")
         batch_size = int(config["batch_size"])
-        epochs = [token_budget_batches(self.train_rows, tokens_per_batch, rng, packed) if tokens_per_batch
-                  else length_grouped_batches(self.train_rows, batch_size, rng)
-                  for _ in range(int(config["local_epochs"]))]
+        if self.projector is not None and any(row.get("image_slots") for row in self.train_rows):
+            from fl_crew_reddit.training.multimodal import modality_grouped_batches
+
+            epochs = [modality_grouped_batches(self.train_rows, batch_size, rng, tokens_per_batch, packed)
+                      for _ in range(int(config["local_epochs"]))]
+        else:
+            epochs = [token_budget_batches(self.train_rows, tokens_per_batch, rng, packed) if tokens_per_batch
+                      else length_grouped_batches(self.train_rows, batch_size, rng)
+                      for _ in range(int(config["local_epochs"]))]
         accumulate = max(1, int(config.get("grad_accum_steps") or 1))
         micro = [batch for epoch in epochs for batch in epoch]
         steps = [micro[i:i + accumulate] for i in range(0, len(micro), accumulate)]
@@ -380,10 +391,20 @@ class LocalTrainer:
         use_sft = objective == "sft_then_dpo" or not use_dpo
         metrics["objective_used"] = objective if use_dpo else "sft"
 
-        # 1. Start from the global adapter.
+        # 1. Start from the global adapter (and the global projector, when the state carries one).
+        projector = self.projector
+        if projector is not None:
+            from fl_crew_reddit.training.multimodal import load_projector_state, split_projector
+
+            global_adapter, projector_tensors = split_projector(global_adapter)
+            if projector_tensors:
+                load_projector_state(projector, projector_tensors, where=f"{self.name}'s received global state")
+            projector.train()
         set_peft_model_state_dict(self.model, global_adapter, adapter_name=adapter)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if projector is not None:
+            params += [p for p in projector.parameters() if p.requires_grad]
         mu = float(config.get("proximal_mu", 0.0))
         anchors = [p.detach().clone() for p in params] if mu > 0 else []
 
@@ -400,11 +421,22 @@ class LocalTrainer:
         run = _StepRunner(self, params, anchors, mu, config, started, total, log_every)
 
         def sft_micro(rows: list[dict]) -> tuple[torch.Tensor, dict]:
+            if projector is not None and any(row.get("image_slots") for row in rows):
+                return image_micro(rows)
             batch = (pack(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
                      else collate(rows, self.pad_id, self.device))
             with autocast_context(self.device, self.mixed_precision):
                 nll, _ = (reply_token_nll(self.model, batch, backend=backend) if packed
                           else reply_token_nll(self.model, batch))  # (benchmarks swap in other losses)
+            return nll, {"tokens": batch["tokens"], "positions": batch["positions"]}
+
+        def image_micro(rows: list[dict]) -> tuple[torch.Tensor, dict]:
+            from fl_crew_reddit.training.multimodal import collate_multimodal, multimodal_reply_nll, pack_multimodal
+
+            batch, features = (pack_multimodal(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
+                               else collate_multimodal(rows, self.pad_id, self.device))
+            with autocast_context(self.device, self.mixed_precision):
+                nll, _ = multimodal_reply_nll(self.model, projector, batch, features, backend=backend)
             return nll, {"tokens": batch["tokens"], "positions": batch["positions"]}
 
         reference: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -442,6 +474,10 @@ class LocalTrainer:
 
         # 4. Only the adapter weights leave the client (under FFA-LoRA only B: A is the global adapter's, unchanged).
         state = snapshot_adapter(self.model, adapter)
+        if projector is not None:
+            from fl_crew_reddit.training.multimodal import with_projector
+
+            state = with_projector(state, projector)
         if not config.get("train_lora_a", True):
             state = {key: value for key, value in state.items() if ffa_lora_trainable(key)}
         if sft_records:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -112,7 +113,7 @@ def _rounds(summary: ReportSummary) -> list[Block]:
     blocks += [("p", note), _table(["Round", "Perplexity", "Δ vs base", "Validation perplexity", "BLEU", "ROUGE-L",
                                     "Mean train loss", "Accepted", "Skipped (reason)", "Seconds"], rows)]
     return (blocks + _per_client(summary) + _losses(summary) + _communication(summary) + _privacy(summary)
-            + _baselines(summary) + clip_section(summary))
+            + _baselines(summary) + clip_section(summary) + image_contribution_section(summary))
 
 
 def _megabytes(count: int) -> str:
@@ -288,6 +289,18 @@ def clip_section(summary: ReportSummary) -> list[Block]:
     return [("p", "CLIP score (image–text alignment, 100·max(cos, 0) between CLIP embeddings of a post's images and "
                   "a text; 0–100, higher is closer) on held-out replies to image posts:"),
             _table(["Round", "Generated replies", "Real replies", "Post text", "Examples"], rows)]
+
+
+def image_contribution_section(summary: ReportSummary) -> list[Block]:
+    """Multimodal training: reply perplexity on held-out replies to image posts with the real image vs a blank
+    one, per round (nothing for a text-only run)."""
+    if not summary.image_rows:
+        return []
+    rows = [[r.label, _num(r.real), _num(r.blank), _num(math.log(r.blank) - math.log(r.real), 4), _count(r.examples),
+             _count(r.left_out)] for r in summary.image_rows]
+    return [("p", "Image contribution: reply perplexity on held-out replies to image posts with the post's real "
+                  "image vs a blank image in its place (nats/token > 0: the image helps):"),
+            _table(["Round", "Real image", "Blank image", "Nats/token", "Examples", "Images left out"], rows)]
 
 
 def _analysis(summary: ReportSummary) -> list[Block]:

@@ -83,6 +83,15 @@ class ClipRow(BaseModel):
     examples: int
 
 
+class ImageRow(BaseModel):
+    """Multimodal training: one evaluation's reply perplexity on held-out image rows, real vs blank image."""
+    label: str
+    real: float
+    blank: float
+    examples: int
+    left_out: int  # test images left out (no features, over the limit, ...)
+
+
 class SampleRow(BaseModel):
     id: str
     reference: str
@@ -164,6 +173,7 @@ class ReportSummary(BaseModel):
     client_comparison: dict[str, dict[str, float]]  # column (method) -> client -> own test perplexity
     clip_rows: list[ClipRow]
     clip_note: str | None  # why the CLIP score was not computed (no row has a score)
+    image_rows: list[ImageRow] = []  # multimodal training: the image's contribution per evaluation
     analyses: list[tuple[int, str]]
     samples_round: int | None
     samples: list[SampleRow]
@@ -242,6 +252,14 @@ def _clip(history: RunHistory) -> tuple[list[ClipRow], str | None]:
     return [], next((m.clip_note for _, m in reversed(measured) if m.clip_note), "no reason recorded")
 
 
+def _image_rows(history: RunHistory) -> list[ImageRow]:
+    measured = [("base", history.base)] + [(str(r.round), r.global_) for r in history.rounds]
+    return [ImageRow(label=label, real=m.image_perplexity_real, blank=m.image_perplexity_blank,
+                     examples=m.image_examples, left_out=sum(m.image_left_out.values()))
+            for label, m in measured if m is not None and finite(m.image_perplexity_real) is not None
+            and finite(m.image_perplexity_blank) is not None]
+
+
 def _samples(history: RunHistory) -> tuple[int | None, list[SampleRow]]:
     """The last round's generated replies, next to the real reply and the base model's."""
     last = next((r for r in reversed(history.rounds) if r.global_ is not None and r.global_.samples), None)
@@ -300,6 +318,7 @@ def summarize(history: RunHistory) -> ReportSummary:
                         best_validation=best.scores.validation if best else None),
         client_names=_client_names(history), baselines=baselines,
         client_comparison=_client_comparison(base, baselines, best), clip_rows=clip_rows, clip_note=clip_note,
+        image_rows=_image_rows(history),
         analyses=[(r.round, r.analysis.strip()) for r in history.rounds if r.analysis and r.analysis.strip()],
         samples_round=samples_round, samples=samples, data=_data(history),
         llm_steps=[s for s in history.agent_steps if s.outcome in ("llm", "fallback")],

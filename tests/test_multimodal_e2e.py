@@ -1,0 +1,156 @@
+"""Issue 15 through the real loop: SUPPORT_MULTIMODAL=true with a (tiny, random) local CLIP folder as
+IMAGE_PROCESSOR, on the embedded snapshot (which has image posts): preprocessing stores CLIP features, the clients
+train the image projector with the LoRA adapter, the projector's tensors travel and are aggregated with it, every
+saved adapter folder holds the projector beside the PEFT files, each round records the image's contribution (real
+vs blank image), and a run stopped in round 2 resumes to the same final state bit for bit.
+
+One run (module fixture) and one test per promise, as in test_e2e.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RunStopped, stopped_in_round, tiny_run_config
+
+pytestmark = pytest.mark.e2e
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A random CLIPModel (2-layer 32-wide towers, 16-d projection), its image processor and a byte-level
+    character tokenizer, saved like a hub checkpoint (as in tests/test_multimodal_training.py)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessorPil as ImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {symbol: i for i, symbol in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_clip_cache():
+    from fl_crew_reddit.preprocessing.image_features import forget_loaded_clip
+
+    forget_loaded_clip()
+    yield
+    forget_loaded_clip()
+
+
+def multimodal_config(tiny_model_dir: Path, root: Path, clip_dir: Path):
+    return tiny_run_config(tiny_model_dir, root, support_multimodal=True, image_processor=str(clip_dir),
+                           multimodal_tokens=2, max_images_per_example=2, baselines=[])
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tiny_clip_dir, tmp_path_factory):
+    """Two multimodal rounds with 3 clients on the snapshot: (config, result, history.json)."""
+    from fl_crew_reddit import FLCrewRedditManager
+
+    config = multimodal_config(tiny_model_dir, tmp_path_factory.mktemp("mm-run"), tiny_clip_dir)
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=ROUNDS)
+    history = json.loads(Path(result.history_path).read_text())
+    return config, result, history
+
+
+def _projector_tensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "projector.safetensors"))
+
+
+def test_clients_train_on_image_rows_and_count_what_is_left_out(run):
+    _, _, history = run
+    for record in history["rounds"]:
+        assert record["skipped"] == {} and len(record["clients"]) == 3
+        metrics = [c["metrics"] for c in record["clients"]]
+        assert all("images_used" in m and "image_rows" in m for m in metrics)
+        assert sum(m["images_used"] for m in metrics) > 0 and sum(m["image_rows"] for m in metrics) > 0
+
+
+def test_projector_is_in_every_saved_adapter_folder_and_changes_between_rounds(run):
+    _, result, _ = run
+    from fl_crew_reddit.training.projector_files import PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
+
+    assert len(result.global_adapters) == ROUNDS
+    for folder in result.global_adapters:
+        assert {PROJECTOR_WEIGHTS, PROJECTOR_CONFIG, "adapter_config.json", "adapter_model.safetensors"} <= {
+            p.name for p in Path(folder).iterdir()}
+    first, second = (_projector_tensors(f) for f in result.global_adapters)
+    assert set(first) == set(second) and {"expand.weight", "out.weight"} <= set(first)
+    assert any(not torch.equal(first[k], second[k]) for k in first), "the projector did not train"
+
+
+def test_projector_starts_from_the_seeded_init_and_the_global_differs_from_it(run, tiny_model_dir):
+    config, result, _ = run
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.multimodal import projector_from_config
+
+    base, _ = load_base_model(config, torch.device("cpu"))
+    fresh = projector_from_config(config, base, 16).state_dict()
+    trained = _projector_tensors(result.global_adapters[0])
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
+
+
+def test_the_one_call_loader_restores_the_round_adapter_with_its_projector(run):
+    config, result, _ = run
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.projector_files import load_multimodal_adapter
+
+    base, _ = load_base_model(config, torch.device("cpu"))
+    folder = result.global_adapters[-1]
+    model, projector = load_multimodal_adapter(base, Path(folder))
+    assert projector is not None and projector.spec.tokens == 2 and projector.spec.feature_size == 16
+    saved = _projector_tensors(folder)
+    assert all(torch.equal(saved[k], v) for k, v in projector.state_dict().items())
+    assert any("lora_B" in name and p.abs().sum() > 0 for name, p in model.named_parameters())
+
+
+def test_history_has_the_image_contribution_each_round_and_the_report_shows_it(run):
+    config, result, history = run
+    for metrics in [history["base"]] + [r["global"] for r in history["rounds"]]:
+        assert metrics["image_examples"] > 0 and metrics["image_reply_tokens"] > 0, metrics.get("image_note")
+        assert metrics["image_perplexity_real"] > 1 and metrics["image_perplexity_blank"] > 1
+        assert isinstance(metrics["image_left_out"], dict)
+    reals = [history["base"]["image_perplexity_real"]] + [r["global"]["image_perplexity_real"]
+                                                          for r in history["rounds"]]
+    assert reals[-1] < reals[0]  # training lowers the image rows' reply perplexity
+    from fl_crew_reddit.evaluation.report import markdown_report
+
+    report = markdown_report(result.history)
+    assert "Image contribution" in report and "| 2 | " in report.split("Image contribution")[1]
+
+
+def test_a_run_stopped_in_round_2_resumes_to_the_same_global_state(run, tiny_model_dir, tiny_clip_dir,
+                                                                     tmp_path):
+    from safetensors.torch import load_file
+
+    from fl_crew_reddit import FLCrewRedditManager
+
+    _, result, _ = run
+    config = multimodal_config(tiny_model_dir, tmp_path / "stopped", tiny_clip_dir)
+    with stopped_in_round(2), pytest.raises(RunStopped):
+        FLCrewRedditManager(config).run_federated_learning(num_rounds=ROUNDS)
+    resumed = FLCrewRedditManager(config).resume()
+    for name in ("adapter_model.safetensors", "projector.safetensors"):
+        expected = load_file(str(Path(result.global_adapters[-1]) / name))
+        got = load_file(str(Path(resumed.global_adapters[-1]) / name))
+        assert set(expected) == set(got) and all(torch.equal(expected[k], got[k]) for k in expected), name
