@@ -248,3 +248,23 @@ def test_an_image_processor_folder_that_is_not_clip_is_refused(tiny_model_dir, t
     workspace = FederatedWorkspace(config, RunPaths(tmp_path, "run-not-clip").create())
     with pytest.raises(NotAClipModel, match="llama"):
         _ = workspace.model
+
+
+@pytest.mark.parametrize("settings", [{"ffa_lora": True}, {"aggregation_method": "svd_exact"},
+                                      {"update_compression": "int8"}, {"aggregation_method": "fedadam"},
+                                      {"aggregation_method": "median"}], ids=lambda s: "-".join(map(str, s.values())))
+def test_the_projector_travels_through_each_kind_of_round(tiny_model_dir, tiny_clip_dir, tmp_path, settings):
+    """One real round per way an update can travel (FFA-LoRA's B-only update, svd_exact, a compressed update, a
+    server optimizer, a robust rule): every client is accepted and the global projector moves from its init."""
+    from fl_crew_reddit import FLCrewRedditManager
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.multimodal import projector_from_config
+
+    config = multimodal_config(tiny_model_dir, tmp_path, tiny_clip_dir).model_copy(update=settings)
+    result = FLCrewRedditManager(config).run_federated_learning(num_rounds=1)
+    [record] = result.history.rounds
+    assert record.skipped == {} and record.aggregation.accepted == ["client-0", "client-1", "client-2"]
+    base, _ = load_base_model(config, torch.device("cpu"))
+    fresh = projector_from_config(config, base, 16).state_dict()
+    assert _moved(fresh, _projector_tensors(result.global_adapters[0])) > 1e-4
+    assert record.global_.image_examples > 0
