@@ -41,6 +41,10 @@ SUBREDDITS = ["books", "history", "programming", "gadgets", "Sports", "weather"]
 STARTED = time.perf_counter()
 
 
+def number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def say(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:6.0f}s] {message}", file=sys.stderr, flush=True)
 
@@ -68,7 +72,7 @@ def prepare(args, workdir: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="2 rounds, 12 examples and 1 epoch per client (under 10 minutes on an idle 2-core CPU)")
+                        help="2 rounds, 8 examples and 1 epoch per client, 192-token rows")
     parser.add_argument("--dump-dir", type=Path, default=DUMP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int)
@@ -77,15 +81,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--min-pairs", type=int, default=4, help="MIN_PREFERENCE_PAIRS")
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 is several times faster while other work "
+                             "shares the cores (OpenMP threads then wait on each other)")
     args = parser.parse_args()
+    if args.threads:  # numba's parallel kernels (aggregation) share torch's OpenMP runtime: both get the count
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.examples, args.epochs, args.posts, args.max_seq_length = (12, 1, 60, 256) if args.quick else (16, 2, 200, 256)
+    args.examples, args.epochs, args.posts, args.max_seq_length = (8, 1, 60, 192) if args.quick else (16, 2, 200, 256)
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(args, Path(tmp))
     print(json.dumps(summary))
 
 
 def run(args, workdir: Path) -> dict:
+    import torch
 
     from fl_crew_reddit.aggregation import aggregate
     from fl_crew_reddit.evaluation.evaluator import held_out_nll
@@ -168,26 +181,28 @@ def run(args, workdir: Path) -> dict:
             if keep_round_one and round_number == 1:
                 first = {name: results[name].state for name in clients}
             state = aggregate("fedavg", [results[n].state for n in clients], [results[n].num_examples for n in clients])
+            if args.threads:  # numba's parallel kernels set the OpenMP thread count of the process back to theirs
+                torch.set_num_threads(args.threads)
         return state, {"steps": steps, "dpo_skipped": skipped}, first
 
     seconds = {}
     started = time.perf_counter()
     base = score(initial, clients)
     seconds["base"] = time.perf_counter() - started
-    say(f"base: perplexity {base['perplexity']:.2f}, preference accuracy {base['preference_accuracy']:.3f}")
+    say(f"base: perplexity {base['perplexity']:.2f}, preference accuracy {number(base['preference_accuracy'])}")
 
     started = time.perf_counter()
     sft_state, sft_info, _ = federated("sft")
     sft = score(sft_state, clients) | sft_info
     seconds["federated_sft"] = time.perf_counter() - started
-    say(f"federated SFT: perplexity {sft['perplexity']:.2f}, preference accuracy {sft['preference_accuracy']:.3f}")
+    say(f"federated SFT: perplexity {sft['perplexity']:.2f}, preference accuracy {number(sft['preference_accuracy'])}")
 
     started = time.perf_counter()
     dpo_state, dpo_info, round_one = federated(args.objective, keep_round_one=True)
     fl = score(dpo_state, clients) | dpo_info
     seconds["federated_dpo"] = time.perf_counter() - started
     say(f"federated {args.objective}: perplexity {fl['perplexity']:.2f}, "
-        f"preference accuracy {fl['preference_accuracy']:.3f}")
+        f"preference accuracy {number(fl['preference_accuracy'])}")
 
     started = time.perf_counter()
     local = {}
@@ -197,7 +212,7 @@ def run(args, workdir: Path) -> dict:
             state = trainer(name, train[name], pairs[name]).fit(state, fit_config(round_number, args.objective)).state
         local[name] = score(state, [name])
         say(f"local-only {subreddit[name]}: perplexity {local[name]['perplexity']:.2f}, "
-            f"preference accuracy {local[name]['preference_accuracy']:.3f}")
+            f"preference accuracy {number(local[name]['preference_accuracy'])} ({local[name]['pairs']} test pairs)")
     seconds["local_only"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -209,7 +224,7 @@ def run(args, workdir: Path) -> dict:
     central = score(state, clients) | {"steps": central_steps}
     seconds["centralized"] = time.perf_counter() - started
     say(f"centralized: perplexity {central['perplexity']:.2f}, preference accuracy "
-        f"{central['preference_accuracy']:.3f}")
+        f"{number(central['preference_accuracy'])}")
 
     local_accuracy = [local[n]["preference_accuracy"] for n in clients if local[n]["preference_accuracy"] is not None]
     fl_client_accuracy = [v["preference_accuracy"] for v in fl["per_client"].values()
@@ -231,7 +246,7 @@ def run(args, workdir: Path) -> dict:
     return {"mode": "quick" if args.quick else "full", "seed": args.seed, "rounds": args.rounds,
             "objective": args.objective, "beta": args.beta, "lr": args.lr, "examples_per_client": args.examples,
             "local_epochs": args.epochs, "posts_per_subreddit": args.posts, "max_seq_length": args.max_seq_length,
-            "pair_kinds": ["relevance"],
+            "pair_kinds": ["relevance"], "threads": args.threads or None,
             "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),
                                     "test_pairs": len(test_pairs[n])} for n in clients},
             "base": base, "federated_sft": sft, "federated_dpo": fl, "local_only": local_summary,
