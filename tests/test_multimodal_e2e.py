@@ -139,6 +139,9 @@ def test_history_has_the_image_contribution_each_round_and_the_report_shows_it(r
                                                           for r in history["rounds"]]
     assert reals[-1] < reals[0]  # training lowers the image rows' reply perplexity
     from fl_crew_reddit.evaluation.report import markdown_report
+    from fl_crew_reddit.evaluation.tensorboard_scalars import round_scalars
+
+    assert {"image/perplexity_real", "image/perplexity_blank"} <= set(round_scalars(result.history.rounds[-1]))
 
     report = markdown_report(result.history)
     assert "Image contribution" in report and "| 2 | " in report.split("Image contribution")[1]

@@ -33,6 +33,9 @@ def metrics_scalars(metrics: EvalMetrics | None) -> dict[str, float]:
     if metrics.samples:  # no generated replies (EVAL_SAMPLES=0): the scores would be meaningless zeros
         tags.update({f"generation/{key}": getattr(metrics, key) for key in GENERATION_METRICS})
     tags.update(preference_scalars(metrics))
+    if metrics.image_examples:  # multimodal training: held-out image rows with the real vs a blank image
+        tags["image/perplexity_real"] = metrics.image_perplexity_real
+        tags["image/perplexity_blank"] = metrics.image_perplexity_blank
     return _kept(tags)
 
 
