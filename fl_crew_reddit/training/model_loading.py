@@ -131,12 +131,27 @@ def _quantization_config(config: FLCrewRedditConfig, device: torch.device):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def refuse_vision_language_base(name: str, source: str) -> None:
+    """A vision-language BASE_LLM_MODEL (Idefics3, SmolVLM, LLaVA, ...) is not a causal LM: `training.vlm.load_vlm`
+    loads it with its processor, but the round loop does not train one yet. Say so instead of failing inside
+    AutoModelForCausalLM."""
+    from fl_crew_reddit.training.vlm import vision_language_model_type
+
+    model_type = vision_language_model_type(source)
+    if model_type is not None:
+        raise BaseModelUnavailable(
+            f"BASE_LLM_MODEL={name} is a vision-language model ({model_type}): training.vlm.load_vlm loads it with "
+            "its processor (LoRA on its language model), but the round loop trains text LMs only for now; for "
+            "images in the round loop use a text LM with SUPPORT_MULTIMODAL=true (the LLaVA-style projector).")
+
+
 def load_base_model(config: FLCrewRedditConfig, device: torch.device | None = None):
     """Load (model, tokenizer) for BASE_LLM_MODEL; on failure raise BaseModelUnavailable with what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device(config.device)
     source = resolve_base_model(config.base_llm_model)
+    refuse_vision_language_base(config.base_llm_model, source)
     kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
     if config.use_quantization:
         kwargs["quantization_config"] = _quantization_config(config, device)

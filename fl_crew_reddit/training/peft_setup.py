@@ -10,11 +10,15 @@ from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
 AUTO_CHECKPOINTING_PARAMS = 1_000_000_000  # GRADIENT_CHECKPOINTING=auto: on from 1B parameters, on CUDA
 
 
-def lora_config(config: FLCrewRedditConfig) -> LoraConfig:
+def lora_config(config: FLCrewRedditConfig, target_modules: str | list[str] | None = None) -> LoraConfig:
+    """LoRA settings of the run. `target_modules` replaces LORA_TARGET_MODULES where the caller has resolved them
+    itself (a vision-language base: a regex that keeps LoRA inside its language model, `training.vlm`)."""
     targets = config.lora_target_modules
+    if target_modules is None:
+        target_modules = "all-linear" if targets == ["all-linear"] else targets
     return LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-        task_type="CAUSAL_LM", target_modules="all-linear" if targets == ["all-linear"] else targets)
+        task_type="CAUSAL_LM", target_modules=target_modules)
 
 
 def check_target_modules(base_model, config: FLCrewRedditConfig) -> None:

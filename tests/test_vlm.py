@@ -1,0 +1,234 @@
+"""A vision-language base (training/vlm.py) on a tiny random Idefics3 built from its config: a 1-layer vision tower
+on 32×32 images (4 image tokens after the connector), the 2-layer tiny Llama as its language model, the tiny BPE
+tokenizer and the Idefics3 image processor assembled into a processor with SmolVLM's chat template. No download."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fl_crew_reddit.config import ConfigError, FLCrewRedditConfig
+from fl_crew_reddit.preprocessing.images import SKIP_IMAGE_BROKEN, SKIP_IMAGE_MISSING, SKIP_NOT_AN_IMAGE
+from fl_crew_reddit.training.model_loading import BaseModelUnavailable, load_base_model
+from fl_crew_reddit.training.multimodal import SKIP_IMAGES_OVER_LIMIT
+from fl_crew_reddit.training.vlm import (
+    SKIP_IMAGE_TOKENS_DO_NOT_FIT,
+    build_vlm_peft_model,
+    collate_vlm,
+    language_model_path,
+    load_vlm,
+    vision_language_model_type,
+    vlm_reply_nll,
+    vlm_rows,
+)
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    folder = tmp_path_factory.mktemp("tiny-idefics3")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]})
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                                do_image_splitting=False)
+    # image_seq_len = (image_size / patch_size)² / scale_factor² = (32 / 8)² / 2² = 4 tokens per image
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=SMOLVLM_TEMPLATE)
+    text = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=512)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8).to_dict()
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def vlm_config(folder: Path, **overrides) -> FLCrewRedditConfig:
+    settings = dict(base_llm_model=str(folder), lora_r=4, lora_alpha=8, device="cpu", max_seq_length=128)
+    return FLCrewRedditConfig(_env_file=None, **{**settings, **overrides})
+
+
+@pytest.fixture()
+def vlm(tiny_vlm_dir):
+    """(peft VLM with LoRA on q_proj, v_proj: names the vision tower has too, processor)."""
+    config = vlm_config(tiny_vlm_dir, lora_target_modules=["q_proj", "v_proj"])
+    model, processor = load_vlm(config, CPU)
+    torch.manual_seed(0)
+    return build_vlm_peft_model(model, config), processor
+
+
+def png(path: Path, color: tuple[int, int, int], size=(40, 24)) -> Path:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def example(reply: str, images: list[Path] | None = None) -> dict:
+    return {"messages": [{"role": "user", "content": "what went wrong with this cake?"},
+                         {"role": "assistant", "content": reply}],
+            "image_paths": [str(p) for p in images or []]}
+
+
+def test_detection_reads_the_config(tiny_vlm_dir, tiny_model_dir):
+    assert vision_language_model_type(str(tiny_vlm_dir)) == "idefics3"
+    assert vision_language_model_type(str(tiny_model_dir)) is None  # a text LM
+    assert vision_language_model_type("embedded") is None
+    with pytest.raises(BaseModelUnavailable, match="not a vision-language model"):
+        load_vlm(vlm_config(tiny_model_dir), CPU)
+    # the text path refuses a VLM base with a message that says what does load it
+    with pytest.raises(BaseModelUnavailable, match="vision-language model \\(idefics3\\).*load_vlm"):
+        load_base_model(vlm_config(tiny_vlm_dir), CPU)
+
+
+def test_missing_processor_is_one_clear_error(tiny_vlm_dir, tmp_path):
+    folder = tmp_path / "no-processor"
+    shutil.copytree(tiny_vlm_dir, folder)
+    (folder / "processor_config.json").unlink()
+    with pytest.raises(BaseModelUnavailable, match=rf"{folder}.*idefics3.*processor is missing: the image processor"):
+        load_vlm(vlm_config(folder), CPU)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(BaseModelUnavailable, match="the image processor .* and the tokenizer"):
+        load_vlm(vlm_config(folder), CPU)
+
+
+def test_lora_only_on_the_language_model(vlm):
+    model, _ = vlm
+    base = model.get_base_model()
+    assert language_model_path(base) == "model.text_model"
+    lora = [name for name, _ in model.named_parameters() if "lora_" in name]
+    assert lora and all(".text_model.layers." in name for name in lora)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert set(trainable) == set(lora)  # vision tower, connector, embeddings, output layer: frozen
+    assert not any("vision_model" in name or "connector" in name for name in lora)
+    # q_proj and v_proj exist in the vision tower too: none of those got LoRA
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in lora} == {"q_proj", "v_proj"}
+
+
+def test_all_linear_and_a_bad_target(tiny_vlm_dir):
+    model, _ = load_vlm(vlm_config(tiny_vlm_dir), CPU)
+    peft = build_vlm_peft_model(model, vlm_config(tiny_vlm_dir))  # LORA_TARGET_MODULES=all-linear, the default
+    wrapped = {name.split(".lora_")[0] for name, _ in peft.named_parameters() if "lora_A" in name}
+    assert len(wrapped) == 2 * 7 and all(".text_model.layers." in name for name in wrapped)  # lm_head excluded
+    model, _ = load_vlm(vlm_config(tiny_vlm_dir), CPU)
+    with pytest.raises(ConfigError, match="out_proj matches no linear layer .*language model"):
+        build_vlm_peft_model(model, vlm_config(tiny_vlm_dir, lora_target_modules=["q_proj", "out_proj"]))
+
+
+def test_rows_loss_on_reply_only_and_gradients_reach_lora(vlm, tmp_path):
+    model, processor = vlm
+    red = png(tmp_path / "red.png", (220, 30, 30))
+    built = vlm_rows(processor, [example("it sank in the middle", [red]), example("no picture here")],
+                     max_length=128, max_images=4, max_image_size=224)
+    assert built.image_rows == 1 and built.images == 1 and not built.skipped
+    image_row, text_row = built.rows
+    tokenizer = processor.tokenizer
+    assert image_row["input_ids"].count(processor.image_token_id) == 4  # the processor's own image tokens
+    assert text_row["input_ids"].count(processor.image_token_id) == 0 and text_row["vision"] == {}
+    for row, reply in ((image_row, "it sank in the middle"), (text_row, "no picture here")):
+        masked = [t for t, m in zip(row["input_ids"], row["reply_mask"]) if m]
+        assert tokenizer.decode(masked).startswith(" " + reply)
+        assert "<end_of_utterance>" in tokenizer.decode(masked)
+        assert processor.image_token_id not in masked
+    batch = collate_vlm(built.rows, tokenizer.pad_token_id, CPU)
+    assert batch["pixel_values"].shape[:2] == (2, 1)  # the text row gets an all-zero image, dropped by the model
+    nll, count = vlm_reply_nll(model, batch)
+    assert count == sum(sum(row["reply_mask"][1:]) for row in built.rows)
+    # the same sum by the plain forward pass: logits at every position, NLL of the reply tokens only
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"]).logits
+    labels = batch["input_ids"].masked_fill(~batch["reply_mask"], -100)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), reduction="sum", ignore_index=-100)
+    assert torch.allclose(nll, expected, rtol=1e-5)
+    nll.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    # B starts at zero (so A's gradient is zero at the first step): B's gradient is what reaches the adapter
+    assert all(float(g.abs().sum()) > 0 for name, g in grads.items() if "lora_B" in name)
+
+
+def test_the_image_changes_the_loss(vlm, tmp_path):
+    model, processor = vlm
+    tokenizer = processor.tokenizer
+    losses = []
+    for name, color in (("red", (220, 30, 30)), ("blue", (20, 40, 230))):
+        built = vlm_rows(processor, [example("it sank", [png(tmp_path / f"{name}.png", color)])],
+                         max_length=128, max_images=4, max_image_size=224)
+        with torch.no_grad():
+            losses.append(float(vlm_reply_nll(model, collate_vlm(built.rows, tokenizer.pad_token_id, CPU))[0]))
+    text = vlm_rows(processor, [example("it sank")], max_length=128, max_images=4, max_image_size=224)
+    with torch.no_grad():
+        losses.append(float(vlm_reply_nll(model, collate_vlm(text.rows, tokenizer.pad_token_id, CPU))[0]))
+    assert abs(losses[0] - losses[1]) > 1e-4 and abs(losses[0] - losses[2]) > 1e-4
+
+
+def test_bad_images_fall_back_to_text_with_counts(vlm, tmp_path):
+    _, processor = vlm
+    good = png(tmp_path / "good.png", (10, 200, 10))
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(png(tmp_path / "whole.png", (1, 2, 3), size=(64, 64)).read_bytes()[:60])
+    built = vlm_rows(processor, [example("a", [not_image, tmp_path / "gone.png", truncated]),
+                                 example("b", [good] * 4)],
+                     max_length=128, max_images=3, max_image_size=224)
+    assert len(built.rows) == 2 and built.image_rows == 1 and built.images == 3
+    assert built.skipped == {SKIP_NOT_AN_IMAGE: 1, SKIP_IMAGE_MISSING: 1, SKIP_IMAGE_BROKEN: 1,
+                             SKIP_IMAGES_OVER_LIMIT: 1}
+    # images whose tokens leave no room for a reply: the text-only row, counted
+    tight = vlm_rows(processor, [example("a reply " * 10, [good, good])], max_length=24, max_images=4,
+                     max_image_size=224)
+    assert tight.image_rows == 0 and len(tight.rows) == 1 and tight.skipped == {SKIP_IMAGE_TOKENS_DO_NOT_FIT: 2}
+    assert len(tight.rows[0]["input_ids"]) <= 24
+
+
+def test_adapter_round_trip_loads_with_peft(vlm, tiny_vlm_dir, tmp_path):
+    from peft import PeftModel
+
+    model, processor = vlm
+    model.eval()  # no LoRA dropout: the same numbers twice
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)  # B starts at zero: give the adapter an effect to lose
+    built = vlm_rows(processor, [example("it sank", [png(tmp_path / "red.png", (220, 30, 30))])],
+                     max_length=128, max_images=4, max_image_size=224)
+    batch = collate_vlm(built.rows, processor.tokenizer.pad_token_id, CPU)
+    with torch.no_grad():
+        before = vlm_reply_nll(model, batch)[0]
+    model.save_pretrained(tmp_path / "adapter")
+    base, _ = load_vlm(vlm_config(tiny_vlm_dir), CPU)
+    with torch.no_grad():
+        plain = vlm_reply_nll(base, batch)[0]
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        after = vlm_reply_nll(loaded, batch)[0]
+    assert torch.equal(before, after) and not torch.equal(before, plain)
+    saved = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in saved.items())
