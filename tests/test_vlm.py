@@ -232,3 +232,94 @@ def test_adapter_round_trip_loads_with_peft(vlm, tiny_vlm_dir, tmp_path):
     assert torch.equal(before, after) and not torch.equal(before, plain)
     saved = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in saved.items())
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random LLaVA: a 2-layer CLIP vision tower on 32×32 images (16 patches: 16 image tokens), the tiny
+    Llama's shape as its language model, CLIP's image processor and a ChatML template with image entries."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for message in messages %}<|im_start|>{{message['role']}}\n{% for line in message['content'] %}"
+                "{% if line['type'] == 'text' %}{{line['text']}}{% else %}<image>\n{% endif %}{% endfor %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                     crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=template)
+    text = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32).to_dict()
+    config = LlavaConfig(text_config=text, vision_config=vision, vision_feature_layer=-1,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_llava_family_the_same_way(tiny_llava_dir, tmp_path):
+    """LLaVA's processor gives [images, 3, H, W] (no per-prompt block): a mixed batch concatenates the image rows'
+    pixels, and the loss is still the reply NLL of the plain forward pass."""
+    assert vision_language_model_type(str(tiny_llava_dir)) == "llava"
+    config = vlm_config(tiny_llava_dir, lora_target_modules=["q_proj", "v_proj"])
+    model, processor = load_vlm(config, CPU)
+    assert language_model_path(model) == "model.language_model"
+    peft = build_vlm_peft_model(model, config).eval()
+    lora = [name for name, p in peft.named_parameters() if p.requires_grad]
+    assert lora and all(".language_model.layers." in name and "lora_" in name for name in lora)
+    built = vlm_rows(processor, [example("no picture"), example("it sank", [png(tmp_path / "red.png", (200, 0, 0))])],
+                     max_length=128, max_images=4, max_image_size=224)
+    assert built.image_rows == 1 and built.rows[1]["input_ids"].count(model.config.image_token_index) == 16
+    batch = collate_vlm(built.rows, processor.tokenizer.pad_token_id, CPU)
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        nll, count = vlm_reply_nll(peft, batch)
+        logits = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"]).logits
+    labels = batch["input_ids"].masked_fill(~batch["reply_mask"], -100)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), reduction="sum", ignore_index=-100)
+    assert count == int((labels[:, 1:] != -100).sum()) and torch.allclose(nll, expected, rtol=1e-5)
+
+
+def test_lora_learns_to_read_the_image(tiny_vlm_dir, tmp_path):
+    """Red image → "red", blue image → "blue": after 20 steps on the language model's LoRA alone (vision tower and
+    connector frozen) the replies are likelier with their own image than with the swapped one."""
+    config = vlm_config(tiny_vlm_dir, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    model, processor = load_vlm(config, CPU)
+    torch.manual_seed(0)
+    peft = build_vlm_peft_model(model, config)
+    red, blue = png(tmp_path / "red.png", (230, 20, 20)), png(tmp_path / "blue.png", (20, 20, 230))
+
+    def batch(pairs):
+        rows = vlm_rows(processor, [example(reply, [image]) for reply, image in pairs], max_length=64,
+                        max_images=1, max_image_size=64).rows
+        return collate_vlm(rows, processor.tokenizer.pad_token_id, CPU)
+
+    matched, swapped = batch([("red", red), ("blue", blue)]), batch([("red", blue), ("blue", red)])
+
+    def gap() -> float:  # nats per reply token the right image is worth
+        with torch.no_grad():
+            return float(vlm_reply_nll(peft, swapped)[0] - vlm_reply_nll(peft, matched)[0]) / matched["count"]
+
+    before = gap()
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(20):
+        nll, count = vlm_reply_nll(peft, matched)
+        (nll / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert gap() > before + 0.2
