@@ -168,8 +168,8 @@ class FederatedWorkspace:
     def _image_projector(self, model):
         """The image projector (seeded from SEED, so a resumed run starts from the same one) when SUPPORT_MULTIMODAL
         is on and the CLIP model of IMAGE_PROCESSOR loads (preprocessing then stores its features); else None. A
-        folder that is not CLIP is refused; FEDERATION=flower / local-flower and trainer processes do not carry the
-        projector yet, so multimodal training is refused there rather than silently dropped."""
+        folder that is not CLIP is refused. Flower sites and trainer processes build the same projector from its spec
+        (`site.app.image_settings`) and receive its tensors with the adapter."""
         cfg = self.config
         if not cfg.support_multimodal:
             return None
@@ -183,14 +183,6 @@ class FederatedWorkspace:
         if encoder is None:
             log.info("Multimodal training is off (text only): %s", reason)
             return None
-        if cfg.federation != "inprocess" or self._trainer_pool is not None:
-            from fl_crew_reddit.config import ConfigError
-
-            where = (f"FEDERATION={cfg.federation}" if cfg.federation != "inprocess"
-                     else f"TRAINER_DEVICES={','.join(cfg.trainer_devices)}")
-            raise ConfigError(f"SUPPORT_MULTIMODAL=true with CLIP weights ({encoder.source}) trains an image projector "
-                              f"with the adapter, which {where} does not carry yet: use FEDERATION=inprocess without "
-                              "trainer processes, or set SUPPORT_MULTIMODAL=false")
         self._clip = encoder
         projector = projector_from_config(cfg, model, int(encoder.model.config.projection_dim))
         log.info("Multimodal training: a %s projector, %d soft tokens per image, from %s features",
@@ -558,7 +550,7 @@ class FederatedWorkspace:
             self._pending[client] = record
             return record
         folder = save_client_update(self.model, self.strategy.adapter_for(client, self.global_adapter), result.state,
-                                    self.paths.local_adapter(client, round_number))
+                                    self.paths.local_adapter(client, round_number), projector=self._projector)
         metrics = {**result.metrics, "update_bytes": update_file(folder).stat().st_size}
         record = ClientRoundResult(name=client, num_examples=result.num_examples, train_loss=metrics["train_loss"],
                                    metrics=metrics, adapter_path=str(folder))
@@ -578,6 +570,8 @@ class FederatedWorkspace:
             return
         from safetensors.torch import save_file
 
+        from fl_crew_reddit.site.app import image_settings
+
         sent_files: dict[int, str] = {}  # one file per rank sent (CLIENT_LORA_RANKS: the truncated global adapter)
         for name in clients:
             rank = self.strategy.client_rank(name)
@@ -593,7 +587,8 @@ class FederatedWorkspace:
             TrainingJob(client=name, round=round_number, train_path=str(train_paths[name]),
                         global_adapter_path=sent_files[self.strategy.client_rank(name)],
                         output_dir=str(self.paths.local_adapter(name, round_number)),
-                        fit_config=self.fit_config(round_number), error_feedback=self._feedback_bytes(name))
+                        fit_config=self.fit_config(round_number), error_feedback=self._feedback_bytes(name),
+                        image_settings=image_settings(self.config, self._projector))
             for name in clients])
 
     def _train_in_worker(self, client: str, round_number: int) -> ClientRoundResult:
@@ -617,7 +612,7 @@ class FederatedWorkspace:
         if self._federation is None:
             self._federation = self._start_federation()
         outcome = self._federation.run_round(round_number, self.strategy, self.global_adapter,
-                                             model_settings(self.config))
+                                             model_settings(self.config, self._projector))
         if outcome.selected != list(clients):
             log.warning("Round %d: the ServerApp sampled %s, the Flow %s", round_number, outcome.selected, clients)
         for name, reason in outcome.evaluation_failed.items():
@@ -701,7 +696,8 @@ class FederatedWorkspace:
             _ = self.model
             if self._federation is None:  # resumed after preprocessing: the sites kept their data
                 self._federation = self._start_federation()
-            evaluation, failed = self._federation.evaluate(self.initial_adapter, model_settings(self.config))
+            evaluation, failed = self._federation.evaluate(self.initial_adapter,
+                                                           model_settings(self.config, self._projector))
             for name, reason in failed.items():
                 log.warning("Base model: %s is left out of the held-out evaluation: %s", name, reason)
             self.base_metrics = self._flower_metrics(evaluation)

@@ -230,18 +230,6 @@ def test_settings_without_clip_weights_stay_text_only(tiny_model_dir, tmp_path, 
     assert not any(k.startswith("mm_projector.") for k in workspace.global_adapter)
 
 
-@pytest.mark.parametrize("federation", ["local-flower", "flower"])
-def test_flower_refuses_multimodal_training_with_clip_weights(tiny_model_dir, tiny_clip_dir, tmp_path, federation):
-    from fl_crew_reddit.config import ConfigError
-    from fl_crew_reddit.runs import RunPaths
-    from fl_crew_reddit.workspace import FederatedWorkspace
-
-    config = multimodal_config(tiny_model_dir, tmp_path, tiny_clip_dir).model_copy(update={"federation": federation})
-    workspace = FederatedWorkspace(config, RunPaths(tmp_path, "run-flower").create())
-    with pytest.raises(ConfigError, match=f"FEDERATION={federation} does not carry"):
-        _ = workspace.model
-
-
 def test_an_image_processor_folder_that_is_not_clip_is_refused(tiny_model_dir, tmp_path):
     from fl_crew_reddit.runs import RunPaths
     from fl_crew_reddit.training.multimodal import NotAClipModel

@@ -77,11 +77,14 @@ def _plain(model: dict) -> dict:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()}
 
 
-def model_settings(config) -> dict:
-    """What a site needs to build the same model as the server (base model, LoRA, precision): sent with each message."""
+def model_settings(config, projector=None) -> dict:
+    """What a site needs to build the same model as the server (base model, LoRA, precision): sent with each message.
+    Multimodal training (`projector`: the server's ImageProjector): what builds it on the site (`site.app`)."""
     # resolved here: a site's own TRAINING_OBJECTIVE is the default, so "auto" would resolve there to off
+    from fl_crew_reddit.site.app import image_settings
+
     return {**{name: getattr(config, name) for name in MODEL_SETTINGS},
-            "preference_metrics": "on" if config.scores_preferences else "off"}
+            "preference_metrics": "on" if config.scores_preferences else "off", **image_settings(config, projector)}
 
 
 # --- arrays ------------------------------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ def _site_for(context: Context, settings: dict):
     model = build_peft_model(base, config)
     site = Site.from_folder(str(context.node_config["site"]), Path(str(context.node_config["data-dir"])), model,
                             tokenizer, device, max_seq_length=config.max_seq_length,
-                            mixed_precision=config.mixed_precision, show_progress=False)
+                            mixed_precision=config.mixed_precision, show_progress=False, settings=settings)
     _SITE_CACHE.clear()
     _SITE_CACHE[key] = site
     return site

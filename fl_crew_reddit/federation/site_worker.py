@@ -106,7 +106,8 @@ class SiteWorker:
             model = build_peft_model(base, config)
             self._site = Site.from_folder(self.name, self.data_dir, model, tokenizer, device,
                                           max_seq_length=config.max_seq_length,
-                                          mixed_precision=config.mixed_precision, show_progress=False)
+                                          mixed_precision=config.mixed_precision, show_progress=False,
+                                          settings=settings)
             self._settings_key = key
         return self._site
 

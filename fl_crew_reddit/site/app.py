@@ -36,6 +36,40 @@ def pair_rows_for(data: SiteData, fit_config: dict) -> dict:
     return {"pair_rows": data.pair_rows("train")}
 
 
+def image_settings(config, projector) -> dict:
+    """What a site away from the server needs to train `projector` (the server's ImageProjector; None: text only,
+    {}): its spec, the CLIP model whose stored features the site reads (IMAGE_PROCESSOR) and
+    MAX_IMAGES_PER_EXAMPLE; sent with the model settings, read by `site_image_parts`."""
+    if projector is None:
+        return {}
+    return {"image_projector": projector.spec.to_json(), "image_processor": config.image_processor,
+            "max_images_per_example": config.max_images_per_example}
+
+
+def site_image_parts(settings: dict, model):
+    """(the ImageProjector, the ImageRowSettings) of a site away from the server (a Flower site, its worker, a
+    trainer process) when the server's settings describe a projector (`image_projector`: its ProjectorSpec as JSON;
+    its tensors come with every received adapter), else (None, None): text only. The site's image rows use the
+    features its own preprocessing stored beside its images for the CLIP model of `image_processor`."""
+    spec = str(settings.get("image_projector") or "")
+    if not spec:
+        return None, None
+    from fl_crew_reddit.preprocessing.image_features import resolve_clip_source
+    from fl_crew_reddit.site.data import ImageRowSettings
+    from fl_crew_reddit.training.multimodal import ImageProjector, ProjectorSpec, stored_features
+
+    projector_spec = ProjectorSpec.from_json(spec, where="the server's image_projector setting")
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if projector_spec.hidden_size != int(causal_lm.config.hidden_size):
+        raise ValueError(f"the server's image projector writes {projector_spec.hidden_size}-wide soft tokens; this "
+                         f"site's model is {causal_lm.config.hidden_size} wide (not the server's BASE_LLM_MODEL?)")
+    projector = ImageProjector(projector_spec).to(causal_lm.get_input_embeddings().weight.device)
+    source = resolve_clip_source(str(settings.get("image_processor") or ""))
+    images = ImageRowSettings(stored_features(source), projector_spec.tokens,
+                              int(settings.get("max_images_per_example") or 1))
+    return projector, images
+
+
 class Site:
     """One client. `model` is a PEFT model (in-process: the one model every site shares)."""
 
@@ -52,9 +86,12 @@ class Site:
 
     @classmethod
     def from_folder(cls, name: str, folder: Path, model, tokenizer, device: torch.device, *, max_seq_length: int,
-                    mixed_precision: str = "auto", show_progress: bool = True) -> Site:
-        return cls(name, SiteData(folder, tokenizer, max_seq_length), model, tokenizer, device,
-                   mixed_precision=mixed_precision, show_progress=show_progress)
+                    mixed_precision: str = "auto", show_progress: bool = True, settings: dict | None = None) -> Site:
+        """A site on its own data folder; `settings` (the server's model settings): with `image_projector` the site
+        trains the image projector the server described, on its own stored CLIP features (`site_image_parts`)."""
+        projector, images = site_image_parts(settings or {}, model)
+        return cls(name, SiteData(folder, tokenizer, max_seq_length, images=images), model, tokenizer, device,
+                   mixed_precision=mixed_precision, show_progress=show_progress, projector=projector)
 
     def fit(self, global_adapter: AdapterState, fit_config: dict,
             error_feedback: dict[str, torch.Tensor] | None = None) -> SiteFitResult:
@@ -95,7 +132,12 @@ class Site:
         if global_adapter is not None:
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.model, global_adapter)
+            from fl_crew_reddit.training.multimodal import load_projector_state, split_projector
+
+            adapter, projector = split_projector(global_adapter)  # multimodal: the projector travels with it
+            set_peft_model_state_dict(self.model, adapter)
+            if projector and self.projector is not None:
+                load_projector_state(self.projector, projector, where=f"the adapter {self.name} evaluates")
         sums = {}
         for split in splits:
             rows = self.data.rows(split)

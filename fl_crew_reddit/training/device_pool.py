@@ -78,6 +78,7 @@ class TrainingJob:
     output_dir: str  # where the client's adapter folder goes
     fit_config: dict
     error_feedback: bytes = b""  # UPDATE_COMPRESSION=topk: the client's residual (safetensors bytes; b"": none yet)
+    image_settings: dict = field(default_factory=dict)  # multimodal: `site.app.image_settings` ({}: text only)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _worker_main(config, device_name: str, connection, num_threads: int) -> None
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
     connection.send(("ready", os.getpid()))
-    rows_by_path: dict[str, list[dict]] = {}  # a client's tokenized shard, read once
+    cache: dict = {}  # a client's tokenized shard, read once; the projector
     while True:
         try:
             job = connection.recv()
@@ -119,7 +120,7 @@ def _worker_main(config, device_name: str, connection, num_threads: int) -> None
         if job is None:
             return
         try:
-            reply = ("done", _train(job, model, tokenizer, device, config, rows_by_path))
+            reply = ("done", _train(job, model, tokenizer, device, config, cache))
         except Exception as error:  # the job fails, the worker stays up for the next one
             reply = ("failed", f"{type(error).__name__}: {error}")
         try:
@@ -128,62 +129,38 @@ def _worker_main(config, device_name: str, connection, num_threads: int) -> None
             return
 
 
-def _train(job: TrainingJob, model, tokenizer, device, config, rows_by_path: dict) -> TrainingOutcome:
-    """What the workspace's in-process `train_client` does, on this worker's model: fit, then save the update."""
+def _train(job: TrainingJob, model, tokenizer, device, config, cache: dict) -> TrainingOutcome:
+    """What the workspace's in-process `train_client` does, on this worker's model: the client as a `Site` (its
+    train shard, its pairs beside it, a data attacker's poisoned rows, the image projector and image rows when the
+    job carries `image_settings`) fits, then the update is saved. `cache` keeps each shard's rows and the projector
+    between jobs."""
     from safetensors.torch import load as load_tensors
     from safetensors.torch import load_file
     from safetensors.torch import save as save_tensors
 
-    from fl_crew_reddit.preprocessing.pipeline import read_jsonl
-    from fl_crew_reddit.site.attacks import data_attack_key, poison_examples
-    from fl_crew_reddit.site.outgoing import outgoing_update
+    from fl_crew_reddit.site.app import Site, site_image_parts
+    from fl_crew_reddit.site.data import SiteData
     from fl_crew_reddit.training.adapter_files import save_client_update, update_file
-    from fl_crew_reddit.training.batching import tokenize_all
-    from fl_crew_reddit.training.trainer import LocalTrainer
 
-    # a simulated data attacker (ATTACK) trains on its poisoned examples; they are cached under their own key
-    attack_key = data_attack_key(job.client, job.fit_config)
-    rows_key = job.train_path if attack_key is None else f"{job.train_path}|{attack_key}"
-    if rows_key not in rows_by_path:
-        examples = read_jsonl(Path(job.train_path))
-        if attack_key is not None:
-            examples = poison_examples(job.client, examples, job.fit_config)
-        rows_by_path[rows_key] = tokenize_all(tokenizer, examples, config.max_seq_length)
+    image_key = f"projector|{job.image_settings.get('image_projector', '')}"
+    if image_key not in cache:  # one projector per worker, as the workspace holds one; each job loads its tensors
+        cache[image_key] = site_image_parts(job.image_settings, model)
+    projector, images = cache[image_key]
+    data_key = f"{job.train_path}|{image_key}"
+    if data_key not in cache:
+        cache[data_key] = SiteData(None, tokenizer, config.max_seq_length, files={"train": job.train_path},
+                                   images=images)
+    site = Site(job.client, cache[data_key], model, tokenizer, device, mixed_precision=config.mixed_precision,
+                show_progress=False, projector=projector)
     global_adapter = load_file(job.global_adapter_path, device="cpu")
-    pairs = {}
-    if job.fit_config.get("objective", "sft") != "sft":  # DPO: the train pairs beside the train shard, as a site's
-        pairs = {"pair_rows": _train_pair_rows(Path(job.train_path), tokenizer, config.max_seq_length, rows_by_path)}
-    trainer = LocalTrainer(job.client, model, tokenizer, rows_by_path[rows_key], device,
-                           mixed_precision=config.mixed_precision, show_progress=False, **pairs)
-    result = trainer.fit(global_adapter, job.fit_config)
     # top-k error feedback: the residual the workspace keeps for this client comes and goes as safetensors bytes
     feedback = load_tensors(job.error_feedback) if job.error_feedback else {}
-    state, sent_metrics = outgoing_update(job.client, global_adapter, result.state, job.fit_config,
-                                          error_feedback=feedback)
-    result.metrics.update(sent_metrics)
-    folder = save_client_update(model, global_adapter, state, Path(job.output_dir))
+    result = site.fit(global_adapter, job.fit_config, error_feedback=feedback)
+    folder = save_client_update(model, global_adapter, result.state, Path(job.output_dir), projector=projector)
     result.metrics["update_bytes"] = update_file(folder).stat().st_size
     return TrainingOutcome(client=job.client, round=job.round, adapter_path=str(folder),
                            num_examples=result.num_examples, metrics=result.metrics, device=str(device),
                            error_feedback=save_tensors(feedback) if feedback else b"")
-
-
-def _train_pair_rows(train_path: Path, tokenizer, max_seq_length: int, cache: dict) -> list[dict]:
-    """A client's tokenized train preference pairs (`train_pairs.jsonl` beside its train.jsonl, as
-    `site.data.SiteData.pair_rows` reads them); [] where it has none. Cached with the worker's train rows."""
-    from fl_crew_reddit.preprocessing.pipeline import read_jsonl
-
-    path = train_path.parent / "train_pairs.jsonl"
-    key = f"{path}|pairs"
-    if key not in cache:
-        pairs = read_jsonl(path) if path.is_file() else []
-        if pairs:
-            from fl_crew_reddit.training.dpo import tokenize_pairs
-
-            cache[key] = tokenize_pairs(tokenizer, pairs, max_seq_length)
-        else:
-            cache[key] = []
-    return cache[key]
 
 
 # --- the parent's side --------------------------------------------------------------------------------------------
