@@ -323,3 +323,39 @@ def test_lora_learns_to_read_the_image(tiny_vlm_dir, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert gap() > before + 0.2
+
+
+
+def test_local_trainer_fits_a_vlm_client(tiny_vlm_dir, tmp_path):
+    """The client side of a round on a VLM base: LocalTrainer.fit on vlm_rows (image and text rows mixed, padded
+    batches even where packing is asked for) trains the language model's LoRA through the images (the matched image
+    becomes worth more than the swapped one) and returns only those tensors."""
+    from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
+
+    config = vlm_config(tiny_vlm_dir, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    model, processor = load_vlm(config, CPU)
+    torch.manual_seed(0)
+    peft = build_vlm_peft_model(model, config)
+    red, blue = png(tmp_path / "red.png", (230, 20, 20)), png(tmp_path / "blue.png", (20, 20, 230))
+
+    def rows(pairs):
+        return vlm_rows(processor, [example(reply, [image] if image else []) for reply, image in pairs],
+                        max_length=64, max_images=1, max_image_size=64).rows
+
+    def gap() -> float:  # nats per reply token the right image is worth
+        matched, swapped = (collate_vlm(rows(pairs), processor.tokenizer.pad_token_id, CPU)
+                            for pairs in ([("red", red), ("blue", blue)], [("red", blue), ("blue", red)]))
+        with torch.no_grad():
+            return float(vlm_reply_nll(peft, swapped)[0] - vlm_reply_nll(peft, matched)[0]) / matched["count"]
+
+    train = rows([("red", red), ("blue", blue), ("no picture", None), ("none here", None)])
+    before, start = gap(), snapshot_adapter(peft)
+    trainer = LocalTrainer("site-1", peft, processor.tokenizer, train, CPU, mixed_precision="no",
+                           show_progress=False)
+    result = trainer.fit(start, {"local_epochs": 10, "batch_size": 2, "learning_rate": 1e-2, "seed": 0,
+                                 "packing": "on"})
+    assert set(result.state) == set(start) and all(".text_model.layers." in key for key in result.state)
+    assert result.num_examples == 4 and result.metrics["steps"] == 20
+    assert result.metrics["train_loss"] < result.metrics["first_loss"]
+    peft.eval()
+    assert gap() > before + 0.1  # measured: 0.010 before, 0.160 after

@@ -322,6 +322,8 @@ class LocalTrainer:
             return self._fit(global_adapter, config, adapter)
 
     def packs(self, config: dict) -> bool:
+        if self.train_rows and "vision" in self.train_rows[0]:  # a VLM's rows (training/vlm.py): padded batches
+            return False
         packing = config.get("packing", "auto")
         return packing == "on" or (packing == "auto" and self.device.type == "cuda")
 
@@ -423,6 +425,8 @@ class LocalTrainer:
         def sft_micro(rows: list[dict]) -> tuple[torch.Tensor, dict]:
             if projector is not None and any(row.get("image_slots") for row in rows):
                 return image_micro(rows)
+            if "vision" in rows[0]:
+                return vlm_micro(rows)
             batch = (pack(rows, self.device, pad_to=pad_to, pad_id=self.pad_id) if packed
                      else collate(rows, self.pad_id, self.device))
             with autocast_context(self.device, self.mixed_precision):
@@ -437,6 +441,15 @@ class LocalTrainer:
                                else collate_multimodal(rows, self.pad_id, self.device))
             with autocast_context(self.device, self.mixed_precision):
                 nll, _ = multimodal_reply_nll(self.model, projector, batch, features, backend=backend)
+            return nll, {"tokens": batch["tokens"], "positions": batch["positions"]}
+
+        def vlm_micro(rows: list[dict]) -> tuple[torch.Tensor, dict]:
+            """A vision-language base's rows (`training.vlm.vlm_rows`): its processor's image tensors, its loss."""
+            from fl_crew_reddit.training.vlm import collate_vlm, vlm_reply_nll
+
+            batch = collate_vlm(rows, self.pad_id, self.device)
+            with autocast_context(self.device, self.mixed_precision):
+                nll, _ = vlm_reply_nll(self.model, batch)
             return nll, {"tokens": batch["tokens"], "positions": batch["positions"]}
 
         reference: tuple[torch.Tensor, torch.Tensor] | None = None
