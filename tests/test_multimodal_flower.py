@@ -90,7 +90,9 @@ def test_local_flower_trains_the_projector_like_inprocess(inprocess, tiny_model_
     record = flower.history["rounds"][0]
     assert record["skipped"] == {} and record["aggregation"]["accepted"] == ["client-0", "client-1", "client-2"]
     assert _image_metrics(flower) == _image_metrics(inprocess)
-    assert _largest_difference(_global_state(inprocess), _global_state(flower)) <= TOLERANCE
+    error = _largest_difference(_global_state(inprocess), _global_state(flower))
+    print(f"\nmultimodal local-flower round vs in-process: max abs difference {error:.3g}")
+    assert error <= TOLERANCE
     for client in record["clients"]:  # each site's update folder holds the projector it sent
         assert (Path(client["adapter_path"]) / "projector.safetensors").is_file()
 
@@ -108,7 +110,30 @@ def test_trainer_processes_train_the_projector_like_inprocess(inprocess, tiny_mo
     assert "Round 1: client-0 trained on cpu" in Path(pooled.log_path).read_text()
     assert record["skipped"] == {} and record["aggregation"]["accepted"] == ["client-0", "client-1", "client-2"]
     assert _image_metrics(pooled) == _image_metrics(inprocess)
-    assert _largest_difference(_global_state(inprocess), _global_state(pooled)) <= TOLERANCE
+    error = _largest_difference(_global_state(inprocess), _global_state(pooled))
+    print(f"\nmultimodal trainer-process round vs in-process: max abs difference {error:.3g}")
+    assert error <= TOLERANCE
     for client in record["clients"]:
         saved = load_file(str(Path(client["adapter_path"]) / "projector.safetensors"))
         assert saved and json.loads((Path(client["adapter_path"]) / "projector_config.json").read_text())["tokens"] == 2
+
+
+def test_secagg_sums_the_projector_with_the_adapter(inprocess, tiny_model_dir, tiny_clip_dir,  # noqa: F811
+                                                    flower_dir, monkeypatch):
+    """SECURE_AGGREGATION: the projector's tensors are more floats in each site's masked vector; the round's global
+    adapter and projector are the in-process FedAvg round's within SecAgg+'s quantization bound."""
+    from fl_crew_reddit import FLCrewRedditManager
+    from fl_crew_reddit.federation import secagg
+
+    monkeypatch.chdir(flower_dir.parent)
+    config = multimodal_config(tiny_model_dir, flower_dir, tiny_clip_dir).model_copy(
+        update={**SETTINGS, "federation": "local-flower", "flower_insecure": True, "secure_aggregation": True})
+    secure = FLCrewRedditManager(config).run_federated_learning(num_rounds=1)
+    record = secure.history["rounds"][0]
+    info = record["aggregation"]["secure_aggregation"]
+    assert info["clients_in_sum"] == 3 and record["aggregation"]["accepted"] == ["client-0", "client-1", "client-2"]
+    bound = secagg.error_bound(3, info["clipping_range"], info["quantization_range"],
+                               [c["num_examples"] for c in record["clients"]], info["max_weight"])
+    error = _largest_difference(_global_state(inprocess), _global_state(secure))
+    print(f"\nmultimodal SecAgg+ round vs in-process: max abs difference {error:.3g} (bound {bound:.3g})")
+    assert error <= bound + 1e-6
