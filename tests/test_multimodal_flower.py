@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from test_multimodal_e2e import _fresh_clip_cache, multimodal_config, tiny_clip_dir  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.e2e
 SETTINGS = dict(eval_samples=0, local_epochs=1)
 TOLERANCE = 1e-6  # test_flower_parity's: the same computation, in other processes
 
@@ -49,6 +48,7 @@ def inprocess(tiny_model_dir, tiny_clip_dir, tmp_path_factory):  # noqa: F811
     return FLCrewRedditManager(config.model_copy(update=SETTINGS)).run_federated_learning(num_rounds=1)
 
 
+@pytest.mark.e2e
 def test_inprocess_reference_trains_the_projector(inprocess, tiny_model_dir, tiny_clip_dir):  # noqa: F811
     """The reference round has image rows on the clients and moves the projector from its seeded init."""
     from fl_crew_reddit.training.model_loading import load_base_model
@@ -77,6 +77,7 @@ def flower_dir(tmp_path):
             pass
 
 
+@pytest.mark.e2e
 def test_local_flower_trains_the_projector_like_inprocess(inprocess, tiny_model_dir, tiny_clip_dir,  # noqa: F811
                                                           flower_dir, monkeypatch):
     """Each SuperNode builds the projector from the spec in the model settings, reads its own stored CLIP features,
@@ -97,6 +98,7 @@ def test_local_flower_trains_the_projector_like_inprocess(inprocess, tiny_model_
         assert (Path(client["adapter_path"]) / "projector.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_trainer_processes_train_the_projector_like_inprocess(inprocess, tiny_model_dir, tiny_clip_dir,  # noqa: F811
                                                               tmp_path):
     """TRAINER_DEVICES=cpu,cpu: each job builds the projector from the job's image settings, trains it on the
@@ -118,6 +120,7 @@ def test_trainer_processes_train_the_projector_like_inprocess(inprocess, tiny_mo
         assert saved and json.loads((Path(client["adapter_path"]) / "projector_config.json").read_text())["tokens"] == 2
 
 
+@pytest.mark.e2e
 def test_secagg_sums_the_projector_with_the_adapter(inprocess, tiny_model_dir, tiny_clip_dir,  # noqa: F811
                                                     flower_dir, monkeypatch):
     """SECURE_AGGREGATION: the projector's tensors are more floats in each site's masked vector; the round's global
@@ -137,3 +140,50 @@ def test_secagg_sums_the_projector_with_the_adapter(inprocess, tiny_model_dir, t
     error = _largest_difference(_global_state(inprocess), _global_state(secure))
     print(f"\nmultimodal SecAgg+ round vs in-process: max abs difference {error:.3g} (bound {bound:.3g})")
     assert error <= bound + 1e-6
+
+
+# --- the pieces, on the tiny model (fast) ----------------------------------------------------------------------------
+def test_a_site_builds_the_servers_projector_from_the_model_settings(tiny_model, tmp_path):
+    """What travels in the settings rebuilds the same projector (same spec, same seeded weights) and the site's
+    image rows read features of the named CLIP model; no projector: nothing is sent and the site is text only."""
+    from types import SimpleNamespace
+
+    from fl_crew_reddit.site.app import image_settings, site_image_parts
+    from fl_crew_reddit.training.multimodal import build_projector
+
+    model, _ = tiny_model
+    server = build_projector(model, 16, kind="linear", tokens=3, seed=11)
+    config = SimpleNamespace(image_processor=str(tmp_path), max_images_per_example=2)
+    settings = image_settings(config, server)
+    assert json.loads(json.dumps(settings)) == settings  # plain values: a ConfigRecord / job.json carries them
+    projector, images = site_image_parts(settings, model)
+    assert projector.spec == server.spec and images.tokens_per_image == 3 and images.max_images == 2
+    assert all(torch.equal(v, projector.state_dict()[k]) for k, v in server.state_dict().items())
+    assert image_settings(config, None) == {} and site_image_parts({}, model) == (None, None)
+    wider = json.loads(settings["image_projector"])
+    wider["hidden_size"] += 8
+    with pytest.raises(ValueError, match="soft tokens; this site's model is"):
+        site_image_parts({**settings, "image_projector": json.dumps(wider)}, model)
+
+
+def test_a_site_evaluates_a_state_that_carries_the_projector(tiny_model, tmp_path):
+    """A received adapter with `mm_projector.` keys: the LoRA part goes to the model, the projector part to the
+    site's projector; the held-out sums are those of the adapter alone (held-out rows are text only)."""
+    from fl_crew_reddit.site import Site, SiteData
+    from fl_crew_reddit.training.multimodal import build_projector, with_projector
+    from fl_crew_reddit.training.trainer import snapshot_adapter
+
+    model, tokenizer = tiny_model
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"answer {i}, with salt"}]} for i in range(3)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    projector = build_projector(model, 16, tokens=2, seed=1)
+    site = Site("c0", SiteData(tmp_path, tokenizer, 128), model, tokenizer, torch.device("cpu"),
+                mixed_precision="no", show_progress=False, projector=projector)
+    adapter = {k: v + 0.01 if "lora_B" in k else v for k, v in snapshot_adapter(model).items()}
+    sent = with_projector(adapter, build_projector(model, 16, tokens=2, seed=2))
+    with_keys, alone = site.evaluate(sent)["test"], site.evaluate(adapter)["test"]
+    assert with_keys == alone and with_keys.num_tokens > 0
+    assert all(torch.equal(v, projector.state_dict()[k.split(".", 1)[1]])
+               for k, v in sent.items() if k.startswith("mm_projector."))
