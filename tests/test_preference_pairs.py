@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import REDDIT_2015
 
 from fl_crew_reddit.preprocessing.preferences import (
     PreferenceRules,
@@ -20,8 +21,6 @@ from fl_crew_reddit.preprocessing.preferences import (
     split_pairs,
     vote_pairs,
 )
-
-from conftest import REDDIT_2015
 
 PAIR_KEYS = {"id", "post_id", "subreddit", "kind", "prompt", "chosen", "rejected", "chosen_id", "rejected_id",
              "chosen_score", "rejected_score"}

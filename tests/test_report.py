@@ -271,3 +271,23 @@ def test_security_section_shows_attackers_and_what_the_screen_did():
     assert "## Privacy and security" in report and "Simulated attackers (ATTACK)" in report
     row = next(line for line in report.splitlines() if line.startswith("| 2 | scale |"))
     assert "client-2 | none | client-2: update norm 512.0 exceeds MAX_UPDATE_NORM=100 | weighted_average | 0.250" in row
+
+
+def test_self_improvement_section_shows_generated_kept_rejected_and_the_guards_stops():
+    history = copy.deepcopy(HISTORY)
+    second = {client["name"]: client for client in history["rounds"][1]["clients"]}
+    second["client-0"]["metrics"].update({
+        "self_improve_generated": 16, "self_improve_kept": 2, "self_improve_stopped": 0.0,
+        "self_improve_rejected_below_real_reward": 7, "self_improve_rejected_copies_prompt": 3,
+        "self_improve_rejected_empty": 0, "self_improve_real_reward": 0.109, "self_improve_kept_reward": 0.081})
+    second["client-2"]["metrics"].update({
+        "self_improve_generated": 0, "self_improve_kept": 0, "self_improve_stopped": 1.0,
+        "self_improve_stop_reason": "validation perplexity rose (33.1 -> 34.0)"})
+    text = markdown_report(history)
+    assert "## Self-improvement" in text and "wrote 16 replies" in text and "2 were kept" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | client-0 |"))
+    assert "| 16 | 2 | below_real_reward 7, copies_prompt 3 | 0.109 | 0.081 | — |" in row
+    assert "empty" not in row  # reasons with no candidate are left out
+    stopped = next(line for line in text.splitlines() if line.startswith("| 2 | client-2 |"))
+    assert "validation perplexity rose (33.1 -> 34.0)" in stopped
+    assert "Self-improvement" not in markdown_report(HISTORY)  # a run without SELF_IMPROVE: no section

@@ -80,8 +80,8 @@ def summary_blocks(summary: ReportSummary, png_name: str | None = "convergence.p
     blocks: list[Block] = [("h1", f"Federated run report: {summary.run_id}"), ("verdict", verdict_sentence(summary))]
     if png_name:
         blocks.append(("image", png_name, "Held-out perplexity and local train loss per round"))
-    return (blocks + _rounds(summary) + _preferences(summary) + _analysis(summary) + _agent_steps(summary)
-            + _samples(summary) + _data(summary) + _settings(summary))
+    return (blocks + _rounds(summary) + _preferences(summary) + _self_improve(summary) + _analysis(summary)
+            + _agent_steps(summary) + _samples(summary) + _data(summary) + _settings(summary))
 
 
 def _round_row(r: RoundSummary) -> list[Any]:
@@ -277,6 +277,27 @@ def _preferences(summary: ReportSummary) -> list[Block]:
     elif prefs.objective != "sft":
         blocks.append(("p", "No client fell back to SFT."))
     return blocks
+
+
+def _self_improve(summary: ReportSummary) -> list[Block]:
+    """SELF_IMPROVE: per round and client, the replies the global adapter generated for the client's own train
+    prompts, how many it kept as synthetic training examples, why the others were rejected, the mean implicit reward
+    (per token, against the base model) of the real replies and of the kept ones, and the collapse guard's stops."""
+    if not summary.self_improve:
+        return []
+    rows = [[r.round, r.client, _count(r.generated), _count(r.kept),
+             ", ".join(f"{reason} {n}" for reason, n in sorted(r.rejected.items(), key=lambda kv: -kv[1])) or "—",
+             _num(r.real_reward, 3), _num(r.kept_reward, 3), r.stopped or "—"]
+            for r in summary.self_improve]
+    kept = sum(r.kept for r in summary.self_improve)
+    generated = sum(r.generated for r in summary.self_improve)
+    return [("h2", "Self-improvement"),
+            ("p", f"The global adapter wrote {_count(generated)} replies to the clients' own train prompts; "
+                  f"{_count(kept)} were kept as synthetic training examples for the next round (never in validation "
+                  "or test). A client stops adding once its validation perplexity or preference accuracy worsens "
+                  "(the collapse guard); the rounds' held-out metrics above show the effect."),
+            _table(["Round", "Client", "Generated", "Kept", "Rejected (reason count)", "Real reply reward",
+                    "Kept reward", "Guard stopped"], rows)]
 
 
 def clip_section(summary: ReportSummary) -> list[Block]:

@@ -161,6 +161,19 @@ class PreferenceSummary(BaseModel):
     skipped: list[tuple[int, str, str]]  # (round, client, why it trained SFT instead of DPO)
 
 
+class SelfImproveRow(BaseModel):
+    """SELF_IMPROVE: one client's round (history `clients[].metrics`, keys `self_improve_*`)."""
+
+    round: int
+    client: str
+    generated: int
+    kept: int
+    rejected: dict[str, int]  # reason -> candidates
+    stopped: str | None  # why the collapse guard stopped this client (None: it still adds)
+    real_reward: float | None
+    kept_reward: float | None
+
+
 class ReportSummary(BaseModel):
     run_id: str
     settings: dict
@@ -183,6 +196,7 @@ class ReportSummary(BaseModel):
     secure_rounds: list[tuple[int, dict]] = []  # SECURE_AGGREGATION: each round's SecAgg+ parameters
     attacks: list[AttackRow] = []  # ATTACK: who attacked each round and what the screen and the rule did
     preferences: PreferenceSummary | None = None  # preference pairs or a DPO objective: the section's numbers
+    self_improve: list[SelfImproveRow] = []  # SELF_IMPROVE: generated / kept / rejected per round and client
 
 
 def change_percent(value: float | None, base: float | None) -> float | None:
@@ -326,7 +340,7 @@ def summarize(history: RunHistory) -> ReportSummary:
         secure_rounds=[(r.round, r.aggregation.secure_aggregation) for r in history.rounds
                        if r.aggregation is not None and r.aggregation.secure_aggregation],
         attacks=[_attack_row(r) for r in history.rounds if r.attack is not None],
-        preferences=_preferences(history))
+        preferences=_preferences(history), self_improve=_self_improve(history))
 
 
 def _preference_row(label: str, metrics: EvalMetrics) -> PreferenceRow:
@@ -362,6 +376,25 @@ def _preferences(history: RunHistory) -> PreferenceSummary | None:
     return PreferenceSummary(objective=objective, beta=float(beta) if isinstance(beta, (int, float)) else None,
                              pairs=history.preference_pairs, left_out=history.preference_pairs_left_out, rows=rows,
                              trained=trained, skipped=skipped)
+
+
+def _self_improve(history: RunHistory) -> list[SelfImproveRow]:
+    prefix, rows = "self_improve_", []
+    for record in history.rounds:
+        for client in record.clients:
+            m = client.metrics
+            if f"{prefix}generated" not in m and not m.get(f"{prefix}stopped"):
+                continue
+            rejected = {key[len(prefix) + len("rejected_"):]: int(value) for key, value in m.items()
+                        if key.startswith(f"{prefix}rejected_") and isinstance(value, (int, float)) and value}
+            stopped = m.get(f"{prefix}stop_reason") if m.get(f"{prefix}stopped") else None
+            rows.append(SelfImproveRow(round=record.round, client=client.name,
+                                       generated=int(m.get(f"{prefix}generated", 0)),
+                                       kept=int(m.get(f"{prefix}kept", 0)), rejected=rejected,
+                                       stopped=str(stopped) if stopped else None,
+                                       real_reward=finite(m.get(f"{prefix}real_reward")),
+                                       kept_reward=finite(m.get(f"{prefix}kept_reward"))))
+    return rows
 
 
 def _attack_row(record: RoundRecord) -> AttackRow:
