@@ -52,33 +52,6 @@ def _fresh_clip_cache():
     forget_loaded_clip()
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    """A random CLIPModel (2-layer 32-wide towers, 16-d projection), its image processor and a byte-level
-    character tokenizer, saved like a hub checkpoint."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from transformers import CLIPImageProcessorPil as ImageProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = {symbol: i for i, symbol in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _write_video(path: Path, colours=COLOURS, frames_per_colour=4, rate=4, container_format="mp4") -> Path:
     """An MP4 (MPEG-4 part 2) with a keyframe at the start of each solid colour; `m4v` writes the bare stream,
     which has no index and no duration."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_multimodal_e2e import _fresh_clip_cache, multimodal_config, tiny_clip_dir  # noqa: F401  (fixtures)
+from test_multimodal_e2e import _fresh_clip_cache, multimodal_config  # noqa: F401  (fixtures)
 
 SETTINGS = dict(eval_samples=0, local_epochs=1)
 TOLERANCE = 1e-6  # test_flower_parity's: the same computation, in other processes
