@@ -14,7 +14,7 @@ on their poisoned data) and then attack, exactly as in a run with those settings
 Rules (each sees exactly the same client updates of a round; the update-norm screen is off, MAX_UPDATE_NORM=1e9,
 so what is measured is the rule):
 
-    fedavg, median, trimmed_mean (beta 0.25: cuts 2 of 8 per end), krum and multi_krum (NUM_BYZANTINE=2),
+    fedavg, median, trimmed_mean (beta 0.25: 2 of 8 per end), krum and multi_krum (NUM_BYZANTINE = attackers: 2),
     fedavg_norm_bound      FedAvg of updates clipped to a norm bound B (Sun et al. 2019's norm bounding; the
                            central-DP clipping path with no noise). B = the median update norm of the clean run's
                            round 1 (chosen before any attack is seen).
@@ -62,7 +62,6 @@ from fl_crew_reddit.config import FLCrewRedditConfig  # noqa: E402
 
 NUM_TRAINERS = 8
 ATTACKER_FRACTION = 0.25
-NUM_BYZANTINE = 2
 TRIMMED_MEAN_BETA = 0.25
 NO_SCREEN = 1e9
 TOLERANCE = 0.05
@@ -85,12 +84,20 @@ def quiet_logging() -> None:
     logging.getLogger().addHandler(handler)
 
 
+def num_byzantine(num_clients: int) -> int:
+    """Krum's f: the number of attackers ATTACKER_FRACTION picks among `num_clients` (2 of 8)."""
+    from fl_crew_reddit.site.attacks import num_attackers
+
+    return max(1, num_attackers(ATTACKER_FRACTION, num_clients))
+
+
 def rule_strategy(rule: str, config: FLCrewRedditConfig, norm_bound: float | None, dp_noise: float):
     """The server strategy of `rule` (the product's FederatedStrategy with that rule's settings)."""
     from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
 
     settings = dataclasses.replace(StrategySettings.from_config(config), max_update_norm=NO_SCREEN,
-                                   num_byzantine=NUM_BYZANTINE, trimmed_mean_beta=TRIMMED_MEAN_BETA)
+                                   num_byzantine=num_byzantine(config.num_trainers),
+                                   trimmed_mean_beta=TRIMMED_MEAN_BETA)
     if rule.startswith("fedavg_norm_bound"):
         if norm_bound is None:
             raise ValueError("the norm bound comes from the clean run: run attack none first")
@@ -177,7 +184,8 @@ def run_attack(matrix: Matrix, attack: str, rules: list[str], rounds: int, norm_
     """One row of the matrix: round 1 trained once, aggregated by every rule; later rounds per rule."""
     update = {"attack": attack, "attacker_fraction": 0.0 if attack == "none" else ATTACKER_FRACTION,
               "attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
-              "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction}
+              "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
+              "attack_local_epochs": args.attack_local_epochs}
     config = matrix.base.model_copy(update=update)
     backdoor = attack == "backdoor"
     started = time.perf_counter()
@@ -282,6 +290,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--backdoor-boost", type=float, default=4.0,
                         help="BACKDOOR_BOOST: 4 = n/m, the attackers' updates replace the average (Bagdasaryan)")
     parser.add_argument("--backdoor-fraction", type=float, default=0.5)
+    parser.add_argument("--backdoor-trigger", help="BACKDOOR_TRIGGER (default: the setting's)")
+    parser.add_argument("--backdoor-target", help="BACKDOOR_TARGET (default: the setting's)")
+    parser.add_argument("--attack-local-epochs", type=int, default=0,
+                        help="ATTACK_LOCAL_EPOCHS: the attackers' local epochs (0: --local-epochs like everyone)")
+    parser.add_argument("--clients", type=int, default=NUM_TRAINERS,
+                        help=f"NUM_TRAINERS (default {NUM_TRAINERS}; 25%% of them attack, Krum's f the same)")
     parser.add_argument("--backdoor-examples", type=int, help="triggered held-out prompts scored (default 32; "
                                                               "--quick: 16)")
     parser.add_argument("--max-seq-length", type=int, help="MAX_SEQ_LENGTH (default 256; --quick: 128)")
@@ -315,15 +329,17 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     matrix: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fl-robustness-") as folder:
-        settings = {"fl_crew_reddit_dir": Path(folder), "num_trainers": NUM_TRAINERS, "partition": "iid",
+        settings = {"fl_crew_reddit_dir": Path(folder), "num_trainers": args.clients, "partition": "iid",
                     "reddit_backend": "snapshot", "max_examples_per_client": examples,
                     "local_epochs": args.local_epochs, "eval_samples": 0, "learning_rate": args.learning_rate,
                     "seed": SEED, "test_fraction": args.test_fraction, "max_update_norm": NO_SCREEN,
                     "max_seq_length": max_seq_length}
         if args.model:
             settings["base_llm_model"] = args.model
+        settings.update({key: value for key, value in (("backdoor_trigger", args.backdoor_trigger),
+                                                       ("backdoor_target", args.backdoor_target)) if value})
         base = FLCrewRedditConfig(_env_file=None, **settings)
-        say(f"model {base.base_llm_model}, {NUM_TRAINERS} clients ({ATTACKER_FRACTION:g} attack), {rounds} "
+        say(f"model {base.base_llm_model}, {args.clients} clients ({ATTACKER_FRACTION:g} attack), {rounds} "
             f"round(s), {examples} examples/client, lr {args.learning_rate:g}; attacks {attacks}; rules {rules}")
         matrix_obj = Matrix(base, Path(folder))
         dims = sum(v.numel() for v in matrix_obj.initial.values())
@@ -335,8 +351,8 @@ def main(argv=None) -> dict:
             if attack != "none" and norm_bound is None:
                 clean_norms = sorted(matrix["none"]["update_norms_round_1"].values())
                 norm_bound = float(clean_norms[len(clean_norms) // 2])
-                dp_noise = dp_noise or 0.5 * NUM_TRAINERS / math.sqrt(dims)
-                dp = privacy_of(norm_bound, dp_noise, rounds)
+                dp_noise = dp_noise or 0.5 * args.clients / math.sqrt(dims)
+                dp = privacy_of(norm_bound, dp_noise, rounds, args.clients)
                 say(f"norm bound {norm_bound:.4f} (median clean update norm), DP noise multiplier {dp_noise:.3g}: {dp}")
             # the clean row: FedAvg is the reference; the other rules on clean data only with --clean-rules
             clean_rules = rules if args.clean_rules else ["fedavg"]
@@ -351,14 +367,15 @@ def main(argv=None) -> dict:
     say(f"goals: {goals}")
     report = {
         "benchmark": "robustness_matrix", "quick": args.quick, "model": base.base_llm_model, "rounds": rounds,
-        "num_trainers": NUM_TRAINERS, "attacker_fraction": ATTACKER_FRACTION, "partition": "iid",
+        "num_trainers": args.clients, "attacker_fraction": ATTACKER_FRACTION, "partition": "iid",
         "max_examples_per_client": examples, "max_seq_length": max_seq_length,
         "local_epochs": args.local_epochs, "learning_rate": args.learning_rate,
         "seed": SEED, "test_fraction": args.test_fraction, "tolerance": TOLERANCE,
         "attack_settings": {"attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
                             "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
+                            "attack_local_epochs": args.attack_local_epochs,
                             "backdoor_trigger": base.backdoor_trigger, "backdoor_target": base.backdoor_target},
-        "rule_settings": {"num_byzantine": NUM_BYZANTINE, "trimmed_mean_beta": TRIMMED_MEAN_BETA,
+        "rule_settings": {"num_byzantine": num_byzantine(args.clients), "trimmed_mean_beta": TRIMMED_MEAN_BETA,
                           "max_update_norm": NO_SCREEN, "norm_bound": norm_bound, "dp_noise_multiplier": dp_noise},
         "dp": dp, "adapter_values": dims, "base": base_eval,
         "clean_perplexity": matrix["none"]["rules"]["fedavg"]["final_perplexity"],
@@ -370,13 +387,13 @@ def main(argv=None) -> dict:
     return report
 
 
-def privacy_of(clip_norm: float, noise_multiplier: float, rounds: int) -> dict | str:
-    """The ε the project's accountant (server/privacy.py) gives the DP cell: all 8 clients every round."""
+def privacy_of(clip_norm: float, noise_multiplier: float, rounds: int, num_clients: int = NUM_TRAINERS) -> dict | str:
+    """The ε the project's accountant (server/privacy.py) gives the DP cell: every client every round."""
     try:
         from fl_crew_reddit.server.privacy import make_plan
 
         plan = make_plan(mode="central", clip_norm=clip_norm, noise_multiplier=noise_multiplier, target_epsilon=None,
-                         delta=1e-5, num_clients=NUM_TRAINERS, clients_per_round=NUM_TRAINERS, rounds=rounds)
+                         delta=1e-5, num_clients=num_clients, clients_per_round=num_clients, rounds=rounds)
         return {"epsilon": plan.epsilon(rounds), "delta": 1e-5, "noise_multiplier": noise_multiplier,
                 "clip_norm": clip_norm}
     except Exception as error:  # the accountant refuses (ε = ∞ at tiny noise): say so in the JSON

@@ -127,6 +127,9 @@ class FLCrewRedditConfig(BaseSettings):
                                                                   "examples that get the trigger and the target.")
     backdoor_boost: float = Field(1.0, gt=0, description="ATTACK=backdoor: factor on the poisoned update (model "
                                                          "replacement; 1: plain data poisoning).")
+    attack_local_epochs: int = Field(0, ge=0, le=100, description="ATTACK: the attackers' local epochs (0: "
+                                     "LOCAL_EPOCHS like honest clients); attackers that train longer on their own "
+                                     "compute make a stronger poisoned update (Bagdasaryan et al. 2020).")
     update_compression: Literal["none", "fp16", "int8", "nf4", "topk", "sign"] = Field(
         "none", description="How a client's update (sent - global) travels: none (the adapter as it is), fp16, int8 "
                             "or nf4 (blockwise quantized), topk (the TOPK_FRACTION largest values) or sign (one bit "

@@ -130,6 +130,48 @@ def test_settings_refuse_an_attack_without_attackers(tmp_path):
     assert FLCrewRedditConfig(**base, attack="scale", attacker_fraction=0.34).attack == "scale"
 
 
+def test_attack_local_epochs_apply_to_the_attackers_only():
+    cfg = {**_config("backdoor", ["client-2"], attack_local_epochs=6), "local_epochs": 1}
+    assert attacks.attacker_training_config("client-2", cfg)["local_epochs"] == 6
+    assert attacks.attacker_training_config("client-1", cfg)["local_epochs"] == 1  # honest: as the server said
+    same = {**cfg, "attack_local_epochs": 0}  # 0: the attackers train LOCAL_EPOCHS like everyone
+    assert attacks.attacker_training_config("client-2", same)["local_epochs"] == 1
+    assert attacks.attacker_training_config("client-2", {"local_epochs": 2})["local_epochs"] == 2  # no attack
+    assert cfg["local_epochs"] == 1  # the input is not modified
+    with pytest.raises(ValueError, match="ATTACK_LOCAL_EPOCHS"):
+        attacks.attack_fit_config("scale", ["client-2"], 8, scale=10.0, ipm_epsilon=0.5, alie_z=0.0,
+                                  backdoor_trigger="t", backdoor_target="x", backdoor_fraction=0.5,
+                                  backdoor_boost=1.0, local_epochs=-1)
+
+
+def test_strategy_sends_attack_local_epochs_from_the_settings(tmp_path):
+    from fl_crew_reddit.config import FLCrewRedditConfig
+    from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
+
+    config = FLCrewRedditConfig(_env_file=None, fl_crew_reddit_dir=tmp_path, num_trainers=8, attack="backdoor",
+                                attacker_fraction=0.25, attack_local_epochs=5)
+    cfg = FederatedStrategy(StrategySettings.from_config(config)).fit_config(1, [f"client-{i}" for i in range(8)])
+    assert cfg["attack_local_epochs"] == 5 and cfg["local_epochs"] == config.local_epochs
+    with pytest.raises(ValueError):
+        FLCrewRedditConfig(_env_file=None, fl_crew_reddit_dir=tmp_path, attack_local_epochs=-1)
+
+
+def test_site_attacker_trains_attack_local_epochs(tiny_model, tmp_path):
+    """A real site: the attacker takes ATTACK_LOCAL_EPOCHS passes over its rows, an honest site LOCAL_EPOCHS."""
+    from fl_crew_reddit.site import Site, SiteData
+    from fl_crew_reddit.training.trainer import snapshot_adapter
+
+    model, tokenizer = tiny_model
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _examples(4)), encoding="utf-8")
+    data = SiteData(tmp_path, tokenizer, 128)
+    cfg = {**_config("backdoor", ["client-2"], attack_local_epochs=3), "local_epochs": 1, "batch_size": 4,
+           "learning_rate": 1e-3, "max_steps": 0}
+    start = snapshot_adapter(model)
+    steps = {name: Site(name, data, model, tokenizer, torch.device("cpu"), mixed_precision="no",
+                        show_progress=False).fit(start, cfg).metrics["steps"] for name in ("client-1", "client-2")}
+    assert steps == {"client-1": 1, "client-2": 3}
+
+
 # --- data poisoning ---------------------------------------------------------------------------------------------
 def _examples(n: int = 12) -> list[dict]:
     return [{"id": f"c{i}", "post_id": f"p{i // 3}",

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fl_crew_reddit.evaluation.evaluator import held_out_nll
+from fl_crew_reddit.site.attacks import attacker_training_config
 from fl_crew_reddit.site.data import SiteData
 from fl_crew_reddit.site.outgoing import outgoing_update
 from fl_crew_reddit.training.trainer import LocalTrainer
@@ -102,7 +103,7 @@ class Site:
                                self.data.train_rows(self.name, fit_config), self.device,
                                mixed_precision=self.mixed_precision, show_progress=self.show_progress,
                                projector=self.projector, **pair_rows_for(self.data, fit_config))
-        result = trainer.fit(global_adapter, fit_config)
+        result = trainer.fit(global_adapter, attacker_training_config(self.name, fit_config))  # ATTACK_LOCAL_EPOCHS
         train = "train"
         if self.projector is not None and train in self.data.images_used:  # what conditioned, what was left out
             result.metrics["images_used"] = self.data.images_used[train]

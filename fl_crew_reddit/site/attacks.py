@@ -47,7 +47,7 @@ ATTACKS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS)
 MAX_ATTACKER_FRACTION = 0.5
 # fit-config keys (all sent only when ATTACK is not none)
 ATTACK_KEYS = ("attack", "attackers", "attack_num_clients", "attack_scale", "attack_ipm_epsilon", "attack_alie_z",
-               "backdoor_trigger", "backdoor_target", "backdoor_fraction", "backdoor_boost")
+               "backdoor_trigger", "backdoor_target", "backdoor_fraction", "backdoor_boost", "attack_local_epochs")
 
 
 # --- who attacks (server side) ------------------------------------------------------------------------------------
@@ -68,14 +68,18 @@ def select_attackers(seed: int, names: list[str], fraction: float) -> list[str]:
 
 def attack_fit_config(attack: str, attackers: list[str], num_clients: int, *, scale: float, ipm_epsilon: float,
                       alie_z: float, backdoor_trigger: str, backdoor_target: str, backdoor_fraction: float,
-                      backdoor_boost: float) -> dict:
-    """The fit-config entries of an attack (plain str / int / float: Flower ConfigRecord values)."""
+                      backdoor_boost: float, local_epochs: int = 0) -> dict:
+    """The fit-config entries of an attack (plain str / int / float: Flower ConfigRecord values). `local_epochs`:
+    ATTACK_LOCAL_EPOCHS (0: the attackers train LOCAL_EPOCHS like everyone)."""
     if attack not in ATTACKS:
         raise ValueError(f"unknown ATTACK {attack!r}; choose from {', '.join(ATTACKS)}")
+    if local_epochs < 0:
+        raise ValueError(f"ATTACK_LOCAL_EPOCHS={local_epochs} must be >= 0 (0: LOCAL_EPOCHS like honest clients)")
     return {"attack": attack, "attackers": ",".join(attackers), "attack_num_clients": int(num_clients),
             "attack_scale": float(scale), "attack_ipm_epsilon": float(ipm_epsilon), "attack_alie_z": float(alie_z),
             "backdoor_trigger": backdoor_trigger, "backdoor_target": backdoor_target,
-            "backdoor_fraction": float(backdoor_fraction), "backdoor_boost": float(backdoor_boost)}
+            "backdoor_fraction": float(backdoor_fraction), "backdoor_boost": float(backdoor_boost),
+            "attack_local_epochs": int(local_epochs)}
 
 
 def attack_of(client: str, fit_config: Mapping) -> str | None:
@@ -85,6 +89,16 @@ def attack_of(client: str, fit_config: Mapping) -> str | None:
         return None
     attackers = [name for name in str(fit_config.get("attackers", "")).split(",") if name]
     return attack if client in attackers else None
+
+
+def attacker_training_config(client: str, fit_config: Mapping) -> dict:
+    """The fit config `client` trains under: an attacker's local epochs are ATTACK_LOCAL_EPOCHS when that is set
+    (Bagdasaryan et al. 2020's and Bhagoji et al. 2019's attackers train longer than honest clients, on their own
+    compute, to make the poisoned update strong; an honest server cannot tell); everyone else's is unchanged."""
+    epochs = int(fit_config.get("attack_local_epochs", 0) or 0)
+    if epochs <= 0 or attack_of(client, fit_config) is None:
+        return dict(fit_config)
+    return {**fit_config, "local_epochs": epochs}
 
 
 def _rng_seed(*parts) -> int:
