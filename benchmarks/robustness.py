@@ -179,14 +179,19 @@ def update_norm(global_state: dict, state: dict) -> float:
     return math.sqrt(sum(float(((state[k].double() - global_state[k].double()) ** 2).sum()) for k in state))
 
 
+def attack_settings(attack: str, args) -> dict:
+    """The settings of one row: its attack and the CLI's attack parameters; ATTACK_LOCAL_EPOCHS on the backdoor row
+    only (the other attackers train like everyone, so IPM's and ALIE's own-update estimates stay honest-sized)."""
+    return {"attack": attack, "attacker_fraction": 0.0 if attack == "none" else ATTACKER_FRACTION,
+            "attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
+            "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
+            "attack_local_epochs": args.backdoor_local_epochs if attack == "backdoor" else 0}
+
+
 def run_attack(matrix: Matrix, attack: str, rules: list[str], rounds: int, norm_bound: float | None,
                dp_noise: float, args) -> dict:
     """One row of the matrix: round 1 trained once, aggregated by every rule; later rounds per rule."""
-    update = {"attack": attack, "attacker_fraction": 0.0 if attack == "none" else ATTACKER_FRACTION,
-              "attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
-              "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
-              "attack_local_epochs": args.attack_local_epochs}
-    config = matrix.base.model_copy(update=update)
+    config = matrix.base.model_copy(update=attack_settings(attack, args))
     backdoor = attack == "backdoor"
     started = time.perf_counter()
     updates, records, attackers = matrix.train(config, matrix.initial, 1)
@@ -276,7 +281,7 @@ def table(matrix: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 round, 8 examples per client")
     parser.add_argument("--rounds", type=int, help="federated rounds (default 2; --quick: 1)")
@@ -292,8 +297,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--backdoor-fraction", type=float, default=0.5)
     parser.add_argument("--backdoor-trigger", help="BACKDOOR_TRIGGER (default: the setting's)")
     parser.add_argument("--backdoor-target", help="BACKDOOR_TARGET (default: the setting's)")
-    parser.add_argument("--attack-local-epochs", type=int, default=0,
-                        help="ATTACK_LOCAL_EPOCHS: the attackers' local epochs (0: --local-epochs like everyone)")
+    parser.add_argument("--backdoor-local-epochs", type=int, default=0,
+                        help="ATTACK_LOCAL_EPOCHS of the backdoor row: the backdoor attackers' local epochs (0: "
+                             "--local-epochs like everyone); the other attackers train like everyone, so that "
+                             "IPM's and ALIE's own-update estimates stay honest-sized")
     parser.add_argument("--clients", type=int, default=NUM_TRAINERS,
                         help=f"NUM_TRAINERS (default {NUM_TRAINERS}; 25%% of them attack, Krum's f the same)")
     parser.add_argument("--backdoor-examples", type=int, help="triggered held-out prompts scored (default 32; "
@@ -307,6 +314,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--test-fraction", type=float, default=0.075)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (1 if args.quick else 2)
@@ -373,7 +385,7 @@ def main(argv=None) -> dict:
         "seed": SEED, "test_fraction": args.test_fraction, "tolerance": TOLERANCE,
         "attack_settings": {"attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
                             "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
-                            "attack_local_epochs": args.attack_local_epochs,
+                            "backdoor_local_epochs": args.backdoor_local_epochs,
                             "backdoor_trigger": base.backdoor_trigger, "backdoor_target": base.backdoor_target},
         "rule_settings": {"num_byzantine": num_byzantine(args.clients), "trimmed_mean_beta": TRIMMED_MEAN_BETA,
                           "max_update_norm": NO_SCREEN, "norm_bound": norm_bound, "dp_noise_multiplier": dp_noise},

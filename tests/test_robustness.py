@@ -73,3 +73,38 @@ def test_robust_rules_keep_perplexity_under_sign_flipped_scaled_clients(tiny_con
         # within 5% of clean = at most 5% worse: Krum keeps one client's model, which on the tiny random model
         # can also land a few percent below the clean average
         assert ratios[name] <= 1.05, (name, table)
+
+
+def _benchmark():
+    """benchmarks/robustness.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "robustness.py"
+    spec = importlib.util.spec_from_file_location("robustness_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_attack_parameters_reach_each_rows_settings(tmp_path):
+    """The targeted run's options: IPM's ε, the signed scale, the backdoor's boost / fraction / trigger / target and
+    ATTACK_LOCAL_EPOCHS (on the backdoor row only), a client count with Krum's f = its attackers."""
+    from fl_crew_reddit.config import FLCrewRedditConfig
+
+    bench = _benchmark()
+    args = bench.build_parser().parse_args(
+        ["--ipm-epsilon", "4", "--attack-scale", "-10", "--backdoor-boost", "4", "--backdoor-fraction", "0.75",
+         "--backdoor-local-epochs", "12", "--clients", "4", "--threads", "1"])
+    base = FLCrewRedditConfig(_env_file=None, fl_crew_reddit_dir=tmp_path, num_trainers=args.clients)
+    backdoor = base.model_copy(update=bench.attack_settings("backdoor", args))
+    ipm = base.model_copy(update=bench.attack_settings("ipm", args))
+    clean = base.model_copy(update=bench.attack_settings("none", args))
+    assert (backdoor.attack_local_epochs, backdoor.backdoor_boost, backdoor.backdoor_fraction) == (12, 4.0, 0.75)
+    assert (ipm.attack_ipm_epsilon, ipm.attack_scale, ipm.attack_local_epochs) == (4.0, -10.0, 0)
+    assert (clean.attack, clean.attacker_fraction) == ("none", 0.0)
+    assert bench.num_byzantine(8) == 2 and bench.num_byzantine(4) == 1
+    assert bench.rule_strategy("krum", ipm.model_copy(update={"num_trainers": 4}), None, 0.0).settings.num_byzantine \
+        == 1
+    with pytest.raises(ValueError, match="norm bound"):
+        bench.rule_strategy("fedavg_norm_bound", ipm, None, 0.0)
