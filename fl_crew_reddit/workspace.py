@@ -51,6 +51,7 @@ from fl_crew_reddit.training.device_pool import TrainerPool, TrainingJob, traine
 from fl_crew_reddit.training.model_loading import load_base_model, pick_device
 from fl_crew_reddit.training.peft_setup import build_peft_model
 from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
+from fl_crew_reddit.training.vlm import build_vlm_peft_model, vision_language_model_type, vlm_unsupported_settings
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,12 @@ class FederatedWorkspace:
             raise ConfigError("SELF_IMPROVE=true generates with the model of this process: it needs the clients to "
                               f"train here, not in trainer processes on {', '.join(devices)}; set DEVICE=cpu or "
                               "leave SELF_IMPROVE off")
+        # a vision-language BASE_LLM_MODEL (training/vlm.py): its type and, once loaded, its processor; None: a text
+        # LM. Settings it cannot run with are refused here, at start.
+        self._vlm_type = self._vision_language_base(devices)
+        self._processor = None
+        self._vlm_sample: list[dict] = []  # the BLEU sample, generated through the processor (with its images)
+        self._vlm_contribution: tuple[list[dict], list[dict], dict] | None = None  # test image rows: real, blank
         self._trainer_pool = TrainerPool(config, devices) if devices else None
 
     # --- shared model -------------------------------------------------------------------------------------------
@@ -151,11 +158,14 @@ class FederatedWorkspace:
 
     def _load_model(self) -> None:
         started = time.perf_counter()
-        base, tokenizer = load_base_model(self.config, self.device)
+        if self._vlm_type is not None:
+            base, tokenizer = self._load_vision_language_base()
+        else:
+            base, tokenizer = load_base_model(self.config, self.device)
         torch.manual_seed(self.config.seed)  # LoRA A init: the same starting adapter for the same SEED
-        self._model = build_peft_model(base, self.config)
+        self._model = build_vlm_peft_model(base, self.config) if self._vlm_type else build_peft_model(base, self.config)
         self._tokenizer = tokenizer
-        self._projector = self._image_projector(self._model)
+        self._projector = None if self._vlm_type else self._image_projector(self._model)
         self.global_adapter = snapshot_adapter(self._model)
         if self._projector is not None:
             from fl_crew_reddit.training.multimodal import with_projector
@@ -362,6 +372,8 @@ class FederatedWorkspace:
             examples = read_jsonl(Path(self.data.clients[index].test_path))
             picked.update((p, examples[p - starts[index]]) for p in mine)
         self._sample = [picked[p] for p in positions]
+        if self._vlm_type is not None:  # a VLM generates the sample's replies through its processor, with images
+            self._vlm_sample, self._sample = self._sample, []
         self._pair_counts = count_pair_kinds(self.data.clients)
         self._base_pair_logprobs = {}
 
@@ -403,7 +415,7 @@ class FederatedWorkspace:
             data = SiteData(None, self.tokenizer, self.config.max_seq_length,
                             files={"train": shard.train_path, "test": shard.test_path,
                                    "validation": shard.validation_path},  # none in runs made before validation
-                            images=images)
+                            images=images, vlm=self._vlm_row_settings())
         self._site_cache[client] = data
         while len(self._site_cache) > CACHED_SITES:
             self._site_cache.popitem(last=False)
@@ -489,6 +501,8 @@ class FederatedWorkspace:
         site = self.site(client)
         improved = self._self_improve(site, received, round_number)  # SELF_IMPROVE: + its synthetic train rows
         result = site.fit(received, self.fit_config(round_number), error_feedback=self._feedback_of(client))
+        if self._vlm_type is not None:
+            result.metrics.update(vlm_image_counts(site.data))
         result.metrics.update(improved)
         if result.metrics.get("objective_used") != "dpo":  # a DPO fit weighs by its pairs, synthetic rows unused
             result.num_examples -= int(improved.get("self_improve_examples", 0))  # FedAvg weighs real examples only
@@ -706,7 +720,10 @@ class FederatedWorkspace:
                                      use_adapter=False, mixed_precision=self.config.mixed_precision)
         self.base_metrics.validation_perplexity, self.base_metrics.validation_per_client = self._validation(
             use_adapter=False)
-        self._score_images(self.base_metrics, use_adapter=False)
+        if self._vlm_type is not None:  # a vision-language base: replies, CLIP score and image contribution its way
+            self._score_vision_language(self.base_metrics, use_adapter=False)
+        else:
+            self._score_images(self.base_metrics, use_adapter=False)
         if self._projector is not None:  # the starting state: LoRA B = 0 (the base model) and the seeded projector
             self._hold(self.initial_adapter)
             self._score_image_contribution(self.base_metrics)
@@ -728,7 +745,10 @@ class FederatedWorkspace:
                                mixed_precision=self.config.mixed_precision)
             metrics.validation_perplexity, metrics.validation_per_client = self._validation()
             self._add_preferences(metrics)
-        self._score_images(metrics)
+        if self._vlm_type is not None:
+            self._score_vision_language(metrics)
+        else:
+            self._score_images(metrics)
         if self._projector is not None:
             self._score_image_contribution(metrics)
         self._current_round(round_number).global_ = metrics
@@ -818,6 +838,112 @@ class FederatedWorkspace:
             self._blank_features = blank_image_features(self._clip)
         result = image_contribution(self.model, self._projector, rows, self._blank_features,
                                     pad_id=self.tokenizer.pad_token_id, blank=f"clip:{self._clip.source}")
+        metrics.image_perplexity_real, metrics.image_perplexity_blank = result.perplexity_real, result.perplexity_blank
+        metrics.image_examples, metrics.image_reply_tokens = result.rows, result.reply_tokens
+
+    # --- a vision-language base (training/vlm.py) -----------------------------------------------------------------
+    def _vision_language_base(self, trainer_processes: list[str]) -> str | None:
+        """The model type when BASE_LLM_MODEL is a vision-language model (read from its config.json), else None;
+        ConfigError naming every setting the VLM path cannot run with yet."""
+        cfg = self.config
+        model_type = vision_language_model_type(cfg.base_llm_model)
+        if model_type is None:
+            return None
+        refused = vlm_unsupported_settings(cfg, trainer_processes)
+        if refused:
+            from fl_crew_reddit.config import ConfigError
+
+            raise ConfigError(f"BASE_LLM_MODEL={cfg.base_llm_model} is a vision-language model ({model_type}), "
+                              f"trained in this process with its own processor; these settings cannot go with it "
+                              f"yet: {'; '.join(refused)}. Change them, or use a text LM as BASE_LLM_MODEL")
+        return model_type
+
+    def _load_vision_language_base(self):
+        """(the VLM, its tokenizer as the text stages see it); the processor is kept for rows and generation."""
+        from fl_crew_reddit.training.vlm import VlmTextTokenizer, load_vlm
+
+        cfg = self.config
+        model, self._processor = load_vlm(cfg, self.device)
+        if cfg.support_multimodal:
+            log.info("BASE_LLM_MODEL is a vision-language model (%s): its own processor reads the images; the "
+                     "LLaVA-style projector (IMAGE_PROCESSOR=%s, MULTIMODAL_PROJECTOR) is not used with it",
+                     self._vlm_type, cfg.image_processor)
+        else:
+            log.info("BASE_LLM_MODEL is a vision-language model (%s); SUPPORT_MULTIMODAL=false: it trains on text "
+                     "rows only", self._vlm_type)
+        return model, VlmTextTokenizer(self._processor)
+
+    def _vlm_row_settings(self):
+        """How a site's examples become the VLM's rows (None: a text LM)."""
+        if self._vlm_type is None:
+            return None
+        from fl_crew_reddit.training.vlm import VlmRowSettings
+
+        _ = self.model  # the processor comes with the model
+        return VlmRowSettings(self._processor, self.config.max_images_per_example, self.config.max_image_size)
+
+    def _score_vision_language(self, metrics: EvalMetrics, use_adapter: bool = True) -> None:
+        """A VLM base: the BLEU / ROUGE sample's replies generated through its processor with the posts' images,
+        the CLIP score of replies to held-out image posts (generated the same way) or why not, and the image's
+        contribution (real vs blank white images), into `metrics`."""
+        from contextlib import nullcontext
+
+        from fl_crew_reddit.evaluation.metrics import bleu, chrf, distinct_n, rouge
+        from fl_crew_reddit.preprocessing.image_features import clip_encoder
+        from fl_crew_reddit.training.vlm import generate_vlm_replies
+
+        cfg = self.config
+
+        def generate(examples: list[dict]) -> list[str]:
+            return generate_vlm_replies(self.model, self._processor, examples, self.device,
+                                        max_images=cfg.max_images_per_example, max_image_size=cfg.max_image_size)
+
+        with nullcontext() if use_adapter else self.model.disable_adapter():
+            hypotheses = generate(self._vlm_sample) if self._vlm_sample else []
+            references = [example["messages"][-1]["content"] for example in self._vlm_sample]
+            metrics.bleu, metrics.chrf = bleu(hypotheses, references), chrf(hypotheses, references)
+            for name, value in rouge(hypotheses, references).items():
+                setattr(metrics, name, value)
+            metrics.distinct_1, metrics.distinct_2 = distinct_n(hypotheses, 1), distinct_n(hypotheses, 2)
+            metrics.samples = [{"id": e["id"], "reference": r, "generated": h}
+                               for e, r, h in zip(self._vlm_sample, references, hypotheses)]
+            known = {sample["id"]: sample["generated"] for sample in metrics.samples}
+            clip_model = cfg.image_processor if cfg.support_multimodal else None
+            if clip_model and self._image_examples and clip_encoder(clip_model)[0] is not None:
+                missing = [e for e in self._image_examples if e["id"] not in known]
+                known.update(zip((e["id"] for e in missing), generate(missing)))
+            scores = image_text_scores(self.model, self.tokenizer, self._image_examples, self.device, clip_model,
+                                       use_adapter=use_adapter, known_replies=known)
+            for name, value in scores.items():
+                setattr(metrics, name, value)
+            self._score_vlm_image_contribution(metrics)
+
+    def _score_vlm_image_contribution(self, metrics: EvalMetrics) -> None:
+        """A VLM base: reply perplexity of the held-out test replies to image posts with their images and with
+        blank white images of the same sizes (`vlm.vlm_image_contribution`), and the test images left out by reason;
+        `image_note` says why not where no test row carries an image."""
+        from collections import Counter
+
+        from fl_crew_reddit.training.vlm import vlm_image_contribution, vlm_rows
+
+        if self._vlm_contribution is None:
+            real, blank, left_out = [], [], Counter()
+            settings = dict(max_length=self.config.max_seq_length, max_images=self.config.max_images_per_example,
+                            max_image_size=self.config.max_image_size)
+            for shard in self.data.clients:
+                path = Path(shard.test_path)
+                examples = [e for e in read_jsonl(path) if e.get("image_paths")] if path.is_file() else []
+                built = vlm_rows(self._processor, examples, **settings)
+                real.extend(built.rows)
+                left_out.update(built.skipped)
+                blank.extend(vlm_rows(self._processor, examples, blank=True, **settings).rows)
+            self._vlm_contribution = (real, blank, dict(sorted(left_out.items())))
+        real, blank, left_out = self._vlm_contribution
+        metrics.image_left_out = dict(left_out)
+        if not any(row["images"] for row in real):
+            metrics.image_note = "no held-out test reply answers a post with an image that loads"
+            return
+        result = vlm_image_contribution(self.model, real, blank, self.tokenizer.pad_token_id, self.device)
         metrics.image_perplexity_real, metrics.image_perplexity_blank = result.perplexity_real, result.perplexity_blank
         metrics.image_examples, metrics.image_reply_tokens = result.rows, result.reply_tokens
 
@@ -1062,6 +1188,15 @@ def check_same_objective(saved: dict, config: FLCrewRedditConfig, run_id: str) -
     if changed:
         raise ConfigError(f"Run {run_id} cannot resume with {', '.join(changed)}: a resumed run continues with the "
                           "local objective it started with; set these back, or start a new run")
+
+
+def vlm_image_counts(data: SiteData) -> dict:
+    """A VLM client's train images for its round metrics (the projector path's names): images that condition a
+    row, rows with images, images left out by reason."""
+    rows = data.rows("train")
+    return {"images_used": data.images_used.get("train", 0), "image_rows": sum(1 for row in rows if row["images"]),
+            **{f"images_left_out_{reason}": count
+               for reason, count in sorted(data.images_left_out.get("train", {}).items())}}
 
 
 def count_pair_kinds(clients: list[ClientShard]) -> dict[str, dict[str, dict[str, int]]]:

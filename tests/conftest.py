@@ -117,3 +117,47 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random Idefics3 (the SmolVLM family) built from its config: a 1-layer vision tower on 32×32 images
+    (4 image tokens after the connector), the 2-layer tiny Llama as its language model, the tiny BPE tokenizer and
+    the Idefics3 image processor assembled into a processor with SmolVLM's chat template. No download."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    folder = tmp_path_factory.mktemp("tiny-idefics3")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]})
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                                do_image_splitting=False)
+    # image_seq_len = (image_size / patch_size)² / scale_factor² = (32 / 8)² / 2² = 4 tokens per image
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=SMOLVLM_TEMPLATE)
+    text = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=512)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8).to_dict()
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -82,12 +82,30 @@ def held_out_nll(model, rows: list[dict], pad_id: int, device: torch.device, bat
                  mixed_precision: str = "auto") -> tuple[float, int]:
     """Summed reply-token NLL and token count (sums combine across clients; perplexities do not)."""
     model.eval()
+    if rows and "vision" in rows[0]:  # a vision-language base's rows (training/vlm.py): its images, its loss
+        return _vlm_rows_nll(model, rows, pad_id, device, batch_size, mixed_precision)
     total, count = 0.0, 0
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start:start + batch_size], pad_id, device)
         with autocast_context(device, mixed_precision):
             nll, n = reply_token_nll(model, batch)
+        total += float(nll)
+        count += n
+    return total, count
+
+
+def _vlm_rows_nll(model, rows: list[dict], pad_id: int, device: torch.device, batch_size: int,
+                  mixed_precision: str) -> tuple[float, int]:
+    """Summed reply NLL and token count of a VLM's rows (`training.vlm.vlm_rows`), image rows with their images."""
+    from fl_crew_reddit.training.vlm import collate_vlm, vlm_reply_nll
+
+    total, count = 0.0, 0
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    for start in range(0, len(rows), batch_size):
+        batch = collate_vlm(rows[start:start + batch_size], pad_id, device)
+        with autocast_context(device, mixed_precision):
+            nll, n = vlm_reply_nll(model, batch)
         total += float(nll)
         count += n
     return total, count

@@ -33,7 +33,7 @@ class SiteData:
 
     def __init__(self, folder: Path | None, tokenizer, max_seq_length: int,
                  rows: dict[str, list[dict]] | None = None, files: dict[str, Path | str | None] | None = None,
-                 images: ImageRowSettings | None = None):
+                 images: ImageRowSettings | None = None, vlm=None):
         self.folder = Path(folder) if folder is not None else None
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
@@ -46,6 +46,9 @@ class SiteData:
         self.images = images
         self.images_left_out: dict[str, Counter] = {}
         self.images_used: dict[str, int] = {}  # split -> images that condition a row
+        # a vision-language base (`training.vlm.VlmRowSettings`; None: a text LM): every split's rows come from its
+        # processor, image posts with their images; images left out are counted in `images_left_out` as above
+        self.vlm = vlm
         self._image_rows: dict[str, list[dict]] = {}
         unknown = set(files or {}) - set(SPLITS)
         if unknown:
@@ -65,6 +68,8 @@ class SiteData:
         """Tokenized rows of `split`; [] for a split the site does not have (a run made before validation)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+        if self.vlm is not None and split not in self._rows:
+            self._rows[split] = self._vision_language(split)
         if split not in self._rows:
             path = self.path(split)
             # a file named in `files` must be there; a folder may lack a split
@@ -82,6 +87,18 @@ class SiteData:
         settings = self.images
         built = multimodal_rows(self.tokenizer, examples, settings.features_of, max_length=self.max_seq_length,
                                 tokens_per_image=settings.tokens_per_image, max_images=settings.max_images)
+        self.images_left_out[split] = built.skipped
+        self.images_used[split] = built.images
+        return built.rows
+
+    def _vision_language(self, split: str) -> list[dict]:
+        """A VLM base's rows of `split` (`training.vlm.vlm_rows`); images left out counted by reason."""
+        from fl_crew_reddit.training.vlm import vlm_rows
+
+        path = self.path(split)
+        examples = read_jsonl(path) if path is not None and (split in self._files or path.is_file()) else []
+        built = vlm_rows(self.vlm.processor, examples, max_length=self.max_seq_length,
+                         max_images=self.vlm.max_images, max_image_size=self.vlm.max_image_size)
         self.images_left_out[split] = built.skipped
         self.images_used[split] = built.images
         return built.rows

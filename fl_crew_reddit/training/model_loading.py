@@ -132,17 +132,19 @@ def _quantization_config(config: FLCrewRedditConfig, device: torch.device):
 
 
 def refuse_vision_language_base(name: str, source: str) -> None:
-    """A vision-language BASE_LLM_MODEL (Idefics3, SmolVLM, LLaVA, ...) is not a causal LM: `training.vlm.load_vlm`
-    loads it with its processor, but the round loop does not train one yet. Say so instead of failing inside
+    """A vision-language BASE_LLM_MODEL (Idefics3, SmolVLM, LLaVA, ...) is not a causal LM: the in-process round
+    loop loads it with `training.vlm.load_vlm` (its processor, LoRA on its language model); the paths that load the
+    base here (Flower sites, trainer processes, tools) take text LMs only. Say so instead of failing inside
     AutoModelForCausalLM."""
     from fl_crew_reddit.training.vlm import vision_language_model_type
 
     model_type = vision_language_model_type(source)
     if model_type is not None:
         raise BaseModelUnavailable(
-            f"BASE_LLM_MODEL={name} is a vision-language model ({model_type}): training.vlm.load_vlm loads it with "
-            "its processor (LoRA on its language model), but the round loop trains text LMs only for now; for "
-            "images in the round loop use a text LM with SUPPORT_MULTIMODAL=true (the LLaVA-style projector).")
+            f"BASE_LLM_MODEL={name} is a vision-language model ({model_type}): the in-process federation "
+            "(FEDERATION=inprocess) trains it with training.vlm.load_vlm (its processor, LoRA on its language "
+            "model); this path loads text LMs only (Flower sites, trainer processes and tools do not take a VLM "
+            "yet).")
 
 
 def load_base_model(config: FLCrewRedditConfig, device: torch.device | None = None):

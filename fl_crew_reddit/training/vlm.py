@@ -20,12 +20,17 @@ Choices, and why:
 - The loss (`vlm_reply_nll`) has `batching.reply_token_nll`'s contract: summed NLL over reply tokens and their
   count, the output layer run only at the reply positions.
 
-Not wired yet: the round loop (LocalTrainer, evaluation) trains text LMs, with the LLaVA-style projector for
-images; `model_loading.load_base_model` refuses a VLM base with a message that says so.
+The round loop (in-process federation) uses it: `FederatedWorkspace` loads the VLM here instead of
+`model_loading.load_base_model`, its sites read `vlm_rows` (`VlmRowSettings`), the evaluator scores them with
+`vlm_reply_nll` and generates through the processor (`generate_vlm_replies`), and each evaluation records the
+image's contribution (`vlm_image_contribution`: the real images vs blank white images of the same sizes through the
+same processor). Modes that load a text LM elsewhere (Flower sites, trainer processes) or build text rows (DPO
+pairs, self-improvement, data attacks) are refused at start (`vlm_unsupported_settings`).
 """
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -38,7 +43,7 @@ from fl_crew_reddit.config import EMBEDDED_MODEL, ConfigError, FLCrewRedditConfi
 from fl_crew_reddit.preprocessing.images import SKIP_IMAGE_MISSING, ImageRejected, normalise_image
 from fl_crew_reddit.training.batching import collate, linear_cross_entropy
 from fl_crew_reddit.training.model_loading import BaseModelUnavailable, pick_device, resolve_base_model
-from fl_crew_reddit.training.multimodal import SKIP_IMAGES_OVER_LIMIT, SKIP_NO_REPLY_TOKENS
+from fl_crew_reddit.training.multimodal import SKIP_IMAGES_OVER_LIMIT, SKIP_NO_REPLY_TOKENS, ImageContribution
 from fl_crew_reddit.training.peft_setup import lora_config
 
 SKIP_IMAGE_TOKENS_DO_NOT_FIT = "image_tokens_do_not_fit_max_seq_length"
@@ -180,6 +185,14 @@ def load_image(path: Path, max_size: int):
         return image.convert("RGB")
 
 
+def blank_like(image):
+    """A white RGB image of `image`'s size: 'no picture' for the processor, with the same number of image tokens
+    (processors that split large images split by size)."""
+    from PIL import Image
+
+    return Image.new("RGB", image.size, (255, 255, 255))
+
+
 def chat_with_images(messages: list[dict], images: int) -> list[dict]:
     """The processor's chat format: content as typed parts; `images` image entries open the first user turn."""
     chat, placed = [], False
@@ -243,10 +256,11 @@ class VlmRows:
 
 
 def vlm_rows(processor, examples: Sequence[dict], *, max_length: int, max_images: int,
-             max_image_size: int) -> VlmRows:
+             max_image_size: int, blank: bool = False) -> VlmRows:
     """Rows of `examples` (preprocessing's dicts: messages, image_paths): an image post's rows carry its first
     `max_images` images; images that are missing or rejected are left out and counted, and an example left without
-    images is a text-only row."""
+    images is a text-only row. `blank`: every image that loads is replaced by a white image of its size (the same
+    image tokens, so the same rows but for the pixels: the image contribution's reference)."""
     out = VlmRows()
     for example in examples:
         paths = [Path(p) for p in example.get("image_paths") or []]
@@ -259,6 +273,8 @@ def vlm_rows(processor, examples: Sequence[dict], *, max_length: int, max_images
                 images.append(load_image(path, max_image_size))
             except ImageRejected as rejected:
                 out.skipped[rejected.reason] += 1
+        if blank:
+            images = [blank_like(image) for image in images]
         row = vlm_row(processor, example["messages"], images, max_length)
         if row is None and images:
             out.skipped[SKIP_IMAGE_TOKENS_DO_NOT_FIT] += len(images)
@@ -320,3 +336,125 @@ def vlm_reply_nll(model, batch: dict, chunk_rows: int | None = None) -> tuple[to
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
     nll = linear_cross_entropy(selected, vlm.get_output_embeddings(), batch["targets"], chunk_rows)
     return nll, batch["count"]
+
+
+# --- the round loop ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VlmRowSettings:
+    """How a site's examples become a VLM's rows (`vlm_rows`): the base's processor, MAX_IMAGES_PER_EXAMPLE,
+    MAX_IMAGE_SIZE."""
+    processor: object
+    max_images: int
+    max_image_size: int
+
+
+class VlmTextTokenizer:
+    """The VLM's tokenizer as the text stages see it (preprocessing's length filters and `prompt`, pad ids): every
+    attribute is the processor's tokenizer's, but chat templates render through the processor, whose template wants
+    typed content parts; so preprocessing's text-only rows match `vlm_rows`' text-only rows token for token."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["tokenizer"], name)
+
+    def __setattr__(self, name: str, value) -> None:  # padding_side, pad_token, ...: the tokenizer's own
+        if name in ("processor", "tokenizer"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.tokenizer, name, value)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.processor.chat_template
+
+    def apply_chat_template(self, messages: list[dict], **kwargs):
+        return self.processor.apply_chat_template(chat_with_images(messages, 0), **kwargs)
+
+
+def vlm_unsupported_settings(config: FLCrewRedditConfig, trainer_processes: Sequence[str] = ()) -> list[str]:
+    """The settings (NAME=value, and why) that cannot run with a vision-language base yet: [] when the run can.
+    `trainer_processes`: the devices TRAINER_DEVICES resolved to (trainer processes load a text LM)."""
+    refused = []
+    if config.federation != "inprocess":
+        refused.append(f"FEDERATION={config.federation} (Flower sites load the base as a text LM)")
+    if trainer_processes:
+        refused.append(f"TRAINER_DEVICES={','.join(config.trainer_devices)} (trainer processes on "
+                       f"{', '.join(trainer_processes)} load the base as a text LM)")
+    if config.use_quantization:
+        refused.append("USE_QUANTIZATION=true (QLoRA of a VLM is not wired)")
+    if config.training_objective != "sft":
+        refused.append(f"TRAINING_OBJECTIVE={config.training_objective} (preference pairs are text rows)")
+    if config.self_improve:
+        refused.append("SELF_IMPROVE=true (it generates and scores text rows)")
+    if config.attack in ("label_flip", "backdoor"):
+        refused.append(f"ATTACK={config.attack} (poisoned train examples are tokenized as text rows)")
+    if config.gradient_checkpointing is True:
+        refused.append("GRADIENT_CHECKPOINTING=true (not wired for a VLM)")
+    return refused
+
+
+@torch.no_grad()
+def generate_vlm_replies(model, processor, examples: Sequence[dict], device: torch.device, *, max_images: int,
+                         max_image_size: int, max_new_tokens: int = 48) -> list[str]:
+    """Greedy replies to `examples` (their messages up to the reply), each with its post's images through the
+    processor (images that do not load are left out: the reply is then conditioned on the text alone). One example
+    at a time: no padding between prompts of different image counts."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    replies = []
+    for example in examples:
+        images = []
+        for path in (example.get("image_paths") or [])[:max_images]:
+            try:
+                images.append(load_image(Path(path), max_image_size))
+            except ImageRejected:
+                pass
+        prompt, _ = render_vlm_chat(processor, example["messages"], len(images))
+        encoded = processor(text=[prompt], images=[images] if images else None, add_special_tokens=False,
+                            return_tensors="pt")
+        inputs = {key: (value.to(device, dtype) if value.is_floating_point() else value.to(device))
+                  for key, value in encoded.items() if torch.is_tensor(value)}
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+        new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        replies.append(processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    return replies
+
+
+@torch.no_grad()
+def vlm_image_contribution(model, real_rows: Sequence[dict], blank_rows: Sequence[dict], pad_id: int,
+                           device: torch.device, batch_size: int = 8) -> ImageContribution:
+    """Reply perplexity of the image rows with their real images and with blank white ones (`vlm_rows(...,
+    blank=True)` of the same examples: the same tokens, other pixels); text-only rows are left out (both numbers
+    would be equal for them)."""
+    pairs = [(real, blank) for real, blank in zip(real_rows, blank_rows, strict=True) if real["images"]]
+    if not pairs:
+        raise ValueError("no row with an image: the image's contribution needs held-out replies to image posts")
+    if any(real["input_ids"] != blank["input_ids"] for real, blank in pairs):
+        raise ValueError("the blank-image rows differ from the real ones in their tokens: not comparable")
+    was_training = model.training
+    model.eval()
+    totals, count = {"real": 0.0, "blank": 0.0}, 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            for name, side in (("real", 0), ("blank", 1)):
+                batch = collate_vlm([pair[side] for pair in chunk], pad_id, device)
+                totals[name] += float(vlm_reply_nll(model, batch)[0])
+            count += batch["count"]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the image rows have no reply tokens")
+    return ImageContribution(rows=len(pairs), reply_tokens=count, perplexity_real=math.exp(totals["real"] / count),
+                             perplexity_blank=math.exp(totals["blank"] / count),
+                             blank="white image through the VLM's processor")
