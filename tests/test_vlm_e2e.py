@@ -3,7 +3,9 @@ SUPPORT_MULTIMODAL=true, on the embedded snapshot (which has image posts): the c
 model with the posts' images through the VLM's own processor, the updates are screened and aggregated like text
 ones, every evaluation scores held-out rows with their images and records the image's contribution (real vs blank
 white images), the saved global adapter loads with `PeftModel.from_pretrained`, a run stopped in round 2 resumes to
-the same final adapter bit for bit, and the modes that cannot take a VLM yet are refused at start.
+the same final adapter bit for bit, and the modes that cannot take a VLM yet are refused at start. IMAGE_PROCESSOR
+names a (tiny, random) CLIP folder: the VLM's own processor wins (no LLaVA-style projector is built, the log says so
+once) and the CLIP score is computed on replies the VLM generated with the posts' images.
 
 One run (module fixture) and one test per promise, as in test_multimodal_e2e.py.
 """
@@ -28,12 +30,22 @@ def vlm_run_config(tiny_vlm_dir: Path, root: Path, **overrides):
     return tiny_run_config(tiny_vlm_dir, root, **{**settings, **overrides})
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_clip_cache():
+    from fl_crew_reddit.preprocessing.image_features import forget_loaded_clip
+
+    forget_loaded_clip()
+    yield
+    forget_loaded_clip()
+
+
 @pytest.fixture(scope="module")
-def run(tiny_vlm_dir, tmp_path_factory):
-    """Two rounds with 3 clients on the snapshot: (config, result, history.json)."""
+def run(tiny_vlm_dir, tiny_clip_dir, tmp_path_factory):
+    """Two rounds with 3 clients on the snapshot, then the centralized baseline: (config, result, history.json)."""
     from fl_crew_reddit import FLCrewRedditManager
 
-    config = vlm_run_config(tiny_vlm_dir, tmp_path_factory.mktemp("vlm-run"))
+    config = vlm_run_config(tiny_vlm_dir, tmp_path_factory.mktemp("vlm-run"), image_processor=str(tiny_clip_dir),
+                            baselines=["centralized"])
     result = FLCrewRedditManager(config).run_federated_learning(num_rounds=ROUNDS)
     history = json.loads(Path(result.history_path).read_text())
     return config, result, history
@@ -58,9 +70,9 @@ def test_history_has_the_image_contribution_each_round_and_the_report_shows_it(r
         assert metrics["image_perplexity_real"] > 1 and metrics["image_perplexity_blank"] > 1
         assert metrics["image_perplexity_real"] != metrics["image_perplexity_blank"]  # the pixels matter
         assert isinstance(metrics["image_left_out"], dict)
-        # BLEU's sample generated through the processor; the CLIP score says why it is not computed (no weights)
+        # BLEU's sample and the CLIP score's replies generated through the processor, with the posts' images
         assert metrics["samples"] and all(isinstance(s["generated"], str) for s in metrics["samples"])
-        assert metrics["clip_score"] is None and metrics["clip_note"]
+        assert metrics["clip_score"] is not None and metrics["clip_examples"] > 0, metrics["clip_note"]
     reals = [history["base"]["image_perplexity_real"]] + [r["global"]["image_perplexity_real"]
                                                           for r in history["rounds"]]
     assert reals[-1] < reals[0]  # training lowers the image rows' reply perplexity
@@ -69,6 +81,25 @@ def test_history_has_the_image_contribution_each_round_and_the_report_shows_it(r
 
     report = markdown_report(result.history)
     assert "Image contribution" in report and "| 2 | " in report.split("Image contribution")[1]
+
+
+def test_the_vlm_processor_wins_over_the_projector_and_the_log_says_so_once(run):
+    config, result, history = run
+    from fl_crew_reddit.training.projector_files import PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
+
+    for folder in result.global_adapters:
+        names = {p.name for p in Path(folder).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+        assert not {PROJECTOR_WEIGHTS, PROJECTOR_CONFIG} & names  # no LLaVA-style projector with a VLM base
+    log = (Path(config.fl_crew_reddit_dir) / "logs").rglob("*.log")
+    text = "".join(path.read_text() for path in log)
+    assert text.count("its own processor reads the images; the LLaVA-style projector") == 1
+
+
+def test_the_centralized_baseline_trains_and_scores_vlm_rows(run):
+    _, _, history = run
+    baseline = history["baselines"]["centralized"]
+    assert baseline["steps"] > 0 and 1 < baseline["perplexity"] < history["base"]["perplexity"]
 
 
 def test_the_global_adapter_loads_with_peft_on_the_vlm(run):
