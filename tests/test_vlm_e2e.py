@@ -78,7 +78,9 @@ def test_history_has_the_image_contribution_each_round_and_the_report_shows_it(r
     assert reals[-1] < reals[0]  # training lowers the image rows' reply perplexity
     assert history["rounds"][-1]["global"]["perplexity"] < history["base"]["perplexity"]
     from fl_crew_reddit.evaluation.report import markdown_report
+    from fl_crew_reddit.evaluation.tensorboard_scalars import round_scalars
 
+    assert {"image/perplexity_real", "image/perplexity_blank"} <= set(round_scalars(result.history.rounds[-1]))
     report = markdown_report(result.history)
     assert "Image contribution" in report and "| 2 | " in report.split("Image contribution")[1]
 
