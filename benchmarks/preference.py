@@ -60,7 +60,8 @@ def prepare(args, workdir: Path):
         num_trainers=len(SUBREDDITS), posts_per_subreddit=args.posts, max_examples_per_client=args.examples,
         local_epochs=args.epochs, eval_samples=0, seed=args.seed, fl_crew_reddit_dir=workdir,
         learning_rate=args.lr, test_fraction=args.test_fraction, max_seq_length=args.max_seq_length,
-        training_objective=args.objective, dpo_beta=args.beta, min_preference_pairs=args.min_pairs,
+        training_objective=args.objective, dpo_beta=args.beta, dpo_sft_weight=args.sft_weight,
+        min_preference_pairs=args.min_pairs,
         pref_pair_kinds=["relevance"], baselines=[])
     workspace = FederatedWorkspace(config, RunPaths(workdir.resolve(), "preference-bench").create())
     _ = workspace.model
@@ -78,7 +79,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--objective", choices=["dpo", "sft_then_dpo"], default="sft_then_dpo")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO_BETA")
+    parser.add_argument("--sft-weight", type=float, default=None,
+                        help="DPO_SFT_WEIGHT: α of the SFT term on the chosen reply during DPO (0: plain DPO; "
+                             "default: the product's default)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--arms", choices=["all", "sft_dpo"], default="all",
+                        help="sft_dpo: only base, federated SFT and federated DPO (for sweeps of the DPO settings; "
+                             "the local-only and centralized arms and their goal are left out)")
     parser.add_argument("--min-pairs", type=int, default=4, help="MIN_PREFERENCE_PAIRS")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=0,
@@ -90,6 +97,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.sft_weight is None:
+        from fl_crew_reddit.config import FLCrewRedditConfig
+
+        args.sft_weight = FLCrewRedditConfig.model_fields["dpo_sft_weight"].default
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.examples, args.epochs, args.posts, args.max_seq_length = (8, 1, 60, 192) if args.quick else (16, 2, 200, 256)
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +167,8 @@ def run(args, workdir: Path) -> dict:
 
     def fit_config(round_number: int, objective: str) -> dict:
         config = dict(workspace.fit_config(round_number))
-        config.update(objective=objective, dpo_beta=args.beta, min_pairs=args.min_pairs)
+        config.update(objective=objective, dpo_beta=args.beta, dpo_sft_weight=args.sft_weight,
+                      min_pairs=args.min_pairs)
         return config
 
     def trainer(name: str, rows: list, pair_rows: list) -> LocalTrainer:
@@ -177,7 +189,8 @@ def run(args, workdir: Path) -> dict:
                 say(f"{objective} round {round_number} {subreddit[name]}: {metrics['steps']} steps, "
                     f"train loss {metrics['train_loss']:.3f}"
                     + (f", dpo loss {metrics['dpo_loss']:.3f}, train pref acc "
-                       f"{metrics['train_preference_accuracy']:.2f}" if "dpo_loss" in metrics else ""))
+                       f"{metrics['train_preference_accuracy']:.2f}, chosen nll {metrics['dpo_chosen_nll']:.3f}"
+                       if "dpo_loss" in metrics else ""))
             if keep_round_one and round_number == 1:
                 first = {name: results[name].state for name in clients}
             state = aggregate("fedavg", [results[n].state for n in clients], [results[n].num_examples for n in clients])
@@ -204,55 +217,60 @@ def run(args, workdir: Path) -> dict:
     say(f"federated {args.objective}: perplexity {fl['perplexity']:.2f}, "
         f"preference accuracy {number(fl['preference_accuracy'])}")
 
-    started = time.perf_counter()
-    local = {}
-    for name in clients:  # round 1 is the federated round-1 fit of this client (same start, seed, round, data)
-        state = round_one[name]
-        for round_number in range(2, args.rounds + 1):
-            state = trainer(name, train[name], pairs[name]).fit(state, fit_config(round_number, args.objective)).state
-        local[name] = score(state, [name])
-        say(f"local-only {subreddit[name]}: perplexity {local[name]['perplexity']:.2f}, "
-            f"preference accuracy {number(local[name]['preference_accuracy'])} ({local[name]['pairs']} test pairs)")
-    seconds["local_only"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    pooled = trainer("centralized", [r for n in clients for r in train[n]], [p for n in clients for p in pairs[n]])
-    state, central_steps = initial, 0
-    for round_number in range(1, args.rounds + 1):
-        result = pooled.fit(state, fit_config(round_number, args.objective))
-        state, central_steps = result.state, central_steps + result.metrics["steps"]
-    central = score(state, clients) | {"steps": central_steps}
-    seconds["centralized"] = time.perf_counter() - started
-    say(f"centralized: perplexity {central['perplexity']:.2f}, preference accuracy "
-        f"{number(central['preference_accuracy'])}")
-
-    local_accuracy = [local[n]["preference_accuracy"] for n in clients if local[n]["preference_accuracy"] is not None]
     fl_client_accuracy = [v["preference_accuracy"] for v in fl["per_client"].values()
                           if v["preference_accuracy"] is not None]
-    local_summary = {"preference_accuracy_mean": statistics.mean(local_accuracy),
-                     "perplexity_mean": statistics.mean(local[n]["perplexity"] for n in clients),
-                     "per_client": {subreddit[n]: {k: local[n][k] for k in ("preference_accuracy", "perplexity")}
-                                    for n in clients}}
     fl["preference_accuracy_client_mean"] = statistics.mean(fl_client_accuracy)
-    goals = {
-        "fl_accuracy_minus_base_points": 100 * (fl["preference_accuracy"] - base["preference_accuracy"]),
-        "fl_client_mean_minus_local_mean_points": 100 * (fl["preference_accuracy_client_mean"]
-                                                         - local_summary["preference_accuracy_mean"]),
-        "fl_ppl_vs_sft": fl["perplexity"] / sft["perplexity"],
-        "met": {"fl accuracy >= base + 10 points": fl["preference_accuracy"] >= base["preference_accuracy"] + 0.10,
-                "fl accuracy >= local-only mean (client means)":
-                    fl["preference_accuracy_client_mean"] >= local_summary["preference_accuracy_mean"],
-                "fl perplexity <= 1.05 x federated SFT": fl["perplexity"] <= 1.05 * sft["perplexity"]}}
-    return {"mode": "quick" if args.quick else "full", "seed": args.seed, "rounds": args.rounds,
-            "objective": args.objective, "beta": args.beta, "lr": args.lr, "examples_per_client": args.examples,
-            "local_epochs": args.epochs, "posts_per_subreddit": args.posts, "max_seq_length": args.max_seq_length,
-            "pair_kinds": ["relevance"], "threads": args.threads or None,
-            "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),
-                                    "test_pairs": len(test_pairs[n])} for n in clients},
-            "base": base, "federated_sft": sft, "federated_dpo": fl, "local_only": local_summary,
-            "centralized": central, "goals": goals, "seconds": seconds,
-            "total_seconds": time.perf_counter() - STARTED,
-            "load_average_at_end": os.getloadavg()}  # other work on the machine slows the seconds, not the scores
+    goals = {"fl_accuracy_minus_base_points": 100 * (fl["preference_accuracy"] - base["preference_accuracy"]),
+             "fl_ppl_vs_sft": fl["perplexity"] / sft["perplexity"],
+             "met": {"fl accuracy >= base + 10 points": fl["preference_accuracy"] >= base["preference_accuracy"] + 0.10,
+                     "fl perplexity <= 1.05 x federated SFT": fl["perplexity"] <= 1.05 * sft["perplexity"]}}
+    summary = {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed, "rounds": args.rounds,
+               "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight, "lr": args.lr,
+               "examples_per_client": args.examples, "local_epochs": args.epochs, "posts_per_subreddit": args.posts,
+               "max_seq_length": args.max_seq_length, "pair_kinds": ["relevance"], "threads": args.threads or None,
+               "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),
+                                       "test_pairs": len(test_pairs[n])} for n in clients},
+               "base": base, "federated_sft": sft, "federated_dpo": fl, "goals": goals, "seconds": seconds}
+    if args.arms == "all":  # the local-only and centralized arms, same objective and settings as federated DPO
+        started = time.perf_counter()
+        local = {}
+        for name in clients:  # round 1 is the federated round-1 fit of this client (same start, seed, round, data)
+            state = round_one[name]
+            for round_number in range(2, args.rounds + 1):
+                state = trainer(name, train[name], pairs[name]).fit(state,
+                                                                    fit_config(round_number, args.objective)).state
+            local[name] = score(state, [name])
+            say(f"local-only {subreddit[name]}: perplexity {local[name]['perplexity']:.2f}, preference accuracy "
+                f"{number(local[name]['preference_accuracy'])} ({local[name]['pairs']} test pairs)")
+        seconds["local_only"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        pooled = trainer("centralized", [r for n in clients for r in train[n]],
+                         [p for n in clients for p in pairs[n]])
+        state, central_steps = initial, 0
+        for round_number in range(1, args.rounds + 1):
+            result = pooled.fit(state, fit_config(round_number, args.objective))
+            state, central_steps = result.state, central_steps + result.metrics["steps"]
+        central = score(state, clients) | {"steps": central_steps}
+        seconds["centralized"] = time.perf_counter() - started
+        say(f"centralized: perplexity {central['perplexity']:.2f}, preference accuracy "
+            f"{number(central['preference_accuracy'])}")
+
+        local_accuracy = [local[n]["preference_accuracy"] for n in clients
+                          if local[n]["preference_accuracy"] is not None]
+        summary["local_only"] = {
+            "preference_accuracy_mean": statistics.mean(local_accuracy),
+            "perplexity_mean": statistics.mean(local[n]["perplexity"] for n in clients),
+            "per_client": {subreddit[n]: {k: local[n][k] for k in ("preference_accuracy", "perplexity")}
+                           for n in clients}}
+        summary["centralized"] = central
+        goals["fl_client_mean_minus_local_mean_points"] = 100 * (fl["preference_accuracy_client_mean"]
+                                                                 - summary["local_only"]["preference_accuracy_mean"])
+        goals["met"]["fl accuracy >= local-only mean (client means)"] = (
+            fl["preference_accuracy_client_mean"] >= summary["local_only"]["preference_accuracy_mean"])
+    return summary | {"total_seconds": time.perf_counter() - STARTED,
+                      # other work on the machine slows the seconds, not the scores
+                      "load_average_at_end": os.getloadavg()}
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ class FLCrewRedditConfig(BaseSettings):
                            "than MIN_PREFERENCE_PAIRS train pairs trains SFT that round, and the history says why.")
     dpo_beta: float = Field(0.1, gt=0, le=100, description="DPO: the β of the implicit reward β(log π - log π_ref); "
                                                             "larger keeps the policy closer to the reference.")
+    dpo_sft_weight: float = Field(1.0, ge=0, le=100, description="DPO: α of the SFT term on the chosen reply "
+                                  "(RPO: loss = DPO + α · mean per-token NLL of the chosen reply), which keeps the "
+                                  "real replies likely (perplexity near SFT's); 0 = plain DPO.")
     min_preference_pairs: int = Field(4, ge=1, le=1_000_000, description="DPO: the fewest train pairs a client "
                                       "needs in a round to train DPO (fewer: SFT that round, with the reason).")
     preference_metrics: Literal["auto", "on", "off"] = Field(

@@ -1173,16 +1173,19 @@ class FederatedWorkspace:
 
 
 # --- preference learning helpers ------------------------------------------------------------------------------------
-OBJECTIVE_SETTINGS = ("training_objective", "dpo_beta", "min_preference_pairs")
+OBJECTIVE_SETTINGS = ("training_objective", "dpo_beta", "dpo_sft_weight", "min_preference_pairs")
 
 
 def check_same_objective(saved: dict, config: FLCrewRedditConfig, run_id: str) -> None:
-    """A resumed run continues with the local objective it started with: a changed TRAINING_OBJECTIVE, DPO_BETA or
-    MIN_PREFERENCE_PAIRS would silently mix two objectives in one run's rounds, so it is refused (ConfigError naming
-    the settings). A run saved before these settings existed trained SFT with the defaults."""
+    """A resumed run continues with the local objective it started with: a changed TRAINING_OBJECTIVE, DPO_BETA,
+    DPO_SFT_WEIGHT or MIN_PREFERENCE_PAIRS would silently mix two objectives in one run's rounds, so it is refused
+    (ConfigError naming the settings). A run saved before these settings existed trained SFT with the defaults; a DPO
+    run saved before DPO_SFT_WEIGHT existed trained plain DPO (0)."""
     from fl_crew_reddit.config import ConfigError
 
     defaults = {name: FLCrewRedditConfig.model_fields[name].default for name in OBJECTIVE_SETTINGS}
+    if saved.get("training_objective", "sft") != "sft":
+        defaults["dpo_sft_weight"] = 0.0
     changed = [f"{name.upper()}={getattr(config, name)} (the run started with {saved.get(name, defaults[name])})"
                for name in OBJECTIVE_SETTINGS if saved.get(name, defaults[name]) != getattr(config, name)]
     if changed:

@@ -11,10 +11,13 @@ from peft import set_peft_model_state_dict
 from fl_crew_reddit.training import trainer as trainer_module
 from fl_crew_reddit.training.batching import collate, tokenize_all
 from fl_crew_reddit.training.dpo import (
+    batch_reply_logprobs,
     dpo_loss,
+    pair_batch,
     pair_logprobs,
     preference_metrics,
     reply_logprobs,
+    rpo_loss,
     tokenize_pairs,
 )
 from fl_crew_reddit.training.trainer import LocalTrainer, snapshot_adapter
@@ -84,6 +87,93 @@ def test_dpo_loss_matches_a_hand_computed_value():
     # equal policy and reference: every pair at −log σ(0) = log 2
     same = dpo_loss(policy_chosen, policy_rejected, policy_chosen, policy_rejected, 0.1)[0]
     assert same.item() == pytest.approx(math.log(2))
+
+
+def test_rpo_loss_adds_the_chosen_replys_per_token_nll():
+    policy_chosen, policy_rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    ref_chosen, ref_rejected = torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -1.5])
+    loss, chosen_rewards, rejected_rewards, chosen_nll = rpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5, torch.tensor([4, 10]), 2.0)
+    # DPO part as in the test above (0.6500082); NLL per token of the chosen replies: 1/4 and 2/10
+    torch.testing.assert_close(chosen_nll, torch.tensor([0.25, 0.2]))
+    assert loss.item() == pytest.approx(0.6500082 + 2.0 * (0.25 + 0.2) / 2, abs=1e-6)
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-0.25, 0.25]))
+    plain = rpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5, torch.tensor([4, 10]), 0.0)[0]
+    assert torch.equal(plain, dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5)[0])
+
+
+def test_rpo_loss_on_the_tiny_model_matches_a_hand_computed_value_and_its_nll_reaches_lora(tiny_model):
+    # Prepare: a non-zero adapter (so both LoRA factors get gradients), 3 pairs, a reference that differs
+    model, tokenizer = tiny_model
+    set_peft_model_state_dict(model, _random_adapter(model, scale=0.2))
+    model.eval()
+    pairs = tokenize_pairs(tokenizer, _pairs(3), 128)
+    reference = (torch.tensor([-40.0, -35.0, -30.0]), torch.tensor([-45.0, -50.0, -41.0]))
+    # Execute: the trainer's path (one batch of chosen + rejected rows, reply positions only)
+    batch, counts = pair_batch(pairs, CPU, tokenizer.pad_token_id)
+    logps = batch_reply_logprobs(model, batch, counts)
+    loss, _, _, chosen_nll = rpo_loss(logps[:3], logps[3:], reference[0], reference[1], 0.1,
+                                      torch.tensor(counts[:3]), 0.5)
+    # Assert: by hand from the full logits, row by row
+    expected = 0.0
+    for i, pair in enumerate(pairs):
+        sums, tokens = [], 0
+        for side in ("chosen", "rejected"):
+            row = pair[side]
+            ids = torch.tensor([row["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits.float()[0]
+            mask = torch.tensor(row["reply_mask"][1:], dtype=torch.bool)
+            token_logps = F.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)[mask]
+            sums.append(float(token_logps.sum()))
+            tokens = tokens or int(mask.sum())
+        margin = 0.1 * ((sums[0] - float(reference[0][i])) - (sums[1] - float(reference[1][i])))
+        expected += (math.log1p(math.exp(-margin)) + 0.5 * (-sums[0] / tokens)) / 3
+        assert float(chosen_nll[i]) == pytest.approx(-sums[0] / tokens, rel=1e-4)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # the NLL term alone (α · mean NLL) has a gradient on both LoRA factors
+    nll_term = loss - rpo_loss(logps[:3], logps[3:], reference[0], reference[1], 0.1, torch.tensor(counts[:3]), 0.0)[0]
+    nll_term.backward()
+    for factor in ("lora_A", "lora_B"):
+        grads = [p.grad for n, p in model.named_parameters() if factor in n and p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads), factor
+
+
+def test_sft_weight_zero_is_todays_dpo_bit_for_bit_and_a_weight_keeps_the_chosen_replies_likely(tiny_model,
+                                                                                                  monkeypatch):
+    model, tokenizer = tiny_model
+    pairs = tokenize_pairs(tokenizer, _pairs(), 128)
+    start = snapshot_adapter(model)
+    config = _fit_config(learning_rate=1e-2)
+    zero = _trainer(model, tokenizer, pairs).fit(start, {**config, "dpo_sft_weight": 0.0})
+    weighted = _trainer(model, tokenizer, pairs).fit(start, {**config, "dpo_sft_weight": 5.0})
+    absent = _trainer(model, tokenizer, pairs).fit(start, config)  # a fit config from before the setting
+
+    def todays_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, chosen_targets, sft_weight):
+        return (*dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta),
+                torch.zeros_like(policy_chosen))
+
+    monkeypatch.setattr(trainer_module, "rpo_loss", todays_dpo)
+    today = _trainer(model, tokenizer, pairs).fit(start, config)
+    for key in today.state:
+        assert torch.equal(zero.state[key], today.state[key]) and torch.equal(absent.state[key], today.state[key])
+    assert zero.metrics["dpo_loss"] == today.metrics["dpo_loss"] and zero.metrics["dpo_sft_weight"] == 0.0
+    assert weighted.metrics["dpo_sft_weight"] == 5.0
+    # the weighted fit minimised DPO + 5 · NLL: its recorded loss includes the chosen replies' NLL (~6.7 per token)
+    assert weighted.metrics["dpo_loss"] > 5 * weighted.metrics["dpo_chosen_nll"] > 5 * 6
+
+    def chosen_nll(state):
+        set_peft_model_state_dict(model, state)
+        model.eval()
+        with torch.no_grad():
+            chosen = reply_logprobs(model, [p["chosen"] for p in pairs], CPU, tokenizer.pad_token_id)
+        return float(-chosen.sum()) / sum(sum(p["chosen"]["reply_mask"][1:]) for p in pairs)
+
+    # the NLL term keeps the chosen (real) replies more likely than plain DPO does (6.66 against 6.73 here)
+    assert chosen_nll(weighted.state) < chosen_nll(zero.state) - 0.03
+    assert weighted.metrics["dpo_chosen_nll"] < zero.metrics["dpo_chosen_nll"]
+    assert weighted.metrics["train_preference_accuracy"] == 1.0  # and still learns the preferences
 
 
 def test_tokenize_pairs_builds_both_rows_and_leaves_out_unbuildable_pairs(tiny_model):

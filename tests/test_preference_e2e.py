@@ -24,7 +24,8 @@ def run(tiny_model_dir, tmp_path_factory):
     from fl_crew_reddit.workspace import FederatedWorkspace
 
     config = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("preference-run"),
-                             training_objective="sft_then_dpo", dpo_beta=0.2, min_preference_pairs=2,
+                             training_objective="sft_then_dpo", dpo_beta=0.2, dpo_sft_weight=0.5,
+                             min_preference_pairs=2,
                              baselines=["local_only", "centralized"], local_epochs=1, max_examples_per_client=8,
                              eval_samples=0, max_seq_length=256, self_improve=True, self_improve_max_new_tokens=12)
     original = FederatedWorkspace.preprocess
@@ -48,6 +49,7 @@ def test_the_objective_is_a_setting_of_the_run(run):
     _, _, history = run
     assert history["settings"]["training_objective"] == "sft_then_dpo"
     assert history["settings"]["dpo_beta"] == 0.2 and history["settings"]["min_preference_pairs"] == 2
+    assert history["settings"]["dpo_sft_weight"] == 0.5
 
 
 def test_pairs_per_client_are_counted_by_split_and_kind(run):
@@ -73,6 +75,8 @@ def test_clients_train_dpo_and_one_with_too_few_pairs_trains_sft_and_says_why(ru
             else:
                 assert metrics["objective_used"] == "sft_then_dpo" and "dpo_skipped" not in metrics
                 assert metrics["dpo_loss"] > 0 and 0 <= metrics["train_preference_accuracy"] <= 1
+                # DPO_SFT_WEIGHT reached the trainer through the fit config; its loss includes α · chosen NLL
+                assert metrics["dpo_sft_weight"] == 0.5 and metrics["dpo_loss"] > 0.5 * metrics["dpo_chosen_nll"]
 
 
 def test_clients_improve_themselves_from_round_two_or_say_why_not(run):
@@ -279,6 +283,7 @@ def test_a_trainer_process_job_trains_dpo_on_the_pairs_beside_its_train_file(tin
     ({"training_objective": "dpo", "self_improve": True}, ("TRAINING_OBJECTIVE=dpo", "SELF_IMPROVE=true")),
     ({"training_objective": "kto"}, ("TRAINING_OBJECTIVE",)),
     ({"dpo_beta": 0}, ("DPO_BETA",)),
+    ({"dpo_sft_weight": -0.5}, ("DPO_SFT_WEIGHT",)),
     ({"min_preference_pairs": 0}, ("MIN_PREFERENCE_PAIRS",)),
 ])
 def test_settings_that_cannot_work_are_refused_naming_them(settings, named, tmp_path):
@@ -312,10 +317,27 @@ def test_dpo_combines_with_what_only_sees_updates(settings, tmp_path):
 def test_the_fit_config_carries_the_objective_and_sft_adds_nothing():
     from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
 
-    dpo = FederatedStrategy(StrategySettings(training_objective="dpo", dpo_beta=0.3, min_preference_pairs=6))
-    assert {k: dpo.fit_config(1)[k] for k in ("objective", "dpo_beta", "min_pairs")} == {
-        "objective": "dpo", "dpo_beta": 0.3, "min_pairs": 6}
-    assert not {"objective", "dpo_beta", "min_pairs"} & set(FederatedStrategy(StrategySettings()).fit_config(1))
+    dpo = FederatedStrategy(StrategySettings(training_objective="dpo", dpo_beta=0.3, dpo_sft_weight=0.25,
+                                             min_preference_pairs=6))
+    assert {k: dpo.fit_config(1)[k] for k in ("objective", "dpo_beta", "dpo_sft_weight", "min_pairs")} == {
+        "objective": "dpo", "dpo_beta": 0.3, "dpo_sft_weight": 0.25, "min_pairs": 6}
+    assert not {"objective", "dpo_beta", "dpo_sft_weight", "min_pairs"} & set(
+        FederatedStrategy(StrategySettings()).fit_config(1))
+
+
+def test_a_resume_keeps_dpo_sft_weight_and_a_dpo_run_from_before_it_was_plain_dpo(tmp_path):
+    from fl_crew_reddit.config import ConfigError, load_config
+    from fl_crew_reddit.workspace import check_same_objective
+
+    config = load_config(_env_file=None, fl_crew_reddit_dir=tmp_path, training_objective="dpo", dpo_sft_weight=1.0)
+    saved = {"training_objective": "dpo", "dpo_beta": 0.1, "min_preference_pairs": 4}
+    check_same_objective({**saved, "dpo_sft_weight": 1.0}, config, "r")
+    with pytest.raises(ConfigError, match=r"DPO_SFT_WEIGHT=1.0 \(the run started with 0.5\)"):
+        check_same_objective({**saved, "dpo_sft_weight": 0.5}, config, "r")
+    with pytest.raises(ConfigError, match=r"DPO_SFT_WEIGHT=1.0 \(the run started with 0.0\)"):
+        check_same_objective(saved, config, "r")  # saved before the setting: its DPO had no SFT term
+    check_same_objective(saved, config.model_copy(update={"dpo_sft_weight": 0.0}), "r")
+    check_same_objective({}, config.model_copy(update={"training_objective": "sft"}), "r")  # an old SFT run
 
 
 def test_an_sft_history_without_pairs_has_no_preference_outputs():

@@ -81,6 +81,7 @@ class StrategySettings:
     # the clients' local objective (training/dpo.py): sft | dpo | sft_then_dpo, sent in the fit config
     training_objective: str = "sft"
     dpo_beta: float = 0.1
+    dpo_sft_weight: float = 1.0
     min_preference_pairs: int = 4
 
     @classmethod
@@ -179,13 +180,14 @@ class FederatedStrategy:
                 **(self._attack_config(clients or []) if s.attack != "none" else {})}
 
     def objective_config(self) -> dict:
-        """The local objective's keys of the fit config ("objective", "dpo_beta", "min_pairs"); none for plain SFT,
-        which is what a trainer does without them, so an SFT run's fit config is what it always was."""
+        """The local objective's keys of the fit config ("objective", "dpo_beta", "dpo_sft_weight", "min_pairs");
+        none for plain SFT, which is what a trainer does without them, so an SFT run's fit config is what it always
+        was."""
         s = self.settings
         if s.training_objective == "sft":
             return {}
         return {"objective": s.training_objective, "dpo_beta": float(s.dpo_beta),
-                "min_pairs": int(s.min_preference_pairs)}
+                "dpo_sft_weight": float(s.dpo_sft_weight), "min_pairs": int(s.min_preference_pairs)}
 
     def _attack_config(self, clients: list[str]) -> dict:
         from fl_crew_reddit.site.attacks import attack_fit_config

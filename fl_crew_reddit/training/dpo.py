@@ -106,6 +106,21 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def rpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, chosen_targets: torch.Tensor,
+             sft_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO plus an SFT term on the chosen reply (RPO, Pang et al. 2024, "DPO + NLL"): the mean over pairs of
+    −log σ(margin) + α · (−log π(c) / |c|), α = `sft_weight`, |c| = the chosen reply's targets (`chosen_targets`).
+    Plain DPO lowers the chosen reply's likelihood too as long as the rejected one falls faster; the NLL term keeps
+    the real replies likely, i.e. the perplexity near SFT's. Returns (loss, chosen rewards, rejected rewards, each
+    pair's chosen per-token NLL, detached); α = 0 is `dpo_loss` exactly (the term is not added at all)."""
+    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    chosen_nll = -policy_chosen / chosen_targets.clamp(min=1).to(policy_chosen.dtype)
+    if sft_weight:
+        loss = loss + sft_weight * chosen_nll.mean()
+    return loss, chosen_rewards, rejected_rewards, chosen_nll.detach()
+
+
 def preference_wins(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
     """Pairs whose chosen reward beats the rejected one, a tie counting ½."""
     return float((chosen_rewards > rejected_rewards).sum()) + 0.5 * float((chosen_rewards == rejected_rewards).sum())

@@ -29,11 +29,11 @@ from fl_crew_reddit.training.batching import (
 from fl_crew_reddit.training.dpo import (
     OBJECTIVES,
     batch_reply_logprobs,
-    dpo_loss,
     pair_batch,
     pair_logprobs,
     pair_step_batches,
     preference_wins,
+    rpo_loss,
 )
 from fl_crew_reddit.training.packing import packed_attention_enabled
 from fl_crew_reddit.training.peft_setup import active_adapter_for, parameter_count
@@ -311,6 +311,7 @@ class LocalTrainer:
         """Train from `global_adapter` on local data; config: local_epochs, batch_size, learning_rate,
         proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned),
         objective (sft | dpo | sft_then_dpo; DPO on the pair rows, batch_size pairs a micro-batch), dpo_beta,
+        dpo_sft_weight (α of the SFT term on the chosen reply during DPO, `dpo.rpo_loss`; absent or 0: plain DPO),
         min_pairs (fewer pairs: SFT only, with metrics["dpo_skipped"]),
         and for speed: tokens_per_batch (0: auto, i.e. from free memory on CUDA, batch_size examples on the CPU),
         grad_accum_steps, packing (auto|on|off; auto: on CUDA), packed_attention (varlen|flex|sdpa),
@@ -382,6 +383,7 @@ class LocalTrainer:
         if objective not in OBJECTIVES:
             raise ValueError(f"{self.name}: unknown training objective {objective!r} (one of {', '.join(OBJECTIVES)})")
         beta, min_pairs = float(config.get("dpo_beta", 0.1)), int(config.get("min_pairs", 4))
+        sft_weight = float(config.get("dpo_sft_weight", 0.0))
         metrics: dict = {}
         use_dpo = objective != "sft"
         if use_dpo:
@@ -459,10 +461,12 @@ class LocalTrainer:
             with autocast_context(self.device, self.mixed_precision):
                 logps = batch_reply_logprobs(self.model, batch, counts, backend)
             where = torch.tensor(index, device=self.device)
-            loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:len(index)], logps[len(index):],
-                                                              reference[0][where], reference[1][where], beta)
+            loss, chosen_rewards, rejected_rewards, chosen_nll = rpo_loss(
+                logps[:len(index)], logps[len(index):], reference[0][where], reference[1][where], beta,
+                torch.tensor(counts[:len(index)], device=self.device), sft_weight)
             return loss * len(index), {"tokens": batch["tokens"], "positions": batch["positions"],
-                                       "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+                                       "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+                                       "chosen_nll": chosen_nll}
 
         # 3. The loops: SFT's mean NLL over reply tokens, then DPO's mean loss over pairs, plus FedProx's
         # (mu/2)·||w − w_global||² when mu > 0 (`_StepRunner`).
@@ -504,7 +508,9 @@ class LocalTrainer:
             metrics.update(dpo_loss=sum(r["loss"] for r in last_epoch) / len(last_epoch),
                            dpo_first_loss=dpo_records[0]["loss"],
                            train_preference_accuracy=preference_wins(chosen, rejected) / len(chosen),
-                           train_reward_margin=float((chosen - rejected).mean()), dpo_beta=beta)
+                           train_reward_margin=float((chosen - rejected).mean()), dpo_beta=beta,
+                           dpo_sft_weight=sft_weight,
+                           dpo_chosen_nll=float(torch.cat([r["chosen_nll"] for r in last_epoch]).float().mean()))
             if not sft_records:  # the loss this fit minimised is DPO's
                 metrics.update(train_loss=metrics["dpo_loss"], first_loss=metrics["dpo_first_loss"])
         tokens = run.tokens
