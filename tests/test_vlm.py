@@ -321,3 +321,50 @@ def test_local_trainer_fits_a_vlm_client(tiny_vlm_dir, tmp_path):
     assert result.metrics["train_loss"] < result.metrics["first_loss"]
     peft.eval()
     assert gap() > before + 0.1  # measured: 0.010 before, 0.160 after
+
+
+def test_site_rows_text_view_and_image_counts_for_the_round_loop(vlm, tmp_path):
+    """What the round loop wires: a site's every split as VLM rows (images left out counted, in the client's round
+    metrics under the projector path's names), preprocessing's text view of the tokenizer rendering through the
+    processor (so its text rows match the VLM's), and the image contribution's blank rows (same tokens, white
+    pixels) giving another perplexity than the real images."""
+    import json
+
+    from fl_crew_reddit.preprocessing.examples import render_chat
+    from fl_crew_reddit.site.data import SiteData
+    from fl_crew_reddit.training.vlm import (
+        VlmRowSettings,
+        VlmTextTokenizer,
+        render_vlm_chat,
+        vlm_image_contribution,
+    )
+    from fl_crew_reddit.workspace import vlm_image_counts
+
+    model, processor = vlm
+    red = png(tmp_path / "red.png", (220, 30, 30))
+    examples = [example("it sank", [red, tmp_path / "gone.png"]), example("no picture here")]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    text = VlmTextTokenizer(processor)
+    data = SiteData(tmp_path, text, 128, vlm=VlmRowSettings(processor, max_images=4, max_image_size=224))
+    rows = data.rows("train")
+    assert [row["images"] for row in rows] == [1, 0] and all("vision" in row for row in rows)
+    assert vlm_image_counts(data) == {"images_used": 1, "image_rows": 1, "images_left_out_image_missing": 1}
+    assert data.rows("test")[0]["images"] == 1  # held-out rows carry their images too
+    # preprocessing's chat rendering through the text view is the processor's text-only rendering
+    assert render_chat(text, example("a reply")["messages"]) == render_vlm_chat(processor, example("a reply")[
+        "messages"], 0)
+    text.padding_side = "left"
+    assert processor.tokenizer.padding_side == "left"
+    text.padding_side = "right"
+    # the image contribution: white images of the same sizes, the same tokens
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    blank = vlm_rows(processor, examples, max_length=128, max_images=4, max_image_size=224, blank=True).rows
+    assert [row["input_ids"] for row in blank] == [row["input_ids"] for row in rows]
+    result = vlm_image_contribution(model, rows, blank, processor.tokenizer.pad_token_id, CPU)
+    assert result.rows == 1 and result.reply_tokens > 0
+    assert result.perplexity_real > 1 and result.perplexity_blank > 1
+    assert result.perplexity_real != result.perplexity_blank
