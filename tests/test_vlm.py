@@ -368,3 +368,21 @@ def test_site_rows_text_view_and_image_counts_for_the_round_loop(vlm, tmp_path):
     assert result.rows == 1 and result.reply_tokens > 0
     assert result.perplexity_real > 1 and result.perplexity_blank > 1
     assert result.perplexity_real != result.perplexity_blank
+
+
+def test_a_long_image_post_loses_the_start_of_its_text_not_its_images_or_reply(vlm, tmp_path):
+    """The image tokens cannot be cut: a post too long for MAX_SEQ_LENGTH with its image loses the start of its
+    text (the end, nearest the reply, stays) and the reply keeps tokenize_example's minimum."""
+    _, processor = vlm
+    tokenizer = processor.tokenizer
+    long_post = {"messages": [{"role": "user", "content": "first words of the post " * 30 + "and the last words"},
+                              {"role": "assistant", "content": "a reply that is long enough to be cut " * 3}],
+                 "image_paths": [str(png(tmp_path / "red.png", (220, 30, 30)))]}
+    built = vlm_rows(processor, [long_post], max_length=64, max_images=4, max_image_size=224)
+    assert not built.skipped and built.image_rows == 1
+    (row,) = built.rows
+    assert len(row["input_ids"]) <= 64 and row["truncated"]
+    assert row["input_ids"].count(processor.image_token_id) == 4
+    assert sum(row["reply_mask"]) >= 16  # max(8, 64 // 4)
+    prompt = tokenizer.decode([t for t, m in zip(row["input_ids"], row["reply_mask"]) if not m])
+    assert "and the last words" in prompt and prompt.rstrip().endswith("Assistant:")

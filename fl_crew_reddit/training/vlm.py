@@ -14,9 +14,10 @@ Choices, and why:
   onto the same base as any PEFT adapter.
 - Rows: the images open the first user turn (as `training.multimodal` places its soft tokens), prompt and reply are
   tokenized separately (as `preprocessing.examples.tokenize_example` does) so the reply mask is exact. The image
-  tokens the processor expands cannot be cut: an example whose images leave no room for a reply falls back to
-  text-only, counted. Every image goes through `preprocessing.images.normalise_image` first (the same checks and
-  size limit as preprocessing); a missing or rejected one is left out and counted by reason.
+  tokens the processor expands cannot be cut: a long image row loses the start of its post's text instead, and an
+  example whose images alone leave no room for a reply falls back to text-only, counted. Every image goes
+  through `preprocessing.images.normalise_image` first (the same checks and size limit as preprocessing); a
+  missing or rejected one is left out and counted by reason.
 - The loss (`vlm_reply_nll`) has `batching.reply_token_nll`'s contract: summed NLL over reply tokens and their
   count, the output layer run only at the reply positions.
 
@@ -217,20 +218,49 @@ def render_vlm_chat(processor, messages: list[dict], images: int) -> tuple[str, 
     return prompt, full[len(prompt):]
 
 
+def shorten_first_user_text(tokenizer, messages: list[dict], drop: int) -> list[dict] | None:
+    """`messages` with the first `drop` tokens of the first user turn's text cut (the turn the images open), or None
+    when that text has no more than `drop` tokens. From the left, as `tokenize_example` cuts a prompt: the end of
+    the post, nearest the reply, stays."""
+    for index, message in enumerate(messages):
+        if message["role"] == "user":
+            ids = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
+            if drop >= len(ids):
+                return None
+            text = tokenizer.decode(ids[drop:], skip_special_tokens=False)
+            return [*messages[:index], {**message, "content": text}, *messages[index + 1:]]
+    return None
+
+
 def vlm_row(processor, messages: list[dict], images: list, max_length: int) -> dict | None:
     """input_ids (image tokens expanded by the processor), the reply mask and the processor's image tensors.
 
     Text-only: the prompt is cut from the left and the reply from the right, by tokenize_example's rule. With
-    images the prompt is kept whole (its image tokens cannot be cut) and the reply cut to fit; None when no reply
-    token fits (the caller falls back to text-only)."""
+    images the image tokens cannot be cut: the first user turn's text is cut from its left instead (at most as much
+    as leaves the reply tokenize_example's minimum), then the reply to fit; None when no reply token fits (the
+    caller falls back to text-only)."""
     tokenizer = processor.tokenizer
-    prompt_text, reply_text = render_vlm_chat(processor, messages, len(images))
-    encoded = processor(text=[prompt_text], images=[images] if images else None, add_special_tokens=False,
-                        return_tensors="pt")
-    prompt = encoded["input_ids"][0].tolist()
-    reply = tokenizer(reply_text, add_special_tokens=False)["input_ids"]
+
+    def encode(chat: list[dict]) -> tuple[dict, list[int], list[int]]:
+        prompt_text, reply_text = render_vlm_chat(processor, chat, len(images))
+        encoded = processor(text=[prompt_text], images=[images] if images else None, add_special_tokens=False,
+                            return_tensors="pt")
+        return encoded, encoded["input_ids"][0].tolist(), tokenizer(reply_text, add_special_tokens=False)["input_ids"]
+
+    encoded, prompt, reply = encode(messages)
     truncated = len(prompt) + len(reply) > max_length
     if truncated and images:
+        min_reply = min(len(reply), max(8, max_length // 4))
+        dropped = 0
+        for _ in range(3):  # decoding and re-encoding the cut text can merge tokens differently: re-measure
+            overflow = len(prompt) + min_reply - max_length
+            if overflow <= 0:
+                break
+            shorter = shorten_first_user_text(tokenizer, messages, dropped + overflow)
+            if shorter is None:
+                break
+            dropped += overflow
+            encoded, prompt, reply = encode(shorter)
         reply = reply[:max(0, max_length - len(prompt))]
     elif truncated:
         min_reply = min(len(reply), max(8, max_length // 4))
