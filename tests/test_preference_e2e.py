@@ -147,7 +147,7 @@ def test_the_report_has_a_preference_learning_section(run):
     _, result, history = run
     markdown = build_report(Path(result.history_path).parent).md.read_text(encoding="utf-8")
     section = markdown.split("## Preference learning", 1)[1].split("\n## ", 1)[0]
-    assert "Local objective: sft_then_dpo, β = 0.2." in section
+    assert "Local objective: sft_then_dpo, β = 0.2, SFT term on the chosen reply α = 0.5." in section
     assert "relevance" in section and FEW_PAIRS_CLIENT in section
     assert "fewer than min_pairs=2" in section  # the skipped reason, per round
     assert "local_only" in section and "centralized" in section

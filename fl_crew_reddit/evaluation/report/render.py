@@ -241,6 +241,8 @@ def _preferences(summary: ReportSummary) -> list[Block]:
     if prefs is None:
         return []
     beta = f", β = {prefs.beta:g}" if prefs.beta is not None and prefs.objective != "sft" else ""
+    if prefs.sft_weight is not None and prefs.objective != "sft":
+        beta += f", SFT term on the chosen reply α = {prefs.sft_weight:g}"
     blocks: list[Block] = [("h2", "Preference learning"), ("p", f"Local objective: {prefs.objective}{beta}.")]
     kinds = sorted({kind for splits in prefs.pairs.values() for counts in splits.values() for kind in counts})
     if prefs.pairs:

@@ -154,6 +154,7 @@ class PreferenceSummary(BaseModel):
 
     objective: str
     beta: float | None
+    sft_weight: float | None = None  # DPO_SFT_WEIGHT (α of the chosen reply's NLL in the DPO loss); None: not recorded
     pairs: dict[str, dict[str, dict[str, int]]]  # client -> split -> kind -> pairs
     left_out: dict[str, dict[str, int]]  # client -> split -> pairs whose rows could not be built
     rows: list[PreferenceRow]
@@ -372,8 +373,9 @@ def _preferences(history: RunHistory) -> PreferenceSummary | None:
                 skipped.append((record.round, client.name, str(metrics["dpo_skipped"])))
     if objective == "sft" and not history.preference_pairs and not rows:
         return None
-    beta = history.settings.get("dpo_beta")
+    beta, sft_weight = history.settings.get("dpo_beta"), history.settings.get("dpo_sft_weight")
     return PreferenceSummary(objective=objective, beta=float(beta) if isinstance(beta, (int, float)) else None,
+                             sft_weight=float(sft_weight) if isinstance(sft_weight, (int, float)) else None,
                              pairs=history.preference_pairs, left_out=history.preference_pairs_left_out, rows=rows,
                              trained=trained, skipped=skipped)
 
