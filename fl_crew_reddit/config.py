@@ -253,6 +253,9 @@ class FLCrewRedditConfig(BaseSettings):
         0.1, gt=0, lt=1, description="Share of each client's threads held out (apart from test) to choose the best "
                                      "round of the federated model and of the baselines; at least 8 examples.")
     eval_samples: int = Field(8, ge=0, le=10_000, description="Replies generated for BLEU / ROUGE each round.")
+    clip_score_examples: int = Field(8, ge=0, le=10_000, description="Held-out replies to image posts (the first "
+                                     "ones, client by client) whose generated replies get a CLIP score each round; "
+                                     "0: none.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds torch, numpy and Python's random (numpy takes "
                                                           "0 to 2**32 - 1).")
     baselines: Annotated[list[Literal["local_only", "centralized"]], NoDecode] = Field(

@@ -349,7 +349,7 @@ class FederatedWorkspace:
         as drawing from the whole list, since `random.sample` draws positions from the length alone."""
         self._shards = {shard.name: shard for shard in self.data.clients}
         self._site_cache.clear()
-        wanted_images = self.config.eval_samples
+        wanted_images = self.config.clip_score_examples
         counts, self._image_examples = [], []
         for shard in self.data.clients:
             path = Path(shard.test_path)
@@ -716,16 +716,18 @@ class FederatedWorkspace:
                 log.warning("Base model: %s is left out of the held-out evaluation: %s", name, reason)
             self.base_metrics = self._flower_metrics(evaluation)
             return self.base_metrics
+        if self._projector is not None:  # the starting state: LoRA B = 0 (the base model) and the seeded projector
+            self._hold(self.initial_adapter)
         self.base_metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), self._sample, self.device,
-                                     use_adapter=False, mixed_precision=self.config.mixed_precision)
+                                     use_adapter=False, mixed_precision=self.config.mixed_precision,
+                                     projector=self._projector)
         self.base_metrics.validation_perplexity, self.base_metrics.validation_per_client = self._validation(
             use_adapter=False)
         if self._vlm_type is not None:  # a vision-language base: replies, CLIP score and image contribution its way
             self._score_vision_language(self.base_metrics, use_adapter=False)
         else:
             self._score_images(self.base_metrics, use_adapter=False)
-        if self._projector is not None:  # the starting state: LoRA B = 0 (the base model) and the seeded projector
-            self._hold(self.initial_adapter)
+        if self._projector is not None:
             self._score_image_contribution(self.base_metrics)
             self._hold(self.global_adapter)
         if self._pair_counts:  # the starting adapter (LoRA B = 0) is the base model: its implicit rewards are 0
@@ -742,7 +744,7 @@ class FederatedWorkspace:
             metrics = self._flower_metrics(self._flower_round.evaluation)
         else:
             metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), self._sample, self.device,
-                               mixed_precision=self.config.mixed_precision)
+                               mixed_precision=self.config.mixed_precision, projector=self._projector)
             metrics.validation_perplexity, metrics.validation_per_client = self._validation()
             self._add_preferences(metrics)
         if self._vlm_type is not None:
@@ -809,7 +811,23 @@ class FederatedWorkspace:
         return metrics
 
     def _score_images(self, metrics: EvalMetrics, use_adapter: bool = True) -> None:
-        """CLIP score of the replies to held-out image posts, or the reason it is not computed, into `metrics`."""
+        """CLIP score of the replies to held-out image posts, or the reason it is not computed, into `metrics`;
+        multimodal (the projector): replies generated with the post's images and with a blank image."""
+        if self._projector is not None:
+            from fl_crew_reddit.evaluation.evaluator import conditioned_clip_scores
+            from fl_crew_reddit.training.multimodal import blank_image_features, stored_features
+
+            if self._blank_features is None:
+                self._blank_features = blank_image_features(self._clip)
+            cfg = self.config
+            scores = conditioned_clip_scores(
+                self.model, self.tokenizer, self._projector, self._clip, self._image_examples,
+                stored_features(self._clip.source), self._blank_features, max_length=cfg.max_seq_length,
+                tokens_per_image=cfg.multimodal_tokens, max_images=cfg.max_images_per_example,
+                use_adapter=use_adapter) if cfg.clip_score_examples else {"clip_note": "CLIP_SCORE_EXAMPLES=0"}
+            for name, value in scores.items():
+                setattr(metrics, name, value)
+            return
         scores = image_text_scores(
             self.model, self.tokenizer, self._image_examples, self.device,
             self.config.image_processor if self.config.support_multimodal else None, use_adapter=use_adapter,
@@ -819,18 +837,24 @@ class FederatedWorkspace:
 
     def _score_image_contribution(self, metrics: EvalMetrics) -> None:
         """Multimodal: reply perplexity of the held-out test replies to image posts with their real images and with
-        a blank white image (`multimodal.image_contribution`), and the test images left out by reason, into
-        `metrics`; `image_note` says why not where no test row carries an image."""
+        a blank white image (`multimodal.image_contribution`), the held-out rows that carried images (test and
+        validation, as the perplexities saw them) and the images left out by reason, into `metrics`; `image_note`
+        says why not where no test row carries an image."""
         from collections import Counter
 
         from fl_crew_reddit.training.multimodal import blank_image_features, image_contribution
 
-        rows, left_out = [], Counter()
+        rows, left_out, validation_rows, validation_left_out = [], Counter(), 0, Counter()
         for name in self.client_names:
             data = self._site_data(name)
             rows.extend(data.image_rows("test"))
             left_out.update(data.images_left_out.get("test", {}))
+            if self._has_validation(name):
+                validation_rows += len(data.image_rows("validation"))
+                validation_left_out.update(data.images_left_out.get("validation", {}))
         metrics.image_left_out = dict(sorted(left_out.items()))
+        metrics.test_image_rows, metrics.validation_image_rows = len(rows), validation_rows
+        metrics.validation_image_left_out = dict(sorted(validation_left_out.items()))
         if not rows:
             metrics.image_note = "no held-out test reply answers a post with an image that has stored CLIP features"
             return
@@ -952,7 +976,7 @@ class FederatedWorkspace:
         """Perplexity on the validation splits (default: all clients', streamed), overall and per client."""
         return split_perplexities(self.model, self._client_split("validation") if rows is None else rows,
                                   self.tokenizer.pad_token_id, self.device, use_adapter=use_adapter,
-                                  mixed_precision=self.config.mixed_precision)
+                                  mixed_precision=self.config.mixed_precision, projector=self._projector)
 
     # --- baselines (same budget as the federated run) ---------------------------------------------------------
     def train_baseline(self, kind: str) -> dict:
@@ -1051,7 +1075,7 @@ class FederatedWorkspace:
     def _test_metrics(self, state: dict[str, torch.Tensor]) -> EvalMetrics:
         self._hold(state)
         metrics = evaluate(self.model, self.tokenizer, self._client_split("test"), [], self.device,
-                           mixed_precision=self.config.mixed_precision)
+                           mixed_precision=self.config.mixed_precision, projector=self._projector)
         return self._add_preferences(metrics, splits=("test",))
 
     # --- history -----------------------------------------------------------------------------------------------

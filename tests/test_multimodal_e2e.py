@@ -120,6 +120,80 @@ def test_history_has_the_image_contribution_each_round_and_the_report_shows_it(r
     assert "Image contribution" in report and "| 2 | " in report.split("Image contribution")[1]
 
 
+def _test_rows_with_images(config, tokenizer, shard) -> list[dict]:
+    """A client's test rows as a site builds them for a multimodal run: image posts with their stored features."""
+    from fl_crew_reddit.preprocessing.image_features import resolve_clip_source
+    from fl_crew_reddit.site.data import ImageRowSettings, SiteData
+    from fl_crew_reddit.training.multimodal import stored_features
+
+    images = ImageRowSettings(stored_features(resolve_clip_source(config.image_processor)), config.multimodal_tokens,
+                              config.max_images_per_example)
+    return SiteData(None, tokenizer, config.max_seq_length, files={"test": shard.test_path},
+                    images=images).rows("test")
+
+
+def test_held_out_perplexity_reads_the_images_of_image_posts(run):
+    """The recorded test perplexity is the one of the test rows with their images (soft tokens through the round's
+    projector), not of text-only rows; an image row's perplexity changes when its image changes."""
+    config, result, history = run
+    from fl_crew_reddit.evaluation.evaluator import held_out_nll
+    from fl_crew_reddit.evaluation.metrics import perplexity
+    from fl_crew_reddit.training.batching import tokenize_all
+    from fl_crew_reddit.training.model_loading import load_base_model
+    from fl_crew_reddit.training.multimodal import with_images_replaced
+    from fl_crew_reddit.training.projector_files import load_multimodal_adapter
+
+    base, tokenizer = load_base_model(config, torch.device("cpu"))
+    model, projector = load_multimodal_adapter(base, Path(result.global_adapters[-1]))
+    pad, cpu, exact = tokenizer.pad_token_id, torch.device("cpu"), {"mixed_precision": config.mixed_precision}
+    with_images, text_only, image_rows = [], [], []
+    for shard in result.history.data.clients:
+        rows = _test_rows_with_images(config, tokenizer, shard)
+        image_rows.extend(row for row in rows if row["image_slots"])
+        with_images.append(held_out_nll(model, rows, pad, cpu, projector=projector, **exact))
+        examples = [json.loads(line) for line in Path(shard.test_path).read_text().splitlines() if line.strip()]
+        text_only.append(held_out_nll(model, tokenize_all(tokenizer, examples, config.max_seq_length), pad, cpu,
+                                      **exact))
+    recorded = history["rounds"][-1]["global"]
+    assert recorded["test_image_rows"] == len(image_rows) > 0
+    assert recorded["image_examples"] == len(image_rows)
+    assert sum(n for _, n in with_images) == recorded["num_tokens"]
+    assert perplexity(sum(t for t, _ in with_images), recorded["num_tokens"]) == pytest.approx(
+        recorded["perplexity"], rel=1e-6)
+    text_ppl = perplexity(sum(t for t, _ in text_only), sum(n for _, n in text_only))
+    assert abs(text_ppl - recorded["perplexity"]) > 1e-6 * recorded["perplexity"]  # the images count
+    real = held_out_nll(model, image_rows[:1], pad, cpu, projector=projector, **exact)
+    first = image_rows[0]["image_embeds"][0]
+    others = [row["image_embeds"][0] for row in image_rows if not torch.allclose(row["image_embeds"][0], first)]
+    other = others[0] if others else -first  # another post's image (the negated embedding if all are the same)
+    changed = held_out_nll(model, with_images_replaced(image_rows[:1], other), pad, cpu, projector=projector,
+                           **exact)
+    assert changed[1] == real[1] and changed[0] != real[0]
+    for metrics in [history["base"]] + [r["global"] for r in history["rounds"]]:
+        assert metrics["test_image_rows"] > 0 and isinstance(metrics["validation_image_rows"], int)
+        assert isinstance(metrics["validation_image_left_out"], dict)
+
+
+def test_history_report_and_tensorboard_carry_the_clip_score_of_replies_generated_with_the_image(run):
+    config, result, history = run
+    from fl_crew_reddit.evaluation.report import markdown_report
+    from fl_crew_reddit.evaluation.tensorboard_scalars import metrics_scalars
+
+    for metrics in [history["base"]] + [r["global"] for r in history["rounds"]]:
+        assert metrics["clip_note"] is None and metrics["clip_image_conditioned"] is True
+        assert 0 < metrics["clip_examples"] <= config.clip_score_examples
+        for key in ("clip_score", "clip_score_blank", "clip_score_reply", "clip_score_post"):
+            assert 0.0 <= metrics[key] <= 100.0, key
+        assert isinstance(metrics["clip_left_out"], dict)
+    # the real replies and the post text do not change between evaluations; the same examples are scored
+    assert len({(m["clip_score_reply"], m["clip_score_post"], m["clip_examples"])
+                for m in [history["base"]] + [r["global"] for r in history["rounds"]]}) == 1
+    assert {"image/clip_score", "image/clip_score_blank", "image/clip_score_reply"} <= set(
+        metrics_scalars(result.history.rounds[-1].global_))
+    report = markdown_report(result.history)
+    assert "Generated (blank image)" in report and "how much the image steers" in report
+
+
 def test_a_run_stopped_in_round_2_resumes_to_the_same_global_state(run, tiny_model_dir, tiny_clip_dir,
                                                                      tmp_path):
     from safetensors.torch import load_file

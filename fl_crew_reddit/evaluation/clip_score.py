@@ -24,6 +24,16 @@ def clip_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.
     return 100.0 * cosine.clamp(min=0.0)
 
 
+def example_clip_scores(image_embeds: list[torch.Tensor], text_embeds: torch.Tensor) -> torch.Tensor:
+    """[n] CLIPScore of each example: the mean over its images ([k, d] each) of 100 · max(cos(image, its text), 0)."""
+    if len(image_embeds) != text_embeds.shape[0]:
+        raise ValueError(f"{len(image_embeds)} image sets for {text_embeds.shape[0]} texts")
+    if any(images.dim() != 2 or images.shape[0] == 0 for images in image_embeds):
+        raise ValueError("each example needs a [k, d] tensor of at least one image embedding")
+    return torch.stack([clip_scores(images.float(), text.float().expand_as(images)).mean()
+                        for images, text in zip(image_embeds, text_embeds)])
+
+
 def mean_clip_score(encoder: ClipEncoder, image_paths: list[list[str]], texts: list[str]) -> float:
     """Mean over examples of each example's mean CLIPScore over its images."""
     if len(image_paths) != len(texts):

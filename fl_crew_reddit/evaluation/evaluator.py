@@ -11,6 +11,8 @@ from fl_crew_reddit.evaluation.metrics import bleu, chrf, distinct_n, perplexity
 from fl_crew_reddit.training.batching import collate, reply_token_nll
 from fl_crew_reddit.training.trainer import autocast_context
 
+GENERATED_REPLY_TOKENS = 48  # the longest generated reply (BLEU / ROUGE sample, CLIP score), in tokens
+
 
 class EvalMetrics(BaseModel):
     perplexity: float = Field(description="on the union of all clients' held-out replies")
@@ -31,7 +33,15 @@ class EvalMetrics(BaseModel):
                                                        "of the post they answer (held-out image posts)")
     clip_score_reply: float | None = Field(None, description="the same for the real replies (a reference level)")
     clip_score_post: float | None = Field(None, description="the same for the post's own text (a reference level)")
+    clip_score_blank: float | None = Field(None, description="multimodal: the CLIP score of replies generated with a "
+                                                             "blank white image in place of the post's images "
+                                                             "(clip_score minus this: how much the image steers)")
+    clip_image_conditioned: bool = Field(False, description="True: the generated replies saw the post's images (soft "
+                                                            "tokens of the projector); False: text-only prompts")
     clip_examples: int = 0
+    clip_left_out: dict[str, int] = Field(default_factory=dict, description="images of the chosen held-out image "
+                                                                            "posts left out of the CLIP score, by "
+                                                                            "reason")
     clip_note: str | None = Field(None, description="why the CLIP score was not computed")
     # multimodal training (training/multimodal.py): how much the image helps predict held-out replies to image posts
     image_perplexity_real: float | None = Field(None, description="reply perplexity of held-out test replies to image "
@@ -41,6 +51,11 @@ class EvalMetrics(BaseModel):
     image_reply_tokens: int = 0
     image_left_out: dict[str, int] = Field(default_factory=dict, description="test images left out, by reason")
     image_note: str | None = Field(None, description="why the image's contribution was not computed")
+    test_image_rows: int = Field(0, description="multimodal: test rows in `perplexity` that carried their images "
+                                                "(the rest are text rows)")
+    validation_image_rows: int = Field(0, description="the same for `validation_perplexity`")
+    validation_image_left_out: dict[str, int] = Field(default_factory=dict,
+                                                      description="validation images left out, by reason")
     # preference pairs (training/dpo.py): does the implicit reward β(log π - log π_base) rank the chosen reply first?
     preference_accuracy: float | None = Field(None, description="share of the held-out test pairs whose chosen reply "
                                                                 "gets the higher implicit reward (ties count half)")
@@ -55,20 +70,20 @@ class EvalMetrics(BaseModel):
 
 @torch.no_grad()
 def held_out_perplexity(model, rows: list[dict], pad_id: int, device: torch.device, batch_size: int = 8,
-                        mixed_precision: str = "auto") -> tuple[float, int]:
-    total, count = held_out_nll(model, rows, pad_id, device, batch_size, mixed_precision)
+                        mixed_precision: str = "auto", projector=None) -> tuple[float, int]:
+    total, count = held_out_nll(model, rows, pad_id, device, batch_size, mixed_precision, projector=projector)
     return perplexity(total, count), count
 
 
 @torch.no_grad()
 def split_perplexities(model, rows_by_client: Mapping[str, list[dict]], pad_id: int, device: torch.device,
-                       use_adapter: bool = True,
-                       mixed_precision: str = "auto") -> tuple[float | None, dict[str, float]]:
+                       use_adapter: bool = True, mixed_precision: str = "auto",
+                       projector=None) -> tuple[float | None, dict[str, float]]:
     """Perplexity only (no generation: cheap enough to run every round) on the union of the clients' rows and on
     each client's own; None and {} where there are no reply tokens (a run made before validation splits)."""
     context = nullcontext() if use_adapter else model.disable_adapter()
     with context:
-        sums = {name: held_out_nll(model, rows, pad_id, device, mixed_precision=mixed_precision)
+        sums = {name: held_out_nll(model, rows, pad_id, device, mixed_precision=mixed_precision, projector=projector)
                 for name, rows in rows_by_client.items() if rows}
     count = sum(n for _, n in sums.values())
     if not count:
@@ -79,12 +94,20 @@ def split_perplexities(model, rows_by_client: Mapping[str, list[dict]], pad_id: 
 
 @torch.no_grad()
 def held_out_nll(model, rows: list[dict], pad_id: int, device: torch.device, batch_size: int = 8,
-                 mixed_precision: str = "auto") -> tuple[float, int]:
-    """Summed reply-token NLL and token count (sums combine across clients; perplexities do not)."""
+                 mixed_precision: str = "auto", projector=None) -> tuple[float, int]:
+    """Summed reply-token NLL and token count (sums combine across clients; perplexities do not).
+
+    Multimodal rows (`training.multimodal.multimodal_rows`: `image_slots` and `image_embeds`) are scored with their
+    images through `projector` (soft tokens, `multimodal_reply_nll`), in batches of their own; the text rows as
+    without images. Without image rows the computation is exactly the text-only one."""
     model.eval()
     if rows and "vision" in rows[0]:  # a vision-language base's rows (training/vlm.py): its images, its loss
         return _vlm_rows_nll(model, rows, pad_id, device, batch_size, mixed_precision)
     total, count = 0.0, 0
+    image_rows = [row for row in rows if row.get("image_slots")]
+    if image_rows:
+        rows = [row for row in rows if not row.get("image_slots")]
+        total, count = _image_rows_nll(model, projector, image_rows, pad_id, device, batch_size, mixed_precision)
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start:start + batch_size], pad_id, device)
@@ -111,8 +134,28 @@ def _vlm_rows_nll(model, rows: list[dict], pad_id: int, device: torch.device, ba
     return total, count
 
 
+def _image_rows_nll(model, projector, rows: list[dict], pad_id: int, device: torch.device, batch_size: int,
+                    mixed_precision: str) -> tuple[float, int]:
+    """Summed reply NLL and token count of rows that carry images, with their images (soft tokens)."""
+    from fl_crew_reddit.training.multimodal import collate_multimodal, multimodal_reply_nll
+
+    if projector is None:
+        raise ValueError(f"{len(rows)} held-out rows carry images but no image projector was given to score them")
+    projector.eval()
+    total, count = 0.0, 0
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    for start in range(0, len(rows), batch_size):
+        batch, features = collate_multimodal(rows[start:start + batch_size], pad_id, device)
+        with autocast_context(device, mixed_precision):
+            nll, n = multimodal_reply_nll(model, projector, batch, features)
+        total += float(nll)
+        count += n
+    return total, count
+
+
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[str], device: torch.device, max_new_tokens: int = 48,
+def generate_replies(model, tokenizer, prompts: list[str], device: torch.device,
+                     max_new_tokens: int = GENERATED_REPLY_TOKENS,
                      batch_size: int = 8) -> list[str]:
     """Greedy replies (deterministic, so rounds compare like with like)."""
     model.eval()
@@ -133,13 +176,16 @@ def generate_replies(model, tokenizer, prompts: list[str], device: torch.device,
 
 
 def evaluate(model, tokenizer, test_rows: list[dict] | Mapping[str, list[dict]], sample_examples: list[dict],
-             device: torch.device, use_adapter: bool = True, mixed_precision: str = "auto") -> EvalMetrics:
+             device: torch.device, use_adapter: bool = True, mixed_precision: str = "auto",
+             projector=None) -> EvalMetrics:
     """Perplexity on every held-out reply (overall and per client when `test_rows` is a mapping by client, read
-    one client at a time); BLEU / ROUGE-L on a fixed sample of generated replies."""
+    one client at a time; rows with images through `projector`); BLEU / ROUGE-L on a fixed sample of generated
+    replies."""
     test_sets = test_rows if isinstance(test_rows, Mapping) else {"all": test_rows}
     context = nullcontext() if use_adapter else model.disable_adapter()
     with context:
-        sums = {name: held_out_nll(model, rows, tokenizer.pad_token_id, device, mixed_precision=mixed_precision)
+        sums = {name: held_out_nll(model, rows, tokenizer.pad_token_id, device, mixed_precision=mixed_precision,
+                                   projector=projector)
                 for name, rows in test_sets.items()}
         count = sum(n for _, n in sums.values())
         ppl = perplexity(sum(t for t, _ in sums.values()), count)
@@ -227,3 +273,49 @@ def image_text_scores(model, tokenizer, image_examples: list[dict], device: torc
         return image_text_alignment(encoder, image_examples, [known[e["id"]] for e in image_examples])
     except OSError as error:  # stored images gone (a run folder moved without its data/)
         return {"clip_note": f"the stored images cannot be read: {error}"}
+
+
+def conditioned_clip_scores(model, tokenizer, projector, encoder, examples: list[dict], features_of, blank_features,
+                            *, max_length: int, tokens_per_image: int, max_images: int, use_adapter: bool = True,
+                            max_new_tokens: int = GENERATED_REPLY_TOKENS) -> dict:
+    """The CLIP fields of EvalMetrics when the model reads images (the multimodal projector): for each of `examples`
+    (held-out replies to image posts) one greedy reply generated with the post's images as soft tokens and one
+    with `blank_features` (a blank white image's embedding) in their place, each scored against the post's images
+    with CLIPScore (Hessel et al. 2021): the images' stored CLIP embeddings (`features_of`, the image tower) and
+    CLIP's text tower (texts cut to its context). The real reply (a ceiling) and the post's text are scored the
+    same way. Images without features and the like are left out and counted (`clip_left_out`); `clip_note` says
+    why nothing was scored."""
+    from collections import Counter
+
+    from fl_crew_reddit.evaluation.clip_score import example_clip_scores
+    from fl_crew_reddit.training.multimodal import generate_with_images, multimodal_rows, with_images_replaced
+
+    if not examples:
+        return {"clip_note": "no held-out example answers a post with a kept image"}
+    left_out: Counter = Counter()
+    kept, rows = [], []
+    for example in examples:  # one at a time: an example without a row must not shift the others
+        built = multimodal_rows(tokenizer, [example], features_of, max_length=max_length,
+                                tokens_per_image=tokens_per_image, max_images=max_images)
+        left_out.update(built.skipped)
+        if built.rows and built.rows[0]["image_slots"]:
+            kept.append(example)
+            rows.append(built.rows[0])
+    if not rows:
+        return {"clip_note": f"none of the {len(examples)} held-out image posts chosen for the CLIP score has an "
+                             "image with stored CLIP features", "clip_left_out": dict(sorted(left_out.items()))}
+    with nullcontext() if use_adapter else model.disable_adapter():
+        generated = generate_with_images(model, projector, tokenizer, rows, max_new_tokens=max_new_tokens)
+        generated_blank = generate_with_images(model, projector, tokenizer,
+                                               with_images_replaced(rows, blank_features),
+                                               max_new_tokens=max_new_tokens)
+    images = [row["image_embeds"] for row in rows]
+
+    def score(texts: list[str]) -> float:
+        return float(example_clip_scores(images, encoder.text_embeddings(texts)).mean())
+
+    return {"clip_score": score(generated), "clip_score_blank": score(generated_blank),
+            "clip_score_reply": score([e["messages"][-1]["content"] for e in kept]),
+            "clip_score_post": score([e["messages"][0]["content"] for e in kept]),
+            "clip_examples": len(rows), "clip_left_out": dict(sorted(left_out.items())),
+            "clip_image_conditioned": True}

@@ -36,6 +36,9 @@ def metrics_scalars(metrics: EvalMetrics | None) -> dict[str, float]:
     if metrics.image_examples:  # multimodal training: held-out image rows with the real vs a blank image
         tags["image/perplexity_real"] = metrics.image_perplexity_real
         tags["image/perplexity_blank"] = metrics.image_perplexity_blank
+    if metrics.clip_examples and metrics.clip_image_conditioned:  # CLIP score of replies generated with the image
+        tags.update({f"image/{key}": getattr(metrics, key)
+                     for key in ("clip_score", "clip_score_blank", "clip_score_reply")})
     return _kept(tags)
 
 

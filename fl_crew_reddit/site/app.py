@@ -143,7 +143,8 @@ class Site:
         for split in splits:
             rows = self.data.rows(split)
             total, count = (held_out_nll(self.model, rows, self.tokenizer.pad_token_id, self.device,
-                                         mixed_precision=self.mixed_precision) if rows else (0.0, 0))
+                                         mixed_precision=self.mixed_precision, projector=self.projector)
+                            if rows else (0.0, 0))  # multimodal: image rows with their images
             sums[split] = EvalSums(nll_sum=float(total), num_tokens=int(count))
         return sums
 

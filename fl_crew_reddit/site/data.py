@@ -49,7 +49,6 @@ class SiteData:
         # a vision-language base (`training.vlm.VlmRowSettings`; None: a text LM): every split's rows come from its
         # processor, image posts with their images; images left out are counted in `images_left_out` as above
         self.vlm = vlm
-        self._image_rows: dict[str, list[dict]] = {}
         unknown = set(files or {}) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown splits {sorted(unknown)}; splits are {', '.join(SPLITS)}")
@@ -75,7 +74,8 @@ class SiteData:
             # a file named in `files` must be there; a folder may lack a split
             present = path is not None and (split in self._files or path.is_file())
             examples = read_jsonl(path) if present else []
-            self._rows[split] = (self._multimodal(split, examples) if split == "train" and self.images is not None
+            # multimodal: every split's image examples carry their images, so held-out perplexity sees them too
+            self._rows[split] = (self._multimodal(split, examples) if self.images is not None
                                  else tokenize_all(self.tokenizer, examples, self.max_seq_length))
         return self._rows[split]
 
@@ -108,12 +108,7 @@ class SiteData:
         contribution); [] without image settings or image examples."""
         if self.images is None:
             return []
-        if split not in self._image_rows:
-            path = self.path(split)
-            examples = read_jsonl(path) if path is not None and path.is_file() else []
-            examples = [e for e in examples if e.get("image_paths")]
-            self._image_rows[split] = [row for row in self._multimodal(split, examples) if row["image_slots"]]
-        return self._image_rows[split]
+        return [row for row in self.rows(split) if row["image_slots"]]
 
     def train_rows(self, client: str, fit_config: Mapping) -> list[dict]:
         """The rows `client` trains on this round: its train split, or, when the fit config makes it a data

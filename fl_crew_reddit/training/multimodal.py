@@ -1,5 +1,6 @@
 """LLaVA-style image conditioning of a text LM: CLIP image embeddings → a small trainable projector → soft tokens
-written into the prompt, trained with the LoRA adapter (issue 15, the model side; the round loop is not wired yet).
+written into the prompt, trained with the LoRA adapter (issue 15; `workspace.FederatedWorkspace` wires it into the
+round loop).
 
 Choices, and why:
 - Features: CLIP's projected, pooled image embedding (`image_embeds`, projection_dim wide: 512 for ViT-B/32), the
@@ -447,6 +448,72 @@ def image_contribution(model, projector: ImageProjector, rows: Sequence[dict],
                              perplexity_real=math.exp(totals["real"] / count),
                              perplexity_blank=math.exp(totals["blank"] / count),
                              blank=blank or ("zeros" if blank_features is None else "blank_features"))
+
+
+# --- generation conditioned on the image ------------------------------------------------------------------------------
+def with_images_replaced(rows: Sequence[dict], features: torch.Tensor) -> list[dict]:
+    """Copies of `rows` with one [d] embedding (a blank image's) in place of each of their images."""
+    return [{**row, "image_embeds": features.detach().to("cpu", torch.float32).reshape(1, -1).expand(
+        row["image_embeds"].shape[0], -1).clone()} if row.get("image_slots") else row for row in rows]
+
+
+def generate_with_images(model, projector: ImageProjector, tokenizer, rows: Sequence[dict], *,
+                         max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+    """Greedy replies to the prompts of multimodal rows (the tokens before their reply, image slots included), the
+    projected image embeddings written at the slots, as training and the held-out loss see them; one reply per
+    row, in order (`generated_ids_with_images`, decoded)."""
+    ids = generated_ids_with_images(model, projector, tokenizer, rows, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size)
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generated_ids_with_images(model, projector: ImageProjector, tokenizer, rows: Sequence[dict], *,
+                              max_new_tokens: int = 48, batch_size: int = 8) -> list[list[int]]:
+    """The new token ids of `generate_with_images`, per row (a row that ended before the batch's longest is
+    padded with the pad id). Rows are left-padded in batches; `generate` gets `inputs_embeds`, so it returns the
+    new tokens only."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = causal_lm.get_input_embeddings().weight.device
+    pad_id = placeholder_id(tokenizer)
+    was_training = (model.training, projector.training)
+    model.eval()
+    projector.eval()
+    replies: list[list[int]] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            prompts = [row["input_ids"][:row["reply_mask"].index(1)] if 1 in row["reply_mask"] else row["input_ids"]
+                       for row in chunk]
+            width = max(len(prompt) for prompt in prompts)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            index, features = [], []
+            for i, (row, prompt) in enumerate(zip(chunk, prompts)):
+                offset = width - len(prompt)
+                input_ids[i, offset:] = torch.tensor(prompt)
+                attention[i, offset:] = 1
+                slots = row.get("image_slots") or []
+                if slots:
+                    _check_slots([row])
+                    index.extend(i * width + offset + slot for slot in slots)
+                    features.append(row["image_embeds"])
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            embeds = causal_lm.get_input_embeddings()(input_ids)
+            if features:
+                soft = projector(torch.cat(features).to(device))
+                hidden_size = embeds.shape[-1]
+                flat = embeds.reshape(-1, hidden_size).index_copy(
+                    0, torch.tensor(index, dtype=torch.long, device=device),
+                    soft.reshape(-1, hidden_size).to(embeds.dtype))
+                embeds = flat.view_as(embeds)
+            output = model.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                    do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+            replies.extend(output.tolist())
+    finally:
+        model.train(was_training[0])
+        projector.train(was_training[1])
+    return replies
 
 
 # --- the vision encoder -----------------------------------------------------------------------------------------------

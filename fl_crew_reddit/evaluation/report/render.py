@@ -308,9 +308,19 @@ def clip_section(summary: ReportSummary) -> list[Block]:
         return [("p", f"CLIP score: not computed — {summary.clip_note}.")]
     if not summary.clip_rows:
         return []  # a history from before the CLIP score
+    intro = ("CLIP score (image–text alignment, 100·max(cos, 0) between CLIP embeddings of a post's images and "
+             "a text; 0–100, higher is closer) on held-out replies to image posts:")
+    if any(c.blank is not None for c in summary.clip_rows):  # multimodal: generated with the image and without
+        rows = [[c.label, _num(c.score), _num(c.blank), _num(c.reply), _num(c.post), _count(c.examples)]
+                for c in summary.clip_rows]
+        return [("p", intro[:-1] + ". The replies were generated greedily with the post's images as soft tokens and "
+                                   "again with a blank white image in their place: the gap between the two columns "
+                                   "is how much the image steers what the model writes, and the real replies' "
+                                   "score is the level a human reply reaches (a ceiling)."),
+                _table(["Round", "Generated (image)", "Generated (blank image)", "Real replies", "Post text",
+                        "Examples"], rows)]
     rows = [[c.label, _num(c.score), _num(c.reply), _num(c.post), _count(c.examples)] for c in summary.clip_rows]
-    return [("p", "CLIP score (image–text alignment, 100·max(cos, 0) between CLIP embeddings of a post's images and "
-                  "a text; 0–100, higher is closer) on held-out replies to image posts:"),
+    return [("p", intro),
             _table(["Round", "Generated replies", "Real replies", "Post text", "Examples"], rows)]
 
 

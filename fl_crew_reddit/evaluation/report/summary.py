@@ -81,6 +81,8 @@ class ClipRow(BaseModel):
     reply: float | None
     post: float | None
     examples: int
+    blank: float | None = None  # multimodal: replies generated with a blank image in place of the post's
+    conditioned: bool = False  # the generated replies saw the post's images
 
 
 class ImageRow(BaseModel):
@@ -260,7 +262,8 @@ def _clip(history: RunHistory) -> tuple[list[ClipRow], str | None]:
     measured = [("base", history.base)] + [(str(r.round), r.global_) for r in history.rounds]
     measured = [(label, m) for label, m in measured if m is not None and (m.clip_score is not None or m.clip_note)]
     rows = [ClipRow(label=label, score=finite(m.clip_score), reply=finite(m.clip_score_reply),
-                    post=finite(m.clip_score_post), examples=m.clip_examples)
+                    post=finite(m.clip_score_post), examples=m.clip_examples, blank=finite(m.clip_score_blank),
+                    conditioned=m.clip_image_conditioned)
             for label, m in measured if finite(m.clip_score) is not None]
     if rows or not measured:
         return rows, None
