@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dp-noise", type=float, default=0.0,
                         help="DP_NOISE_MULTIPLIER of fedavg_norm_bound_dp (0: noise whose norm on the mean is "
                              "half the norm bound, 'weak DP')")
+    parser.add_argument("--backdoor-rules", help="the backdoor row's rules (default: --rules); each of its cells "
+                                                 "also generates replies to score the backdoor, the slow part")
     parser.add_argument("--dp-all", action="store_true", help="run fedavg_norm_bound_dp on every attack")
     parser.add_argument("--clean-rules", action="store_true", help="also run every rule on the clean row")
     parser.add_argument("--test-fraction", type=float, default=0.075)
@@ -329,7 +331,11 @@ def main(argv=None) -> dict:
     rules = [r.strip() for r in (args.rules or ",".join(default_rules)).split(",") if r.strip()]
     if "fedavg" not in rules:
         rules.insert(0, "fedavg")
-    bad = sorted(set(attacks) - set(ATTACKS)) + sorted(set(rules) - set(RULES))
+    backdoor_rules = [r.strip() for r in args.backdoor_rules.split(",") if r.strip()] if args.backdoor_rules \
+        else rules
+    if "fedavg" not in backdoor_rules:
+        backdoor_rules.insert(0, "fedavg")
+    bad = sorted(set(attacks) - set(ATTACKS)) + sorted(set(rules + backdoor_rules) - set(RULES))
     if bad:
         parser.error(f"unknown attacks / rules {bad}")
     if args.threads:
@@ -368,7 +374,8 @@ def main(argv=None) -> dict:
                 say(f"norm bound {norm_bound:.4f} (median clean update norm), DP noise multiplier {dp_noise:.3g}: {dp}")
             # the clean row: FedAvg is the reference; the other rules on clean data only with --clean-rules
             clean_rules = rules if args.clean_rules else ["fedavg"]
-            matrix[attack] = run_attack(matrix_obj, attack, [r for r in (clean_rules if attack == "none" else rules)
+            row_rules = clean_rules if attack == "none" else backdoor_rules if attack == "backdoor" else rules
+            matrix[attack] = run_attack(matrix_obj, attack, [r for r in row_rules
                                                              if attack != "none" or
                                                              not r.startswith("fedavg_norm_bound")],
                                         rounds, norm_bound, dp_noise, args)
