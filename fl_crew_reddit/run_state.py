@@ -216,7 +216,9 @@ def save_state(paths: RunPaths, state: SavedState, global_adapter: Mapping[str, 
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half-written state took
         raise
-    if target.exists():
+    if target.is_symlink():  # never written through: its target lies outside the run
+        target.unlink()
+    elif target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
     tmp = root / f"{POINTER}.tmp"
@@ -246,7 +248,18 @@ def _save_tensors(paths: RunPaths, state: SavedState, staging: Path,
 
 
 def _state_folders(root: Path) -> list[Path]:
-    return [p for p in root.iterdir() if p.is_dir() and _FOLDER.match(p.name)] if root.is_dir() else []
+    """The state folders in `root`; a link is a pointer out of the run's state folder: skipped with a warning."""
+    if not root.is_dir():
+        return []
+    folders = []
+    for path in root.iterdir():
+        if not _FOLDER.match(path.name):
+            continue
+        if path.is_symlink():
+            log.warning("%s is a link to %s, not a state folder of this run: ignored", path, os.readlink(path))
+        elif path.is_dir():
+            folders.append(path)
+    return folders
 
 
 # --- read ----------------------------------------------------------------------------------------------------------

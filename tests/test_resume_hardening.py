@@ -189,6 +189,24 @@ def test_the_pointer_stays_inside_the_state_folder(paths, pointer, caplog):
         assert "does not name a state folder" in caplog.text
 
 
+def test_a_state_folder_that_is_a_link_is_not_followed(paths, tmp_path, caplog):
+    """A state folder must lie in the run's own state folder: a symlink to one elsewhere is a pointer out of it."""
+    _save(paths, 1)
+    _save(paths, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = _save(paths, 3, adapter=_adapter(0.3))
+    shutil.move(str(outside), str(elsewhere / outside.name))
+    outside.symlink_to(elsewhere / outside.name, target_is_directory=True)
+    (state_dir(paths) / "LATEST").write_text("round-3\n")
+    with caplog.at_level(logging.WARNING, logger="fl_crew_reddit.run_state"):
+        state, _, _ = _load(paths)
+    assert state.round == 2
+    assert "round-3" in caplog.text and "link" in caplog.text
+    saved_again = _save(paths, 3)  # the run saves round 3 again: the link is replaced, its target left alone
+    assert not saved_again.is_symlink() and (elsewhere / "round-3" / STATE_FILE).is_file()
+
+
 def test_nothing_saved_is_one_clear_error(paths):
     with pytest.raises(NothingSaved, match="run 'run-a' has nothing saved to resume from"):
         find_run(paths.base, "run-a")
@@ -214,6 +232,32 @@ def test_bare_resume_picks_the_newest_unfinished_run_and_says_why(tmp_path):
     assert find_run(tmp_path, "run-b-finished", rounds=5)[0] == "run-b-finished"  # more rounds: allowed
 
 
+def test_bare_resume_on_the_command_line_names_the_run_it_picked_and_why(tiny_config, monkeypatch, capsys,
+                                                                        keep_sigint):
+    from fl_crew_reddit import FLCrewRedditManager, main
+
+    base = tiny_config.fl_crew_reddit_dir
+    monkeypatch.setenv("FL_CREW_REDDIT_DIR", str(base))
+    monkeypatch.setenv("BASE_LLM_MODEL", tiny_config.base_llm_model)
+    _save(RunPaths(base, "run-older").create(), 1)
+    time.sleep(0.01)
+    _save(RunPaths(base, "run-newer").create(), 0, stage="preprocessed")
+    time.sleep(0.01)
+    _save(RunPaths(base, "run-finished").create(), 3, stage="finished")
+    resumed: list[str | None] = []
+
+    def resume_stops_at_once(self, run_id=None, num_rounds=None, on_round=None):  # what main hands the manager
+        resumed.append(run_id)
+        raise NothingSaved("the test stops here")
+    monkeypatch.setattr(FLCrewRedditManager, "resume", resume_stops_at_once)
+    assert main.main(["run", "--resume"]) == 2
+    out = capsys.readouterr().out
+    assert resumed == ["run-newer"]
+    picked = [line for line in out.splitlines() if line.startswith("Resuming run")]
+    assert len(picked) == 1 and picked[0].startswith("Resuming run run-newer: the newest unfinished run (state saved")
+    assert "after preprocessing" in picked[0] and "1 other unfinished run(s)" in picked[0]
+
+
 def test_a_bad_global_adapter_is_named_not_blamed_on_the_clients():
     strategy = FederatedStrategy(StrategySettings(min_fit_clients=1))
     bad_global = {"w": torch.tensor([float("nan"), 0.0])}
@@ -231,12 +275,27 @@ def _final(result) -> dict[str, torch.Tensor]:
     return load_file(str(Path(result.final_adapter) / "adapter_model.safetensors"))
 
 
+SECRET = "pw-7f3c-never-shown"
+
+
+def _files_with(root: Path, text: str) -> list[str]:
+    """Every file under `root` (tensors, logs, JSON, reports) whose bytes contain `text`."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink() and text.encode() in p.read_bytes()]
+
+
 @pytest.mark.e2e
-def test_stops_in_collection_base_evaluation_and_round_one_resume_to_the_same_model(tiny_config, monkeypatch):
+def test_stops_in_each_stage_resume_to_the_same_model_moved_and_with_no_secret_written(tiny_config, monkeypatch,
+                                                                                         tmp_path, caplog):
+    """Item 1: stopped while collecting the second subreddit, while preprocessing, in the base evaluation and in
+    round 1's aggregation, each run resumes from what it finished to the reference's final adapter bit for bit.
+    Item 2: the round-1 stop is moved to another FL_CREW_REDDIT_DIR before it resumes. Item 7: AGENT_LLM_BASE_URL
+    carries user:password; no file any run wrote (history, state, logs, tensors, report) holds the password."""
     from fl_crew_reddit import FLCrewRedditManager
+    from fl_crew_reddit.evaluation.report import build_report
     from fl_crew_reddit.workspace import FederatedWorkspace
 
-    reference = FLCrewRedditManager(tiny_config).run_federated_learning(num_rounds=2, run_id="run-reference")
+    config = tiny_config.model_copy(update={"agent_llm_base_url": f"http://bob:{SECRET}@127.0.0.1:9/v1"})
+    reference = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-reference")
     import fl_crew_reddit.workspace as workspace_module
 
     real_collect = workspace_module.collect
@@ -258,19 +317,28 @@ def test_stops_in_collection_base_evaluation_and_round_one_resume_to_the_same_mo
         return stopping
 
     monkeypatch.setattr(workspace_module, "collect", collect_then_stop)
-    monkeypatch.setattr(FederatedWorkspace, "evaluate_base", stop_in("evaluate_base"))
-    monkeypatch.setattr(FederatedWorkspace, "aggregate", stop_in("aggregate"))
-    expected_stage = {"collection": "collecting-1", "evaluate_base": "preprocessed", "aggregate": "round-0"}
+    for method_name in ("preprocess", "evaluate_base", "aggregate"):
+        monkeypatch.setattr(FederatedWorkspace, method_name, stop_in(method_name))
+    expected_stage = {"collection": "collecting-1", "preprocess": "collected", "evaluate_base": "preprocessed",
+                      "aggregate": "round-0"}
+    moved = tmp_path / "moved-here"
     for stop_at, saved in expected_stage.items():
         run_id = f"run-stop-{stop_at}"
         calls.clear()
+        before_move = config.model_copy(update={"fl_crew_reddit_dir": tmp_path / "first-place"}) \
+            if stop_at == "aggregate" else config
         with pytest.raises(Stop):
-            FLCrewRedditManager(tiny_config).run_federated_learning(num_rounds=2, run_id=run_id)
-        state_root = tiny_config.fl_crew_reddit_dir / "results" / run_id / "state"
+            FLCrewRedditManager(before_move).run_federated_learning(num_rounds=2, run_id=run_id)
+        state_root = before_move.fl_crew_reddit_dir / "results" / run_id / "state"
         assert (state_root / "LATEST").read_text().strip() == saved
         collected_before = len(calls)
         stop_at = None
-        resumed = FLCrewRedditManager(tiny_config).resume(run_id)
+        resumed_config = config
+        if before_move is not config:  # a moved FL_CREW_REDDIT_DIR: state.json's paths are relative to it
+            shutil.move(str(before_move.fl_crew_reddit_dir), str(moved))
+            resumed_config = config.model_copy(update={"fl_crew_reddit_dir": moved})
+            state_root = moved / "results" / run_id / "state"
+        resumed = FLCrewRedditManager(resumed_config).resume(run_id)
         if saved == "collecting-1":  # the first subreddit is not collected again; the second is
             assert calls[collected_before] == calls[1] and calls[0] not in calls[collected_before:]
         else:
@@ -278,8 +346,18 @@ def test_stops_in_collection_base_evaluation_and_round_one_resume_to_the_same_mo
         assert [r.round for r in resumed.history.rounds] == [1, 2]
         assert resumed.history.base.perplexity == pytest.approx(reference.history.base.perplexity, rel=1e-6)
         for key, value in _final(reference).items():
-            assert torch.equal(_final(resumed)[key], value), (stop_at, key)
+            assert torch.equal(_final(resumed)[key], value), (saved, key)
         assert (state_root / "LATEST").read_text().strip() == "finished"
+    assert str(moved) in resumed.history_path and str(tmp_path / "first-place") not in Path(
+        resumed.history_path).read_text()
+
+    build_report(Path(resumed.history_path).parent)
+    masked = "http://***:***@127.0.0.1:9/v1"
+    for written in (Path(resumed.history_path), state_root / "finished" / STATE_FILE,
+                    Path(resumed.history_path).parent / "report.md"):
+        assert masked in written.read_text(), written  # the setting is recorded, its password is not
+    assert _files_with(tmp_path, SECRET) == []
+    assert SECRET not in caplog.text
 
 
 def _messages(stderr: str) -> list[str]:
@@ -328,7 +406,8 @@ def test_a_full_or_read_only_results_folder_stops_with_one_line_and_the_last_sta
         subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
         code = main.main(["run", "--resume", "run-disk", "--rounds", "2"])
         err = _messages(capsys.readouterr().err)
-        assert code == 1 and len(err) == 1 and "Read-only file system" in err[0], err
+        assert code == 1 and len(err) == 1, err
+        assert f"cannot write to {results / 'run-disk'}" in err[0] and "Read-only file system" in err[0], err
 
         subprocess.run(["mount", "-o", "remount,rw", str(results)], check=True)
         assert main.main(["run", "--resume", "run-disk", "--rounds", "2"]) == 0
@@ -350,3 +429,6 @@ def test_resume_of_a_run_with_nothing_saved_is_one_line(tiny_config, monkeypatch
                    "stage completed): start a new run"]
     assert main.main(["resume", "../../etc"]) == 2
     assert "is not a name" in capsys.readouterr().err
+    assert main.main(["run", "--resume", "nosuchrun"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"Cannot resume: there is no run 'nosuchrun' under {tiny_config.fl_crew_reddit_dir / 'results'}"]
