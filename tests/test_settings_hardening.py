@@ -337,3 +337,19 @@ def test_the_mcp_client_never_shows_the_password_of_its_url(caplog):
     assert "hunter2pw" not in str(raised.value) and "http://***:***@127.0.0.1:9/mcp" in str(raised.value)
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("fl_crew_reddit")]
     assert not any("hunter2pw" in message for message in ours)
+
+
+@pytest.mark.parametrize("client_args", [
+    {"command": ["no-such-mcp-server-binary", "--upstream", "https://alice:hunter2pw@mcp.example/x"]},
+    {"url": "ftp://alice:hunter2pw@mcp.example/x"},
+    {"url": "http://alice:hunter2pw@mcp.example.invalid:9/mcp", "token": "tok"},
+], ids=["REDDIT_MCP_COMMAND", "not-http", "token-over-plain-http"])
+def test_the_mcp_client_masks_every_url_it_names(caplog, client_args):
+    """REDDIT_MCP_COMMAND may carry a URL (a proxy to a remote server); a refused URL and the plain-HTTP token
+    warning name theirs too."""
+    from fl_crew_reddit.reddit.client import RedditMCPClient
+
+    with caplog.at_level(logging.DEBUG), pytest.raises((ValueError, RuntimeError)) as raised:
+        RedditMCPClient(timeout_s=5, connect_timeout_s=3, max_restarts=0, **client_args)
+    assert "hunter2pw" not in str(raised.value) and "***:***@mcp.example" in str(raised.value) + caplog.text
+    assert not any("hunter2pw" in r.getMessage() for r in caplog.records if r.name.startswith("fl_crew_reddit"))

@@ -116,9 +116,9 @@ class RedditMCPClient:
         self._token = token if isinstance(token, SecretStr) or token is None else SecretStr(token)
         if self._token is not None and url.startswith("http://") and not _is_loopback_url(url):
             logger.warning("the bearer token goes to %s over plain HTTP: anyone on the way can read it (use https)",
-                           url)
+                           mask_url_credentials(url))
         if url is not None and not url.startswith(("http://", "https://")):
-            raise ValueError(f"url {url!r} must start with http:// or https://")
+            raise ValueError(f"url {mask_url_credentials(url)!r} must start with http:// or https://")
         self.url = url
         self.command = list(command or [])
         if url is None and not self.command:
@@ -148,8 +148,9 @@ class RedditMCPClient:
 
     @property
     def target(self) -> str:
-        """What this client talks to, for messages (the URL, or the command line)."""
-        return mask_url_credentials(self.url) if self.url else " ".join(self.command)
+        """What this client talks to, for messages (the URL, or the command line), URL credentials masked: a
+        command line may carry a URL too (a proxy to a remote server)."""
+        return mask_url_credentials(self.url or " ".join(self.command))
 
     def _start(self) -> None:
         self._errlog = open(self.stderr_log, "a", encoding="utf-8")
