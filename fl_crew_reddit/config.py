@@ -357,7 +357,8 @@ class FLCrewRedditConfig(BaseSettings):
             return pairs
         return value
 
-    @field_validator("reddit_mcp_url", "reddit_mcp_command", "reddit_mcp_tool_map", mode="before")
+    @field_validator("reddit_mcp_url", "reddit_mcp_command", "reddit_mcp_tool_map", "agent_llm_base_url",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -373,6 +374,20 @@ class FLCrewRedditConfig(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL of a streamable-HTTP MCP endpoint, "
                              "e.g. http://127.0.0.1:8765/mcp")
+        return value.strip()
+
+    @field_validator("agent_llm_base_url")
+    @classmethod
+    def _llm_url(cls, value: str | None) -> str | None:
+        """Refused at start: a URL the agents' LLM client could not use would only fail at the first agent step."""
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL of an OpenAI-compatible server, "
+                             "e.g. http://localhost:8000/v1")
         return value.strip()
 
     @field_validator("reddit_mcp_command")

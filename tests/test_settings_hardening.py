@@ -209,6 +209,20 @@ def test_lora_target_modules_must_each_match_a_module(tiny_model_dir):
         build_peft_model(base, config.model_copy(update={"lora_target_modules": good.split(",")}))
 
 
+@pytest.mark.parametrize("value", ["localhost:8000/v1", f"ftp://bob:{SECRET}@llm.example/v1", "http://", "n/a"])
+def test_agent_llm_base_url_that_is_no_http_url_stops_at_start(monkeypatch, value):
+    monkeypatch.setenv("AGENT_LLM_BASE_URL", value)
+    with pytest.raises(ConfigError) as raised:
+        load_config()
+    message = str(raised.value)
+    assert "AGENT_LLM_BASE_URL" in message and "http://" in message and SECRET not in message
+    for unset in ("", "  "):
+        monkeypatch.setenv("AGENT_LLM_BASE_URL", unset)
+        assert load_config().agent_llm_base_url is None
+    monkeypatch.setenv("AGENT_LLM_BASE_URL", " http://localhost:8000/v1 ")
+    assert load_config().agent_llm_base_url == "http://localhost:8000/v1"
+
+
 def test_unknown_subreddits_are_named_where_the_source_lists_them(monkeypatch, tmp_path):
     from fl_crew_reddit.data_source import check_subreddits
 
@@ -226,6 +240,16 @@ def test_unknown_subreddits_are_named_where_the_source_lists_them(monkeypatch, t
     with pytest.raises(ConfigError, match="AGENT_COLLECT_ALLOWLIST.*nowhere"):
         check_subreddits(load_config())
     monkeypatch.delenv("AGENT_COLLECT_ALLOWLIST")
+    dump = tmp_path / "dump"
+    (dump / "books").mkdir(parents=True)
+    (dump / "books" / "submissions.jsonl").write_text("")
+    monkeypatch.setenv("REDDIT_BACKEND", "dump")
+    monkeypatch.setenv("REDDIT_DUMP_DIR", str(dump))
+    monkeypatch.setenv("SUBREDDITS", "books,atlantis")
+    with pytest.raises(ConfigError, match=f"SUBREDDITS: no subreddit atlantis in {dump}; available: books"):
+        check_subreddits(load_config())
+    monkeypatch.delenv("REDDIT_BACKEND")
+    monkeypatch.delenv("REDDIT_DUMP_DIR")
     # a third-party server cannot be asked without connecting: not checked at start
     monkeypatch.setenv("SUBREDDITS", "atlantis")
     monkeypatch.setenv("REDDIT_MCP_COMMAND", "some-server")
