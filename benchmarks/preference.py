@@ -83,15 +83,21 @@ def main() -> None:
                         help="DPO_SFT_WEIGHT: α of the SFT term on the chosen reply during DPO (0: plain DPO; "
                              "default: the product's default)")
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--arms", choices=["all", "sft_dpo"], default="all",
-                        help="sft_dpo: only base, federated SFT and federated DPO (for sweeps of the DPO settings; "
-                             "the local-only and centralized arms and their goal are left out)")
+    parser.add_argument("--arms", choices=["all", "sft_dpo", "dpo"], default="all",
+                        help="for sweeps of the DPO settings: sft_dpo = only base, federated SFT and federated DPO "
+                             "(the local-only and centralized arms and their goal are left out); dpo = base and "
+                             "federated DPO (the SFT arm does not depend on the DPO settings: compare with the "
+                             "--sft-perplexity an sft_dpo run of the same mode, seed and lr printed)")
+    parser.add_argument("--sft-perplexity", type=float,
+                        help="with --arms dpo: the federated SFT test perplexity to compare with")
     parser.add_argument("--min-pairs", type=int, default=4, help="MIN_PREFERENCE_PAIRS")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is several times faster while other work "
                              "shares the cores (OpenMP threads then wait on each other)")
     args = parser.parse_args()
+    if args.arms == "dpo" and not args.sft_perplexity:
+        parser.error("--arms dpo needs --sft-perplexity (the federated SFT perplexity of an sft_dpo run)")
     if args.threads:  # numba's parallel kernels (aggregation) share torch's OpenMP runtime: both get the count
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
         import torch
@@ -204,11 +210,15 @@ def run(args, workdir: Path) -> dict:
     seconds["base"] = time.perf_counter() - started
     say(f"base: perplexity {base['perplexity']:.2f}, preference accuracy {number(base['preference_accuracy'])}")
 
-    started = time.perf_counter()
-    sft_state, sft_info, _ = federated("sft")
-    sft = score(sft_state, clients) | sft_info
-    seconds["federated_sft"] = time.perf_counter() - started
-    say(f"federated SFT: perplexity {sft['perplexity']:.2f}, preference accuracy {number(sft['preference_accuracy'])}")
+    if args.arms == "dpo":
+        sft = {"perplexity": args.sft_perplexity, "given": "--sft-perplexity (not trained in this run)"}
+    else:
+        started = time.perf_counter()
+        sft_state, sft_info, _ = federated("sft")
+        sft = score(sft_state, clients) | sft_info
+        seconds["federated_sft"] = time.perf_counter() - started
+        say(f"federated SFT: perplexity {sft['perplexity']:.2f}, preference accuracy "
+            f"{number(sft['preference_accuracy'])}")
 
     started = time.perf_counter()
     dpo_state, dpo_info, round_one = federated(args.objective, keep_round_one=True)
@@ -221,9 +231,11 @@ def run(args, workdir: Path) -> dict:
                           if v["preference_accuracy"] is not None]
     fl["preference_accuracy_client_mean"] = statistics.mean(fl_client_accuracy)
     goals = {"fl_accuracy_minus_base_points": 100 * (fl["preference_accuracy"] - base["preference_accuracy"]),
-             "fl_ppl_vs_sft": fl["perplexity"] / sft["perplexity"],
-             "met": {"fl accuracy >= base + 10 points": fl["preference_accuracy"] >= base["preference_accuracy"] + 0.10,
-                     "fl perplexity <= 1.05 x federated SFT": fl["perplexity"] <= 1.05 * sft["perplexity"]}}
+             "met": {"fl accuracy >= base + 10 points":
+                     fl["preference_accuracy"] >= base["preference_accuracy"] + 0.10}}
+    if sft["perplexity"]:
+        goals["fl_ppl_vs_sft"] = fl["perplexity"] / sft["perplexity"]
+        goals["met"]["fl perplexity <= 1.05 x federated SFT"] = fl["perplexity"] <= 1.05 * sft["perplexity"]
     summary = {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed, "rounds": args.rounds,
                "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight, "lr": args.lr,
                "examples_per_client": args.examples, "local_epochs": args.epochs, "posts_per_subreddit": args.posts,
