@@ -61,12 +61,17 @@ def _load(paths: RunPaths, **kwargs):
 
 @pytest.fixture()
 def keep_sigint():
-    """main() installs its own Ctrl+C handler; put pytest's back afterwards."""
+    """main() installs its own Ctrl+C handler and a console log handler on this test's (captured) stdout; put
+    pytest's handler back and take main's console handler away afterwards (a later test would log to a closed
+    stream)."""
     import signal
 
     handler = signal.getsignal(signal.SIGINT)
     yield
     signal.signal(signal.SIGINT, handler)
+    root = logging.getLogger()
+    for console in [h for h in root.handlers if getattr(h, "fl_crew_reddit_console", False)]:
+        root.removeHandler(console)
 
 
 @pytest.fixture()
