@@ -204,8 +204,12 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
             raise
         where = Path(error.filename).parent if error.filename else config.fl_crew_reddit_dir
         _log_trace(error, _run_log)
-        _say(f"Run stopped: cannot write to {where}: {error.strerror}. The last saved state is intact: free space or "
-             f"fix the folder's permissions, then continue with: {resume_hint}")
+        if _has_saved_state(config.fl_crew_reddit_dir.resolve(), run_id):
+            then = f"The last saved state is intact: free space or fix the folder's permissions, then continue " \
+                   f"with: {resume_hint}"
+        else:  # it stopped before its first stage was saved: --resume would find nothing
+            then = f"nothing of run {run_id} was saved: free space or fix the folder's permissions, then start it again"
+        _say(f"Run stopped: cannot write to {where}: {error.strerror}. {then}")
         return 1
     _write_report(result.history_path)
     _print_summary(result.history)
@@ -223,6 +227,17 @@ def run_command(rounds: int | None, verbose: bool, resume: str | None = None) ->
 
 
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+def _has_saved_state(base: Path, run_id: str) -> bool:
+    """Whether `run_id` has a readable saved state that --resume could continue from."""
+    from fl_crew_reddit.run_state import newest_state
+    from fl_crew_reddit.runs import RunPaths
+
+    try:
+        return newest_state(RunPaths(base, run_id)) is not None
+    except OSError:
+        return False
 
 
 def _stop_cleanly_on_ctrl_c(run_id: str) -> None:

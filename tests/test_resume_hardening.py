@@ -413,6 +413,10 @@ def test_a_full_or_read_only_results_folder_stops_with_one_line_and_the_last_sta
         err = _messages(capsys.readouterr().err)
         assert code == 1 and len(err) == 1, err
         assert f"cannot write to {results / 'run-disk'}" in err[0] and "Read-only file system" in err[0], err
+        assert main.main(["run", "--rounds", "1"]) == 1  # a new run cannot make its folder: nothing to resume
+        err = _messages(capsys.readouterr().err)
+        assert len(err) == 1 and f"cannot write to {results}: Read-only file system" in err[0], err
+        assert "nothing of run" in err[0] and "start it again" in err[0] and "--resume" not in err[0], err
 
         subprocess.run(["mount", "-o", "remount,rw", str(results)], check=True)
         assert main.main(["run", "--resume", "run-disk", "--rounds", "2"]) == 0
