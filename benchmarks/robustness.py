@@ -32,6 +32,11 @@ Goals (issue 12, 25% attackers): for every attack some robust rule within 5% of 
                                                         # no multi_krum, 16 backdoor prompts
     .venv/bin/python benchmarks/robustness.py           # 2 rounds, 12 examples/client
     .venv/bin/python benchmarks/robustness.py --quick --attacks none,scale --rules fedavg,median
+    # the targeted run of docs/aggregation.md: FedAvg broken by IPM at ε 10, a backdoor that implants (attackers
+    # training 20 local epochs, boost n/m) and the norm bound stopping it
+    .venv/bin/python benchmarks/robustness.py --quick --threads 1 --attacks ipm,backdoor --ipm-epsilon 10 \
+        --rules fedavg,median,trimmed_mean,krum,fedavg_norm_bound \
+        --backdoor-rules fedavg,median,fedavg_norm_bound,fedavg_norm_bound_dp --backdoor-local-epochs 20
 
 Progress goes to stderr; the last stdout line is one JSON object with every figure.
 """
