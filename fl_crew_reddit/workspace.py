@@ -12,7 +12,7 @@ import logging
 import random
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from fl_crew_reddit.history import (
     RunHistory,
     parse_run_history,
 )
+from fl_crew_reddit.preprocessing.data_paths import read_resolved
 from fl_crew_reddit.preprocessing.media import MediaSettings
 from fl_crew_reddit.preprocessing.pipeline import ClientShard, PreprocessReport, QualityRules, preprocess, read_jsonl
 from fl_crew_reddit.reddit.collector import CollectionReport, collect, load_collected
@@ -351,10 +352,11 @@ class FederatedWorkspace:
         self._site_cache.clear()
         wanted_images = self.config.clip_score_examples
         counts, self._image_examples = [], []
+        outside: Counter = Counter()  # images whose path leads out of the run: left out, never opened
         for shard in self.data.clients:
             path = Path(shard.test_path)
             if len(self._image_examples) < wanted_images:
-                examples = read_jsonl(path)
+                examples = read_resolved(path, read_jsonl(path), outside)
                 self._image_examples.extend(e for e in examples if e.get("image_paths"))
                 counts.append(len(examples))
             else:  # rows only counted, as read_jsonl reads them (blank lines skipped)
@@ -369,8 +371,11 @@ class FederatedWorkspace:
             by_client.setdefault(bisect.bisect_right(starts, position) - 1, []).append(position)
         picked: dict[int, dict] = {}
         for index, mine in by_client.items():
-            examples = read_jsonl(Path(self.data.clients[index].test_path))
+            path = Path(self.data.clients[index].test_path)
+            examples = read_resolved(path, read_jsonl(path), outside)
             picked.update((p, examples[p - starts[index]]) for p in mine)
+        if outside:
+            log.warning("Held-out images left out of the image scores and the sample: %s", dict(outside))
         self._sample = [picked[p] for p in positions]
         if self._vlm_type is not None:  # a VLM generates the sample's replies through its processor, with images
             self._vlm_sample, self._sample = self._sample, []
@@ -956,7 +961,8 @@ class FederatedWorkspace:
                             max_image_size=self.config.max_image_size)
             for shard in self.data.clients:
                 path = Path(shard.test_path)
-                examples = [e for e in read_jsonl(path) if e.get("image_paths")] if path.is_file() else []
+                examples = [e for e in read_resolved(path, read_jsonl(path), left_out) if e.get("image_paths")] \
+                    if path.is_file() else []
                 built = vlm_rows(self._processor, examples, **settings)
                 real.extend(built.rows)
                 left_out.update(built.skipped)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from pydantic import BaseModel, Field, ValidationError
 
 from fl_crew_reddit.preprocessing.cleaning import language_drop_reason
+from fl_crew_reddit.preprocessing.data_paths import portable_rows
 from fl_crew_reddit.preprocessing.examples import render_chat, thread_examples, tokenize_example
 from fl_crew_reddit.preprocessing.image_features import ImageFeatureReport, encode_stored_images
 from fl_crew_reddit.preprocessing.media import MediaSettings, MediaStore
@@ -234,6 +235,9 @@ def preprocess(collected: list[dict], tokenizer, *, run_id: str, data_dir: Path,
         if image_processor:
             image_features = encode_stored_images(
                 image_processor, [Path(path) for pair in image_pairs for path in pair["image_paths"]])
+        # written relative to the run's preprocessed folder: a moved run folder finds its images (`data_paths`)
+        examples = portable_rows(examples, preprocessed_dir)
+        image_pairs = portable_rows(image_pairs, preprocessed_dir)
     else:
         for example in examples:
             example["image_paths"] = []

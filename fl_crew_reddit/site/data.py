@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fl_crew_reddit.preprocessing.data_paths import read_resolved
 from fl_crew_reddit.preprocessing.pipeline import read_jsonl
 from fl_crew_reddit.site.attacks import data_attack_key, poison_examples
 from fl_crew_reddit.training.batching import tokenize_all
@@ -46,6 +47,7 @@ class SiteData:
         self.images = images
         self.images_left_out: dict[str, Counter] = {}
         self.images_used: dict[str, int] = {}  # split -> images that condition a row
+        self._paths_refused: dict[str, Counter] = {}  # split -> image paths outside the run, by reason
         # a vision-language base (`training.vlm.VlmRowSettings`; None: a text LM): every split's rows come from its
         # processor, image posts with their images; images left out are counted in `images_left_out` as above
         self.vlm = vlm
@@ -63,6 +65,16 @@ class SiteData:
             return self._files[split]
         return self.folder / f"{split}.jsonl" if self.folder is not None else None
 
+    def _examples(self, split: str) -> list[dict]:
+        """The examples of `split`'s file ([] for a folder without it; a file named in `files` must be there), their
+        image paths resolved against the run folder the file lies in now (`data_paths`): a path leading out of it
+        is left out, counted in `_paths_refused[split]`, and never opened."""
+        path = self.path(split)
+        if path is None or not (split in self._files or path.is_file()):
+            return []
+        self._paths_refused[split] = Counter()
+        return read_resolved(path, read_jsonl(path), self._paths_refused[split])
+
     def rows(self, split: str) -> list[dict]:
         """Tokenized rows of `split`; [] for a split the site does not have (a run made before validation)."""
         if split not in SPLITS:
@@ -70,10 +82,7 @@ class SiteData:
         if self.vlm is not None and split not in self._rows:
             self._rows[split] = self._vision_language(split)
         if split not in self._rows:
-            path = self.path(split)
-            # a file named in `files` must be there; a folder may lack a split
-            present = path is not None and (split in self._files or path.is_file())
-            examples = read_jsonl(path) if present else []
+            examples = self._examples(split)
             # multimodal: every split's image examples carry their images, so held-out perplexity sees them too
             self._rows[split] = (self._multimodal(split, examples) if self.images is not None
                                  else tokenize_all(self.tokenizer, examples, self.max_seq_length))
@@ -87,7 +96,7 @@ class SiteData:
         settings = self.images
         built = multimodal_rows(self.tokenizer, examples, settings.features_of, max_length=self.max_seq_length,
                                 tokens_per_image=settings.tokens_per_image, max_images=settings.max_images)
-        self.images_left_out[split] = built.skipped
+        self.images_left_out[split] = built.skipped + self._paths_refused.get(split, Counter())
         self.images_used[split] = built.images
         return built.rows
 
@@ -95,11 +104,10 @@ class SiteData:
         """A VLM base's rows of `split` (`training.vlm.vlm_rows`); images left out counted by reason."""
         from fl_crew_reddit.training.vlm import vlm_rows
 
-        path = self.path(split)
-        examples = read_jsonl(path) if path is not None and (split in self._files or path.is_file()) else []
+        examples = self._examples(split)
         built = vlm_rows(self.vlm.processor, examples, max_length=self.max_seq_length,
                          max_images=self.vlm.max_images, max_image_size=self.vlm.max_image_size)
-        self.images_left_out[split] = built.skipped
+        self.images_left_out[split] = built.skipped + self._paths_refused.get(split, Counter())
         self.images_used[split] = built.images
         return built.rows
 
