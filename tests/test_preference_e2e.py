@@ -205,12 +205,12 @@ def test_a_client_whose_dpo_loss_turns_non_finite_is_left_out_with_its_reason(ti
     from fl_crew_reddit import FLCrewRedditManager
     from fl_crew_reddit.training import trainer
 
-    real_loss = trainer.dpo_loss
+    real_loss = trainer.rpo_loss
     current = {}
 
     def loss_of(*args):  # client-1's DPO loss is NaN; the others' are what DPO computes
-        loss, chosen, rejected = real_loss(*args)
-        return (loss * torch.nan if current.get("client") == "client-1" else loss), chosen, rejected
+        loss, chosen, rejected, chosen_nll = real_loss(*args)
+        return (loss * torch.nan if current.get("client") == "client-1" else loss), chosen, rejected, chosen_nll
 
     real_fit = trainer.LocalTrainer.fit
 
@@ -218,7 +218,7 @@ def test_a_client_whose_dpo_loss_turns_non_finite_is_left_out_with_its_reason(ti
         current["client"] = self.name
         return real_fit(self, global_adapter, config)
 
-    monkeypatch.setattr(trainer, "dpo_loss", loss_of)
+    monkeypatch.setattr(trainer, "rpo_loss", loss_of)
     monkeypatch.setattr(trainer.LocalTrainer, "fit", fit)
     config = tiny_config.model_copy(update={"eval_samples": 0, "local_epochs": 1, "max_examples_per_client": 8,
                                             "training_objective": "dpo", "min_preference_pairs": 2,
