@@ -438,7 +438,10 @@ def prepare_site_command(data_dir, config, subreddits: list[str] | None = None, 
     counts, what was dropped and why). Nothing leaves the machine."""
     import json
     import shutil
+    from collections import Counter
 
+    from fl_crew_reddit.preprocessing.data_paths import data_anchor, portable_rows, read_resolved
+    from fl_crew_reddit.preprocessing.pipeline import read_jsonl, write_jsonl
     from fl_crew_reddit.runs import RunPaths, write_json_atomic
     from fl_crew_reddit.workspace import FederatedWorkspace
 
@@ -460,8 +463,10 @@ def prepare_site_command(data_dir, config, subreddits: list[str] | None = None, 
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, source in (("train", shard.train_path), ("test", shard.test_path),
                           ("validation", shard.validation_path)):
-        if source:
-            shutil.copyfile(source, data_dir / f"{split}.jsonl")
+        if source:  # image paths re-anchored: relative to this site folder, which holds the work/ images
+            target = data_dir / f"{split}.jsonl"
+            rows = read_resolved(Path(source), read_jsonl(Path(source)), Counter())
+            write_jsonl(target, portable_rows(rows, data_anchor(target)))
             pairs = Path(source).with_name(f"{split}_pairs.jsonl")  # the preference pairs of that split
             if pairs.is_file():
                 shutil.copyfile(pairs, data_dir / pairs.name)

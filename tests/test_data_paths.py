@@ -146,3 +146,22 @@ def test_the_anchor_of_each_data_file(tmp_path):
     [row] = resolve_rows([{"id": "x", "image_paths": ["images/a.png", "/etc/passwd"]}], anchor, left_out)
     assert row["image_paths"] == [str((anchor / "images" / "a.png").resolve())]
     assert left_out == Counter({SKIP_IMAGE_PATH_OUTSIDE_RUN: 1})
+
+
+@pytest.mark.e2e
+def test_a_prepared_site_folder_is_its_own_anchor(tiny_config, tokenizer, tmp_path):
+    """prepare-site writes the splits into the site folder with image paths relative to it (its images lie in its
+    work/ folder): the site reads them there, and after the site folder moves."""
+    from fl_crew_reddit.main import prepare_site_command
+
+    config = tiny_config.model_copy(update={"support_multimodal": True, "max_examples_per_client": 400})
+    assert prepare_site_command(tmp_path / "site", config, ["cooking", "gardening", "learnpython"], 40) == 0
+    paths = [p for split in ("train", "validation", "test") for row in _read(tmp_path / "site" / f"{split}.jsonl")
+             for p in row.get("image_paths", [])]
+    assert paths and all(p.startswith("work/data/preprocessed/site/images/") for p in paths)
+    shutil.move(tmp_path / "site", tmp_path / "moved-site")
+    features = Features()
+    site = _site(tmp_path / "moved-site", tokenizer, features)
+    assert sum(len(site.rows(split)) for split in ("train", "test")) > 0 and features.opened
+    assert all((tmp_path / "moved-site").resolve() in p.parents for p in features.opened)
+    assert not site.images_left_out["train"][SKIP_IMAGE_PATH_OUTSIDE_RUN]

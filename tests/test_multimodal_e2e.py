@@ -9,6 +9,7 @@ One run (module fixture) and one test per promise, as in test_e2e.py.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,16 @@ def test_a_run_stopped_in_round_2_resumes_to_the_same_global_state(run, tiny_mod
     config = multimodal_config(tiny_model_dir, tmp_path / "stopped", tiny_clip_dir)
     with stopped_in_round(2), pytest.raises(RunStopped):
         FLCrewRedditManager(config).run_federated_learning(num_rounds=ROUNDS)
+    # issue 14 item 2: the run folder moves before the resume; its shards name their images relative to the run,
+    # so the resumed round finds them at the new place (a copy at the old place would be read otherwise: removed)
+    shutil.move(tmp_path / "stopped", tmp_path / "moved")
+    config = multimodal_config(tiny_model_dir, tmp_path / "moved", tiny_clip_dir)
     resumed = FLCrewRedditManager(config).resume()
+    # round 2's evaluation (after the resume) reads the held-out images at the new place, as the unmoved run did
+    moved_eval, unmoved_eval = resumed.history.rounds[-1].global_, result.history.rounds[-1].global_
+    assert moved_eval.image_examples == unmoved_eval.image_examples > 0
+    assert (moved_eval.image_left_out, moved_eval.clip_left_out) == (unmoved_eval.image_left_out,
+                                                                     unmoved_eval.clip_left_out)
     for name in ("adapter_model.safetensors", "projector.safetensors"):
         expected = load_file(str(Path(result.global_adapters[-1]) / name))
         got = load_file(str(Path(resumed.global_adapters[-1]) / name))
@@ -221,8 +231,9 @@ def _image_site(tmp_path, tiny_model):
 
     model, tokenizer = tiny_model
     generator = torch.Generator().manual_seed(3)
-    features = {Path("good.png"): torch.randn(16, generator=generator) * 5,
-                Path("nan.png"): torch.full((16,), float("nan"))}
+    # SiteData resolves the file's image paths against the site folder (issue 14 item 2) before asking for features
+    features = {(tmp_path / "good.png").resolve(): torch.randn(16, generator=generator) * 5,
+                (tmp_path / "nan.png").resolve(): torch.full((16,), float("nan"))}
 
     def example(eid: str, images: list[str]) -> dict:
         return {"id": eid, "image_paths": images,
