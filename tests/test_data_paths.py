@@ -138,7 +138,10 @@ def test_image_paths_leading_out_of_the_run_are_counted_and_never_opened(tokeniz
 
 def test_the_anchor_of_each_data_file(tmp_path):
     data = tmp_path / "data"
-    assert data_anchor(data / "training" / "r1" / "client-3" / "test.jsonl") == data / "preprocessed" / "r1"
+    shard = data / "training" / "r1" / "client-3"
+    assert data_anchor(shard / "test.jsonl") == shard  # no preprocessed folder of r1 here: the folder itself
+    (data / "preprocessed" / "r1").mkdir(parents=True)
+    assert data_anchor(shard / "test.jsonl") == data / "preprocessed" / "r1"
     assert data_anchor(data / "preprocessed" / "r1" / "examples.jsonl") == data / "preprocessed" / "r1"
     assert data_anchor(tmp_path / "site" / "train.jsonl") == tmp_path / "site"  # a site's own folder
     left_out = Counter()

@@ -33,10 +33,12 @@ def portable_rows(rows: Iterable[dict], anchor: Path) -> list[dict]:
 def data_anchor(data_file: Path) -> Path:
     """The folder the image paths of `data_file` are relative to: the run's preprocessed folder
     (<data>/preprocessed/<run>) for a client shard at <data>/training/<run>/<client>/<split>.jsonl or a file in
-    that folder; otherwise (a site's own data folder laid out elsewhere) the file's own folder."""
+    that folder (when it exists); otherwise (a site's own data folder, made by prepare-site) the file's own folder."""
     folder = Path(data_file).absolute().parent
     if len(folder.parents) >= 3 and folder.parents[1].name == "training":
-        return folder.parents[2] / "preprocessed" / folder.parent.name
+        preprocessed = folder.parents[2] / "preprocessed" / folder.parent.name
+        if preprocessed.is_dir():
+            return preprocessed
     return folder
 
 
