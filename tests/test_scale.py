@@ -72,7 +72,11 @@ def test_only_sampled_clients_are_tokenized_and_evaluation_is_exact(tiny_model_d
     # ... the BLEU sample and the image examples are those drawn from the whole test union ...
     all_test = [e for shard in report.clients for e in read_jsonl(Path(shard.test_path))]
     assert workspace._sample == random.Random(config.seed).sample(all_test, 5)
-    assert workspace._image_examples == [e for e in all_test if e["image_paths"]][:config.clip_score_examples]
+    expected = [e for e in all_test if e["image_paths"]][:config.clip_score_examples]
+    assert [e["id"] for e in workspace._image_examples] == [e["id"] for e in expected]
+    # their image paths resolved against the shard's own folder (preprocessing/data_paths.py), never left relative
+    assert all(Path(p).is_absolute() and Path(p).name == "missing.png"
+               for e in workspace._image_examples for p in e["image_paths"])
     # ... and the streamed perplexities equal the eager ones (everything tokenized up front), to the last bit.
     tokenizer, model = workspace.tokenizer, workspace.model
 
