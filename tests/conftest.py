@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -161,3 +162,31 @@ def tiny_vlm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     Idefics3ForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of live processes whose command line mentions `text` (a test's folder: its SuperLink / SuperNodes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture()
+def flower_dir(tmp_path):
+    """A Flower run's folder; whatever the test leaves running there (SuperLink, SuperNodes) is killed at the end."""
+    folder = tmp_path / "flower"
+    folder.mkdir()
+    yield folder
+    for pid in processes_mentioning(str(folder)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

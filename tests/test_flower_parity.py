@@ -1,45 +1,15 @@
 """FEDERATION=local-flower on Flower's real Deployment Engine (a SuperLink and three SuperNodes on 127.0.0.1) gives
 the same global adapter and the same per-round perplexities as the in-process engine, with the same SEED."""
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import processes_mentioning, tiny_run_config
 from safetensors.torch import load_file
 
 from fl_crew_reddit import FLCrewRedditManager
 
 ROUNDS = 2
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """Ids of live processes whose command line mentions `text` (this test's folder: its SuperLink / SuperNodes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-@pytest.fixture()
-def flower_dir(tmp_path):
-    """The Flower run's folder; whatever the test leaves running there (SuperLink, SuperNodes) is killed at the end."""
-    folder = tmp_path / "flower"
-    folder.mkdir()
-    yield folder
-    for pid in _processes_mentioning(str(folder)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _global_adapters(result) -> list[dict[str, torch.Tensor]]:
@@ -90,6 +60,6 @@ def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, mo
             assert client_a["metrics"]["bytes_up"] > client_a["metrics"]["update_bytes"] * 0.5
     assert flower.best_round == inprocess.best_round
     # The SuperLink and SuperNodes are gone once the run returns.
-    assert _processes_mentioning(str(flower_dir)) == []
+    assert processes_mentioning(str(flower_dir)) == []
     logs = flower_dir / "results" / "run-b" / "flower" / "logs"
     assert {"superlink.log", "supernode-client-0.log"} <= {p.name for p in logs.iterdir()}

@@ -8,8 +8,6 @@ One in-process round (module fixture) is the reference for both.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -60,21 +58,6 @@ def test_inprocess_reference_trains_the_projector(inprocess, tiny_model_dir, tin
     fresh = {PROJECTOR_PREFIX + k: v for k, v in projector_from_config(config, base, 16).state_dict().items()}
     trained = {k: v for k, v in _global_state(inprocess).items() if k.startswith(PROJECTOR_PREFIX)}
     assert _largest_difference(fresh, trained) > 1e-4
-
-
-@pytest.fixture()
-def flower_dir(tmp_path):
-    """The Flower run's folder; the SuperLink and SuperNodes left running there are killed at the end."""
-    from test_flower_parity import _processes_mentioning
-
-    folder = tmp_path / "flower"
-    folder.mkdir()
-    yield folder
-    for pid in _processes_mentioning(str(folder)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.e2e

@@ -382,24 +382,6 @@ def test_site_data_reads_and_tokenizes_pair_files(tiny_model, tmp_path, monkeypa
 
 
 # --- FEDERATION=local-flower: the same DPO rounds on Flower's Deployment Engine ---------------------------------------
-@pytest.fixture()
-def flower_dir(tmp_path):
-    """The Flower run's folder; the SuperLink and SuperNodes left running there are killed at the end."""
-    from test_flower_parity import _processes_mentioning
-
-    folder = tmp_path / "flower"
-    folder.mkdir()
-    yield folder
-    import os
-    import signal
-
-    for pid in _processes_mentioning(str(folder)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_local_flower_trains_dpo_like_inprocess(tiny_model_dir, tmp_path, flower_dir, monkeypatch):
     """The fit config reaches the SuperNodes, each site trains DPO on its own pair file and scores its held-out
     pairs: the same global adapter and preference metrics as in-process, and a site's words (objective_used,

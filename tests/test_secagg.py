@@ -186,7 +186,8 @@ def test_settings_secagg_cannot_go_with_are_refused(tiny_model_dir, tmp_path):
 def test_local_flower_secagg_round_equals_plain_fedavg(tiny_model_dir, tmp_path, monkeypatch):
     # Prepare: the same tiny settings and SEED; in-process plain FedAvg is the oracle (the Flower parity test shows
     # both engines give the same adapter to 1e-6 without SecAgg)
-    from test_flower_parity import _global_adapters, _processes_mentioning
+    from conftest import processes_mentioning
+    from test_flower_parity import _global_adapters
 
     from fl_crew_reddit import FLCrewRedditManager
 
@@ -200,7 +201,7 @@ def test_local_flower_secagg_round_equals_plain_fedavg(tiny_model_dir, tmp_path,
             tiny_model_dir, folder, federation="local-flower", flower_insecure=True, secure_aggregation=True,
             **settings)).run_federated_learning(num_rounds=1, run_id="secure")
     finally:
-        leftover = _processes_mentioning(str(folder))
+        leftover = processes_mentioning(str(folder))
     assert leftover == []
 
     # Assert: the same global adapter within SecAgg+'s quantization ...
