@@ -102,52 +102,35 @@ def held_out_nll(model, rows: list[dict], pad_id: int, device: torch.device, bat
     without images. Without image rows the computation is exactly the text-only one."""
     model.eval()
     if rows and "vision" in rows[0]:  # a vision-language base's rows (training/vlm.py): its images, its loss
-        return _vlm_rows_nll(model, rows, pad_id, device, batch_size, mixed_precision)
+        from fl_crew_reddit.training.vlm import collate_vlm, vlm_reply_nll
+
+        return _summed_nll(rows, batch_size, device, mixed_precision,
+                           lambda chunk: vlm_reply_nll(model, collate_vlm(chunk, pad_id, device)))
     total, count = 0.0, 0
     image_rows = [row for row in rows if row.get("image_slots")]
-    if image_rows:
+    if image_rows:  # with their images (soft tokens through the projector), in batches of their own
+        from fl_crew_reddit.training.multimodal import collate_multimodal, multimodal_reply_nll
+
+        if projector is None:
+            raise ValueError(f"{len(image_rows)} held-out rows carry images but no image projector was given to "
+                             "score them")
+        projector.eval()
         rows = [row for row in rows if not row.get("image_slots")]
-        total, count = _image_rows_nll(model, projector, image_rows, pad_id, device, batch_size, mixed_precision)
+        total, count = _summed_nll(image_rows, batch_size, device, mixed_precision,
+                                   lambda chunk: multimodal_reply_nll(model, projector,
+                                                                      *collate_multimodal(chunk, pad_id, device)))
+    return _summed_nll(rows, batch_size, device, mixed_precision,
+                       lambda chunk: reply_token_nll(model, collate(chunk, pad_id, device)), total, count)
+
+
+def _summed_nll(rows: list[dict], batch_size: int, device: torch.device, mixed_precision: str, score,
+                total: float = 0.0, count: int = 0) -> tuple[float, int]:
+    """`total` and `count` plus the summed reply NLL and reply tokens of `rows`, scored by `score(chunk) -> (nll, n)`
+    in batches of similar length (sorted, so padding stays small)."""
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size], pad_id, device)
         with autocast_context(device, mixed_precision):
-            nll, n = reply_token_nll(model, batch)
-        total += float(nll)
-        count += n
-    return total, count
-
-
-def _vlm_rows_nll(model, rows: list[dict], pad_id: int, device: torch.device, batch_size: int,
-                  mixed_precision: str) -> tuple[float, int]:
-    """Summed reply NLL and token count of a VLM's rows (`training.vlm.vlm_rows`), image rows with their images."""
-    from fl_crew_reddit.training.vlm import collate_vlm, vlm_reply_nll
-
-    total, count = 0.0, 0
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
-    for start in range(0, len(rows), batch_size):
-        batch = collate_vlm(rows[start:start + batch_size], pad_id, device)
-        with autocast_context(device, mixed_precision):
-            nll, n = vlm_reply_nll(model, batch)
-        total += float(nll)
-        count += n
-    return total, count
-
-
-def _image_rows_nll(model, projector, rows: list[dict], pad_id: int, device: torch.device, batch_size: int,
-                    mixed_precision: str) -> tuple[float, int]:
-    """Summed reply NLL and token count of rows that carry images, with their images (soft tokens)."""
-    from fl_crew_reddit.training.multimodal import collate_multimodal, multimodal_reply_nll
-
-    if projector is None:
-        raise ValueError(f"{len(rows)} held-out rows carry images but no image projector was given to score them")
-    projector.eval()
-    total, count = 0.0, 0
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
-    for start in range(0, len(rows), batch_size):
-        batch, features = collate_multimodal(rows[start:start + batch_size], pad_id, device)
-        with autocast_context(device, mixed_precision):
-            nll, n = multimodal_reply_nll(model, projector, batch, features)
+            nll, n = score(rows[start:start + batch_size])
         total += float(nll)
         count += n
     return total, count
