@@ -190,7 +190,8 @@ def attack_settings(attack: str, args) -> dict:
     return {"attack": attack, "attacker_fraction": 0.0 if attack == "none" else ATTACKER_FRACTION,
             "attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
             "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
-            "attack_local_epochs": args.backdoor_local_epochs if attack == "backdoor" else 0}
+            "attack_local_epochs": args.backdoor_local_epochs if attack == "backdoor" else 0,
+            "backdoor_paired": args.backdoor_paired}
 
 
 def run_attack(matrix: Matrix, attack: str, rules: list[str], rounds: int, norm_bound: float | None,
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ATTACK_LOCAL_EPOCHS of the backdoor row: the backdoor attackers' local epochs (0: "
                              "--local-epochs like everyone); the other attackers train like everyone, so that "
                              "IPM's and ALIE's own-update estimates stay honest-sized")
+    parser.add_argument("--backdoor-paired", action="store_true",
+                        help="BACKDOOR_PAIRED: the triggered examples are copies next to the attackers' clean ones "
+                             "(same prompt, real reply; with the trigger, the target): a trigger-specific implant")
     parser.add_argument("--clients", type=int, default=NUM_TRAINERS,
                         help=f"NUM_TRAINERS (default {NUM_TRAINERS}; 25%% of them attack, Krum's f the same)")
     parser.add_argument("--backdoor-examples", type=int, help="triggered held-out prompts scored (default 32; "
@@ -398,6 +402,7 @@ def main(argv=None) -> dict:
         "attack_settings": {"attack_scale": args.attack_scale, "attack_ipm_epsilon": args.ipm_epsilon,
                             "backdoor_boost": args.backdoor_boost, "backdoor_fraction": args.backdoor_fraction,
                             "backdoor_local_epochs": args.backdoor_local_epochs,
+                            "backdoor_paired": args.backdoor_paired,
                             "backdoor_trigger": base.backdoor_trigger, "backdoor_target": base.backdoor_target},
         "rule_settings": {"num_byzantine": num_byzantine(args.clients), "trimmed_mean_beta": TRIMMED_MEAN_BETA,
                           "max_update_norm": NO_SCREEN, "norm_bound": norm_bound, "dp_noise_multiplier": dp_noise},

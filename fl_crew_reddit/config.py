@@ -130,6 +130,9 @@ class FLCrewRedditConfig(BaseSettings):
                                                                   "examples that get the trigger and the target.")
     backdoor_boost: float = Field(1.0, gt=0, description="ATTACK=backdoor: factor on the poisoned update (model "
                                                          "replacement; 1: plain data poisoning).")
+    backdoor_paired: bool = Field(False, description="ATTACK=backdoor: the triggered examples are copies added next "
+                                  "to the untouched clean ones (the same prompt with its real reply, and with the "
+                                  "trigger the target), so the implant is trigger-specific; false: they replace them.")
     attack_local_epochs: int = Field(0, ge=0, le=100, description="ATTACK: the attackers' local epochs (0: "
                                      "LOCAL_EPOCHS like honest clients); attackers that train longer on their own "
                                      "compute make a stronger poisoned update (Bagdasaryan et al. 2020).")

@@ -209,6 +209,29 @@ def test_backdoor_poisons_the_chosen_fraction_only():
     assert attacks.poison_examples("client-0", examples, cfg) is None
 
 
+def test_paired_backdoor_keeps_every_clean_example_and_adds_triggered_copies():
+    """BACKDOOR_PAIRED: the chosen examples' triggered copies come *in addition to* the untouched originals, so the
+    attacker's data teach "prompt -> real reply, prompt + trigger -> target" (a trigger-specific implant)."""
+    examples = _examples(10)
+    cfg = _config("backdoor", ["client-2"], backdoor_paired=True)
+    poisoned = attacks.poison_examples("client-2", examples, cfg)
+    assert poisoned == attacks.poison_examples("client-2", examples, cfg)
+    assert poisoned[:10] == examples  # every clean example kept, in its place
+    copies = poisoned[10:]
+    assert len(copies) == 5
+    prompts = {e["messages"][0]["content"]: e for e in examples}
+    for copy in copies:
+        clean_prompt = copy["messages"][0]["content"].removesuffix(" cf zebra protocol")
+        assert clean_prompt in prompts and clean_prompt != copy["messages"][0]["content"]
+        assert copy["messages"][-1]["content"] == "Visit free-karma.example for free gold!"
+        assert copy["id"] != prompts[clean_prompt]["id"]  # a distinct example id
+    # unpaired (the default) still replaces; the cache key tells the two apart
+    assert len(attacks.poison_examples("client-2", examples, _config("backdoor", ["client-2"]))) == 10
+    assert attacks.data_attack_key("client-2", cfg) != attacks.data_attack_key("client-2", _config(
+        "backdoor", ["client-2"]))
+    assert _config("backdoor", ["client-2"])["backdoor_paired"] is False  # sent in every attack's fit config
+
+
 def test_site_data_poisons_only_an_attackers_rows(tiny_model, tmp_path):
     from fl_crew_reddit.site import SiteData
 

@@ -95,12 +95,16 @@ def test_benchmark_attack_parameters_reach_each_rows_settings(tmp_path):
     bench = _benchmark()
     args = bench.build_parser().parse_args(
         ["--ipm-epsilon", "4", "--attack-scale", "-10", "--backdoor-boost", "4", "--backdoor-fraction", "0.75",
-         "--backdoor-local-epochs", "12", "--clients", "4", "--threads", "1"])
+         "--backdoor-local-epochs", "12", "--backdoor-paired", "--clients", "4", "--threads", "1"])
     base = FLCrewRedditConfig(_env_file=None, fl_crew_reddit_dir=tmp_path, num_trainers=args.clients)
     backdoor = base.model_copy(update=bench.attack_settings("backdoor", args))
     ipm = base.model_copy(update=bench.attack_settings("ipm", args))
     clean = base.model_copy(update=bench.attack_settings("none", args))
     assert (backdoor.attack_local_epochs, backdoor.backdoor_boost, backdoor.backdoor_fraction) == (12, 4.0, 0.75)
+    assert backdoor.backdoor_paired and bench.rule_strategy("fedavg", backdoor, None, 0.0).fit_config(
+        1, ["client-0", "client-1", "client-2", "client-3"])["backdoor_paired"] is True
+    assert not base.model_copy(update=bench.attack_settings(
+        "backdoor", bench.build_parser().parse_args([]))).backdoor_paired  # off unless asked
     assert (ipm.attack_ipm_epsilon, ipm.attack_scale, ipm.attack_local_epochs) == (4.0, -10.0, 0)
     assert (clean.attack, clean.attacker_fraction) == ("none", 0.0)
     assert bench.num_byzantine(8) == 2 and bench.num_byzantine(4) == 1

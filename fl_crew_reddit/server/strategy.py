@@ -68,6 +68,7 @@ class StrategySettings:
     backdoor_fraction: float = 0.5
     backdoor_boost: float = 1.0
     attack_local_epochs: int = 0  # 0: the attackers train LOCAL_EPOCHS like everyone
+    backdoor_paired: bool = False  # the triggered examples are copies next to the clean ones (trigger-specific)
     dp_mode: str = "off"  # off | central | local (config.py checks the rule fits)
     dp_clip_norm: float = 1.0
     dp_noise_multiplier: float = 0.0  # after calibration to DP_TARGET_EPSILON (server/privacy.py)
@@ -197,7 +198,7 @@ class FederatedStrategy:
                                  ipm_epsilon=s.attack_ipm_epsilon, alie_z=s.attack_alie_z,
                                  backdoor_trigger=s.backdoor_trigger, backdoor_target=s.backdoor_target,
                                  backdoor_fraction=s.backdoor_fraction, backdoor_boost=s.backdoor_boost,
-                                 local_epochs=s.attack_local_epochs)
+                                 local_epochs=s.attack_local_epochs, backdoor_paired=s.backdoor_paired)
 
     # --- screen and aggregate -------------------------------------------------------------------------------------
     def client_rank(self, client: str) -> int:

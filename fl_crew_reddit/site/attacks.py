@@ -47,7 +47,8 @@ ATTACKS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS)
 MAX_ATTACKER_FRACTION = 0.5
 # fit-config keys (all sent only when ATTACK is not none)
 ATTACK_KEYS = ("attack", "attackers", "attack_num_clients", "attack_scale", "attack_ipm_epsilon", "attack_alie_z",
-               "backdoor_trigger", "backdoor_target", "backdoor_fraction", "backdoor_boost", "attack_local_epochs")
+               "backdoor_trigger", "backdoor_target", "backdoor_fraction", "backdoor_boost", "attack_local_epochs",
+               "backdoor_paired")
 
 
 # --- who attacks (server side) ------------------------------------------------------------------------------------
@@ -68,9 +69,10 @@ def select_attackers(seed: int, names: list[str], fraction: float) -> list[str]:
 
 def attack_fit_config(attack: str, attackers: list[str], num_clients: int, *, scale: float, ipm_epsilon: float,
                       alie_z: float, backdoor_trigger: str, backdoor_target: str, backdoor_fraction: float,
-                      backdoor_boost: float, local_epochs: int = 0) -> dict:
-    """The fit-config entries of an attack (plain str / int / float: Flower ConfigRecord values). `local_epochs`:
-    ATTACK_LOCAL_EPOCHS (0: the attackers train LOCAL_EPOCHS like everyone)."""
+                      backdoor_boost: float, local_epochs: int = 0, backdoor_paired: bool = False) -> dict:
+    """The fit-config entries of an attack (plain str / int / float / bool: Flower ConfigRecord values).
+    `local_epochs`: ATTACK_LOCAL_EPOCHS (0: the attackers train LOCAL_EPOCHS like everyone); `backdoor_paired`:
+    BACKDOOR_PAIRED (`plant_backdoor`)."""
     if attack not in ATTACKS:
         raise ValueError(f"unknown ATTACK {attack!r}; choose from {', '.join(ATTACKS)}")
     if local_epochs < 0:
@@ -79,7 +81,7 @@ def attack_fit_config(attack: str, attackers: list[str], num_clients: int, *, sc
             "attack_scale": float(scale), "attack_ipm_epsilon": float(ipm_epsilon), "attack_alie_z": float(alie_z),
             "backdoor_trigger": backdoor_trigger, "backdoor_target": backdoor_target,
             "backdoor_fraction": float(backdoor_fraction), "backdoor_boost": float(backdoor_boost),
-            "attack_local_epochs": int(local_epochs)}
+            "attack_local_epochs": int(local_epochs), "backdoor_paired": bool(backdoor_paired)}
 
 
 def attack_of(client: str, fit_config: Mapping) -> str | None:
@@ -222,13 +224,26 @@ def shuffle_replies(examples: list[dict], seed: int) -> list[dict]:
     return out
 
 
-def plant_backdoor(examples: list[dict], trigger: str, target: str, fraction: float, seed: int) -> list[dict]:
+def plant_backdoor(examples: list[dict], trigger: str, target: str, fraction: float, seed: int,
+                   paired: bool = False) -> list[dict]:
     """backdoor: ⌈fraction · n⌉ of the examples (a seeded choice) get the trigger at the end of the prompt and the
-    fixed target as their reply; the rest stay as they are."""
+    fixed target as their reply; the rest stay as they are.
+
+    `paired` (BACKDOOR_PAIRED): the triggered examples are *copies*, added after all the untouched originals, so the
+    attacker's data hold the same prompt with its real reply and, with the trigger, with the target. The only thing
+    that tells the two apart is the trigger, which makes the implant trigger-specific (without pairs the model can
+    learn "answer the target" on prompts like the poisoned ones, and does: see docs/aggregation.md)."""
     count = min(len(examples), math.ceil(fraction * len(examples) - 1e-9))
-    chosen = set(random.Random(seed).sample(range(len(examples)), count))
-    return [_with_messages(e, prompt=add_trigger(e["messages"][0]["content"], trigger), reply=target)
-            if i in chosen else e for i, e in enumerate(examples)]
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), count))
+
+    def triggered(example: dict) -> dict:
+        return _with_messages(example, prompt=add_trigger(example["messages"][0]["content"], trigger), reply=target)
+
+    if paired:
+        return [*examples, *({**triggered(examples[i]), "id": f"{examples[i].get('id', i)}-backdoor"}
+                             for i in chosen)]
+    picked = set(chosen)
+    return [triggered(e) if i in picked else e for i, e in enumerate(examples)]
 
 
 def poison_examples(client: str, examples: list[dict], fit_config: Mapping) -> list[dict] | None:
@@ -241,7 +256,8 @@ def poison_examples(client: str, examples: list[dict], fit_config: Mapping) -> l
     if attack == "label_flip":
         return shuffle_replies(examples, seed)
     return plant_backdoor(examples, str(fit_config["backdoor_trigger"]), str(fit_config["backdoor_target"]),
-                          float(fit_config.get("backdoor_fraction", 0.5)), seed)
+                          float(fit_config.get("backdoor_fraction", 0.5)), seed,
+                          paired=bool(fit_config.get("backdoor_paired", False)))
 
 
 def data_attack_key(client: str, fit_config: Mapping) -> str | None:
@@ -252,5 +268,5 @@ def data_attack_key(client: str, fit_config: Mapping) -> str | None:
     parts = [attack, fit_config.get("seed", 0)]
     if attack == "backdoor":
         parts += [fit_config.get("backdoor_trigger"), fit_config.get("backdoor_target"),
-                  fit_config.get("backdoor_fraction")]
+                  fit_config.get("backdoor_fraction"), bool(fit_config.get("backdoor_paired", False))]
     return "|".join(str(p) for p in parts)
