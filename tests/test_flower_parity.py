@@ -21,9 +21,13 @@ def _global_adapters(result) -> list[dict[str, torch.Tensor]]:
 def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, monkeypatch):
     # Prepare: the same tiny settings and SEED for both engines, each in its own folder.
     monkeypatch.chdir(tmp_path)
-    # fedavgm: the server optimizer's momentum travels to the ServerApp and back between the two rounds
+    # fedavgm: the server optimizer's momentum travels to the ServerApp and back between the two rounds.
+    # ATTACK=backdoor (issue 12: attackers are real clients that train and then attack, in either mode): one of the
+    # three sites poisons its own data, trains ATTACK_LOCAL_EPOCHS and boosts its update; on Flower that is a real
+    # SuperNode's ClientApp, so the parity below holds for the attacked run too.
     settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3,
-                    aggregation_method="fedavgm")
+                    aggregation_method="fedavgm", attack="backdoor", attacker_fraction=0.34, backdoor_boost=3.0,
+                    attack_local_epochs=2)
     inprocess_config = tiny_run_config(tiny_model_dir, tmp_path / "inprocess", **settings)
     flower_config = tiny_run_config(tiny_model_dir, flower_dir, federation="local-flower", **settings)
 
@@ -59,6 +63,19 @@ def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, mo
             assert client_a["metrics"]["bytes_down"] > client_a["metrics"]["update_bytes"] * 0.5
             assert client_a["metrics"]["bytes_up"] > client_a["metrics"]["update_bytes"] * 0.5
     assert flower.best_round == inprocess.best_round
+    # The attacker was a Flower site: it trained on its poisoned rows, then sent 3x its update; the backdoor was
+    # scored on both engines' models alike.
+    for expected, actual in zip(inprocess.history["rounds"], flower.history["rounds"], strict=True):
+        assert len(actual["attack"]["attackers"]) == 1 and actual["attack"]["attackers"] == \
+            expected["attack"]["attackers"]
+        sent = {c["name"]: c["metrics"] for c in actual["clients"]}[actual["attack"]["attackers"][0]]
+        assert sent["attacker"] == 1.0 and sent["attack_sent_norm"] == pytest.approx(
+            3.0 * sent["attack_honest_norm"], rel=1e-4)
+        assert all("attacker" not in c["metrics"] for c in actual["clients"]
+                   if c["name"] not in actual["attack"]["attackers"])
+        scores = ("success_rate", "likelihood_rate", "control_rate", "examples")
+        assert actual["attack"]["backdoor"]["examples"] > 0
+        assert [actual["attack"]["backdoor"][k] for k in scores] == [expected["attack"]["backdoor"][k] for k in scores]
     # The SuperLink and SuperNodes are gone once the run returns.
     assert processes_mentioning(str(flower_dir)) == []
     logs = flower_dir / "results" / "run-b" / "flower" / "logs"
