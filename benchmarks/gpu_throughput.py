@@ -45,6 +45,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_baseline import padded_reply_data  # noqa: E402  (beside this script)
 
 from fl_crew_reddit.config import FLCrewRedditConfig  # noqa: E402
 from fl_crew_reddit.training.batching import collate, pack, reply_token_nll  # noqa: E402
@@ -180,27 +183,11 @@ def run_ours(config, device, rows, steps: int, tokens_per_batch: int, compile_mo
 
 def run_hf(config, device, rows, steps: int, batch_size: int, out_dir: Path) -> dict:
     """The plain recipe (as in train_throughput.py): labels −100 on prompt and padding, padded to the longest."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     release(device)
     model, tokenizer = fresh(config, device)
-
-    class Replies(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, index):
-            row = rows[index]
-            labels = [t if m else -100 for t, m in zip(row["input_ids"], row["reply_mask"])]
-            return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": labels}
-
-    padder = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    sizes: list[tuple[int, int]] = []
-
-    def collate_hf(features):
-        batch = padder(features)
-        sizes.append((int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())))
-        return batch
+    dataset, collate_hf, sizes = padded_reply_data(rows, tokenizer)
 
     marks: list[float] = []
 
@@ -216,7 +203,7 @@ def run_hf(config, device, rows, steps: int, batch_size: int, out_dir: Path) -> 
         report_to=[], save_strategy="no", logging_steps=steps + WARMUP_STEPS, use_cpu=device.type == "cpu",
         bf16=device.type == "cuda", optim="adamw_torch_fused", dataloader_num_workers=0, disable_tqdm=True,
         seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=Replies(), data_collator=collate_hf,
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_hf,
                       callbacks=[StepTimer()])
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
@@ -332,7 +319,6 @@ def make_rows(out: Path) -> None:
     out/tokenizer (what the GPU run reads; the data and the model cache do not travel)."""
     import random
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_throughput import DATA_ROOT, load_rows
     from transformers import AutoTokenizer
 

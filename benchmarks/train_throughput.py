@@ -38,6 +38,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_baseline import padded_reply_data  # noqa: E402  (beside this script)
 
 from fl_crew_reddit.config import EMBEDDED_MODEL, FLCrewRedditConfig  # noqa: E402
 from fl_crew_reddit.preprocessing.pipeline import build_examples  # noqa: E402
@@ -133,25 +136,9 @@ def run_ours(model, tokenizer, rows, steps: int, mixed_precision: str, initial_a
 
 def run_hf_trainer(model, tokenizer, rows, steps: int, bf16: bool, out_dir: Path) -> dict:
     """The plain recipe: padded batches (longest in batch), random sampler, labels −100 on prompt and padding."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    class Replies(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, index):
-            row = rows[index]
-            labels = [t if m else -100 for t, m in zip(row["input_ids"], row["reply_mask"])]
-            return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": labels}
-
-    padder = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    batch_sizes: list[tuple[int, int]] = []
-
-    def collate(features):
-        batch = padder(features)
-        batch_sizes.append((int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())))
-        return batch
-
+    dataset, collate, batch_sizes = padded_reply_data(rows, tokenizer)
     records: list[dict] = []
     started = [0.0]
 
@@ -174,7 +161,7 @@ def run_hf_trainer(model, tokenizer, rows, steps: int, bf16: bool, out_dir: Path
         learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=0.1,  # v5: a float < 1 is a ratio
         weight_decay=0.0, max_grad_norm=1.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
         bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=Replies(), data_collator=collate,
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                       callbacks=[StepTimer()])
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines; stdout keeps the JSON only
         trainer.train()
