@@ -291,3 +291,29 @@ def test_self_improvement_section_shows_generated_kept_rejected_and_the_guards_s
     stopped = next(line for line in text.splitlines() if line.startswith("| 2 | client-2 |"))
     assert "validation perplexity rose (33.1 -> 34.0)" in stopped
     assert "Self-improvement" not in markdown_report(HISTORY)  # a run without SELF_IMPROVE: no section
+
+
+def test_privacy_section_says_what_was_off_the_bytes_per_round_and_each_attackers_update():
+    """Issue 12 item 6: the section names DP and SecAgg even when off, the bytes per round, and for each attacker
+    what it sent (norm vs its honestly trained update) and whether the DP clip / norm bound cut it."""
+    history = copy.deepcopy(HISTORY)
+    history["settings"].update(update_compression="int8", attack="sign_flip")
+    for record in history["rounds"]:
+        for client in record["clients"]:
+            client["metrics"]["update_bytes"] = 150_000
+    second = {client["name"]: client for client in history["rounds"][1]["clients"]}
+    second["client-2"]["metrics"].update(attacker=1.0, attack_honest_norm=0.5, attack_sent_norm=5.0)
+    history["rounds"][1]["attack"] = {"attack": "scale", "attackers": ["client-2"]}
+    section = markdown_report(history).split("## Privacy and security")[1]
+    assert "Differential privacy: off" in section and "Secure aggregation: off" in section
+    assert "375.0 kB of update files per round (in-process, mean over 2 round(s)" in section  # 3 and 2 clients
+    assert "UPDATE_COMPRESSION=int8" in section
+    row = next(line for line in section.splitlines() if line.startswith("| 2 | scale |"))
+    assert "client-2: norm 5.00 sent, 0.50 trained" in row
+
+    history["rounds"][1]["privacy"] = {"mode": "central", "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 1.1,
+                                       "clip_norm": 0.5, "clipped": ["client-2"]}
+    section = markdown_report(history).split("## Privacy and security")[1]
+    assert "Differential privacy: DP_MODE=central" in section
+    row = next(line for line in section.splitlines() if line.startswith("| 2 | scale |"))
+    assert "client-2: norm 5.00 sent, 0.50 trained, clipped to 0.5" in row

@@ -141,10 +141,37 @@ def _communication(summary: ReportSummary) -> list[Block]:
             _table(["Round", "Sent down", "Sent up", "Both", "Clients"], rows)]
 
 
+def _size(count: float) -> str:
+    return _megabytes(int(count)) if count >= 1e6 else f"{count / 1e3:,.1f} kB"
+
+
+def _privacy_status(summary: ReportSummary) -> Block:
+    """One line: DP and SecAgg on or off, and the bytes a round moved (with the compression), so the section says
+    what was *not* protected too."""
+    dp = f"DP_MODE={summary.privacy[-1][1].mode} (below)" if summary.privacy else "off"
+    secagg = f"on in {len(summary.secure_rounds)} round(s) (below)" if summary.secure_rounds else \
+        "off (the server received each client's update and screened it)"
+    rounds = [r for r in summary.rounds if r.bytes_down or r.bytes_up or r.update_file_bytes]
+    compression = str(summary.settings.get("update_compression") or "none")
+    if rounds and any(r.bytes_down or r.bytes_up for r in rounds):
+        wire = (f"{_size(sum(r.bytes_down for r in rounds) / len(rounds))} down and "
+                f"{_size(sum(r.bytes_up for r in rounds) / len(rounds))} up per round (serialized Flower messages")
+    elif rounds:
+        wire = f"{_size(sum(r.update_file_bytes for r in rounds) / len(rounds))} of update files per round (in-process"
+    else:
+        wire = "not recorded (no sizes in this history"
+    return ("p", f"Differential privacy: {dp}. Secure aggregation: {secagg}. Bytes: {wire}, mean over "
+                 f"{len(rounds)} round(s), UPDATE_COMPRESSION={compression}).")
+
+
 def _privacy(summary: ReportSummary) -> list[Block]:
     """DP: the privacy spent after each round (dp_accounting's RDP accountant), the noise and who was clipped;
-    SecAgg+: which rounds the server saw only the sum of, and of how many clients."""
+    SecAgg+: which rounds the server saw only the sum of, and of how many clients. The section is there when any
+    of DP, SecAgg, attackers or compression was on, and starts with what was on and off."""
     blocks: list[Block] = _attacks(summary)
+    compressed = str(summary.settings.get("update_compression") or "none") != "none"
+    if blocks or summary.secure_rounds or summary.privacy or compressed:
+        blocks = [_privacy_status(summary), *blocks]
     if summary.secure_rounds:
         rows = [[number, params.get("clients_in_sum", "—"), params.get("reconstruction_threshold", "—"),
                  params.get("clipping_range", "—"), params.get("quantization_range", "—")]
@@ -176,13 +203,29 @@ def _attacks(summary: ReportSummary) -> list[Block]:
         return []
     rows = [[a.round, a.attack, ", ".join(a.attackers) or "—", ", ".join(a.accepted) or "none",
              "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in a.rejected.items()) or "none",
-             a.method or "—", _num(a.backdoor_success, 3) if a.backdoor_success is not None else "—"]
+             a.method or "—", _num(a.backdoor_success, 3) if a.backdoor_success is not None else "—",
+             _attacker_updates(a)]
             for a in summary.attacks]
     return [("p", "Simulated attackers (ATTACK): each trained on its own data and then attacked. The screen "
                   "(keys, shapes, dtypes, finite values, norm) let in or refused each attacker's update; the rule "
                   "then combined what was let in."),
             _table(["Round", "Attack", "Attackers", "Let in by the screen", "Refused by the screen", "Rule",
-                    "Backdoor success"], rows)]
+                    "Backdoor success", "Attacker's update"], rows)]
+
+
+def _attacker_updates(row) -> str:
+    """Each attacker's sent norm next to its honestly trained one, and whether the DP clip / norm bound cut it."""
+    parts = []
+    for name in row.attackers:
+        if name not in row.sent_norms:
+            continue
+        text = f"{name}: norm {row.sent_norms[name]:.2f} sent"
+        if name in row.trained_norms:
+            text += f", {row.trained_norms[name]:.2f} trained"
+        if name in row.clipped and row.clip_norm is not None:
+            text += f", clipped to {row.clip_norm:g}"
+        parts.append(text)
+    return "; ".join(parts) or "—"
 
 
 def _per_client(summary: ReportSummary) -> list[Block]:

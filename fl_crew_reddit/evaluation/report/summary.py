@@ -138,6 +138,10 @@ class AttackRow(BaseModel):
     rejected: dict[str, list[str]]  # attackers the screen refused, with its reasons
     method: str | None
     backdoor_success: float | None = None
+    sent_norms: dict[str, float] = {}  # attacker -> L2 norm of the update it sent (after its attack)
+    trained_norms: dict[str, float] = {}  # attacker -> L2 norm of its honestly trained update
+    clipped: list[str] = []  # attackers the DP clip / norm bound cut to clip_norm
+    clip_norm: float | None = None
 
 
 class PreferenceRow(BaseModel):
@@ -406,7 +410,16 @@ def _attack_row(record: RoundRecord) -> AttackRow:
     aggregation = record.aggregation
     attackers = record.attack.attackers
     backdoor = (record.attack.backdoor or {}).get("success_rate")
-    return AttackRow(round=record.round, attack=record.attack.attack, attackers=attackers,
+    metrics = {client.name: client.metrics for client in record.clients if client.name in attackers}
+
+    def norms(key: str) -> dict[str, float]:
+        return {name: float(m[key]) for name, m in metrics.items() if isinstance(m.get(key), (int, float))}
+
+    privacy = record.privacy
+    return AttackRow(sent_norms=norms("attack_sent_norm"), trained_norms=norms("attack_honest_norm"),
+                     clipped=[a for a in attackers if privacy and a in privacy.clipped],
+                     clip_norm=privacy.clip_norm if privacy else None,
+                     round=record.round, attack=record.attack.attack, attackers=attackers,
                      accepted=[a for a in attackers if aggregation and a in aggregation.accepted],
                      rejected={a: reasons for a, reasons in (aggregation.rejected if aggregation else {}).items()
                                if a in attackers},
