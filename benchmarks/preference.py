@@ -83,6 +83,13 @@ def main() -> None:
                         help="DPO_SFT_WEIGHT: α of the SFT term on the chosen reply during DPO (0: plain DPO; "
                              "default: the product's default)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--dpo-reference", choices=["global", "after_sft"], default=None,
+                        help="DPO_REFERENCE: the DPO reference log-probs from the received global adapter or from the "
+                             "policy after the fit's SFT steps (default: the product's default)")
+    parser.add_argument("--dpo-lr", type=float, default=None,
+                        help="DPO_LEARNING_RATE: the DPO phase's learning rate (0: --lr; default: the product's)")
+    parser.add_argument("--dpo-epochs", type=int, default=None,
+                        help="DPO_EPOCHS: passes over the pairs per fit (0: the local epochs; default: the product's)")
     parser.add_argument("--arms", choices=["all", "sft_dpo", "dpo"], default="all",
                         help="for sweeps of the DPO settings: sft_dpo = only base, federated SFT and federated DPO "
                              "(the local-only and centralized arms and their goal are left out); dpo = base and "
@@ -107,6 +114,13 @@ def main() -> None:
         from fl_crew_reddit.config import FLCrewRedditConfig
 
         args.sft_weight = FLCrewRedditConfig.model_fields["dpo_sft_weight"].default
+    from fl_crew_reddit.config import FLCrewRedditConfig
+
+    for arg, field in (("dpo_reference", "dpo_reference"), ("dpo_lr", "dpo_learning_rate"),
+                       ("dpo_epochs", "dpo_epochs")):
+        if getattr(args, arg) is None:
+            setattr(args, arg, FLCrewRedditConfig.model_fields[field].default
+                    if field in FLCrewRedditConfig.model_fields else {"dpo_reference": "global"}.get(field, 0))
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.examples, args.epochs, args.posts, args.max_seq_length = (8, 1, 60, 192) if args.quick else (16, 2, 200, 256)
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,6 +188,7 @@ def run(args, workdir: Path) -> dict:
     def fit_config(round_number: int, objective: str) -> dict:
         config = dict(workspace.fit_config(round_number))
         config.update(objective=objective, dpo_beta=args.beta, dpo_sft_weight=args.sft_weight,
+                      dpo_reference=args.dpo_reference, dpo_learning_rate=args.dpo_lr, dpo_epochs=args.dpo_epochs,
                       min_pairs=args.min_pairs)
         return config
 
@@ -195,7 +210,8 @@ def run(args, workdir: Path) -> dict:
                 say(f"{objective} round {round_number} {subreddit[name]}: {metrics['steps']} steps, "
                     f"train loss {metrics['train_loss']:.3f}"
                     + (f", dpo loss {metrics['dpo_loss']:.3f}, train pref acc "
-                       f"{metrics['train_preference_accuracy']:.2f}, chosen nll {metrics['dpo_chosen_nll']:.3f}"
+                       f"{metrics['train_preference_accuracy']:.2f}, chosen nll {metrics['dpo_chosen_nll']:.3f}, "
+                       f"first dpo loss {metrics['dpo_first_loss']:.3f}"
                        if "dpo_loss" in metrics else ""))
             if keep_round_one and round_number == 1:
                 first = {name: results[name].state for name in clients}
@@ -238,6 +254,7 @@ def run(args, workdir: Path) -> dict:
         goals["met"]["fl perplexity <= 1.05 x federated SFT"] = fl["perplexity"] <= 1.05 * sft["perplexity"]
     summary = {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed, "rounds": args.rounds,
                "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight, "lr": args.lr,
+               "dpo_reference": args.dpo_reference, "dpo_lr": args.dpo_lr, "dpo_epochs": args.dpo_epochs,
                "examples_per_client": args.examples, "local_epochs": args.epochs, "posts_per_subreddit": args.posts,
                "max_seq_length": args.max_seq_length, "pair_kinds": ["relevance"], "threads": args.threads or None,
                "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),

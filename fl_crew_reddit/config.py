@@ -97,6 +97,14 @@ class FLCrewRedditConfig(BaseSettings):
     dpo_sft_weight: float = Field(1.0, ge=0, le=100, description="DPO: α of the SFT term on the chosen reply "
                                   "(RPO: loss = DPO + α · mean per-token NLL of the chosen reply), which keeps the "
                                   "real replies likely (perplexity near SFT's); 0 = plain DPO.")
+    dpo_reference: Literal["global", "after_sft"] = Field(
+        "global", description="DPO: where a fit's reference log-probs come from: global (the round's received global "
+                              "adapter) or after_sft (under sft_then_dpo, the policy after the fit's SFT steps: the "
+                              "standard SFT → DPO pipeline; under dpo the two are the same).")
+    dpo_learning_rate: float = Field(0.0, ge=0, lt=1, description="DPO: the learning rate of the DPO steps; "
+                                     "0 = LEARNING_RATE.")
+    dpo_epochs: int = Field(0, ge=0, le=1000, description="DPO: passes over a client's train pairs per round; "
+                            "0 = LOCAL_EPOCHS.")
     min_preference_pairs: int = Field(4, ge=1, le=1_000_000, description="DPO: the fewest train pairs a client "
                                       "needs in a round to train DPO (fewer: SFT that round, with the reason).")
     preference_metrics: Literal["auto", "on", "off"] = Field(
@@ -670,6 +678,13 @@ class FLCrewRedditConfig(BaseSettings):
         examples: a simulated data-poisoning attack (label_flip, backdoor) and SELF_IMPROVE; they would silently not
         happen."""
         if self.training_objective == "sft":
+            unused = [f"{name.upper()}={getattr(self, name)}" for name in ("dpo_reference", "dpo_learning_rate",
+                                                                           "dpo_epochs")
+                      if getattr(self, name) != type(self).model_fields[name].default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} with TRAINING_OBJECTIVE=sft: these settings shape the DPO "
+                                 "steps, which an SFT run never takes; set TRAINING_OBJECTIVE=dpo or sft_then_dpo, or "
+                                 "leave them at their defaults")
             return
         kinds = getattr(self, "pref_pair_kinds", None)
         if kinds is not None and not kinds:

@@ -347,3 +347,78 @@ def test_unknown_objective_is_refused(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(ValueError, match="c0: unknown training objective 'ppo'"):
         _trainer(model, tokenizer).fit(snapshot_adapter(model), _fit_config(objective="ppo"))
+
+
+def test_the_after_sft_reference_is_the_policy_after_the_sft_phase(tiny_model, tiny_model_dir, monkeypatch):
+    # Prepare: the after-SFT state is what an SFT fit of the same rows, seed and round ends at
+    model, tokenizer = tiny_model
+    pairs = tokenize_pairs(tokenizer, _pairs(), 128)
+    start = snapshot_adapter(model)
+    config = _fit_config(objective="sft_then_dpo", dpo_sft_weight=0.0, learning_rate=1e-2)
+    after_sft = _trainer(model, tokenizer, pairs).fit(start, {**config, "objective": "sft"}).state
+    captured = []
+
+    def capturing(*args, **kwargs):
+        captured.append(pair_logprobs(*args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(trainer_module, "pair_logprobs", capturing)
+    # Execute
+    fit = _trainer(model, tokenizer, pairs).fit(start, {**config, "dpo_reference": "after_sft"})
+    from_global = _trainer(model, tokenizer, pairs).fit(start, {**config, "dpo_reference": "global"})
+    # Assert: the reference equals a separately loaded model holding the after-SFT adapter, in eval mode
+    assert len(captured) == 2 and fit.metrics["dpo_reference"] == "after_sft"
+    reference_model = _separate_copy(tiny_model_dir, after_sft)
+    with torch.no_grad():
+        chosen = reply_logprobs(reference_model, [p["chosen"] for p in pairs], CPU, tokenizer.pad_token_id)
+        rejected = reply_logprobs(reference_model, [p["rejected"] for p in pairs], CPU, tokenizer.pad_token_id)
+    torch.testing.assert_close(captured[0][0], chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(captured[0][1], rejected, rtol=1e-5, atol=1e-4)
+    # the DPO phase starts at its reference: log 2 at the first DPO step (dropout aside); from the global adapter
+    # the SFT phase has already moved the policy (this tiny model's SFT raises the rejected replies too)
+    assert fit.metrics["dpo_first_loss"] == pytest.approx(math.log(2), abs=0.01)
+    assert abs(from_global.metrics["dpo_first_loss"] - math.log(2)) > 0.05
+    assert not torch.allclose(captured[1][0], chosen, atol=1e-3)  # global: the received adapter's log-probs
+    assert fit.metrics["train_loss"] == from_global.metrics["train_loss"]  # the SFT phase is the same
+
+
+def test_dpo_epochs_and_learning_rate_shape_only_the_dpo_phase(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    start = snapshot_adapter(model)
+    rates = []
+    adamw = torch.optim.AdamW
+
+    def recording(params, lr, **kwargs):
+        rates.append(lr)
+        return adamw(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    config = _fit_config(objective="sft_then_dpo")  # 3 local epochs, 8 rows and 8 pairs, 4 a batch
+    default = _trainer(model, tokenizer).fit(start, config).metrics
+    shaped = _trainer(model, tokenizer).fit(start, {**config, "dpo_epochs": 1, "dpo_learning_rate": 1e-3}).metrics
+    assert (default["dpo_steps"], shaped["dpo_steps"]) == (6, 2)  # 2 steps a pass over the pairs
+    assert shaped["steps"] == default["steps"] - 4  # the SFT steps are unchanged
+    assert rates == [5e-3, 5e-3, 5e-3, 1e-3]  # (SFT, DPO) optimizers: LEARNING_RATE unless DPO_LEARNING_RATE
+    assert (default["dpo_learning_rate"], shaped["dpo_learning_rate"]) == (5e-3, 1e-3)
+    assert shaped["train_loss"] == default["train_loss"]
+
+
+def test_a_fit_config_without_the_new_dpo_keys_trains_as_before(tiny_model):
+    """A server from before DPO_REFERENCE / DPO_LEARNING_RATE / DPO_EPOCHS sends none of them: the fit is the one
+    with their defaults (global, 0, 0) and with their explicit equivalents, bit for bit; after_sft is another fit."""
+    model, tokenizer = tiny_model
+    start = snapshot_adapter(model)
+    config = _fit_config(objective="sft_then_dpo")
+    absent = _trainer(model, tokenizer).fit(start, config)
+    defaults = _trainer(model, tokenizer).fit(start, {**config, "dpo_reference": "global", "dpo_learning_rate": 0.0,
+                                                      "dpo_epochs": 0})
+    explicit = _trainer(model, tokenizer).fit(start, {**config, "dpo_learning_rate": config["learning_rate"],
+                                                      "dpo_epochs": config["local_epochs"]})
+    after_sft = _trainer(model, tokenizer).fit(start, {**config, "dpo_reference": "after_sft"})
+    for key in absent.state:
+        assert torch.equal(absent.state[key], defaults.state[key])
+        assert torch.equal(absent.state[key], explicit.state[key])
+    assert absent.metrics["dpo_loss"] == defaults.metrics["dpo_loss"] == explicit.metrics["dpo_loss"]
+    assert any(not torch.equal(absent.state[k], after_sft.state[k]) for k in absent.state)
+    with pytest.raises(ValueError, match="unknown DPO reference 'before_sft'"):
+        _trainer(model, tokenizer).fit(start, {**config, "dpo_reference": "before_sft"})

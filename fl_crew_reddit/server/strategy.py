@@ -83,6 +83,9 @@ class StrategySettings:
     training_objective: str = "sft"
     dpo_beta: float = 0.1
     dpo_sft_weight: float = 1.0
+    dpo_reference: str = "global"  # global | after_sft
+    dpo_learning_rate: float = 0.0  # 0: learning_rate
+    dpo_epochs: int = 0  # 0: local_epochs
     min_preference_pairs: int = 4
 
     @classmethod
@@ -181,14 +184,17 @@ class FederatedStrategy:
                 **(self._attack_config(clients or []) if s.attack != "none" else {})}
 
     def objective_config(self) -> dict:
-        """The local objective's keys of the fit config ("objective", "dpo_beta", "dpo_sft_weight", "min_pairs");
+        """The local objective's keys of the fit config ("objective", "dpo_beta", "dpo_sft_weight", "dpo_reference",
+        "dpo_learning_rate", "dpo_epochs", "min_pairs");
         none for plain SFT, which is what a trainer does without them, so an SFT run's fit config is what it always
         was."""
         s = self.settings
         if s.training_objective == "sft":
             return {}
         return {"objective": s.training_objective, "dpo_beta": float(s.dpo_beta),
-                "dpo_sft_weight": float(s.dpo_sft_weight), "min_pairs": int(s.min_preference_pairs)}
+                "dpo_sft_weight": float(s.dpo_sft_weight), "dpo_reference": str(s.dpo_reference),
+                "dpo_learning_rate": float(s.dpo_learning_rate), "dpo_epochs": int(s.dpo_epochs),
+                "min_pairs": int(s.min_preference_pairs)}
 
     def _attack_config(self, clients: list[str]) -> dict:
         from fl_crew_reddit.site.attacks import attack_fit_config

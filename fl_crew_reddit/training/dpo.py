@@ -8,7 +8,8 @@ rejected rows of a micro-batch run through the model together, in one padded (or
 layer runs only at reply positions, as for SFT (`batching.reply_hidden`, `linear_cross_entropy`).
 
 The reference is never a second model copy: in training it is the policy itself before its first step (the received
-global adapter, log-probs computed once per fit), in evaluation the base model (`model.disable_adapter()`).
+global adapter, log-probs computed once per fit) or, with DPO_REFERENCE=after_sft, after the fit's SFT steps; in
+evaluation the base model (`model.disable_adapter()`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from fl_crew_reddit.training.batching import (
 )
 
 OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
+# where a fit's DPO reference log-probs are taken: the received global adapter (before any step of the fit), or the
+# policy after the fit's SFT steps (the standard SFT → DPO pipeline; the same thing under "dpo" alone)
+DPO_REFERENCES = ("global", "after_sft")
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:

@@ -27,6 +27,7 @@ from fl_crew_reddit.training.batching import (
     token_budget_batches,
 )
 from fl_crew_reddit.training.dpo import (
+    DPO_REFERENCES,
     OBJECTIVES,
     batch_reply_logprobs,
     pair_batch,
@@ -312,6 +313,9 @@ class LocalTrainer:
         proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned),
         objective (sft | dpo | sft_then_dpo; DPO on the pair rows, batch_size pairs a micro-batch), dpo_beta,
         dpo_sft_weight (α of the SFT term on the chosen reply during DPO, `dpo.rpo_loss`; absent or 0: plain DPO),
+        dpo_reference (global: the received global adapter; after_sft: the policy after this fit's SFT steps; absent:
+        global), dpo_learning_rate (the DPO phase's rate; absent or 0: learning_rate), dpo_epochs (passes over the
+        pairs; absent or 0: local_epochs),
         min_pairs (fewer pairs: SFT only, with metrics["dpo_skipped"]),
         and for speed: tokens_per_batch (0: auto, i.e. from free memory on CUDA, batch_size examples on the CPU),
         grad_accum_steps, packing (auto|on|off; auto: on CUDA), packed_attention (varlen|flex|sdpa),
@@ -375,7 +379,9 @@ class LocalTrainer:
         longest = max((len(p[side]["input_ids"]) for p in self.pair_rows for side in ("chosen", "rejected")),
                       default=1)
         rng = random.Random(f"{config.get('seed', 0)}-{self.name}-{config.get('round', 0)}-dpo")
-        return pair_step_batches(self.pair_rows, config, rng, packed, self.tokens_per_batch(config, 2 * longest))
+        epochs = int(config.get("dpo_epochs") or 0) or int(config["local_epochs"])
+        return pair_step_batches(self.pair_rows, {**config, "local_epochs": epochs}, rng, packed,
+                                 self.tokens_per_batch(config, 2 * longest))
 
     def _fit(self, global_adapter: AdapterState, config: dict, adapter: str = "default") -> FitResult:
         started = time.perf_counter()
@@ -384,6 +390,11 @@ class LocalTrainer:
             raise ValueError(f"{self.name}: unknown training objective {objective!r} (one of {', '.join(OBJECTIVES)})")
         beta, min_pairs = float(config.get("dpo_beta", 0.1)), int(config.get("min_pairs", 4))
         sft_weight = float(config.get("dpo_sft_weight", 0.0))
+        reference_at = config.get("dpo_reference") or "global"
+        if reference_at not in DPO_REFERENCES:
+            raise ValueError(f"{self.name}: unknown DPO reference {reference_at!r} "
+                             f"(one of {', '.join(DPO_REFERENCES)})")
+        dpo_lr = float(config.get("dpo_learning_rate") or 0.0) or float(config["learning_rate"])
         metrics: dict = {}
         use_dpo = objective != "sft"
         if use_dpo:
@@ -471,20 +482,29 @@ class LocalTrainer:
         # 3. The loops: SFT's mean NLL over reply tokens, then DPO's mean loss over pairs, plus FedProx's
         # (mu/2)·||w − w_global||² when mu > 0 (`_StepRunner`).
         # On the CPU: faster LoRA dropout, bf16 frozen weights, fp32 attention for the loop (cpu_training_fast_path).
+        def reference_logprobs() -> tuple[torch.Tensor, torch.Tensor]:
+            """The policy's log-probs of every train pair as it stands, in eval mode (no dropout), without gradient:
+            the same model, never a second copy."""
+            self.model.eval()
+            with autocast_context(self.device, self.mixed_precision):
+                logps = pair_logprobs(self.model, self.pair_rows, self.device, self.pad_id,
+                                      int(config["batch_size"]), packed, backend)
+            self.model.train()
+            return logps
+
         with cpu_training_fast_path(self.model, self.device, uses_bf16(self.device, self.mixed_precision)), \
                 packed_attention_enabled(self.model, packed):
-            if use_dpo:
-                # the reference: the received global adapter (the policy before its first step), once per fit,
-                # in eval mode (no dropout) and without gradient; the same model, never a second copy
-                self.model.eval()
-                with autocast_context(self.device, self.mixed_precision):
-                    reference = pair_logprobs(self.model, self.pair_rows, self.device, self.pad_id,
-                                              int(config["batch_size"]), packed, backend)
-                self.model.train()
+            if use_dpo and reference_at == "global":
+                # the received global adapter (the policy before its first step, SFT steps included), once per fit
+                reference = reference_logprobs()
             with compiled_layers(self.model, compile_layers):
                 sft_records = run.phase("sft", sft_steps, sft_micro,
                                         lambda micro: sum(batch_counts(rows)[1] for rows in micro))
-            dpo_records = run.phase("dpo", dpo_steps, dpo_micro, lambda micro: sum(len(i) for i in micro))
+            if use_dpo and reference_at == "after_sft":
+                # the standard SFT → DPO pipeline: the DPO phase starts at its reference (loss log 2 at its first step)
+                reference = reference_logprobs()
+            dpo_records = run.phase("dpo", dpo_steps, dpo_micro, lambda micro: sum(len(i) for i in micro),
+                                    learning_rate=dpo_lr)
         seconds = time.perf_counter() - started
         if not sft_records and not dpo_records:
             raise FloatingPointError(f"{self.name}: training produced no steps ran")
@@ -509,7 +529,8 @@ class LocalTrainer:
                            dpo_first_loss=dpo_records[0]["loss"],
                            train_preference_accuracy=preference_wins(chosen, rejected) / len(chosen),
                            train_reward_margin=float((chosen - rejected).mean()), dpo_beta=beta,
-                           dpo_sft_weight=sft_weight,
+                           dpo_sft_weight=sft_weight, dpo_reference=reference_at, dpo_learning_rate=dpo_lr,
+                           dpo_steps=len(dpo_steps),
                            dpo_chosen_nll=float(torch.cat([r["chosen_nll"] for r in last_epoch]).float().mean()))
             if not sft_records:  # the loss this fit minimised is DPO's
                 metrics.update(train_loss=metrics["dpo_loss"], first_loss=metrics["dpo_first_loss"])
@@ -537,13 +558,16 @@ class _StepRunner:
         self.done = 0  # steps run in earlier phases
         self.tokens = 0
 
-    def phase(self, name: str, steps: list, micro: Callable, size: Callable) -> list[dict]:
+    def phase(self, name: str, steps: list, micro: Callable, size: Callable,
+              learning_rate: float | None = None) -> list[dict]:
+        """Run one phase's steps with an optimizer of its own (`learning_rate`; None: the config's)."""
         if not steps:
             return []
         trainer, params = self.trainer, self.params
         # fused: one kernel for all adapter tensors instead of ~10 small ops per tensor (420 tensors here)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=float(self.config["learning_rate"]), weight_decay=0.0, fused=fused)
+        rate = float(self.config["learning_rate"]) if learning_rate is None else learning_rate
+        optimizer = torch.optim.AdamW(params, lr=rate, weight_decay=0.0, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, len(steps), warmup=max(1, len(steps) // 10)))
         records: list[dict] = []

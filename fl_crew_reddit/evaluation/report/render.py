@@ -286,6 +286,14 @@ def _preferences(summary: ReportSummary) -> list[Block]:
     beta = f", β = {prefs.beta:g}" if prefs.beta is not None and prefs.objective != "sft" else ""
     if prefs.sft_weight is not None and prefs.objective != "sft":
         beta += f", SFT term on the chosen reply α = {prefs.sft_weight:g}"
+    if prefs.objective != "sft":
+        if prefs.reference is not None:
+            beta += (", DPO reference: the policy after the SFT steps" if prefs.reference == "after_sft"
+                     else ", DPO reference: the received global adapter")
+        if prefs.dpo_learning_rate:
+            beta += f", DPO learning rate {prefs.dpo_learning_rate:g}"
+        if prefs.dpo_epochs:
+            beta += f", {prefs.dpo_epochs} DPO epoch{'s' if prefs.dpo_epochs != 1 else ''} a round"
     blocks: list[Block] = [("h2", "Preference learning"), ("p", f"Local objective: {prefs.objective}{beta}.")]
     kinds = sorted({kind for splits in prefs.pairs.values() for counts in splits.values() for kind in counts})
     if prefs.pairs:
