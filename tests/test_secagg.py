@@ -222,3 +222,51 @@ def test_local_flower_secagg_round_equals_plain_fedavg(tiny_model_dir, tmp_path,
     assert all(set(entry) == {"num_examples", "metrics", "bytes_down", "bytes_up"}
                for entry in result["clients"].values())
     assert all(c["adapter_path"].startswith("(secure aggregation") for c in clients)
+
+
+@pytest.mark.e2e
+def test_a_run_whose_secagg_round_cannot_reconstruct_stops_with_its_state_saved(tiny_config, monkeypatch, capsys):
+    """Bad input, at the run level: the ServerApp's SecAgg+ failure (the error `_run_secure_round` returns, see
+    above) reaches the workspace as NotEnoughClientsError from `FlowerRoundOutcome.take_aggregation`, in the
+    round's aggregate step. The run stops with one clear line that says so and how to continue; round 1's state is
+    saved and no round-2 model was made (never a silently wrong model)."""
+    import logging
+    import signal
+
+    from fl_crew_reddit import FLCrewRedditManager, main
+    from fl_crew_reddit.workspace import FederatedWorkspace
+
+    message = ("SecAgg+ round 2 could not reconstruct the sum: in stage 'unmask' 1 of 3 client(s) answered, need 2 "
+               "of 3 shares of each secret. No model was made from this round")
+    outcome = flower.FlowerRoundOutcome(round=2, selected=["client-0", "client-1", "client-2"], failed={},
+                                        results={}, aggregation=None, error=message)
+    original = FederatedWorkspace.aggregate
+
+    def aggregate(self, round_number, method=None):
+        if round_number == 2:  # what the Flower path does with a failed SecAgg+ round
+            outcome.take_aggregation(method or self.config.aggregation_method)
+        return original(self, round_number, method)
+
+    FLCrewRedditManager(tiny_config).run_federated_learning(num_rounds=1, run_id="run-secagg")
+    for name, value in tiny_config.model_dump(mode="json").items():
+        if value is not None and not isinstance(value, (dict, list)) and "secret" not in name \
+                and "key" not in name and "client_id" not in name:
+            monkeypatch.setenv(name.upper(), str(value))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        monkeypatch.setattr(FederatedWorkspace, "aggregate", aggregate)
+        assert main.main(["run", "--resume", "run-secagg", "--rounds", "2"]) == 1
+        stopped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Run stopped")]
+        assert len(stopped) == 1 and "could not reconstruct the sum" in stopped[0] and "need 2 of 3" in stopped[0]
+        assert "Completed rounds are saved" in stopped[0] and "--resume run-secagg" in stopped[0]
+        results = tiny_config.fl_crew_reddit_dir / "results" / "run-secagg"
+        history = json.loads((results / "history.json").read_text())
+        assert [r["round"] for r in history["rounds"] if r.get("aggregation")] == [1]  # no round-2 model
+        assert (tiny_config.fl_crew_reddit_dir / "models" / "aggregated" / "run-secagg" / "round-1").is_dir()
+        assert not (tiny_config.fl_crew_reddit_dir / "models" / "aggregated" / "run-secagg" / "round-2").exists()
+        assert (results / "state" / "round-1").is_dir()  # round 1's state, which --resume continues from
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        root = logging.getLogger()
+        for console in [h for h in root.handlers if getattr(h, "fl_crew_reddit_console", False)]:
+            root.removeHandler(console)
