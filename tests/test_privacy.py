@@ -142,7 +142,7 @@ def _final(result) -> dict[str, torch.Tensor]:
 
 @pytest.mark.e2e
 def test_central_dp_run_reports_epsilon_each_round_and_resumes_with_the_same_noise(tiny_model_dir, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, caplog):
     from conftest import RunStopped, stopped_in_round, tiny_run_config
 
     import fl_crew_reddit.workspace as workspace_module
@@ -150,11 +150,16 @@ def test_central_dp_run_reports_epsilon_each_round_and_resumes_with_the_same_noi
 
     # Each run draws its own noise secret; the two runs compared here share one, as if they were one run.
     monkeypatch.setattr(workspace_module.secrets, "randbits", lambda bits: 0x5EC2E7)
+    caplog.set_level("INFO", logger="fl_crew_reddit.progress")
     config = tiny_run_config(tiny_model_dir, tmp_path, dp_mode="central", dp_target_epsilon=8.0, dp_clip_norm=0.5)
     reference = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-dp")
     epsilons = [r.privacy.epsilon for r in reference.history.rounds]
     assert 0 < epsilons[0] < epsilons[1] == pytest.approx(8.0, rel=1e-3)
     assert all(r.privacy.mode == "central" and r.privacy.delta == 1e-5 for r in reference.history.rounds)
+    console = [r.getMessage() for r in caplog.records if r.name == "fl_crew_reddit.progress"]  # each round's line
+    for number, epsilon in enumerate(epsilons, start=1):
+        assert any(line.startswith(f"Round {number}/2") and f"DP central: ε = {epsilon:.2f} (δ = 1e-05)" in line
+                   for line in console), console
 
     with stopped_in_round(2), pytest.raises(RunStopped):
         FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-dp-stopped")
