@@ -31,6 +31,8 @@ from fl_crew_reddit.run_state import (
 from fl_crew_reddit.runs import RunPaths, point_latest
 from fl_crew_reddit.server.strategy import ClientUpdate, FederatedStrategy, StrategySettings
 
+# the end-to-end runs here compare adapters and states, not model quality: one epoch on 8 examples, no generated samples
+SMALL_RUN = {"eval_samples": 0, "local_epochs": 1, "max_examples_per_client": 8}
 REFERENCE = {"layer.lora_A.weight": torch.zeros(2, 4), "layer.lora_B.weight": torch.zeros(4, 2)}
 
 
@@ -299,7 +301,7 @@ def test_stops_in_each_stage_resume_to_the_same_model_moved_and_with_no_secret_w
     from fl_crew_reddit.evaluation.report import build_report
     from fl_crew_reddit.workspace import FederatedWorkspace
 
-    config = tiny_config.model_copy(update={"agent_llm_base_url": f"http://bob:{SECRET}@127.0.0.1:9/v1"})
+    config = tiny_config.model_copy(update={"agent_llm_base_url": f"http://bob:{SECRET}@127.0.0.1:9/v1", **SMALL_RUN})
     reference = FLCrewRedditManager(config).run_federated_learning(num_rounds=2, run_id="run-reference")
     import fl_crew_reddit.workspace as workspace_module
 
@@ -387,8 +389,9 @@ def test_a_full_or_read_only_results_folder_stops_with_one_line_and_the_last_sta
     if not _storage_mount(results, "16m"):
         pytest.skip("needs a tmpfs mount (root with CAP_SYS_ADMIN) to make a real full / read-only folder")
     try:
-        FLCrewRedditManager(tiny_config).run_federated_learning(num_rounds=1, run_id="run-disk")
-        for name, value in tiny_config.model_dump(mode="json").items():
+        config = tiny_config.model_copy(update=SMALL_RUN)
+        FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="run-disk")
+        for name, value in config.model_dump(mode="json").items():
             if value is not None and not isinstance(value, (dict, list)) and "secret" not in name \
                     and "key" not in name and "client_id" not in name:
                 monkeypatch.setenv(name.upper(), str(value))
