@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_multimodal_e2e import _fresh_clip_cache, multimodal_config  # noqa: F401  (fixtures)
 
-SETTINGS = dict(eval_samples=0, local_epochs=1)
+SETTINGS = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8)  # four runs: small, as the parity tests
 TOLERANCE = 1e-6  # test_flower_parity's: the same computation, in other processes
 
 
