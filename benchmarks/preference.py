@@ -119,8 +119,7 @@ def main() -> None:
     for arg, field in (("dpo_reference", "dpo_reference"), ("dpo_lr", "dpo_learning_rate"),
                        ("dpo_epochs", "dpo_epochs")):
         if getattr(args, arg) is None:
-            setattr(args, arg, FLCrewRedditConfig.model_fields[field].default
-                    if field in FLCrewRedditConfig.model_fields else {"dpo_reference": "global"}.get(field, 0))
+            setattr(args, arg, FLCrewRedditConfig.model_fields[field].default)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.examples, args.epochs, args.posts, args.max_seq_length = (8, 1, 60, 192) if args.quick else (16, 2, 200, 256)
     with tempfile.TemporaryDirectory() as tmp:
