@@ -39,7 +39,8 @@ def _final_adapter(result) -> dict[str, torch.Tensor]:
 
 @pytest.mark.e2e
 def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
-    # Prepare: the reference run, left alone.
+    # Prepare: the reference run, left alone (three runs compare adapters: one epoch, no generated samples).
+    tiny_config = tiny_config.model_copy(update={"eval_samples": 0, "local_epochs": 1})
     reference = FLCrewRedditManager(tiny_config).run_federated_learning(num_rounds=3, run_id="run-reference")
 
     # Execute: the same run in a child process, killed with SIGKILL once round 2 has started training.
