@@ -69,6 +69,17 @@ def _separate_copy(tiny_model_dir, adapter=None):
     return model.eval()
 
 
+def _assert_reference_is(reference, reference_model, pairs, tokenizer):
+    """The trainer's (chosen, rejected) reference log-probs equal those of `reference_model`, computed apart;
+    returns that model's chosen log-probs for further comparisons."""
+    with torch.no_grad():
+        chosen = reply_logprobs(reference_model, [p["chosen"] for p in pairs], CPU, tokenizer.pad_token_id)
+        rejected = reply_logprobs(reference_model, [p["rejected"] for p in pairs], CPU, tokenizer.pad_token_id)
+    torch.testing.assert_close(reference[0], chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(reference[1], rejected, rtol=1e-5, atol=1e-4)
+    return chosen
+
+
 def _random_adapter(model, scale=0.05, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in snapshot_adapter(model).items()}
@@ -225,12 +236,7 @@ def test_reference_logprobs_equal_those_of_a_separate_reference_model(tiny_model
     _trainer(model, tokenizer, pairs).fit(global_adapter, _fit_config(local_epochs=1))
     # Assert: its reference equals a second model loaded with that global adapter, in eval mode
     assert len(captured) == 1
-    reference_model = _separate_copy(tiny_model_dir, global_adapter)
-    with torch.no_grad():
-        chosen = reply_logprobs(reference_model, [p["chosen"] for p in pairs], CPU, tokenizer.pad_token_id)
-        rejected = reply_logprobs(reference_model, [p["rejected"] for p in pairs], CPU, tokenizer.pad_token_id)
-    torch.testing.assert_close(captured[0][0], chosen, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(captured[0][1], rejected, rtol=1e-5, atol=1e-4)
+    chosen = _assert_reference_is(captured[0], _separate_copy(tiny_model_dir, global_adapter), pairs, tokenizer)
     # and the base reference of preference_metrics (adapter disabled) is the base model's
     set_peft_model_state_dict(model, global_adapter)
     model.eval()
@@ -368,12 +374,7 @@ def test_the_after_sft_reference_is_the_policy_after_the_sft_phase(tiny_model, t
     from_global = _trainer(model, tokenizer, pairs).fit(start, {**config, "dpo_reference": "global"})
     # Assert: the reference equals a separately loaded model holding the after-SFT adapter, in eval mode
     assert len(captured) == 2 and fit.metrics["dpo_reference"] == "after_sft"
-    reference_model = _separate_copy(tiny_model_dir, after_sft)
-    with torch.no_grad():
-        chosen = reply_logprobs(reference_model, [p["chosen"] for p in pairs], CPU, tokenizer.pad_token_id)
-        rejected = reply_logprobs(reference_model, [p["rejected"] for p in pairs], CPU, tokenizer.pad_token_id)
-    torch.testing.assert_close(captured[0][0], chosen, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(captured[0][1], rejected, rtol=1e-5, atol=1e-4)
+    chosen = _assert_reference_is(captured[0], _separate_copy(tiny_model_dir, after_sft), pairs, tokenizer)
     # the DPO phase starts at its reference: log 2 at the first DPO step (dropout aside); from the global adapter
     # the SFT phase has already moved the policy (this tiny model's SFT raises the rejected replies too)
     assert fit.metrics["dpo_first_loss"] == pytest.approx(math.log(2), abs=0.01)
