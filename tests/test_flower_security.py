@@ -151,3 +151,24 @@ def test_a_site_killed_in_a_round_is_left_out_and_rejoins(tiny_model_dir, tmp_pa
     assert first["global"]["perplexity"] > 0  # evaluated on client-0 alone: client-1 was not waited for again
     assert sorted(c["name"] for c in second["clients"]) == ["client-0", "client-1"]
     assert set(second["global"]["per_client"]) == {"client-0", "client-1"}
+
+
+def test_kill_and_wait_returns_only_once_the_process_tree_has_exited(tmp_path):
+    # A process that starts a helper in a session of its own (as flower-supernode's superexec does) and ignores
+    # SIGTERM; the helper would outlive a signal to the group of its parent.
+    pid_file = tmp_path / "helper.pid"
+    parent = subprocess.Popen(["bash", "-c", f"trap '' TERM; setsid sleep 300 & echo $! > {pid_file}; wait"])
+    deadline = time.monotonic() + 10
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    helper = int(pid_file.read_text())
+    tree = [parent.pid, *flower._descendants([parent.pid])]
+    assert helper in tree
+
+    assert flower.kill_and_wait(tree, timeout_s=10) == []
+
+    # Nothing of the tree is running the moment it returns (a zombie waiting for its parent is not running).
+    for pid in tree:
+        identity = flower._identity(pid)
+        assert identity is None or identity[0] in "ZX", (pid, identity)
+    parent.wait(timeout=5)

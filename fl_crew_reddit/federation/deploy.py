@@ -11,12 +11,12 @@ sites' public keys. Each function returns a process exit status and prints one c
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -55,11 +55,21 @@ def _stop(process: subprocess.Popen, helpers) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-    for pid in helpers:
+    from fl_crew_reddit.federation.flower import kill_and_wait
+
+    kill_and_wait(helpers)
+
+
+def _wait_noting_helpers(process: subprocess.Popen, helpers: set[int]) -> int:
+    """Wait for a Flower process, noting every second the processes below it: its superexec and app processes run
+    in sessions of their own and outlive it unless stopped (they are no longer below it once it has exited)."""
+    from fl_crew_reddit.federation.flower import _descendants
+
+    while True:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            return process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            helpers.update(_descendants([process.pid]))
 
 
 def _run_foreground(command: list[str], home: Path, explain=None, label: str = "") -> int:
@@ -78,18 +88,23 @@ def _run_foreground(command: list[str], home: Path, explain=None, label: str = "
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
                 signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}  # the group's Ctrl+C reaches it too
     helpers: set[int] = set()
-    try:
+
+    def relay() -> None:  # the output, on its own thread: helpers that outlive the process keep the pipe open
         for line in process.stdout:
             last.append(line)
             print(line, end="", flush=True)
-            if "SuperExec" in line:  # flower-supernode started its superexec (a session of its own)
-                helpers.update(_descendants([process.pid]))
-        code = process.wait()
+
+    reader = threading.Thread(target=relay, name="flower-output", daemon=True)
+    reader.start()
+    try:
+        code = _wait_noting_helpers(process, helpers)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         helpers.update(_descendants([process.pid]) if process.poll() is None else [])
+        # A SuperNode's superexec keeps retrying its dead node (and writing to the pipe) for ~30 s: stop it now.
         _stop(process, helpers)
+        reader.join(timeout=5)
     if code not in (0, -signal.SIGINT, -signal.SIGTERM) and explain is not None:
         reason = explain("".join(last))
         if reason:
@@ -139,6 +154,7 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
                "--disable-runtime-dependency-installation"]
     process = subprocess.Popen(with_env(command, home))  # in this command's process group (see _run_foreground)
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: process.send_signal(signum))
+    helpers: set[int] = set()
     try:
         import socket
 
@@ -157,12 +173,12 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
                 print(f"Registered site {site} ({certs / site}.pub)", flush=True)
         print(f"SuperLink: Fleet API on {listen}:{fleet_port} for the sites, Control API on {listen}:{control_port} "
               f"for `run` ({'insecure' if insecure else 'TLS + node authentication'}); Ctrl+C stops it", flush=True)
-        return process.wait()
+        return _wait_noting_helpers(process, helpers)
     except KeyboardInterrupt:  # the group's Ctrl+C reached flower-superlink as well
-        return process.wait()
+        return _wait_noting_helpers(process, helpers)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop(process, _descendants([process.pid]))  # superexec and app processes run in sessions of their own
+        _stop(process, helpers | set(_descendants([process.pid])))
 
 
 def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, insecure: bool = False,

@@ -830,6 +830,42 @@ def _descendants(roots: list[int]) -> list[int]:
     return found
 
 
+def _identity(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a process from /proc/PID/stat; None when it is gone. The start time tells a process
+    from a later one that reused its id."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_and_wait(pids, timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL the processes `pids` and every process they start meanwhile, and wait until all have exited (gone or
+    a zombie), so that none is still running when this returns. Returns the ids still running after `timeout_s`
+    (logged; [] normally). A signal is only asynchronous delivery: without the wait a killed process can still be
+    alive, and still hold its ports and files, for a moment under load."""
+    tracked = {pid: identity[1] for pid in pids if (identity := _identity(pid)) is not None}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for child in _descendants(list(tracked)):
+            if child not in tracked and (identity := _identity(child)) is not None:
+                tracked[child] = identity[1]
+        running = [pid for pid, started in tracked.items()
+                   if (identity := _identity(pid)) is not None and identity[1] == started and identity[0] not in "ZX"]
+        if not running:
+            return []
+        if time.monotonic() >= deadline:
+            log.warning("Processes still running %.0fs after SIGKILL: %s", timeout_s, running)
+            return running
+        for pid in running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+
+
 def explain_supernode_failure(log_text: str, superlink: str) -> str | None:
     """One clear sentence for the ways a SuperNode fails to join, read from its log (None: not one of them)."""
     text = log_text[-20000:]
@@ -1131,7 +1167,8 @@ class FlowerFederation:
             self._stop_session()
         except OSError as error:
             log.warning("Could not stop the ServerApp session cleanly: %s", error)
-        descendants = _descendants([p.pid for p in self.processes.values() if p.poll() is None])
+        leaders = [p.pid for p in self.processes.values() if p.poll() is None]
+        descendants = leaders + _descendants(leaders)
         for process in self.processes.values():
             if process.poll() is None:
                 try:
@@ -1152,11 +1189,7 @@ class FlowerFederation:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in descendants:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_and_wait(descendants)
         self.processes = {}
         _RUNNING.discard(self)
 
@@ -1255,11 +1288,13 @@ class LocalFlowerFederation(FlowerFederation):
     def kill_node(self, name: str) -> None:
         """SIGKILL a site's SuperNode and the processes it started (a node lost mid-round)."""
         process = self.processes[f"supernode-{name}"]
+        helpers = _descendants([process.pid])  # its superexec and app processes run in sessions of their own
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         process.wait(timeout=10)
+        kill_and_wait(helpers)
 
     def restart_dead_nodes(self, timeout_s: float = 200.0) -> list[str]:
         """Start again every site whose SuperNode died and wait until each has joined (its log says "SuperNode
