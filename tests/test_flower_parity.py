@@ -25,9 +25,12 @@ def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, mo
     # ATTACK=backdoor (issue 12: attackers are real clients that train and then attack, in either mode): one of the
     # three sites poisons its own data, trains ATTACK_LOCAL_EPOCHS and boosts its update; on Flower that is a real
     # SuperNode's ClientApp, so the parity below holds for the attacked run too.
+    # TRAINING_OBJECTIVE=sft_then_dpo (issue 13): the fit config reaches the SuperNodes, each site trains DPO on its
+    # own pair file and scores its held-out pairs; a site with fewer than MIN_PREFERENCE_PAIRS trains SFT.
     settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3,
                     aggregation_method="fedavgm", attack="backdoor", attacker_fraction=0.34, backdoor_boost=3.0,
-                    attack_local_epochs=2)
+                    attack_local_epochs=2, training_objective="sft_then_dpo", min_preference_pairs=9,
+                    max_seq_length=256)
     inprocess_config = tiny_run_config(tiny_model_dir, tmp_path / "inprocess", **settings)
     flower_config = tiny_run_config(tiny_model_dir, flower_dir, federation="local-flower", **settings)
 
@@ -76,6 +79,18 @@ def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, mo
         scores = ("success_rate", "likelihood_rate", "control_rate", "examples")
         assert actual["attack"]["backdoor"]["examples"] > 0
         assert [actual["attack"]["backdoor"][k] for k in scores] == [expected["attack"]["backdoor"][k] for k in scores]
+    # Preference learning on the sites: the same objective per site (a site's words, objective_used and dpo_skipped,
+    # reach the history although Flower's metric records hold numbers only) and the same held-out preference metrics.
+    for expected, actual in zip(inprocess.history["rounds"], flower.history["rounds"], strict=True):
+        for key in ("objective_used", "dpo_skipped", "pairs"):
+            assert {c["name"]: c["metrics"].get(key) for c in actual["clients"]} == \
+                {c["name"]: c["metrics"].get(key) for c in expected["clients"]}
+        assert {c["metrics"]["objective_used"] for c in actual["clients"]} == {"sft", "sft_then_dpo"}
+        e, a = expected["global"], actual["global"]
+        for key in ("preference_accuracy", "reward_margin", "validation_preference_accuracy"):
+            assert a[key] == pytest.approx(e[key], rel=1e-5, abs=1e-6)
+        assert a["preference_pairs"] == e["preference_pairs"] > 0
+        assert a["preference_per_client"].keys() == e["preference_per_client"].keys()
     # The SuperLink and SuperNodes are gone once the run returns.
     assert processes_mentioning(str(flower_dir)) == []
     logs = flower_dir / "results" / "run-b" / "flower" / "logs"

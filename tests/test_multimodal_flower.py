@@ -106,15 +106,23 @@ def test_trainer_processes_train_the_projector_like_inprocess(inprocess, tiny_mo
 @pytest.mark.e2e
 def test_secagg_sums_the_projector_with_the_adapter(inprocess, tiny_model_dir, tiny_clip_dir,  # noqa: F811
                                                     flower_dir, monkeypatch):
-    """SECURE_AGGREGATION: the projector's tensors are more floats in each site's masked vector; the round's global
-    adapter and projector are the in-process FedAvg round's within SecAgg+'s quantization bound."""
+    """SECURE_AGGREGATION on Flower's real SecAgg+ (SuperLink + SuperNodes here): the projector's tensors are more
+    floats in each site's masked vector; the round's global adapter and projector are the in-process FedAvg round's
+    within SecAgg+'s quantization bound, and no individual update reached the server. (The one SecAgg+ federation
+    of the suite: the text-only adapter is the same masked vector without the projector's part.)"""
+    from conftest import processes_mentioning
+
     from fl_crew_reddit import FLCrewRedditManager
     from fl_crew_reddit.federation import secagg
 
     monkeypatch.chdir(flower_dir.parent)
     config = multimodal_config(tiny_model_dir, flower_dir, tiny_clip_dir).model_copy(
         update={**SETTINGS, "federation": "local-flower", "flower_insecure": True, "secure_aggregation": True})
-    secure = FLCrewRedditManager(config).run_federated_learning(num_rounds=1)
+    try:
+        secure = FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="secure")
+    finally:
+        leftover = processes_mentioning(str(flower_dir))
+    assert leftover == []
     record = secure.history["rounds"][0]
     info = record["aggregation"]["secure_aggregation"]
     assert info["clients_in_sum"] == 3 and record["aggregation"]["accepted"] == ["client-0", "client-1", "client-2"]
@@ -123,6 +131,13 @@ def test_secagg_sums_the_projector_with_the_adapter(inprocess, tiny_model_dir, t
     error = _largest_difference(_global_state(inprocess), _global_state(secure))
     print(f"\nmultimodal SecAgg+ round vs in-process: max abs difference {error:.3g} (bound {bound:.3g})")
     assert error <= bound + 1e-6
+    # no individual update reached the server: no updates folder, no client adapter, nothing but counts
+    job = flower_dir / "results" / "secure" / "flower" / "round-1"
+    assert (job / "new_global.safetensors").is_file() and not (job / "updates").exists()
+    result = json.loads((job / "result.json").read_text())
+    assert all(set(entry) == {"num_examples", "metrics", "bytes_down", "bytes_up"}
+               for entry in result["clients"].values())
+    assert all(c["adapter_path"].startswith("(secure aggregation") for c in record["clients"])
 
 
 # --- the pieces, on the tiny model (fast) ----------------------------------------------------------------------------

@@ -404,35 +404,5 @@ def test_site_data_reads_and_tokenizes_pair_files(tiny_model, tmp_path, monkeypa
     assert [r["id"] for r in data.pair_rows("validation")] == ["q"] and data.pairs_left_out["validation"] == 1
 
 
-# --- FEDERATION=local-flower: the same DPO rounds on Flower's Deployment Engine ---------------------------------------
-def test_local_flower_trains_dpo_like_inprocess(tiny_model_dir, tmp_path, flower_dir, monkeypatch):
-    """The fit config reaches the SuperNodes, each site trains DPO on its own pair file and scores its held-out
-    pairs: the same global adapter and preference metrics as in-process, and a site's words (objective_used,
-    dpo_skipped) reach the history although Flower's metric records hold numbers only."""
-    from safetensors.torch import load_file
-
-    from fl_crew_reddit import FLCrewRedditManager
-
-    monkeypatch.chdir(tmp_path)
-    settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, training_objective="sft_then_dpo",
-                    min_preference_pairs=9, max_seq_length=256)  # client-0 has 8 train pairs: it trains SFT
-    inprocess = FLCrewRedditManager(tiny_run_config(tiny_model_dir, tmp_path / "inprocess", **settings)) \
-        .run_federated_learning(num_rounds=1, run_id="run-a")
-    flower = FLCrewRedditManager(tiny_run_config(tiny_model_dir, flower_dir, federation="local-flower", **settings)) \
-        .run_federated_learning(num_rounds=1, run_id="run-b")
-
-    def adapter(result):
-        return load_file(str(Path(result.history["rounds"][0]["aggregation"]["adapter_path"]) /
-                             "adapter_model.safetensors"))
-
-    expected, actual = adapter(inprocess), adapter(flower)
-    assert max(float((expected[k] - actual[k]).abs().max()) for k in expected) <= 1e-6
-    e, a = inprocess.history["rounds"][0], flower.history["rounds"][0]
-    for key in ("objective_used", "dpo_skipped", "pairs"):
-        assert {c["name"]: c["metrics"].get(key) for c in a["clients"]} == \
-            {c["name"]: c["metrics"].get(key) for c in e["clients"]}
-    assert {c["metrics"]["objective_used"] for c in a["clients"]} == {"sft", "sft_then_dpo"}
-    for key in ("preference_accuracy", "reward_margin", "validation_preference_accuracy"):
-        assert a["global"][key] == pytest.approx(e["global"][key], rel=1e-5, abs=1e-6)
-    assert a["global"]["preference_pairs"] == e["global"]["preference_pairs"] > 0
-    assert a["global"]["preference_per_client"].keys() == e["global"]["preference_per_client"].keys()
+# FEDERATION=local-flower: the same DPO rounds on Flower's Deployment Engine are checked in
+# tests/test_flower_parity.py (one federation for the parity, the attacker and DPO).

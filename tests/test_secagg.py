@@ -182,46 +182,8 @@ def test_settings_secagg_cannot_go_with_are_refused(tiny_model_dir, tmp_path):
                                aggregation_method=method).secure_aggregation
 
 
-@pytest.mark.e2e
-def test_local_flower_secagg_round_equals_plain_fedavg(tiny_model_dir, tmp_path, monkeypatch):
-    # Prepare: the same tiny settings and SEED; in-process plain FedAvg is the oracle (the Flower parity test shows
-    # both engines give the same adapter to 1e-6 without SecAgg)
-    from conftest import processes_mentioning
-    from test_flower_parity import _global_adapters
-
-    from fl_crew_reddit import FLCrewRedditManager
-
-    monkeypatch.chdir(tmp_path)
-    settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3)
-    plain = FLCrewRedditManager(tiny_run_config(tiny_model_dir, tmp_path / "plain", **settings)
-                                ).run_federated_learning(num_rounds=1, run_id="plain")
-    folder = tmp_path / "secagg"
-    try:
-        secure = FLCrewRedditManager(tiny_run_config(
-            tiny_model_dir, folder, federation="local-flower", flower_insecure=True, secure_aggregation=True,
-            **settings)).run_federated_learning(num_rounds=1, run_id="secure")
-    finally:
-        leftover = processes_mentioning(str(folder))
-    assert leftover == []
-
-    # Assert: the same global adapter within SecAgg+'s quantization ...
-    aggregation = secure.history["rounds"][0]["aggregation"]
-    info = aggregation["secure_aggregation"]
-    assert info["clients_in_sum"] == 3 and aggregation["accepted"] == ["client-0", "client-1", "client-2"]
-    clients = secure.history["rounds"][0]["clients"]
-    bound = secagg.error_bound(3, info["clipping_range"], info["quantization_range"],
-                               [c["num_examples"] for c in clients], info["max_weight"])
-    (expected,), (actual,) = _global_adapters(plain), _global_adapters(secure)
-    error = max(float((expected[k] - actual[k]).abs().max()) for k in expected)
-    print(f"\nSecAgg+ round vs plain FedAvg: max abs difference {error:.3g} (bound {bound:.3g}, {info})")
-    assert error <= bound + 1e-6
-    # ... and no individual update reached the server: no updates folder, no client adapter, nothing but counts
-    job = folder / "results" / "secure" / "flower" / "round-1"
-    assert (job / "new_global.safetensors").is_file() and not (job / "updates").exists()
-    result = json.loads((job / "result.json").read_text())
-    assert all(set(entry) == {"num_examples", "metrics", "bytes_down", "bytes_up"}
-               for entry in result["clients"].values())
-    assert all(c["adapter_path"].startswith("(secure aggregation") for c in clients)
+# The run-level SecAgg+ round on a real local federation (SuperLink + SuperNodes), against in-process FedAvg
+# within the bound above: tests/test_multimodal_flower.py::test_secagg_sums_the_projector_with_the_adapter.
 
 
 @pytest.mark.e2e
