@@ -1256,9 +1256,13 @@ class LocalFlowerFederation(FlowerFederation):
                                       "--threads", str(self.threads)]
                             + (["--share-cores", str(self._socket_dir / "cores.lock")] if self.share_cores else [])
                             + [f"--site={name}={folder}={self._sockets[name]}" for name, folder in self.sites.items()])
+            if not self.insecure:  # each `flwr supernode register` is a CLI process (~2 s): all at once
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
+                    list(pool.map(lambda name: register_site_key(self.home, self.certs / f"{name}.pub", name),
+                                  self.sites))
             for name in self.sites:
-                if not self.insecure:
-                    register_site_key(self.home, self.certs / f"{name}.pub", name)
                 self.start_node(name)
         except BaseException:
             self.stop()
