@@ -172,3 +172,16 @@ def test_kill_and_wait_returns_only_once_the_process_tree_has_exited(tmp_path):
         identity = flower._identity(pid)
         assert identity is None or identity[0] in "ZX", (pid, identity)
     parent.wait(timeout=5)
+
+
+def test_kill_and_wait_leaves_alone_a_process_whose_id_was_reused():
+    # An id noted earlier with its start time: if a new process has that id now (another start time), it is not ours.
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        _, started = flower._identity(bystander.pid)
+        assert flower.kill_and_wait({bystander.pid: started + 1}, timeout_s=2) == []
+        assert bystander.poll() is None  # still running
+        assert flower.kill_and_wait(flower.identities([bystander.pid]), timeout_s=10) == []
+        assert bystander.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        bystander.kill()

@@ -60,22 +60,23 @@ def _stop(process: subprocess.Popen, helpers) -> None:
     kill_and_wait(helpers)
 
 
-def _wait_noting_helpers(process: subprocess.Popen, helpers: set[int]) -> int:
-    """Wait for a Flower process, noting every second the processes below it: its superexec and app processes run
-    in sessions of their own and outlive it unless stopped (they are no longer below it once it has exited)."""
-    from fl_crew_reddit.federation.flower import _descendants
+def _wait_noting_helpers(process: subprocess.Popen, helpers: dict[int, int]) -> int:
+    """Wait for a Flower process, noting every second the processes below it ({id: start time}): its superexec and
+    app processes run in sessions of their own and outlive it unless stopped (they are no longer below it once it
+    has exited)."""
+    from fl_crew_reddit.federation.flower import _descendants, identities
 
     while True:
         try:
             return process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
-            helpers.update(_descendants([process.pid]))
+            helpers.update(identities(_descendants([process.pid])))
 
 
 def _run_foreground(command: list[str], home: Path, explain=None, label: str = "") -> int:
     """Run a Flower process in the foreground with its output on the console; Ctrl+C / SIGTERM stop it. On a failed
     exit, `explain(last_lines)` may turn its log into one clear line."""
-    from fl_crew_reddit.federation.flower import _descendants, with_env
+    from fl_crew_reddit.federation.flower import _descendants, identities, with_env
 
     # the same process group as this command: whoever stops the group (Ctrl+C, a container runtime, a test) stops
     # the Flower process too; a SIGTERM sent to this process alone is passed on
@@ -87,7 +88,7 @@ def _run_foreground(command: list[str], home: Path, explain=None, label: str = "
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
                 signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}  # the group's Ctrl+C reaches it too
-    helpers: set[int] = set()
+    helpers: dict[int, int] = {}
 
     def relay() -> None:  # the output, on its own thread: helpers that outlive the process keep the pipe open
         for line in process.stdout:
@@ -101,7 +102,7 @@ def _run_foreground(command: list[str], home: Path, explain=None, label: str = "
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        helpers.update(_descendants([process.pid]) if process.poll() is None else [])
+        helpers.update(identities(_descendants([process.pid])) if process.poll() is None else {})
         # A SuperNode's superexec keeps retrying its dead node (and writing to the pipe) for ~30 s: stop it now.
         _stop(process, helpers)
         reader.join(timeout=5)
@@ -127,6 +128,7 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
     from fl_crew_reddit.federation.flower import (
         _descendants,
         _executable,
+        identities,
         register_site_key,
         with_env,
         write_flwr_config,
@@ -154,7 +156,7 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
                "--disable-runtime-dependency-installation"]
     process = subprocess.Popen(with_env(command, home))  # in this command's process group (see _run_foreground)
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: process.send_signal(signum))
-    helpers: set[int] = set()
+    helpers: dict[int, int] = {}
     try:
         import socket
 
@@ -178,7 +180,7 @@ def superlink_command(certs: Path | None, listen: str, fleet_port: int, control_
         return _wait_noting_helpers(process, helpers)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop(process, helpers | set(_descendants([process.pid])))
+        _stop(process, {**helpers, **identities(_descendants([process.pid]))})
 
 
 def site_command(name: str, data_dir: Path, superlink: str, certs: Path | None, insecure: bool = False,

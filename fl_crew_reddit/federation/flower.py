@@ -840,12 +840,18 @@ def _identity(pid: int) -> tuple[str, int] | None:
         return None
 
 
+def identities(pids) -> dict[int, int]:
+    """{id: start time} of the live processes among `pids`."""
+    return {pid: identity[1] for pid in pids if (identity := _identity(pid)) is not None}
+
+
 def kill_and_wait(pids, timeout_s: float = 10.0) -> list[int]:
-    """SIGKILL the processes `pids` and every process they start meanwhile, and wait until all have exited (gone or
+    """SIGKILL the processes `pids` (ids, or {id: start time} as `identities` noted them, so that an id reused since
+    is left alone) and every process they start meanwhile, and wait until all have exited (gone or
     a zombie), so that none is still running when this returns. Returns the ids still running after `timeout_s`
     (logged; [] normally). A signal is only asynchronous delivery: without the wait a killed process can still be
     alive, and still hold its ports and files, for a moment under load."""
-    tracked = {pid: identity[1] for pid in pids if (identity := _identity(pid)) is not None}
+    tracked = dict(pids) if isinstance(pids, dict) else identities(pids)
     deadline = time.monotonic() + timeout_s
     while True:
         for child in _descendants(list(tracked)):
@@ -1168,7 +1174,7 @@ class FlowerFederation:
         except OSError as error:
             log.warning("Could not stop the ServerApp session cleanly: %s", error)
         leaders = [p.pid for p in self.processes.values() if p.poll() is None]
-        descendants = leaders + _descendants(leaders)
+        descendants = identities(leaders + _descendants(leaders))
         for process in self.processes.values():
             if process.poll() is None:
                 try:
@@ -1292,7 +1298,7 @@ class LocalFlowerFederation(FlowerFederation):
     def kill_node(self, name: str) -> None:
         """SIGKILL a site's SuperNode and the processes it started (a node lost mid-round)."""
         process = self.processes[f"supernode-{name}"]
-        helpers = _descendants([process.pid])  # its superexec and app processes run in sessions of their own
+        helpers = identities(_descendants([process.pid]))  # superexec, apps: sessions of their own
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
