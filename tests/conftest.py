@@ -190,3 +190,24 @@ def flower_dir(tmp_path):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# Tests that run a real Flower federation start a dozen processes each (SuperLink, SuperNodes, one ClientApp process
+# per message) and wait on Flower's polls in between (a SuperNode looks for messages every 3 s). Under
+# `--dist loadgroup` each chain below runs on one worker: at most two federations at once, the other workers run the
+# rest of the suite meanwhile.
+FEDERATION_CHAINS = {
+    "flower-a": ["test_flower_deployment.py::test_three_machines_on_loopback",
+                 "test_flower_security.py::test_tls_and_node_authentication_let_in_only_registered_sites",
+                 "test_flower_security.py::test_a_site_killed_in_a_round_is_left_out_and_rejoins"],
+    "flower-b": ["test_flower_parity.py::test_local_flower_matches_inprocess",
+                 "test_multimodal_flower.py::test_secagg_sums_the_projector_with_the_adapter"],
+}
+
+
+def pytest_collection_modifyitems(items):
+    chain_of = {test: chain for chain, tests in FEDERATION_CHAINS.items() for test in tests}
+    for item in items:
+        chain = chain_of.get(f"{Path(str(item.fspath)).name}::{item.name}")
+        if chain is not None:
+            item.add_marker(pytest.mark.xdist_group(name=chain))

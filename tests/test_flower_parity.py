@@ -1,11 +1,13 @@
 """FEDERATION=local-flower on Flower's real Deployment Engine (a SuperLink and three SuperNodes on 127.0.0.1) gives
-the same global adapter and the same per-round perplexities as the in-process engine, with the same SEED."""
+the same global adapter (and image projector) and the same per-round perplexities as the in-process engine, with the
+same SEED."""
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import processes_mentioning, tiny_run_config
 from safetensors.torch import load_file
+from test_multimodal_e2e import _fresh_clip_cache  # noqa: F401  (fixture)
 
 from fl_crew_reddit import FLCrewRedditManager
 
@@ -17,8 +19,18 @@ def _global_adapters(result) -> list[dict[str, torch.Tensor]]:
             for r in result.history["rounds"]]
 
 
+def _projectors(result) -> list[dict[str, torch.Tensor]]:
+    return [load_file(str(Path(r["aggregation"]["adapter_path"]) / "projector.safetensors"))
+            for r in result.history["rounds"]]
+
+
+def _image_metrics(result) -> list[dict[str, tuple]]:
+    return [{c["name"]: (c["metrics"].get("images_used"), c["metrics"].get("image_rows")) for c in r["clients"]}
+            for r in result.history["rounds"]]
+
+
 @pytest.mark.e2e
-def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, monkeypatch):
+def test_local_flower_matches_inprocess(tiny_model_dir, tiny_clip_dir, tmp_path, flower_dir, monkeypatch):
     # Prepare: the same tiny settings and SEED for both engines, each in its own folder.
     monkeypatch.chdir(tmp_path)
     # fedavgm: the server optimizer's momentum travels to the ServerApp and back between the two rounds.
@@ -30,7 +42,12 @@ def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, mo
     settings = dict(eval_samples=0, local_epochs=1, max_examples_per_client=8, num_trainers=3,
                     aggregation_method="fedavgm", attack="backdoor", attacker_fraction=0.34, backdoor_boost=3.0,
                     attack_local_epochs=2, training_objective="sft_then_dpo", min_preference_pairs=9,
-                    max_seq_length=256)
+                    max_seq_length=256,
+                    # SUPPORT_MULTIMODAL with CLIP weights (issue 15): each SuperNode builds the server's image
+                    # projector from the spec in the model settings, reads its own stored CLIP features, trains
+                    # projector + LoRA and sends both in the packed arrays
+                    support_multimodal=True, image_processor=str(tiny_clip_dir), multimodal_tokens=2,
+                    max_images_per_example=2)
     inprocess_config = tiny_run_config(tiny_model_dir, tmp_path / "inprocess", **settings)
     flower_config = tiny_run_config(tiny_model_dir, flower_dir, federation="local-flower", **settings)
 
@@ -79,6 +96,14 @@ def test_local_flower_matches_inprocess(tiny_model_dir, tmp_path, flower_dir, mo
         scores = ("success_rate", "likelihood_rate", "control_rate", "examples")
         assert actual["attack"]["backdoor"]["examples"] > 0
         assert [actual["attack"]["backdoor"][k] for k in scores] == [expected["attack"]["backdoor"][k] for k in scores]
+    # The image projector: trained on the sites' image rows and aggregated with the adapter, the same in both.
+    assert _image_metrics(flower) == _image_metrics(inprocess)
+    assert sum(rows or 0 for _, rows in _image_metrics(flower)[0].values()) > 0
+    for expected, actual in zip(_projectors(inprocess), _projectors(flower), strict=True):
+        assert expected.keys() == actual.keys() and expected
+        assert max(float((expected[k] - actual[k]).abs().max()) for k in expected) <= 1e-6
+    for record in flower.history["rounds"]:  # each site's update folder holds the projector it sent
+        assert all((Path(c["adapter_path"]) / "projector.safetensors").is_file() for c in record["clients"])
     # Preference learning on the sites: the same objective per site (a site's words, objective_used and dpo_skipped,
     # reach the history although Flower's metric records hold numbers only) and the same held-out preference metrics.
     for expected, actual in zip(inprocess.history["rounds"], flower.history["rounds"], strict=True):
