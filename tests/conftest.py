@@ -36,6 +36,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), _snapshot_text())
 
 
+@contextmanager
+def torch_threads_of_trainer_processes(workers: int = 2):
+    """Run the block with the torch thread count a pool of `workers` trainer processes gives each of them
+    (`device_pool`: cores // workers). A test comparing an in-process round with trainer processes bit for bit
+    compares the process boundary, not thread counts: a reduction split over 2 threads can round differently from
+    one on 1, and did, now and then, under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def tiny_run_config(model_dir: Path, root: Path, **overrides):
     """Settings for a fast real run: tiny model, snapshot data, 3 clients, few examples; no `.env` is read."""
     from fl_crew_reddit.config import FLCrewRedditConfig

@@ -4,6 +4,7 @@ unregistered node and for a wrong CA, and a SuperNode killed in a round leaves o
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -58,11 +59,26 @@ def _online_nodes(federation: LocalFlowerFederation) -> list[dict]:
     return [node for node in listing.get("nodes", []) if node.get("status") == "online"]
 
 
-def test_tls_and_node_authentication_let_in_only_registered_sites(work, tmp_path):
+def test_tls_and_node_authentication_let_in_only_registered_sites(work, tmp_path, monkeypatch, caplog):
     site_folder = tmp_path / "site-a"
     site_folder.mkdir()
+    # The port handed to the SuperNode is taken before it binds it (as when another process grabs a port free_port
+    # has just freed): the node exits, and the federation starts it again on a new port.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    handed_out, original_free_port = [], flower.free_port
+
+    def free_port_taken_for_the_first_node(host="127.0.0.1"):
+        handed_out.append(taken.getsockname()[1] if len(handed_out) == 2 else original_free_port(host))
+        return handed_out[-1]  # 1st and 2nd: the SuperLink's ports; 3rd: the SuperNode's
+
+    monkeypatch.setattr(flower, "free_port", free_port_taken_for_the_first_node)
     federation = LocalFlowerFederation({"site-a": site_folder}, work, site_workers=False)
-    with federation:
+    with federation, taken:
+        assert len(handed_out) == 4 and handed_out[2] == taken.getsockname()[1]
+        assert b"address already in use" in federation.logs["supernode-site-a"].read_bytes()
+        assert "its port was taken in the meantime; starting it again on a new port" in caplog.text
         # the SuperLink serves TLS with our certificate and requires registered node keys
         superlink = " ".join(federation.processes["superlink"].args)
         assert "--ssl-certfile" in superlink and "--enable-supernode-auth" in superlink

@@ -6,7 +6,9 @@ npm are missing.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,14 +36,27 @@ def inspector() -> Path:
         pytest.skip(f"the MCP Inspector needs Node.js: {' and '.join(missing)} not found on PATH")
     prefix = _npm_prefix()
     binary = prefix / "node_modules" / ".bin" / "mcp-inspector"
-    if not binary.exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-                               "--loglevel", "error", INSPECTOR_PACKAGE],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0 and binary.exists(), \
-            f"npm install {INSPECTOR_PACKAGE} into {prefix} failed:\n{done.stdout}\n{done.stderr}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(prefix.with_name("npm.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time: both tests' xdist workers may need it at once
+        if not binary.exists():
+            _install_inspector(prefix)
     return binary
+
+
+def _install_inspector(prefix: Path) -> None:
+    """npm install into a folder of its own, moved into place when complete: an install cut off halfway (a machine
+    stopped mid-run) leaves no half-filled node_modules for the next one to trip over (npm: ENOTEMPTY)."""
+    shutil.rmtree(prefix, ignore_errors=True)
+    staging = prefix.with_name(f"npm.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    done = subprocess.run(["npm", "install", "--prefix", str(staging), "--no-audit", "--no-fund",
+                           "--loglevel", "error", INSPECTOR_PACKAGE],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and (staging / "node_modules" / ".bin" / "mcp-inspector").exists(), \
+        f"npm install {INSPECTOR_PACKAGE} into {staging} failed:\n{done.stdout}\n{done.stderr}"
+    staging.rename(prefix)
 
 
 def _inspect(inspector: Path, target: list[str], method: str, *options: str) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads_of_trainer_processes
 from safetensors.torch import load_file
 from test_multimodal_e2e import _fresh_clip_cache, multimodal_config  # noqa: F401  (fixtures)
 
@@ -44,7 +45,8 @@ def inprocess(tiny_model_dir, tiny_clip_dir, tmp_path_factory):  # noqa: F811
     from fl_crew_reddit import FLCrewRedditManager
 
     config = multimodal_config(tiny_model_dir, tmp_path_factory.mktemp("mm-inprocess"), tiny_clip_dir)
-    return FLCrewRedditManager(config.model_copy(update=SETTINGS)).run_federated_learning(num_rounds=1)
+    with torch_threads_of_trainer_processes(2):  # the trainer-process test's two workers
+        return FLCrewRedditManager(config.model_copy(update=SETTINGS)).run_federated_learning(num_rounds=1)
 
 
 @pytest.mark.e2e

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads_of_trainer_processes
 from safetensors.torch import load_file, save_file
 
 from fl_crew_reddit import FLCrewRedditManager
@@ -39,7 +40,8 @@ def test_two_cpu_trainer_processes_match_one_after_another_and_a_raising_job_cos
     from fl_crew_reddit.workspace import FederatedWorkspace
 
     config = _fast(tiny_config)
-    sequential = FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="run-sequential")
+    with torch_threads_of_trainer_processes(len(TWO_CPU_WORKERS)):
+        sequential = FLCrewRedditManager(config).run_federated_learning(num_rounds=1, run_id="run-sequential")
     original = FederatedWorkspace.dispatch_training
 
     def break_client_1_in_round_2(self, round_number, clients):  # its shard is unreadable: the worker's json fails

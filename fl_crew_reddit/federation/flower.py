@@ -780,6 +780,9 @@ def read_outcome(job_dir: Path) -> FlowerRoundOutcome:
 
 
 # --- the local deployment: SuperLink + SuperNodes on 127.0.0.1 --------------------------------------------------------
+PORT_ATTEMPTS = 3  # starts of a Flower process that lost its port to another process before it could bind it
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -1247,11 +1250,23 @@ class LocalFlowerFederation(FlowerFederation):
                 security = ["--ssl-ca-certfile", str(self.certs / CA_CERT), "--ssl-certfile",
                             str(self.certs / SERVER_CERT), "--ssl-keyfile", str(self.certs / SERVER_KEY),
                             "--enable-supernode-auth"]
-            write_flwr_config(self.home, self.control_address, self.root_certificates)
-            self._spawn("superlink", [_executable("flower-superlink"), *security,
-                                      "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host", self.host,
-                                      "--port", str(self.control_port), "--disable-runtime-dependency-installation"])
-            self._wait_for_port(self.control_port, "superlink")
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                write_flwr_config(self.home, self.control_address, self.root_certificates)
+                offset = self._log_size("superlink")
+                self._spawn("superlink", [_executable("flower-superlink"), *security,
+                                          "--fleet-api-address", f"{self.host}:{self.fleet_port}", "--host",
+                                          self.host, "--port", str(self.control_port),
+                                          "--disable-runtime-dependency-installation"])
+                try:
+                    self._wait_for_port(self.control_port, "superlink")
+                    break
+                except FlowerRunFailed:
+                    if attempt == PORT_ATTEMPTS or not self._lost_port_race("superlink", offset):
+                        raise
+                log.warning("SuperLink: a port it was given was taken in the meantime (attempt %d of %d); "
+                            "starting it on new ports", attempt, PORT_ATTEMPTS)
+                self.control_port, self.fleet_port = free_port(self.host), free_port(self.host)
+                self.control_address = f"{self.host}:{self.control_port}"
             if self.site_workers:  # one process per site, forked from one that imported torch & co. once
                 import tempfile
 
@@ -1268,8 +1283,10 @@ class LocalFlowerFederation(FlowerFederation):
                 with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
                     list(pool.map(lambda name: register_site_key(self.home, self.certs / f"{name}.pub", name),
                                   self.sites))
+            offsets = {name: self._log_size(f"supernode-{name}") for name in self.sites}
             for name in self.sites:
                 self.start_node(name)
+            self._await_nodes(offsets)
         except BaseException:
             self.stop()
             raise
@@ -1294,6 +1311,46 @@ class LocalFlowerFederation(FlowerFederation):
         """Start (or restart) the SuperNode of site `name`; returns its process."""
         self._spawn(f"supernode-{name}", self.node_command(name, self.sites[name], **options))
         return self.processes[f"supernode-{name}"]
+
+    def _log_size(self, name: str) -> int:
+        path = self.logs.get(name) or self.work_dir / "logs" / f"{name}.log"
+        return path.stat().st_size if path.is_file() else 0
+
+    def _lost_port_race(self, name: str, offset: int) -> bool:
+        """Whether process `name` exited because a port it was given was bound by someone else first: `free_port`
+        hands out a port the system has just freed, and another federation or any client's outgoing connection
+        can take it before the process binds it."""
+        process = self.processes[name]
+        if process.poll() is None:
+            return False
+        with self.logs[name].open("rb") as handle:
+            handle.seek(offset)
+            return b"address already in use" in handle.read().lower()
+
+    def _await_nodes(self, offsets: dict[str, int], timeout_s: float = 60.0) -> None:
+        """Wait until each SuperNode has joined (its log says "SuperNode ID") or has exited. One that exited because
+        its port was taken meanwhile is started again on a new port (up to PORT_ATTEMPTS times); one that exited for
+        another reason, or is still connecting at the deadline, is left to the round, which reports it per site."""
+        pending, attempts = dict(offsets), dict.fromkeys(offsets, 1)
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for name, offset in list(pending.items()):
+                process = self.processes[f"supernode-{name}"]
+                with self.logs[f"supernode-{name}"].open("rb") as handle:
+                    handle.seek(offset)
+                    joined = b"SuperNode ID" in handle.read()
+                if joined:
+                    del pending[name]
+                elif process.poll() is not None:
+                    if attempts[name] < PORT_ATTEMPTS and self._lost_port_race(f"supernode-{name}", offset):
+                        attempts[name] += 1
+                        log.warning("SuperNode of %s: its port was taken in the meantime; starting it again on a "
+                                    "new port (attempt %d of %d)", name, attempts[name], PORT_ATTEMPTS)
+                        pending[name] = self._log_size(f"supernode-{name}")
+                        self.start_node(name)
+                    else:
+                        del pending[name]
+            time.sleep(0.1)
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a site's SuperNode and the processes it started (a node lost mid-round)."""
