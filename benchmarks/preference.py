@@ -90,6 +90,8 @@ def main() -> None:
                         help="DPO_LEARNING_RATE: the DPO phase's learning rate (0: --lr; default: the product's)")
     parser.add_argument("--dpo-epochs", type=int, default=None,
                         help="DPO_EPOCHS: passes over the pairs per fit (0: the local epochs; default: the product's)")
+    parser.add_argument("--loss-type", choices=["sigmoid", "ipo"], default=None,
+                        help="DPO_LOSS_TYPE: DPO's sigmoid loss or IPO's squared one (default: the product's)")
     parser.add_argument("--arms", choices=["all", "sft_dpo", "dpo"], default="all",
                         help="for sweeps of the DPO settings: sft_dpo = only base, federated SFT and federated DPO "
                              "(the local-only and centralized arms and their goal are left out); dpo = base and "
@@ -117,7 +119,7 @@ def main() -> None:
     from fl_crew_reddit.config import FLCrewRedditConfig
 
     for arg, field in (("dpo_reference", "dpo_reference"), ("dpo_lr", "dpo_learning_rate"),
-                       ("dpo_epochs", "dpo_epochs")):
+                       ("dpo_epochs", "dpo_epochs"), ("loss_type", "dpo_loss_type")):
         if getattr(args, arg) is None:
             setattr(args, arg, FLCrewRedditConfig.model_fields[field].default)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -188,7 +190,7 @@ def run(args, workdir: Path) -> dict:
         config = dict(workspace.fit_config(round_number))
         config.update(objective=objective, dpo_beta=args.beta, dpo_sft_weight=args.sft_weight,
                       dpo_reference=args.dpo_reference, dpo_learning_rate=args.dpo_lr, dpo_epochs=args.dpo_epochs,
-                      min_pairs=args.min_pairs)
+                      dpo_loss_type=args.loss_type, min_pairs=args.min_pairs)
         return config
 
     def trainer(name: str, rows: list, pair_rows: list) -> LocalTrainer:
@@ -254,6 +256,7 @@ def run(args, workdir: Path) -> dict:
     summary = {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed, "rounds": args.rounds,
                "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight, "lr": args.lr,
                "dpo_reference": args.dpo_reference, "dpo_lr": args.dpo_lr, "dpo_epochs": args.dpo_epochs,
+               "loss_type": args.loss_type,
                "examples_per_client": args.examples, "local_epochs": args.epochs, "posts_per_subreddit": args.posts,
                "max_seq_length": args.max_seq_length, "pair_kinds": ["relevance"], "threads": args.threads or None,
                "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),

@@ -105,6 +105,10 @@ class FLCrewRedditConfig(BaseSettings):
                                      "0 = LEARNING_RATE.")
     dpo_epochs: int = Field(0, ge=0, le=1000, description="DPO: passes over a client's train pairs per round; "
                             "0 = LOCAL_EPOCHS.")
+    dpo_loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="DPO: the loss on a pair's margin: sigmoid (DPO's −log σ(margin)) or ipo (IPO's "
+                               "squared distance of the per-token log-ratio margin to 1/(2·DPO_BETA): it stops "
+                               "pushing a pair it already ranks right).")
     min_preference_pairs: int = Field(4, ge=1, le=1_000_000, description="DPO: the fewest train pairs a client "
                                       "needs in a round to train DPO (fewer: SFT that round, with the reason).")
     preference_metrics: Literal["auto", "on", "off"] = Field(
@@ -679,7 +683,7 @@ class FLCrewRedditConfig(BaseSettings):
         happen."""
         if self.training_objective == "sft":
             unused = [f"{name.upper()}={getattr(self, name)}" for name in ("dpo_reference", "dpo_learning_rate",
-                                                                           "dpo_epochs")
+                                                                           "dpo_epochs", "dpo_loss_type")
                       if getattr(self, name) != type(self).model_fields[name].default]
             if unused:
                 raise ValueError(f"{', '.join(unused)} with TRAINING_OBJECTIVE=sft: these settings shape the DPO "

@@ -1204,15 +1204,16 @@ class FederatedWorkspace:
 
 # --- preference learning helpers ------------------------------------------------------------------------------------
 OBJECTIVE_SETTINGS = ("training_objective", "dpo_beta", "dpo_sft_weight", "dpo_reference", "dpo_learning_rate",
-                      "dpo_epochs", "min_preference_pairs")
+                      "dpo_epochs", "dpo_loss_type", "min_preference_pairs")
 
 
 def check_same_objective(saved: dict, config: FLCrewRedditConfig, run_id: str) -> None:
     """A resumed run continues with the local objective it started with: a changed TRAINING_OBJECTIVE, DPO_BETA,
-    DPO_SFT_WEIGHT, DPO_REFERENCE, DPO_LEARNING_RATE, DPO_EPOCHS or MIN_PREFERENCE_PAIRS would silently mix two
-    objectives in one run's rounds, so it is refused (ConfigError naming the settings). A run saved before these
-    settings existed trained SFT with the defaults; a DPO run saved before DPO_SFT_WEIGHT existed trained plain DPO
-    (0), one saved before DPO_REFERENCE / DPO_LEARNING_RATE / DPO_EPOCHS existed global / 0 / 0."""
+    DPO_SFT_WEIGHT, DPO_REFERENCE, DPO_LEARNING_RATE, DPO_EPOCHS, DPO_LOSS_TYPE or MIN_PREFERENCE_PAIRS would
+    silently mix two objectives in one run's rounds, so it is refused (ConfigError naming the settings). A run saved
+    before these settings existed trained SFT with the defaults; a DPO run saved before DPO_SFT_WEIGHT existed trained
+    plain DPO (0), one saved before DPO_REFERENCE / DPO_LEARNING_RATE / DPO_EPOCHS / DPO_LOSS_TYPE existed global / 0
+    / 0 / sigmoid."""
     from fl_crew_reddit.config import ConfigError
 
     defaults = {name: FLCrewRedditConfig.model_fields[name].default for name in OBJECTIVE_SETTINGS}

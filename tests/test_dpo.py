@@ -13,6 +13,7 @@ from fl_crew_reddit.training.batching import collate, tokenize_all
 from fl_crew_reddit.training.dpo import (
     batch_reply_logprobs,
     dpo_loss,
+    ipo_loss,
     pair_batch,
     pair_logprobs,
     preference_metrics,
@@ -114,6 +115,28 @@ def test_rpo_loss_adds_the_chosen_replys_per_token_nll():
     assert torch.equal(plain, dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5)[0])
 
 
+def test_ipo_loss_matches_a_hand_computed_value():
+    policy_chosen, policy_rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    ref_chosen, ref_rejected = torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -1.5])
+    chosen_targets, rejected_targets = torch.tensor([4, 10]), torch.tensor([2, 5])
+    loss, chosen_rewards, rejected_rewards = ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5,
+                                                      chosen_targets, rejected_targets)
+    # per-token log-ratios: chosen 0.5/4 and 0/10, rejected −0.5/2 and 0.5/5; margins 0.375 and −0.1; target 1/(2·0.5)
+    assert loss.item() == pytest.approx(((0.375 - 1) ** 2 + (-0.1 - 1) ** 2) / 2, rel=1e-6)
+    # the rewards are DPO's (β times the summed log-ratio), so metrics compare across losses
+    torch.testing.assert_close(chosen_rewards, torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-0.25, 0.25]))
+    # through rpo_loss: the same loss plus the SFT term; a pair exactly at the target costs nothing
+    with_nll = rpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5, chosen_targets, 1.0, "ipo",
+                        rejected_targets)[0]
+    assert with_nll.item() == pytest.approx(loss.item() + (0.25 + 0.2) / 2, rel=1e-6)
+    at_target = ipo_loss(torch.tensor([0.0]), torch.tensor([-2.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5,
+                         torch.tensor([3]), torch.tensor([2]))[0]
+    assert at_target.item() == 0.0
+    with pytest.raises(ValueError, match="unknown DPO loss type 'hinge'"):
+        rpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.5, chosen_targets, 0.0, "hinge")
+
+
 def test_rpo_loss_on_the_tiny_model_matches_a_hand_computed_value_and_its_nll_reaches_lora(tiny_model):
     # Prepare: a non-zero adapter (so both LoRA factors get gradients), 3 pairs, a reference that differs
     model, tokenizer = tiny_model
@@ -161,7 +184,9 @@ def test_sft_weight_zero_is_todays_dpo_bit_for_bit_and_a_weight_keeps_the_chosen
     weighted = _trainer(model, tokenizer, pairs).fit(start, {**config, "dpo_sft_weight": 5.0})
     absent = _trainer(model, tokenizer, pairs).fit(start, config)  # a fit config from before the setting
 
-    def todays_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, chosen_targets, sft_weight):
+    def todays_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, chosen_targets, sft_weight,
+                   loss_type, rejected_targets):
+        assert loss_type == "sigmoid"  # DPO_LOSS_TYPE's default
         return (*dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta),
                 torch.zeros_like(policy_chosen))
 
@@ -280,6 +305,40 @@ def test_dpo_fit_learns_the_preferences(tiny_model):
     after = preference_metrics(model, held_out, CPU, tokenizer.pad_token_id, beta=0.1)
     assert before["preference_accuracy"] == 0.5 and after["preference_accuracy"] == 1.0
     assert after["reward_margin"] > 0.1
+
+
+def test_an_ipo_fit_learns_the_preferences_and_stops_near_its_target_margin(tiny_model):
+    """IPO's square pulls the per-token margin to 1/(2β) and no further; DPO's sigmoid, at the same β, rate and
+    steps, keeps pushing it past that."""
+    model, tokenizer = tiny_model
+    pairs = tokenize_pairs(tokenizer, _pairs(), 128)
+    held_out = tokenize_pairs(tokenizer, _pairs(6, offset=100), 128)
+    global_adapter = snapshot_adapter(model)
+    config = _fit_config(local_epochs=20, learning_rate=1e-2, dpo_beta=5.0)  # target 0.1 nats per reply token
+
+    def per_token_margin(state):
+        set_peft_model_state_dict(model, state)
+        model.eval()
+        with torch.no_grad():
+            policy = pair_logprobs(model, pairs, CPU, tokenizer.pad_token_id)
+            with model.disable_adapter():
+                base = pair_logprobs(model, pairs, CPU, tokenizer.pad_token_id)
+        counts = [torch.tensor([sum(p[side]["reply_mask"][1:]) for p in pairs]) for side in ("chosen", "rejected")]
+        return float(((policy[0] - base[0]) / counts[0] - (policy[1] - base[1]) / counts[1]).mean())
+
+    ipo = _trainer(model, tokenizer, pairs).fit(global_adapter, {**config, "dpo_loss_type": "ipo"})
+    sigmoid = _trainer(model, tokenizer, pairs).fit(global_adapter, config)
+    assert ipo.metrics["dpo_loss_type"] == "ipo" and sigmoid.metrics["dpo_loss_type"] == "sigmoid"
+    assert ipo.metrics["dpo_first_loss"] == pytest.approx(0.1 ** 2, abs=0.002)  # policy = reference: margin 0
+    assert ipo.metrics["dpo_loss"] < 0.2 * ipo.metrics["dpo_first_loss"]
+    assert ipo.metrics["train_preference_accuracy"] == 1.0
+    ipo_margin, sigmoid_margin = per_token_margin(ipo.state), per_token_margin(sigmoid.state)
+    assert ipo_margin == pytest.approx(0.1, abs=0.03) and sigmoid_margin > 2 * ipo_margin  # measured 0.103, 0.310
+    set_peft_model_state_dict(model, ipo.state)
+    after = preference_metrics(model, held_out, CPU, tokenizer.pad_token_id, beta=0.1)
+    assert after["preference_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="c0: unknown DPO loss type 'hinge'"):
+        _trainer(model, tokenizer, pairs).fit(global_adapter, {**config, "dpo_loss_type": "hinge"})
 
 
 def test_sft_then_dpo_runs_both_phases_in_one_fit(tiny_model):

@@ -26,8 +26,9 @@ def run(tiny_model_dir, tmp_path_factory):
     config = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("preference-run"),
                              training_objective="sft_then_dpo", dpo_beta=0.2, dpo_sft_weight=0.5,
                              dpo_reference="after_sft", dpo_learning_rate=1e-3, dpo_epochs=1, min_preference_pairs=2,
-                             baselines=["local_only", "centralized"], local_epochs=1, max_examples_per_client=8,
-                             eval_samples=0, max_seq_length=256, self_improve=True, self_improve_max_new_tokens=12)
+                             dpo_loss_type="ipo", baselines=["local_only", "centralized"], local_epochs=1,
+                             max_examples_per_client=8, eval_samples=0, max_seq_length=256, self_improve=True,
+                             self_improve_max_new_tokens=12)
     original = FederatedWorkspace.preprocess
 
     def preprocess_leaving_one_pair(self):
@@ -52,6 +53,7 @@ def test_the_objective_is_a_setting_of_the_run(run):
     assert history["settings"]["dpo_sft_weight"] == 0.5
     assert (history["settings"]["dpo_reference"], history["settings"]["dpo_learning_rate"],
             history["settings"]["dpo_epochs"]) == ("after_sft", 1e-3, 1)
+    assert history["settings"]["dpo_loss_type"] == "ipo"
 
 
 def test_pairs_per_client_are_counted_by_split_and_kind(run):
@@ -79,8 +81,9 @@ def test_clients_train_dpo_and_one_with_too_few_pairs_trains_sft_and_says_why(ru
                 assert metrics["dpo_loss"] > 0 and 0 <= metrics["train_preference_accuracy"] <= 1
                 # DPO_SFT_WEIGHT reached the trainer through the fit config; its loss includes α · chosen NLL
                 assert metrics["dpo_sft_weight"] == 0.5 and metrics["dpo_loss"] > 0.5 * metrics["dpo_chosen_nll"]
-                # and DPO_REFERENCE / DPO_LEARNING_RATE / DPO_EPOCHS too
+                # and DPO_REFERENCE / DPO_LEARNING_RATE / DPO_EPOCHS / DPO_LOSS_TYPE too
                 assert (metrics["dpo_reference"], metrics["dpo_learning_rate"]) == ("after_sft", 1e-3)
+                assert metrics["dpo_loss_type"] == "ipo"
 
 
 def test_clients_improve_themselves_from_round_two_or_say_why_not(run):
@@ -152,7 +155,8 @@ def test_the_report_has_a_preference_learning_section(run):
     markdown = build_report(Path(result.history_path).parent).md.read_text(encoding="utf-8")
     section = markdown.split("## Preference learning", 1)[1].split("\n## ", 1)[0]
     assert ("Local objective: sft_then_dpo, β = 0.2, SFT term on the chosen reply α = 0.5, DPO reference: the policy "
-            "after the SFT steps, DPO learning rate 0.001, 1 DPO epoch a round.") in section
+            "after the SFT steps, DPO learning rate 0.001, 1 DPO epoch a round, IPO loss (target margin 1/(2β) = 2.5 "
+            "per reply token).") in section
     assert "relevance" in section and FEW_PAIRS_CLIENT in section
     assert "fewer than min_pairs=2" in section  # the skipped reason, per round
     assert "local_only" in section and "centralized" in section
@@ -292,6 +296,8 @@ def test_a_trainer_process_job_trains_dpo_on_the_pairs_beside_its_train_file(tin
     ({"training_objective": "dpo", "dpo_reference": "before_sft"}, ("DPO_REFERENCE",)),
     ({"training_objective": "dpo", "dpo_learning_rate": -1e-3}, ("DPO_LEARNING_RATE",)),
     ({"training_objective": "dpo", "dpo_epochs": -1}, ("DPO_EPOCHS",)),
+    ({"training_objective": "dpo", "dpo_loss_type": "hinge"}, ("DPO_LOSS_TYPE",)),
+    ({"dpo_loss_type": "ipo"}, ("DPO_LOSS_TYPE=ipo", "TRAINING_OBJECTIVE=sft")),
     ({"dpo_reference": "after_sft", "dpo_epochs": 1}, ("DPO_REFERENCE=after_sft", "DPO_EPOCHS=1",
                                                        "TRAINING_OBJECTIVE=sft")),
     ({"dpo_learning_rate": 1e-4}, ("DPO_LEARNING_RATE=0.0001", "TRAINING_OBJECTIVE=sft")),
@@ -329,13 +335,13 @@ def test_the_fit_config_carries_the_objective_and_sft_adds_nothing():
     from fl_crew_reddit.server.strategy import FederatedStrategy, StrategySettings
 
     keys = ("objective", "dpo_beta", "dpo_sft_weight", "dpo_reference", "dpo_learning_rate", "dpo_epochs",
-            "min_pairs")
+            "dpo_loss_type", "min_pairs")
     dpo = FederatedStrategy(StrategySettings(training_objective="dpo", dpo_beta=0.3, dpo_sft_weight=0.25,
                                              dpo_reference="after_sft", dpo_learning_rate=1e-4, dpo_epochs=2,
-                                             min_preference_pairs=6))
+                                             dpo_loss_type="ipo", min_preference_pairs=6))
     assert {k: dpo.fit_config(1)[k] for k in keys} == {
         "objective": "dpo", "dpo_beta": 0.3, "dpo_sft_weight": 0.25, "dpo_reference": "after_sft",
-        "dpo_learning_rate": 1e-4, "dpo_epochs": 2, "min_pairs": 6}
+        "dpo_learning_rate": 1e-4, "dpo_epochs": 2, "dpo_loss_type": "ipo", "min_pairs": 6}
     assert not set(keys) & set(FederatedStrategy(StrategySettings()).fit_config(1))
 
 
@@ -361,6 +367,11 @@ def test_a_resume_keeps_dpo_sft_weight_and_a_dpo_run_from_before_it_was_plain_dp
         check_same_objective({**saved, "dpo_sft_weight": 1.0}, changed, "r")
     check_same_objective({**saved, "dpo_sft_weight": 1.0, "dpo_reference": "after_sft", "dpo_learning_rate": 1e-4,
                           "dpo_epochs": 1}, changed, "r")
+    # DPO_LOSS_TYPE: a run from before it trained DPO's sigmoid loss
+    ipo = config.model_copy(update={"dpo_loss_type": "ipo"})
+    with pytest.raises(ConfigError, match=r"DPO_LOSS_TYPE=ipo \(the run started with sigmoid\)"):
+        check_same_objective({**saved, "dpo_sft_weight": 1.0}, ipo, "r")
+    check_same_objective({**saved, "dpo_sft_weight": 1.0, "dpo_loss_type": "ipo"}, ipo, "r")
 
 
 def test_an_sft_history_without_pairs_has_no_preference_outputs():

@@ -86,6 +86,7 @@ class StrategySettings:
     dpo_reference: str = "global"  # global | after_sft
     dpo_learning_rate: float = 0.0  # 0: learning_rate
     dpo_epochs: int = 0  # 0: local_epochs
+    dpo_loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
     min_preference_pairs: int = 4
 
     @classmethod
@@ -185,7 +186,7 @@ class FederatedStrategy:
 
     def objective_config(self) -> dict:
         """The local objective's keys of the fit config ("objective", "dpo_beta", "dpo_sft_weight", "dpo_reference",
-        "dpo_learning_rate", "dpo_epochs", "min_pairs");
+        "dpo_learning_rate", "dpo_epochs", "dpo_loss_type", "min_pairs");
         none for plain SFT, which is what a trainer does without them, so an SFT run's fit config is what it always
         was."""
         s = self.settings
@@ -194,6 +195,7 @@ class FederatedStrategy:
         return {"objective": s.training_objective, "dpo_beta": float(s.dpo_beta),
                 "dpo_sft_weight": float(s.dpo_sft_weight), "dpo_reference": str(s.dpo_reference),
                 "dpo_learning_rate": float(s.dpo_learning_rate), "dpo_epochs": int(s.dpo_epochs),
+                "dpo_loss_type": str(s.dpo_loss_type),
                 "min_pairs": int(s.min_preference_pairs)}
 
     def _attack_config(self, clients: list[str]) -> dict:

@@ -32,6 +32,8 @@ OBJECTIVES = ("sft", "dpo", "sft_then_dpo")
 # where a fit's DPO reference log-probs are taken: the received global adapter (before any step of the fit), or the
 # policy after the fit's SFT steps (the standard SFT → DPO pipeline; the same thing under "dpo" alone)
 DPO_REFERENCES = ("global", "after_sft")
+# the preference loss on a pair's margin: DPO's −log σ (Rafailov et al.) or IPO's squared distance to 1/(2β)
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
@@ -110,15 +112,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, chosen_targets: torch.Tensor,
+             rejected_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO (Azar et al. 2023): the mean over pairs of (h − 1/(2β))², h the margin of per-token log-ratios
+    (log π(c) − log π_ref(c)) / |c| − (log π(r) − log π_ref(r)) / |r| (per token, as TRL's "ipo" does: a sum would
+    make the target depend on reply length). Unlike DPO's −log σ, which keeps pushing a pair it already ranks right,
+    the square stops at the margin 1/(2β) and pulls a pair past it back: a bounded move away from the reference.
+    The rewards returned are DPO's, β(log π − log π_ref) summed over the reply, so metrics compare across losses."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    dtype = policy_chosen.dtype
+    margin = ((policy_chosen - ref_chosen) / chosen_targets.clamp(min=1).to(dtype)
+              - (policy_rejected - ref_rejected) / rejected_targets.clamp(min=1).to(dtype))
+    loss = ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
 def rpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, chosen_targets: torch.Tensor,
-             sft_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO plus an SFT term on the chosen reply (RPO, Pang et al. 2024, "DPO + NLL"): the mean over pairs of
-    −log σ(margin) + α · (−log π(c) / |c|), α = `sft_weight`, |c| = the chosen reply's targets (`chosen_targets`).
-    Plain DPO lowers the chosen reply's likelihood too as long as the rejected one falls faster; the NLL term keeps
-    the real replies likely, i.e. the perplexity near SFT's. Returns (loss, chosen rewards, rejected rewards, each
-    pair's chosen per-token NLL, detached); α = 0 is `dpo_loss` exactly (the term is not added at all)."""
-    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+             sft_weight: float, loss_type: str = "sigmoid",
+             rejected_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+    """The preference loss (`loss_type`: "sigmoid", DPO's `dpo_loss`, or "ipo", `ipo_loss`, which needs
+    `rejected_targets`) plus an SFT term on the chosen reply (RPO, Pang et al. 2024, "DPO + NLL"): the mean over
+    pairs of the preference loss + α · (−log π(c) / |c|), α = `sft_weight`, |c| = the chosen reply's targets
+    (`chosen_targets`). Plain DPO lowers the chosen reply's likelihood too as long as the rejected one falls faster;
+    the NLL term keeps the real replies likely, i.e. the perplexity near SFT's. Returns (loss, chosen rewards,
+    rejected rewards, each pair's chosen per-token NLL, detached); α = 0 is the preference loss exactly (the term
+    is not added at all)."""
+    if loss_type == "sigmoid":
+        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                          beta)
+    elif loss_type == "ipo":
+        if rejected_targets is None:
+            raise ValueError("the ipo loss needs the rejected replies' target counts")
+        loss, chosen_rewards, rejected_rewards = ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                          beta, chosen_targets, rejected_targets)
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r} (one of {', '.join(DPO_LOSS_TYPES)})")
     chosen_nll = -policy_chosen / chosen_targets.clamp(min=1).to(policy_chosen.dtype)
     if sft_weight:
         loss = loss + sft_weight * chosen_nll.mean()

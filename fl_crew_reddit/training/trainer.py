@@ -27,6 +27,7 @@ from fl_crew_reddit.training.batching import (
     token_budget_batches,
 )
 from fl_crew_reddit.training.dpo import (
+    DPO_LOSS_TYPES,
     DPO_REFERENCES,
     OBJECTIVES,
     batch_reply_logprobs,
@@ -313,6 +314,7 @@ class LocalTrainer:
         proximal_mu, max_steps, seed, round, timeout_s, train_lora_a (False: FFA-LoRA, A frozen, only B returned),
         objective (sft | dpo | sft_then_dpo; DPO on the pair rows, batch_size pairs a micro-batch), dpo_beta,
         dpo_sft_weight (α of the SFT term on the chosen reply during DPO, `dpo.rpo_loss`; absent or 0: plain DPO),
+        dpo_loss_type (sigmoid: DPO's loss; ipo: IPO's, `dpo.ipo_loss`; absent: sigmoid),
         dpo_reference (global: the received global adapter; after_sft: the policy after this fit's SFT steps; absent:
         global), dpo_learning_rate (the DPO phase's rate; absent or 0: learning_rate), dpo_epochs (passes over the
         pairs; absent or 0: local_epochs),
@@ -395,6 +397,9 @@ class LocalTrainer:
             raise ValueError(f"{self.name}: unknown DPO reference {reference_at!r} "
                              f"(one of {', '.join(DPO_REFERENCES)})")
         dpo_lr = float(config.get("dpo_learning_rate") or 0.0) or float(config["learning_rate"])
+        loss_type = config.get("dpo_loss_type") or "sigmoid"
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"{self.name}: unknown DPO loss type {loss_type!r} (one of {', '.join(DPO_LOSS_TYPES)})")
         metrics: dict = {}
         use_dpo = objective != "sft"
         if use_dpo:
@@ -474,7 +479,8 @@ class LocalTrainer:
             where = torch.tensor(index, device=self.device)
             loss, chosen_rewards, rejected_rewards, chosen_nll = rpo_loss(
                 logps[:len(index)], logps[len(index):], reference[0][where], reference[1][where], beta,
-                torch.tensor(counts[:len(index)], device=self.device), sft_weight)
+                torch.tensor(counts[:len(index)], device=self.device), sft_weight, loss_type,
+                torch.tensor(counts[len(index):], device=self.device))
             return loss * len(index), {"tokens": batch["tokens"], "positions": batch["positions"],
                                        "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
                                        "chosen_nll": chosen_nll}
@@ -530,6 +536,7 @@ class LocalTrainer:
                            train_preference_accuracy=preference_wins(chosen, rejected) / len(chosen),
                            train_reward_margin=float((chosen - rejected).mean()), dpo_beta=beta,
                            dpo_sft_weight=sft_weight, dpo_reference=reference_at, dpo_learning_rate=dpo_lr,
+                           dpo_loss_type=loss_type,
                            dpo_steps=len(dpo_steps),
                            dpo_chosen_nll=float(torch.cat([r["chosen_nll"] for r in last_epoch]).float().mean()))
             if not sft_records:  # the loss this fit minimised is DPO's

@@ -294,6 +294,9 @@ def _preferences(summary: ReportSummary) -> list[Block]:
             beta += f", DPO learning rate {prefs.dpo_learning_rate:g}"
         if prefs.dpo_epochs:
             beta += f", {prefs.dpo_epochs} DPO epoch{'s' if prefs.dpo_epochs != 1 else ''} a round"
+        if prefs.loss_type == "ipo":
+            beta += f", IPO loss (target margin 1/(2β) = {1 / (2 * prefs.beta):g} per reply token)" if prefs.beta \
+                else ", IPO loss"
     blocks: list[Block] = [("h2", "Preference learning"), ("p", f"Local objective: {prefs.objective}{beta}.")]
     kinds = sorted({kind for splits in prefs.pairs.values() for counts in splits.values() for kind in counts})
     if prefs.pairs:

@@ -164,6 +164,7 @@ class PreferenceSummary(BaseModel):
     reference: str | None = None  # DPO_REFERENCE (global | after_sft); None: not recorded (global)
     dpo_learning_rate: float | None = None  # DPO_LEARNING_RATE (0: LEARNING_RATE); None: not recorded
     dpo_epochs: int | None = None  # DPO_EPOCHS (0: LOCAL_EPOCHS); None: not recorded
+    loss_type: str | None = None  # DPO_LOSS_TYPE (sigmoid | ipo); None: not recorded (sigmoid)
     pairs: dict[str, dict[str, dict[str, int]]]  # client -> split -> kind -> pairs
     left_out: dict[str, dict[str, int]]  # client -> split -> pairs whose rows could not be built
     rows: list[PreferenceRow]
@@ -384,13 +385,14 @@ def _preferences(history: RunHistory) -> PreferenceSummary | None:
     if objective == "sft" and not history.preference_pairs and not rows:
         return None
     beta, sft_weight = history.settings.get("dpo_beta"), history.settings.get("dpo_sft_weight")
-    reference, rate, epochs = (history.settings.get(name) for name in ("dpo_reference", "dpo_learning_rate",
-                                                                       "dpo_epochs"))
+    reference, rate, epochs, loss_type = (history.settings.get(name) for name in (
+        "dpo_reference", "dpo_learning_rate", "dpo_epochs", "dpo_loss_type"))
     return PreferenceSummary(objective=objective, beta=float(beta) if isinstance(beta, (int, float)) else None,
                              sft_weight=float(sft_weight) if isinstance(sft_weight, (int, float)) else None,
                              reference=reference if isinstance(reference, str) else None,
                              dpo_learning_rate=float(rate) if isinstance(rate, (int, float)) else None,
                              dpo_epochs=int(epochs) if isinstance(epochs, int) else None,
+                             loss_type=loss_type if isinstance(loss_type, str) else None,
                              pairs=history.preference_pairs, left_out=history.preference_pairs_left_out, rows=rows,
                              trained=trained, skipped=skipped)
 
