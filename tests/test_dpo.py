@@ -314,7 +314,7 @@ def test_an_ipo_fit_learns_the_preferences_and_stops_near_its_target_margin(tiny
     pairs = tokenize_pairs(tokenizer, _pairs(), 128)
     held_out = tokenize_pairs(tokenizer, _pairs(6, offset=100), 128)
     global_adapter = snapshot_adapter(model)
-    config = _fit_config(local_epochs=20, learning_rate=1e-2, dpo_beta=5.0)  # target 0.1 nats per reply token
+    config = _fit_config(local_epochs=10, learning_rate=3e-2, dpo_beta=5.0)  # target 0.1 nats per reply token
 
     def per_token_margin(state):
         set_peft_model_state_dict(model, state)
@@ -333,7 +333,7 @@ def test_an_ipo_fit_learns_the_preferences_and_stops_near_its_target_margin(tiny
     assert ipo.metrics["dpo_loss"] < 0.2 * ipo.metrics["dpo_first_loss"]
     assert ipo.metrics["train_preference_accuracy"] == 1.0
     ipo_margin, sigmoid_margin = per_token_margin(ipo.state), per_token_margin(sigmoid.state)
-    assert ipo_margin == pytest.approx(0.1, abs=0.03) and sigmoid_margin > 2 * ipo_margin  # measured 0.103, 0.310
+    assert ipo_margin == pytest.approx(0.1, abs=0.03) and sigmoid_margin > 2 * ipo_margin  # measured 0.101, 0.324
     set_peft_model_state_dict(model, ipo.state)
     after = preference_metrics(model, held_out, CPU, tokenizer.pad_token_id, beta=0.1)
     assert after["preference_accuracy"] == 1.0
