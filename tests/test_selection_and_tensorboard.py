@@ -96,3 +96,23 @@ def test_event_files_hold_the_tags_and_a_rewrite_replaces_instead_of_duplicating
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
     assert [(step, round(v, 4)) for step, v in scalars["perplexity/test"]] == [(0, 40.0), (1, 30.0), (2, 28.0)]
     assert [step for step, _ in scalars["train_loss/client-0"]] == [1, 2]
+
+
+def test_a_session_opened_in_the_same_second_still_has_its_file_read_last(tmp_path):
+    # Prepare: an earlier session's file from this second whose counter sorts after any small one (".9" > ".10").
+    first = RunScalars(tmp_path)
+    first.write({"perplexity/test": 40.0}, 0)
+    first.close()
+    (old,) = tmp_path.glob("events.out.tfevents.*")
+    head, _counter = old.name.rsplit(".", 1)
+    old.rename(tmp_path / f"{head}.999")
+
+    # Execute: a new session in the same process writes step 0 again.
+    second = RunScalars(tmp_path)
+    second.write({"perplexity/test": 35.0}, 0)
+    second.close()
+
+    # Assert: TensorBoard reads the new file last, so its value wins.
+    files = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert files[-1] != f"{head}.999"
+    assert _scalars(tmp_path)["perplexity/test"] == [(0, 35.0)]

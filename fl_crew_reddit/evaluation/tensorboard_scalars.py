@@ -9,6 +9,7 @@ events from step 0 on, so each step shows once, with no gap and no duplicate, ho
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fl_crew_reddit.history import BaselineRecord, EvalMetrics, RoundRecord, finite
@@ -106,6 +107,22 @@ def baseline_scalars(kind: str, entry: BaselineRecord, last_round: int) -> list[
     return [(tag, finite(value), step) for tag, value, step in points if finite(value) is not None]
 
 
+def _file_second(path: Path) -> int | None:
+    """The creation second in `events.out.tfevents.<second>.<host>.<pid>.<counter>`."""
+    parts = path.name.split(".")
+    return int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else None
+
+
+def _wait_until_a_new_file_sorts_last(log_dir: Path, max_wait_s: float = 2.0) -> None:
+    """TensorBoard reads a run's event files in name order, and the purge that lets a resumed session win needs
+    its file read last. Names sort by second first, then by pid and a counter that do not sort as numbers
+    (".10" < ".9"), so a session opened in the same second as an earlier file waits for the next second."""
+    seconds = [s for s in (_file_second(p) for p in log_dir.glob("events.out.tfevents.*")) if s is not None]
+    deadline = time.monotonic() + max_wait_s
+    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class RunScalars:
     """The run's event files. Flushes after each write, so TensorBoard (and a crash) sees whole rounds."""
 
@@ -114,6 +131,7 @@ class RunScalars:
 
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.log_dir = Path(log_dir)
+        _wait_until_a_new_file_sorts_last(self.log_dir)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=0)
 
     def write(self, scalars: dict[str, float], step: int) -> None:
