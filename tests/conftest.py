@@ -227,3 +227,24 @@ def pytest_collection_modifyitems(items):
         chain = chain_of.get(f"{Path(str(item.fspath)).name}::{item.name}")
         if chain is not None:
             item.add_marker(pytest.mark.xdist_group(name=chain))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """FL_CREW_REDDIT_TEST_CPU_LOG=<file>: append each test's CPU seconds (its process and the child processes it
+    waited for) beside its wall seconds, to find what makes the suite slow on a loaded 2-core machine."""
+    log = os.environ.get("FL_CREW_REDDIT_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    start_cpu, start_wall = cpu(), time.monotonic()
+    yield
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"{cpu() - start_cpu:.2f}\t{time.monotonic() - start_wall:.2f}\t{item.nodeid}\n")

@@ -5,11 +5,18 @@
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import sacrebleu
-from rouge_score import rouge_scorer
 
-_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+@cache
+def _rouge_scorer():
+    """rouge-score loads nltk (~1.6 s of CPU): only in a process that scores generated replies, not in every
+    trainer, site worker and command that imports the evaluator."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
 def perplexity(total_nll: float, num_tokens: int) -> float:
@@ -30,7 +37,7 @@ def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (0–1) over pairs."""
     if not hypotheses:
         return {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
-    scores = [_ROUGE.score(ref, hyp) for hyp, ref in zip(hypotheses, references)]
+    scores = [_rouge_scorer().score(ref, hyp) for hyp, ref in zip(hypotheses, references)]
     return {name: sum(s[key].fmeasure for s in scores) / len(scores)
             for name, key in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL"))}
 
