@@ -92,11 +92,15 @@ def main() -> None:
                         help="DPO_EPOCHS: passes over the pairs per fit (0: the local epochs; default: the product's)")
     parser.add_argument("--loss-type", choices=["sigmoid", "ipo"], default=None,
                         help="DPO_LOSS_TYPE: DPO's sigmoid loss or IPO's squared one (default: the product's)")
-    parser.add_argument("--arms", choices=["all", "sft_dpo", "dpo"], default="all",
+    parser.add_argument("--arms", choices=["all", "sft_dpo", "dpo", "sft"], default="all",
                         help="for sweeps of the DPO settings: sft_dpo = only base, federated SFT and federated DPO "
                              "(the local-only and centralized arms and their goal are left out); dpo = base and "
                              "federated DPO (the SFT arm does not depend on the DPO settings: compare with the "
-                             "--sft-perplexity an sft_dpo run of the same mode, seed and lr printed)")
+                             "--sft-perplexity an sft_dpo run of the same mode, seed and lr printed); sft = base "
+                             "and federated SFT only (e.g. with --sft-epochs)")
+    parser.add_argument("--sft-epochs", type=int, default=None,
+                        help="local epochs of the federated SFT arm (default: the mode's, as federated DPO's SFT "
+                             "phase); twice them gives SFT alone the step budget of sft_then_dpo")
     parser.add_argument("--sft-perplexity", type=float,
                         help="with --arms dpo: the federated SFT test perplexity to compare with")
     parser.add_argument("--min-pairs", type=int, default=4, help="MIN_PREFERENCE_PAIRS")
@@ -188,6 +192,8 @@ def run(args, workdir: Path) -> dict:
 
     def fit_config(round_number: int, objective: str) -> dict:
         config = dict(workspace.fit_config(round_number))
+        if objective == "sft" and args.sft_epochs:
+            config["local_epochs"] = args.sft_epochs
         config.update(objective=objective, dpo_beta=args.beta, dpo_sft_weight=args.sft_weight,
                       dpo_reference=args.dpo_reference, dpo_learning_rate=args.dpo_lr, dpo_epochs=args.dpo_epochs,
                       dpo_loss_type=args.loss_type, min_pairs=args.min_pairs)
@@ -236,6 +242,11 @@ def run(args, workdir: Path) -> dict:
         seconds["federated_sft"] = time.perf_counter() - started
         say(f"federated SFT: perplexity {sft['perplexity']:.2f}, preference accuracy "
             f"{number(sft['preference_accuracy'])}")
+    if args.arms == "sft":
+        return {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed,
+                "rounds": args.rounds, "lr": args.lr, "examples_per_client": args.examples,
+                "sft_local_epochs": args.sft_epochs or args.epochs, "base": base, "federated_sft": sft,
+                "seconds": seconds, "total_seconds": time.perf_counter() - STARTED}
 
     started = time.perf_counter()
     dpo_state, dpo_info, round_one = federated(args.objective, keep_round_one=True)
@@ -257,7 +268,8 @@ def run(args, workdir: Path) -> dict:
                "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight, "lr": args.lr,
                "dpo_reference": args.dpo_reference, "dpo_lr": args.dpo_lr, "dpo_epochs": args.dpo_epochs,
                "loss_type": args.loss_type,
-               "examples_per_client": args.examples, "local_epochs": args.epochs, "posts_per_subreddit": args.posts,
+               "examples_per_client": args.examples, "local_epochs": args.epochs,
+               "sft_local_epochs": args.sft_epochs or args.epochs, "posts_per_subreddit": args.posts,
                "max_seq_length": args.max_seq_length, "pair_kinds": ["relevance"], "threads": args.threads or None,
                "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),
                                        "test_pairs": len(test_pairs[n])} for n in clients},
