@@ -431,29 +431,12 @@ def deployment_command(args) -> int:
     return prepare_site_command(args.data_dir, config, names(args.subreddits or ""), args.posts, args.query)
 
 
-class PrepareSiteError(RuntimeError):
-    """A site's data could not be prepared: the data source's own message, or no training example came out."""
-
-
 def prepare_site_command(data_dir, config, subreddits: list[str] | None = None, posts: int | None = None,
                          queries: list[str] | None = None) -> int:
-    """`prepare-site`: `prepare_site`, its summary printed as one JSON line, or its reason on stderr (exit 1)."""
-    import json
-
-    try:
-        summary = prepare_site(data_dir, config, subreddits, posts, queries)
-    except PrepareSiteError as error:
-        print(f"prepare-site: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
-
-
-def prepare_site(data_dir, config, subreddits: list[str] | None = None, posts: int | None = None,
-                 queries: list[str] | None = None) -> dict:
     """Collect through this site's own data source (its .env: REDDIT_BACKEND, dump folder, subreddits) and
     preprocess into one client's splits in `data_dir` ({train,validation,test}.jsonl + prepared.json with the
-    counts, what was dropped and why); the summary. Nothing leaves the machine."""
+    counts, what was dropped and why). Nothing leaves the machine."""
+    import json
     import shutil
     from collections import Counter
 
@@ -469,11 +452,13 @@ def prepare_site(data_dir, config, subreddits: list[str] | None = None, posts: i
         collection = workspace.collect(subreddits or None, posts, queries=queries or None)
         report = workspace.preprocess()
     except Exception as error:  # the data source's own message (unknown subreddit, unreachable server, ...)
-        raise PrepareSiteError(f"{type(error).__name__}: {error}") from error
+        print(f"prepare-site: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     finally:
         workspace.close()
     if not report.clients or not report.clients[0].num_train:
-        raise PrepareSiteError(f"no training examples came out of this site's data ({report.dropped})")
+        print(f"prepare-site: no training examples came out of this site's data ({report.dropped})", file=sys.stderr)
+        return 1
     shard = report.clients[0]
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, source in (("train", shard.train_path), ("test", shard.test_path),
@@ -494,7 +479,8 @@ def prepare_site(data_dir, config, subreddits: list[str] | None = None, posts: i
                "collected": {c.subreddit: {"posts": c.num_posts, "comments": c.num_comments, "skipped": c.skipped}
                              for c in collection.subreddits}}
     write_json_atomic(data_dir / "prepared.json", summary)
-    return summary
+    print(json.dumps(summary))
+    return 0
 
 
 COMMANDS = ("run", "resume", "collect", "serve-mcp", "prepare-model", "report", "certs", "superlink", "site",

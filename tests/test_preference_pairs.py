@@ -286,37 +286,3 @@ def test_prepare_site_copies_the_pair_files_and_reports_their_counts(tiny_config
         assert all(p["chosen_id"] in ids and p["rejected_id"] in ids for p in _read(site / f"{split}_pairs.jsonl"))
     assert summary["preference_pairs"]["scores_placeholder"] is False
     assert site_data_summary(site, {})["pairs"] == summary["pairs"], "what the site tells the server"
-
-
-@pytest.mark.e2e
-def test_a_site_worker_prepares_its_own_folder_when_the_server_asks(tiny_model_dir, tmp_path, monkeypatch):
-    # Prepare: a site's worker on its socket, with this machine's settings in the environment (as `site` runs it)
-    import threading
-
-    from fl_crew_reddit.federation.flower import site_data_summary
-    from fl_crew_reddit.federation.site_worker import SiteWorker, call_worker
-
-    monkeypatch.chdir(tmp_path)
-    for name, value in {"BASE_LLM_MODEL": str(tiny_model_dir), "FL_CREW_REDDIT_DIR": str(tmp_path),
-                        "REDDIT_BACKEND": "snapshot", "MAX_EXAMPLES_PER_CLIENT": "8", "MAX_SEQ_LENGTH": "128",
-                        "LORA_R": "4", "LORA_ALPHA": "8", "SEED": "7", "MIXED_PRECISION": "no"}.items():
-        monkeypatch.setenv(name, value)
-    site, socket_path = tmp_path / "site-a", tmp_path / "site.sock"
-    threading.Thread(target=SiteWorker("site-a", site).serve, args=(socket_path,), daemon=True).start()
-
-    # Execute: the server's prepare-data queries reach the ClientApp, which hands them to the worker: one naming a
-    # subreddit the snapshot does not have, one that works, one more with other choices
-    worker = str(socket_path)
-    with pytest.raises(RuntimeError, match="prepare-site failed in .*site-a: PrepareSiteError"):
-        site_data_summary(site, {"subreddits": ["no_such_subreddit_here"]}, worker=worker)
-    nothing_written = not (site / "train.jsonl").exists()
-    summary = site_data_summary(site, {"subreddits": ["cooking"], "posts_per_subreddit": 20}, worker=worker)
-    call_worker(worker, {"op": "prepare-data", "request": {"subreddits": ["gardening"]}}, b"")  # straight to it
-    again = site_data_summary(site, {"subreddits": ["gardening"]}, worker=worker)
-
-    # Assert: the failure says why and wrote no split; then the worker's folder holds the splits, counted for the
-    # server; a later request neither redoes nor overwrites them
-    assert nothing_written
-    assert summary["examples"]["train"] == len(_read(site / "train.jsonl")) > 0
-    assert list(json.loads((site / "prepared.json").read_text(encoding="utf-8"))["subreddits"]) == ["cooking"]
-    assert again == summary

@@ -250,8 +250,7 @@ def _query(message: Message, context: Context) -> Message:
     declared = int(context.node_config.get("lora-r", 0) or 0)  # its own LoRA rank (`site --lora-r`), 0: LORA_R
     content = RecordDict({"site": ConfigRecord({"name": name, **({"lora_r": declared} if declared > 0 else {})})})
     if str(config.get("ask", "site")) == "prepare-data":
-        summary = site_data_summary(Path(str(context.node_config["data-dir"])), dict(config),
-                                    worker=str(context.node_config.get("worker", "") or ""))
+        summary = site_data_summary(Path(str(context.node_config["data-dir"])), dict(config))
         content["data"] = ConfigRecord({"summary": json.dumps(summary)})
     elif str(config.get("ask", "site")) == "examples":  # SECURE_AGGREGATION: the train count (SecAgg+'s max_weight)
         folder = Path(str(context.node_config["data-dir"]))
@@ -268,19 +267,9 @@ def _count_rows(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def site_data_summary(folder: Path, request: dict, worker: str = "") -> dict:
-    """What a site reports of its data folder, preparing it first when it has no train split: in the site's
-    worker when it has one (its imports are warm: ~13 s of CPU less than a `prepare-site` process), else with
-    `prepare-site`. Either way with the site's own settings and data source."""
-    if not (folder / "train.jsonl").is_file() and worker:
-        from fl_crew_reddit.federation.site_worker import call_worker
-
-        try:
-            call_worker(worker, {"op": "prepare-data", "request": _prepare_request(request)}, b"",
-                        timeout_s=float(request.get("timeout_s", 3600)))
-        except RuntimeError as error:
-            raise RuntimeError(f"prepare-site failed in {folder}: {error}") from error
-    elif not (folder / "train.jsonl").is_file():
+def site_data_summary(folder: Path, request: dict) -> dict:
+    """What a site reports of its data folder, running `prepare-site` there first when it has no train split."""
+    if not (folder / "train.jsonl").is_file():
         command = [sys.executable, "-m", "fl_crew_reddit.main", "prepare-site", "--data-dir", str(folder)]
         if request.get("subreddits"):
             command += ["--subreddits", ",".join(str(s) for s in request["subreddits"])]
@@ -296,13 +285,6 @@ def site_data_summary(folder: Path, request: dict, worker: str = "") -> dict:
     summary["examples"] = {split: _count_rows(folder / f"{split}.jsonl") for split in SPLITS_EVALUATED + ("train",)}
     summary["pairs"] = {split: _count_rows(folder / f"{split}_pairs.jsonl") for split in SPLITS_EVALUATED + ("train",)}
     return summary
-
-
-def _prepare_request(request: dict) -> dict:
-    """The server's non-secret choices for a site's preparation, as `prepare-site`'s options take them."""
-    return {"subreddits": [str(s) for s in request.get("subreddits", []) or []],
-            "posts": int(request.get("posts_per_subreddit", 0) or 0) or None,
-            "queries": [str(q) for q in request.get("queries", []) or []]}
 
 
 def _adapter_bytes(content: RecordDict) -> bytes:

@@ -130,8 +130,6 @@ class SiteWorker:
         from safetensors.torch import save as save_tensors
 
         started = time.perf_counter()
-        if header["op"] == "prepare-data":
-            return self.prepare(header["request"]), b""
         site = self.site(header["settings"])
         global_adapter = load_tensors(body)
         if header["op"] == "train":
@@ -151,26 +149,6 @@ class SiteWorker:
             return {"ok": True, "sums": {s: [v.nll_sum, v.num_tokens] for s, v in sums.items()},
                     "preferences": preferences}, b""
         raise ValueError(f"unknown operation {header['op']!r}")
-
-    def prepare(self, request: dict) -> dict:
-        """`prepare-site` for this worker's own data folder (never one the request names), with this machine's
-        settings (.env and environment) and the server's non-secret choices (subreddits, posts, queries)."""
-        from fl_crew_reddit.config import load_config
-        from fl_crew_reddit.main import prepare_site
-
-        if (self.data_dir / "train.jsonl").is_file():  # prepared data is never redone or overwritten by a request
-            return {"ok": True}
-        summary = prepare_site(self.data_dir, load_config(), request.get("subreddits") or None,
-                               request.get("posts") or None, request.get("queries") or None)
-        import gc
-
-        import torch
-
-        gc.collect()  # the preparation's model (it tokenizes with it) goes before the site loads its own
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.info("site %s: prepared %s", self.name, summary["examples"])
-        return {"ok": True}
 
     def serve(self, path: Path) -> None:
         path = Path(path)
