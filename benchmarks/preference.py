@@ -128,6 +128,7 @@ def main() -> None:
             setattr(args, arg, FLCrewRedditConfig.model_fields[field].default)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.examples, args.epochs, args.posts, args.max_seq_length = (8, 1, 60, 192) if args.quick else (16, 2, 200, 256)
+    args.sft_epochs = args.sft_epochs or args.epochs
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(args, Path(tmp))
     print(json.dumps(summary))
@@ -192,7 +193,7 @@ def run(args, workdir: Path) -> dict:
 
     def fit_config(round_number: int, objective: str) -> dict:
         config = dict(workspace.fit_config(round_number))
-        if objective == "sft" and args.sft_epochs:
+        if objective == "sft":
             config["local_epochs"] = args.sft_epochs
         config.update(objective=objective, dpo_beta=args.beta, dpo_sft_weight=args.sft_weight,
                       dpo_reference=args.dpo_reference, dpo_learning_rate=args.dpo_lr, dpo_epochs=args.dpo_epochs,
@@ -242,11 +243,12 @@ def run(args, workdir: Path) -> dict:
         seconds["federated_sft"] = time.perf_counter() - started
         say(f"federated SFT: perplexity {sft['perplexity']:.2f}, preference accuracy "
             f"{number(sft['preference_accuracy'])}")
+    run_settings = {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed,
+                    "rounds": args.rounds, "lr": args.lr, "examples_per_client": args.examples,
+                    "sft_local_epochs": args.sft_epochs}
     if args.arms == "sft":
-        return {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed,
-                "rounds": args.rounds, "lr": args.lr, "examples_per_client": args.examples,
-                "sft_local_epochs": args.sft_epochs or args.epochs, "base": base, "federated_sft": sft,
-                "seconds": seconds, "total_seconds": time.perf_counter() - STARTED}
+        return run_settings | {"base": base, "federated_sft": sft, "seconds": seconds,
+                               "total_seconds": time.perf_counter() - STARTED}
 
     started = time.perf_counter()
     dpo_state, dpo_info, round_one = federated(args.objective, keep_round_one=True)
@@ -264,12 +266,10 @@ def run(args, workdir: Path) -> dict:
     if sft["perplexity"]:
         goals["fl_ppl_vs_sft"] = fl["perplexity"] / sft["perplexity"]
         goals["met"]["fl perplexity <= 1.05 x federated SFT"] = fl["perplexity"] <= 1.05 * sft["perplexity"]
-    summary = {"mode": "quick" if args.quick else "full", "arms": args.arms, "seed": args.seed, "rounds": args.rounds,
-               "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight, "lr": args.lr,
+    summary = {**run_settings,
+               "objective": args.objective, "beta": args.beta, "sft_weight": args.sft_weight,
                "dpo_reference": args.dpo_reference, "dpo_lr": args.dpo_lr, "dpo_epochs": args.dpo_epochs,
-               "loss_type": args.loss_type,
-               "examples_per_client": args.examples, "local_epochs": args.epochs,
-               "sft_local_epochs": args.sft_epochs or args.epochs, "posts_per_subreddit": args.posts,
+               "loss_type": args.loss_type, "local_epochs": args.epochs, "posts_per_subreddit": args.posts,
                "max_seq_length": args.max_seq_length, "pair_kinds": ["relevance"], "threads": args.threads or None,
                "data": {subreddit[n]: {"train": len(train[n]), "train_pairs": len(pairs[n]), "test": len(test[n]),
                                        "test_pairs": len(test_pairs[n])} for n in clients},
